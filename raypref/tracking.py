@@ -1,0 +1,94 @@
+"""MLflow tracking for every raypref job.
+
+One run per job. The store is ``$MLFLOW_TRACKING_URI`` when set, else a sqlite database
+inside the job's output folder (a plain ``./mlruns`` file store is refused by MLflow >= 3.13).
+A run that raises ends FAILED, so a broken job never looks finished in the UI.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import mlflow
+
+from raypref.config import flatten, to_dict
+
+_MAX_PARAM_LEN = 6000  # MLflow rejects longer param values
+
+
+def tracking_uri(output_dir: str | Path) -> str:
+    """The store a job in ``output_dir`` logs to."""
+    env = os.environ.get("MLFLOW_TRACKING_URI")
+    if env:
+        return env
+    path = Path(output_dir).resolve() / "mlflow.db"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+@contextlib.contextmanager
+def start_run(job: str, config: Any, output_dir: str | Path,
+              run_name: str | None = None) -> Iterator[mlflow.ActiveRun]:
+    """Open an MLflow run for ``job``; log ``config`` (dataclass or dict) as params + artifact."""
+    mlflow.set_tracking_uri(tracking_uri(output_dir))
+    mlflow.set_experiment(f"raypref-{job}")
+    cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
+    run = mlflow.start_run(run_name=run_name)
+    try:
+        params = {k: _param_text(v) for k, v in flatten(cfg).items()}
+        # log_params takes at most 100 params per call
+        items = list(params.items())
+        for i in range(0, len(items), 100):
+            mlflow.log_params(dict(items[i:i + 100]))
+        mlflow.log_dict(cfg, "config.json")
+        mlflow.set_tag("raypref.job", job)
+        mlflow.set_tag("raypref.output_dir", str(Path(output_dir).resolve()))
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def _param_text(value: Any) -> str:
+    text = value if isinstance(value, str) else json.dumps(value, default=str)
+    return text[:_MAX_PARAM_LEN]
+
+
+def log_metrics(metrics: dict[str, float], step: int | None = None) -> None:
+    """Log numeric metrics (non-numeric values are skipped on purpose: they are not metrics)."""
+    numeric = {k: float(v) for k, v in metrics.items()
+               if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    if numeric:
+        mlflow.log_metrics(numeric, step=step)
+
+
+def log_artifact(path: str | Path, artifact_path: str | None = None) -> None:
+    """Log a file or a whole folder."""
+    path = Path(path)
+    if path.is_dir():
+        mlflow.log_artifacts(str(path), artifact_path=artifact_path or path.name)
+    else:
+        mlflow.log_artifact(str(path), artifact_path=artifact_path)
+
+
+def log_dict(obj: Any, name: str) -> None:
+    """Log a JSON-able object as an artifact file ``name`` (e.g. "summary.json")."""
+    mlflow.log_dict(obj, name)
+
+
+def run_url(run: mlflow.ActiveRun) -> str:
+    """How to find a run again: its id and the store it lives in."""
+    return f"run {run.info.run_id} in {mlflow.get_tracking_uri()}"
+
+
+def log_text_file(text: str, name: str) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        p = Path(tmp) / name
+        p.write_text(text)
+        mlflow.log_artifact(str(p))

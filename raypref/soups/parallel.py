@@ -1,0 +1,69 @@
+"""Train independent runs concurrently, one Ray Train run per name, and survive failures.
+
+Each run is launched from its own lightweight Ray task (it only drives a Ray Train
+controller, so it asks for no CPU), so all runs train at the same time, each with the
+workers and resources of its own ``RunnerConfig``. A worker crash inside a run is handled by
+Ray Train itself (``FailureConfig``: all workers restart from the latest committed
+checkpoint). A run that still fails after its retries is reported with its error; the
+others carry on.
+"""
+from __future__ import annotations
+
+import time
+import traceback
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import ray
+
+from raypref.runner import RunnerConfig, run
+
+
+@dataclass
+class RunOutcome:
+    name: str
+    ok: bool
+    seconds: float
+    result: Any = None          # the runner's RunResult when ok
+    error: str | None = None    # short reason when not ok
+    details: str = field(default="", repr=False)  # full traceback
+
+
+@ray.remote(num_cpus=0)
+def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
+    start = time.time()
+    try:
+        result = run(spec, cfg)
+        return RunOutcome(name, True, time.time() - start, result=result)
+    except Exception as exc:  # report, don't kill the other runs
+        return RunOutcome(name, False, time.time() - start,
+                          error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+                          details=traceback.format_exc())
+
+
+def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
+                       on_done: Callable[[RunOutcome], None] | None = None
+                       ) -> dict[str, RunOutcome]:
+    """Start every (spec, runner config) at once; return outcomes keyed by name."""
+    pending = {_drive.remote(name, spec, cfg): name for name, (spec, cfg) in jobs.items()}
+    outcomes: dict[str, RunOutcome] = {}
+    while pending:
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            name = pending.pop(ref)
+            try:
+                outcome = ray.get(ref)
+            except Exception as exc:  # the driving task itself died
+                outcome = RunOutcome(name, False, 0.0, error=f"{type(exc).__name__}: {exc}"[:500])
+            outcomes[name] = outcome
+            if on_done:
+                on_done(outcome)
+    return outcomes
+
+
+def train_sequentially(jobs: dict[str, tuple[Any, RunnerConfig]]) -> dict[str, RunOutcome]:
+    """The same runs one after another (the benchmark's baseline)."""
+    outcomes = {}
+    for name, (spec, cfg) in jobs.items():
+        outcomes[name] = ray.get(_drive.remote(name, spec, cfg))
+    return outcomes

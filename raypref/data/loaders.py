@@ -1,0 +1,406 @@
+"""Loaders that map public preference datasets onto `PreferenceRecord`.
+
+Each schema is a factory `schema(**options) -> map_row`, where `map_row(row)` yields a
+`PreferenceRecord` or an `InvalidRecord` per comparison it finds in one source row.
+`load_records` reads the rows (local jsonl / json / parquet file or folder, or a hub name
+through `datasets.load_dataset`), maps them, validates every record, and sends whatever
+cannot be mapped to the quarantine: nothing is dropped silently.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+
+from raypref.data.quarantine import Quarantine
+from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, validate_row
+
+MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
+
+
+# ---------------------------------------------------------------- reading rows
+
+def iter_jsonl_rows(stream) -> Iterator[tuple[int, dict | InvalidRecord, object]]:
+    """Yield `(line_number, row_or_error, raw_text)` for a binary jsonl stream.
+
+    Line numbers are 1-based; blank lines are not rows. A line that is not UTF-8 or not
+    a JSON object comes back as an `InvalidRecord("undecodable_line", ...)`.
+    """
+    if not isinstance(stream, io.BufferedReader):
+        stream = io.BufferedReader(stream)  # pyarrow input streams cannot readline()
+    for number, raw in enumerate(stream, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            text = raw.decode("utf-8", errors="replace").rstrip("\n")
+            yield number, InvalidRecord("undecodable_line", f"line {number}: {err}"), text
+            continue
+        if not isinstance(row, dict):
+            yield number, InvalidRecord("undecodable_line", f"line {number}: JSON {type(row).__name__}, not an object"), row
+            continue
+        yield number, row, row
+
+
+def iter_parquet_rows(source, batch_size: int = 1024) -> Iterator[tuple[int, dict, dict]]:
+    """Yield `(row_index, row, row)` of a parquet file (path or stream), batch by batch."""
+    index = 0
+    for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_size):
+        for row in batch.to_pylist():
+            yield index, row, row
+            index += 1
+
+
+def _iter_local_file(path: Path) -> Iterator[tuple[int, dict | InvalidRecord, object]]:
+    if path.suffix == ".parquet":
+        yield from iter_parquet_rows(path)
+    elif path.suffix == ".jsonl":
+        with path.open("rb") as stream:
+            yield from iter_jsonl_rows(stream)
+    elif path.suffix == ".json":  # P-Soups style: one JSON list of objects
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        if not isinstance(rows, list):
+            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
+        for index, row in enumerate(rows):
+            if not isinstance(row, dict):
+                row = InvalidRecord("wrong_type", f"row {index} is a {type(row).__name__}, not an object")
+            yield index, row, row
+    else:
+        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+
+
+def _iter_source(source: str, *, config: str | None, split: str | None):
+    """Yield `(shard, line, row_or_error, raw)` from a local file / folder or a hub dataset."""
+    path = Path(source)
+    if path.exists():
+        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")) \
+            if path.is_dir() else [path]
+        if not files:
+            raise FileNotFoundError(f"no .jsonl/.json/.parquet files under {path}")
+        for file in files:
+            for line, row, raw in _iter_local_file(file):
+                yield str(file), line, row, raw
+        return
+    if source.count("/") != 1 or source.startswith((".", "/")):
+        raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub dataset name 'owner/name'")
+    if split is None:
+        raise ValueError(f"hub dataset {source!r}: pass split=... (e.g. 'train')")
+    import datasets  # only hub names need it (and network, so never in tests)
+
+    for index, row in enumerate(datasets.load_dataset(source, name=config, split=split)):
+        yield f"{source}:{config or 'default'}:{split}", index, row, row
+
+
+# ---------------------------------------------------------------- user ids
+
+class UserIdMap:
+    """Stable map from a source's user key (worker id, PRISM user id, preference name) to
+    the integer `user_id` of raypref; 0 stays UNKNOWN_USER, new keys get the next id.
+
+    Persist it (`save` / `load`) so ids stay the same across runs and data splits.
+    """
+
+    def __init__(self, ids: dict[str, int] | None = None):
+        self.ids: dict[str, int] = dict(ids or {})
+
+    def __call__(self, key) -> int:
+        key = str(key)
+        if key not in self.ids:
+            self.ids[key] = max(self.ids.values(), default=UNKNOWN_USER) + 1
+        return self.ids[key]
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.ids, indent=1, sort_keys=True))
+
+    @classmethod
+    def load(cls, path: str | Path) -> "UserIdMap":
+        path = Path(path)
+        return cls(json.loads(path.read_text())) if path.exists() else cls()
+
+
+# ---------------------------------------------------------------- schemas
+
+ULTRAFEEDBACK_ASPECTS = ("helpfulness", "honesty", "instruction_following", "truthfulness")
+
+
+def _ultrafeedback_ratings(completion: dict) -> dict[str, float]:
+    """Numeric aspect ratings of one completion; "N/A" and missing aspects are left out."""
+    ratings = {}
+    for aspect, note in (completion.get("annotations") or {}).items():
+        rating = note.get("Rating") if isinstance(note, dict) else None
+        try:
+            value = float(rating)
+        except (TypeError, ValueError):  # "N/A" or absent
+            continue
+        if math.isfinite(value):
+            ratings[aspect] = value
+    return ratings
+
+
+def ultrafeedback(*, weights: dict[str, float] | None = None, user_id: int = UNKNOWN_USER,
+                  user_text: str | None = None) -> MapRow:
+    """openbmb/UltraFeedback: one pair per instruction, chosen = argmax and rejected =
+    argmin of `w·ratings` over the completions (weights default to equal on the four
+    aspects). A completion missing a rating that has a non-zero weight cannot be scored
+    and is left out of the pair choice; a tie between best and worst is quarantined.
+    """
+    weights = dict(weights or {aspect: 1.0 for aspect in ULTRAFEEDBACK_ASPECTS})
+    needed = [aspect for aspect, w in weights.items() if w != 0]
+
+    def map_row(row: dict):
+        scored = []
+        for completion in row.get("completions") or []:
+            ratings = _ultrafeedback_ratings(completion)
+            if all(aspect in ratings for aspect in needed) and isinstance(completion.get("response"), str):
+                utility = sum(weights[a] * ratings[a] for a in needed)
+                scored.append((utility, completion["response"], ratings))
+        if len(scored) < 2:
+            yield InvalidRecord("unmappable", f"{len(scored)} completion(s) rated on {needed}; need 2")
+            return
+        best = max(scored, key=lambda s: s[0])  # max/min keep the first of equals
+        worst = min(scored, key=lambda s: s[0])
+        if best[0] == worst[0]:
+            yield InvalidRecord("tie", f"all rated completions have utility {best[0]}")
+            return
+        yield PreferenceRecord(
+            prompt=row.get("instruction"), chosen=best[1], rejected=worst[1], user_id=user_id,
+            user_text=user_text, chosen_scores=best[2], rejected_scores=worst[2],
+            source=f"ultrafeedback:{row.get('source', '')}")
+    return map_row
+
+
+def _last_assistant_text(messages, field: str) -> str:
+    if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
+        raise InvalidRecord("unmappable", f"{field!r} is not a non-empty list of messages")
+    if messages[-1].get("role") != "assistant":
+        raise InvalidRecord("unmappable", f"{field!r} does not end with an assistant message")
+    return messages[-1].get("content")
+
+
+def ultrafeedback_binarized(*, user_id: int = UNKNOWN_USER) -> MapRow:
+    """HuggingFaceH4/ultrafeedback_binarized: the last assistant message of `chosen` /
+    `rejected` against `prompt`; `score_chosen` / `score_rejected` become {"score": s}.
+    Equal scores carry no preference and are quarantined as a tie."""
+
+    def map_row(row: dict):
+        try:
+            chosen = _last_assistant_text(row.get("chosen"), "chosen")
+            rejected = _last_assistant_text(row.get("rejected"), "rejected")
+        except InvalidRecord as err:
+            yield err
+            return
+        score_c, score_r = row.get("score_chosen"), row.get("score_rejected")
+        if score_c is not None and score_c == score_r:
+            yield InvalidRecord("tie", f"score_chosen == score_rejected == {score_c}")
+            return
+        yield PreferenceRecord(
+            prompt=row.get("prompt"), chosen=chosen, rejected=rejected, user_id=user_id,
+            chosen_scores={} if score_c is None else {"score": score_c},
+            rejected_scores={} if score_r is None else {"score": score_r},
+            source="ultrafeedback_binarized")
+    return map_row
+
+
+def psoups(*, preference: str, user_map: UserIdMap) -> MapRow:
+    """P-Soups preference file: `completion_a` is preferred to `completion_b` for
+    `user_input`; the preference name (e.g. "P1A") is the user text, source and user key."""
+    if not preference:
+        raise ValueError("psoups: pass preference=<name>, e.g. 'P1A'")
+
+    def map_row(row: dict):
+        yield PreferenceRecord(
+            prompt=row.get("user_input"), chosen=row.get("completion_a"),
+            rejected=row.get("completion_b"), user_id=user_map(preference),
+            user_text=preference, source=f"psoups:{preference}")
+    return map_row
+
+
+def _reddit_prompt(info: dict) -> str:
+    body = info.get("post") or info.get("article")
+    if not isinstance(body, str):
+        raise InvalidRecord("unmappable", "info has neither 'post' nor 'article' text")
+    head = f"SUBREDDIT: r/{info['subreddit']}\n" if info.get("subreddit") else ""
+    title = f"TITLE: {info['title']}\n" if info.get("title") else ""
+    return f"{head}{title}POST: {body}\nTL;DR:"
+
+
+def summarize_from_feedback(*, user_map: UserIdMap) -> MapRow:
+    """openai/summarize_from_feedback `comparisons`: summaries[choice] is chosen, the
+    other rejected; the labeler (`worker`) becomes a user id through `user_map`."""
+
+    def map_row(row: dict):
+        summaries, choice = row.get("summaries"), row.get("choice")
+        if choice not in (0, 1) or isinstance(choice, bool):
+            yield InvalidRecord("unmappable", f"choice must be 0 or 1, got {choice!r}")
+            return
+        if not isinstance(summaries, list) or len(summaries) != 2:
+            yield InvalidRecord("unmappable", "summaries must be a list of two")
+            return
+        if not row.get("worker"):
+            yield InvalidRecord("unmappable", "worker id is missing")
+            return
+        try:
+            prompt = _reddit_prompt(row.get("info") or {})
+        except InvalidRecord as err:
+            yield err
+            return
+        chosen, rejected = summaries[choice], summaries[1 - choice]
+        yield PreferenceRecord(
+            prompt=prompt, chosen=chosen.get("text"), rejected=rejected.get("text"),
+            user_id=user_map(row["worker"]),
+            source=f"summarize_from_feedback:{chosen.get('policy')}>{rejected.get('policy')}")
+    return map_row
+
+
+# PRISM fields that describe a user (survey.jsonl); the mapping assumes this layout of
+# the dataset card / codebook: survey rows keyed by `user_id` with free-text
+# `self_description` and `system_string`, a `stated_prefs` dict of aspect -> rating, and
+# demographics such as `age`, `gender`, `education`, `location` (dict or str).
+PRISM_PROFILE_FIELDS = ("self_description", "system_string", "age", "gender", "education",
+                        "location", "stated_prefs")
+
+
+def prism_user_text(profile: dict, fields: Iterable[str] = PRISM_PROFILE_FIELDS) -> str | None:
+    """One line per present survey field (dicts as `k=v` lists): the user's textual info."""
+    lines = []
+    for name in fields:
+        value = profile.get(name)
+        if value in (None, "", {}):
+            continue
+        if isinstance(value, dict):
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        lines.append(f"{name}: {value}")
+    return "\n".join(lines) or None
+
+
+def load_prism_profiles(survey_path: str | Path) -> dict[str, dict]:
+    """Read PRISM's survey.jsonl into {user_id: profile row}."""
+    profiles = {}
+    with Path(survey_path).open("rb") as stream:
+        for line, row, _ in iter_jsonl_rows(stream):
+            if isinstance(row, InvalidRecord):
+                raise ValueError(f"{survey_path}:{line}: {row}")
+            profiles[str(row["user_id"])] = row
+    return profiles
+
+
+def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None) -> MapRow:
+    """PRISM conversations.jsonl: each turn is a comparison (seed 004, §5.3).
+
+    Assumes `conversation_history` is a list of messages with `turn`, `role`
+    ("user"/"model"), `content`, and for model messages `score` (1-100) and `if_chosen`.
+    Per turn: prompt = earlier turns (user text + the chosen reply) and this turn's user
+    text; chosen = the model reply with `if_chosen`; one pair per other reply of that
+    turn. A reply scored at or above the chosen one (contradictory) is quarantined.
+    """
+    profiles = load_prism_profiles(survey_path) if survey_path else {}
+
+    def map_row(row: dict):
+        history, user_key = row.get("conversation_history"), row.get("user_id")
+        if not isinstance(history, list) or user_key is None:
+            yield InvalidRecord("unmappable", "conversation needs 'conversation_history' (list) and 'user_id'")
+            return
+        user_id = user_map(user_key)
+        profile = profiles.get(str(user_key))
+        user_text = prism_user_text(profile) if profile else None
+        turns: dict[int, list[dict]] = {}
+        for message in history:
+            turns.setdefault(message.get("turn"), []).append(message)
+        context = []
+        for turn in sorted(turns, key=lambda t: (t is None, t)):
+            messages = turns[turn]
+            user_msgs = [m for m in messages if m.get("role") == "user"]
+            replies = [m for m in messages if m.get("role") == "model"]
+            chosen = [m for m in replies if m.get("if_chosen") is True]
+            if len(user_msgs) != 1 or len(chosen) != 1 or len(replies) < 2:
+                yield InvalidRecord("unmappable", f"turn {turn}: need 1 user message, 1 chosen and >= 2 "
+                                    f"replies; got {len(user_msgs)}, {len(chosen)}, {len(replies)}")
+                break  # later turns build on this one: without its chosen reply there is no context
+            context.append(f"User: {user_msgs[0].get('content')}")
+            prompt = "\n".join(context) + "\nAssistant:"
+            best = chosen[0]
+            for other in replies:
+                if other is best:
+                    continue
+                if not other.get("score", -math.inf) < best.get("score", math.inf):
+                    yield InvalidRecord("tie", f"turn {turn}: rejected reply scored {other.get('score')} "
+                                        f">= chosen {best.get('score')}")
+                    continue
+                yield PreferenceRecord(
+                    prompt=prompt, chosen=best.get("content"), rejected=other.get("content"),
+                    user_id=user_id, user_text=user_text,
+                    chosen_scores={"score": best["score"]}, rejected_scores={"score": other["score"]},
+                    source=f"prism:{row.get('conversation_id', '')}:{turn}")
+            context.append(f"Assistant: {best.get('content')}")
+    return map_row
+
+
+SCHEMAS: dict[str, Callable[..., MapRow]] = {
+    "ultrafeedback": ultrafeedback,
+    "ultrafeedback_binarized": ultrafeedback_binarized,
+    "psoups": psoups,
+    "summarize_from_feedback": summarize_from_feedback,
+    "prism": prism,
+}
+_USES_USER_MAP = {"psoups", "summarize_from_feedback", "prism"}
+_HUB_CONFIG = {"summarize_from_feedback": "comparisons", "prism": "conversations"}
+
+
+# ---------------------------------------------------------------- dispatch
+
+def load_records(source: str, *, schema: str, split: str | None = None,
+                 quarantine: Quarantine | None = None, max_chars: int = 20000,
+                 user_map: UserIdMap | None = None, user_map_path: str | Path | None = None,
+                 config: str | None = None, **options) -> Iterator[PreferenceRecord]:
+    """Yield validated records of `source` (local file / folder, or hub name) in `schema`.
+
+    Rows or comparisons that cannot be mapped or fail `validate_row` go to `quarantine`
+    with reason, file and line; without a quarantine the first one raises
+    `InvalidRecord` naming the file and line. Schemas with users (psoups, summarize,
+    prism) map user keys through `user_map`, loaded from and saved to `user_map_path`
+    when given (saved when the iteration ends). `options` go to the schema factory,
+    e.g. `weights=` (ultrafeedback), `preference=` (psoups), `survey_path=` (prism).
+    """
+    if schema not in SCHEMAS:
+        raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
+    if schema in _USES_USER_MAP:
+        if user_map is None:
+            user_map = UserIdMap.load(user_map_path) if user_map_path else UserIdMap()
+        options["user_map"] = user_map
+    if schema == "psoups" and "preference" not in options and Path(source).is_file():
+        options["preference"] = Path(source).stem  # P-Soups names files by preference
+    map_row = SCHEMAS[schema](**options)
+    rows = _iter_source(source, config=config or _HUB_CONFIG.get(schema), split=split)
+    try:
+        for shard, line, row, raw in rows:
+            outcomes = [row] if isinstance(row, InvalidRecord) else _map_safely(map_row, row)
+            for outcome in outcomes:
+                if not isinstance(outcome, InvalidRecord):
+                    try:
+                        outcome = validate_row(outcome.to_row(), max_chars=max_chars)
+                    except InvalidRecord as err:
+                        outcome = err
+                if isinstance(outcome, InvalidRecord):
+                    if quarantine is None:
+                        raise InvalidRecord(outcome.code, f"{shard}:{line}: {outcome.detail}")
+                    quarantine.add(reason=outcome.code, detail=outcome.detail, shard=shard, line=line, raw=raw)
+                else:
+                    if quarantine is not None:
+                        quarantine.count_valid()
+                    yield outcome
+    finally:
+        if user_map_path and schema in _USES_USER_MAP:
+            user_map.save(user_map_path)
+
+
+def _map_safely(map_row: MapRow, row: dict) -> list:
+    """Run a schema mapper on one row; a row of unexpected shape becomes an InvalidRecord."""
+    try:
+        return list(map_row(row))
+    except (AttributeError, KeyError, TypeError) as err:
+        return [InvalidRecord("unmappable", f"{type(err).__name__}: {err}")]

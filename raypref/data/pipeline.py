@@ -1,0 +1,191 @@
+"""Ray Data pipeline: preference shards -> validated rows -> fixed-length DPO tensors.
+
+`read_preference_shards` lists the `*.parquet` / `*.jsonl` shards under a local folder or
+a pyarrow filesystem URI and validates them in Ray tasks, one shard per task, streaming:
+bad rows and undecodable lines go to a `Quarantine` running as a small actor on the
+driver's node (it owns the quarantine file and the counts), valid rows flow on in the
+`to_row()` schema. Nothing is materialized whole in the driver.
+"""
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import pyarrow.fs as pafs
+import ray
+from ray.data import ActorPoolStrategy, Dataset
+from ray.train import DataConfig
+from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+from raypref.data.loaders import iter_jsonl_rows, iter_parquet_rows
+from raypref.data.quarantine import Quarantine, check_fraction
+from raypref.data.records import InvalidRecord, validate_row
+
+SHARD_SUFFIXES = (".parquet", ".jsonl")
+
+
+def list_shards(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+    """The filesystem of `uri` (a local path or e.g. `file:///…`, `s3://…`) and the sorted
+    shard paths under it (or the file itself)."""
+    if "://" in uri:
+        filesystem, base = pafs.FileSystem.from_uri(uri)
+    else:
+        filesystem, base = pafs.LocalFileSystem(), os.path.abspath(uri)
+    info = filesystem.get_file_info(base)
+    if info.type == pafs.FileType.NotFound:
+        raise FileNotFoundError(f"no such shard folder or file: {uri}")
+    if info.type == pafs.FileType.File:
+        infos = [info]
+    else:
+        infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
+    shards = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(SHARD_SUFFIXES))
+    if not shards:
+        raise FileNotFoundError(f"no *.parquet or *.jsonl shards under {uri}")
+    return filesystem, shards
+
+
+def _iter_shard(filesystem: pafs.FileSystem, shard: str):
+    with filesystem.open_input_file(shard) as stream:
+        if shard.endswith(".jsonl"):
+            yield from iter_jsonl_rows(stream)
+        else:
+            yield from iter_parquet_rows(stream)
+
+
+def _validate_shard(item: dict, *, filesystem: pafs.FileSystem, quarantine, max_chars: int) -> Iterator[dict]:
+    """flat_map step: yield the valid rows of one shard; report the rest once, at its end."""
+    shard, rows_valid, entries = item["shard"], 0, []
+    for line, row, raw in _iter_shard(filesystem, shard):
+        try:
+            if isinstance(row, InvalidRecord):
+                raise row
+            record = validate_row(row, max_chars=max_chars)
+        except InvalidRecord as err:
+            entries.append(dict(reason=err.code, detail=err.detail, shard=shard, line=line, raw=raw))
+            continue
+        rows_valid += 1
+        yield record.to_row()
+    # One call per shard: the actor ignores a shard it has already counted, so a retried
+    # task or a second pass over the lazy dataset does not count twice.
+    ray.get(quarantine.finish_shard.remote(shard, rows_valid, entries))
+
+
+class QuarantineReport:
+    """Driver-side handle on the quarantine actor: counts so far, and the fraction check."""
+
+    def __init__(self, actor, max_fraction: float, path: str):
+        self._actor = actor
+        self.max_fraction = max_fraction
+        self.path = path
+
+    def summary(self) -> dict:
+        """`{"rows_total", "rows_valid", "rows_quarantined", "by_reason", "path"}`."""
+        return ray.get(self._actor.summary.remote())
+
+    def check(self) -> dict:
+        """Call after consuming the dataset: the summary, or `QuarantineExceeded`."""
+        return check_fraction(self.summary(), self.max_fraction)
+
+
+def read_preference_shards(uri: str, *, quarantine_path: str, max_quarantine_fraction: float = 0.05,
+                           max_chars: int = 20000, num_cpus: float = 1.0) -> tuple[Dataset, QuarantineReport]:
+    """Dataset of valid rows (`to_row()` columns) from every shard under `uri`.
+
+    Validation runs lazily in Ray tasks (`num_cpus` each, one shard per task); invalid rows
+    go to `quarantine_path` (jsonl, on the driver's node). Consume the dataset, then call
+    `report.check()` to apply `max_quarantine_fraction`.
+    """
+    filesystem, shards = list_shards(uri)
+    here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+    actor = ray.remote(Quarantine).options(num_cpus=0, scheduling_strategy=here).remote(
+        quarantine_path, max_fraction=max_quarantine_fraction)
+    ds = ray.data.from_items([{"shard": s} for s in shards], override_num_blocks=len(shards))
+    ds = ds.flat_map(_validate_shard, num_cpus=num_cpus,
+                     fn_kwargs=dict(filesystem=filesystem, quarantine=actor, max_chars=max_chars))
+    return ds, QuarantineReport(actor, max_quarantine_fraction, str(quarantine_path))
+
+
+# ---------------------------------------------------------------- tokenization
+
+class PairTokenizer:
+    """map_batches callable: prompt + chosen / rejected -> fixed-length token tensors.
+
+    Per side: `{side}_input_ids`, `{side}_attention_mask`, `{side}_labels_mask` (1 on
+    response tokens only), all int64 of shape (batch, max_length), right-padded. Long
+    pairs keep the end of the prompt (the same tokens for both sides, so both responses
+    answer the same context) and the start of each response; an EOS closes a response.
+    """
+
+    def __init__(self, tokenizer_factory: Callable[[], object], max_length: int):
+        self.tokenizer = tokenizer_factory()  # once per actor, not per batch
+        self.max_length = max_length
+        if self.tokenizer.pad_token_id is None:
+            raise ValueError("tokenizer has no pad token; set tokenizer.pad_token")
+        self.eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
+
+    def _ids(self, texts) -> list[list[int]]:
+        return self.tokenizer(list(texts), add_special_tokens=False)["input_ids"]
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        length = self.max_length
+        out = {f"{side}_{name}": np.full((len(batch["prompt"]), length), fill, dtype=np.int64)
+               for side in ("chosen", "rejected")
+               for name, fill in (("input_ids", self.tokenizer.pad_token_id), ("attention_mask", 0),
+                                  ("labels_mask", 0))}
+        prompts, chosen, rejected = (self._ids(batch[c]) for c in ("prompt", "chosen", "rejected"))
+        for i, prompt in enumerate(prompts):
+            responses = {"chosen": chosen[i] + self.eos, "rejected": rejected[i] + self.eos}
+            # leave room for the longer response, but never less than half for the prompt
+            budget = max(length - max(map(len, responses.values())), length // 2)
+            kept_prompt = prompt[-budget:]
+            for side, response in responses.items():
+                response = response[: length - len(kept_prompt)]
+                ids = kept_prompt + response
+                out[f"{side}_input_ids"][i, : len(ids)] = ids
+                out[f"{side}_attention_mask"][i, : len(ids)] = 1
+                out[f"{side}_labels_mask"][i, len(kept_prompt): len(ids)] = 1
+        out["user_id"] = np.asarray(batch["user_id"], dtype=np.int64)
+        return out
+
+
+def tokenize_pairs(ds: Dataset, tokenizer_factory: Callable[[], object], max_length: int, *,
+                   num_actors: int = 1, num_cpus: float = 1.0, batch_size: int = 64) -> Dataset:
+    """Tokenize validated rows for DPO with a pool of `num_actors` tokenizer actors.
+
+    `tokenizer_factory` is a picklable zero-argument callable returning a HF tokenizer.
+    """
+    if max_length < 2:
+        raise ValueError(f"max_length must be >= 2, got {max_length}")
+    return ds.map_batches(
+        PairTokenizer, fn_constructor_kwargs=dict(tokenizer_factory=tokenizer_factory, max_length=max_length),
+        compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, batch_size=batch_size,
+        batch_format="numpy")
+
+
+# ---------------------------------------------------------------- Train ingest
+
+class ExactSplitDataConfig(DataConfig):
+    """Like Ray Train's DataConfig, but splits datasets with `equal=False`.
+
+    The default (`streaming_split(..., equal=True)`) drops rows so every worker sees the
+    same count; here every row reaches exactly one worker, and counts may differ by a few.
+    Mirrors `DataConfig.configure` of Ray 2.60 with only that flag changed.
+    """
+
+    def configure(self, datasets, world_size, worker_handles, worker_node_ids, **kwargs):
+        output = [{} for _ in range(world_size)]
+        to_split = set(datasets) if self._datasets_to_split == "all" else set(self._datasets_to_split)
+        hints = worker_node_ids if self._enable_shard_locality else None
+        for name, ds in datasets.items():
+            if ds.name is None:
+                ds.set_name(name)
+            ds = ds.copy(ds)
+            ds.context.execution_options = self._resolve_execution_options(name)
+            if name in to_split:
+                for rank, split in enumerate(ds.streaming_split(world_size, equal=False, locality_hints=hints)):
+                    output[rank][name] = split
+            else:
+                for rank in range(world_size):
+                    output[rank][name] = ds.iterator()
+        return output

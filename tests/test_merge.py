@@ -1,0 +1,188 @@
+"""Soup merging: the exact LoRA soup equals the weighted sum of the materialized policies."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from raypref.soups.merge import (
+    LoraAdapter,
+    MergeError,
+    merge,
+    merge_full,
+    merge_lora_exact,
+    merge_lora_factors_separately,
+    validate_weights,
+)
+
+
+def _base():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    cfg = GPT2Config(vocab_size=24, n_positions=16, n_embd=16, n_layer=2, n_head=2,
+                     bos_token_id=1, eos_token_id=1, pad_token_id=0)
+    return GPT2LMHeadModel(cfg).eval()  # tied wte / lm_head
+
+
+def _policy(base, seed: int, **lora_kwargs):
+    """A LoRA policy with random (non-zero) A and B, so every adapter changes the model."""
+    cfg = LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["c_attn", "c_proj"], **lora_kwargs})
+    model = get_peft_model(copy.deepcopy(base), cfg)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return model
+
+
+def _materialized(peft_model):
+    return {k: v.clone() for k, v in copy.deepcopy(peft_model).merge_and_unload().state_dict().items()}
+
+
+def _assert_states_close(a, b, atol=1e-5):
+    assert set(a) == set(b)
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=atol, rtol=1e-5), f"{k}: max diff {(a[k] - b[k]).abs().max()}"
+
+
+def _max_diff(a, b):
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+@pytest.fixture(scope="module")
+def soup():
+    base = _base()
+    policies = {
+        "P1A": _policy(base, 1),
+        "P2B": _policy(base, 2, r=2, lora_alpha=4, target_modules=["c_attn"], use_rslora=True),
+        "P3A": _policy(base, 3, target_modules=["c_attn", "c_proj", "wte"]),  # embedding, tied to lm_head
+        "P1B": _policy(base, 4),  # same layout as P1A (needed by the factor-wise variant)
+    }
+    adapters = {n: LoraAdapter.from_peft_model(m) for n, m in policies.items()}
+    full = {n: _materialized(m) for n, m in policies.items()}
+    return base, adapters, full
+
+
+def test_exact_soup_equals_weighted_sum_of_materialized_policies(soup):
+    base, adapters, full = soup
+    weights = {"P1A": 0.2, "P2B": 0.5, "P3A": 0.3}
+    expected = {k: sum(w * full[n][k] for n, w in weights.items()) for k in full["P1A"]}
+    got = merge_lora_exact(base.state_dict(), adapters, weights)
+    _assert_states_close(got, expected)
+    assert _max_diff(got, base.state_dict()) > 1e-2  # the soup really moved the base
+    # Tied weights stay consistent: lm_head follows the LoRA-updated embedding.
+    assert torch.equal(got["lm_head.weight"], got["transformer.wte.weight"])
+
+
+def test_exact_soup_is_the_soup_of_outputs_behaviour(soup):
+    """Loaded into a model, the merged weights reproduce the materialized soup's logits."""
+    base, adapters, full = soup
+    weights = {"P1A": 0.6, "P1B": 0.4}
+    ids = torch.tensor([[3, 5, 7, 9, 11]])
+    model, ref = copy.deepcopy(base), copy.deepcopy(base)
+    model.load_state_dict(merge(method="exact_lora", weights=weights, base=base, adapters=adapters))
+    ref.load_state_dict(merge(method="full", weights=weights, full_models={n: full[n] for n in weights}))
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+def test_identical_policies_merge_to_that_policy(soup):
+    base, adapters, full = soup
+    twins = {"a": adapters["P3A"], "b": adapters["P3A"]}
+    _assert_states_close(merge_lora_exact(base, twins, {"a": 0.35, "b": 0.65}), full["P3A"])
+    _assert_states_close(merge_full({"a": full["P3A"], "b": full["P3A"]}, {"a": 0.35, "b": 0.65}), full["P3A"])
+
+
+@pytest.mark.parametrize("name", ["P1A", "P2B", "P3A"])
+def test_one_hot_weights_return_that_policy(soup, name):
+    base, adapters, full = soup
+    one_hot = {n: float(n == name) for n in adapters}
+    _assert_states_close(merge_lora_exact(base, adapters, one_hot), full[name])
+    merged_full = merge_full(full, one_hot)
+    assert all(torch.equal(merged_full[k], full[name][k]) for k in full[name])
+
+
+def test_adapter_dir_roundtrip_matches_in_memory(soup, tmp_path):
+    base, adapters, _ = soup
+    model = _policy(base, 7, r=2, lora_alpha=16, alpha_pattern={"c_proj": 4})
+    model.save_pretrained(tmp_path / "p")
+    weights = {"mem": 1.0}
+    from_dir = merge_lora_exact(base, {"mem": str(tmp_path / "p")}, weights)
+    _assert_states_close(from_dir, _materialized(model))
+
+
+def test_factor_wise_average_differs_from_exact_soup(soup):
+    base, adapters, full = soup
+    weights = {"P1A": 0.5, "P1B": 0.5}
+    exact = merge_lora_exact(base, adapters, weights)
+    factor_wise = merge_lora_factors_separately(base, adapters, weights)
+    assert _max_diff(exact, factor_wise) > 1e-2
+    # ... but with one-hot weights there is no cross term, so both give the policy.
+    _assert_states_close(merge_lora_factors_separately(base, adapters, {"P1A": 1.0, "P1B": 0.0}), full["P1A"])
+
+
+def test_factor_wise_rejects_different_layouts(soup):
+    base, adapters, _ = soup
+    with pytest.raises(MergeError, match="identical LoRA targets"):
+        merge_lora_factors_separately(base, adapters, {"P1A": 0.5, "P2B": 0.5})
+
+
+def test_merged_state_saves_as_safetensors_and_reloads(soup, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    base, adapters, _ = soup
+    merged = merge_lora_exact(base, adapters, {"P3A": 0.5, "P1A": 0.5})
+    save_file(merged, str(tmp_path / "model.safetensors"))  # raises if tensors were shared
+    reloaded = load_file(str(tmp_path / "model.safetensors"))
+    assert all(torch.equal(reloaded[k], merged[k]) for k in merged)
+
+
+def test_peft_ties_with_one_policy_and_full_density_is_that_policy(soup):
+    base, adapters, full = soup
+    got = merge(method="ties", weights={"P1A": 1.0}, base=base, adapters=adapters, density=1.0)
+    _assert_states_close(got, full["P1A"])
+    dare = merge(method="dare_linear", weights={"P1A": 0.5, "P1B": 0.5}, base=base, adapters=adapters, density=0.5)
+    assert _max_diff(dare, base.state_dict()) > 1e-3  # a real, different model came out
+
+
+@pytest.mark.parametrize(
+    "weights, message",
+    [
+        ({}, "no merge weights"),
+        ({"P9Z": 1.0}, r"unknown policy names.*P9Z.*known"),
+        ({"P1A": 1.5, "P2B": -0.5}, ">= 0"),
+        ({"P1A": float("nan")}, ">= 0"),
+        ({"P1A": 0.5, "P2B": 0.4}, "sum to 1.*0.9"),
+    ],
+)
+def test_validate_weights_errors(weights, message):
+    with pytest.raises(MergeError, match=message):
+        validate_weights(weights, ["P1A", "P2B"])
+
+
+def test_validate_weights_tolerance_and_missing_names():
+    assert validate_weights({"P1A": 0.3, "P2B": 0.7 + 5e-7}, ["P1A", "P2B", "P3A"]) == {"P1A": 0.3, "P2B": 0.7 + 5e-7}
+
+
+def test_merge_entry_point_errors(soup):
+    base, adapters, _ = soup
+    with pytest.raises(MergeError, match="unknown merge method"):
+        merge(method="svd", weights={"P1A": 1.0}, base=base, adapters=adapters)
+    with pytest.raises(MergeError, match="density"):
+        merge(method="dare_ties", weights={"P1A": 1.0}, base=base, adapters=adapters)
+    with pytest.raises(MergeError, match="nn.Module"):
+        merge(method="ties", weights={"P1A": 1.0}, base=base.state_dict(), adapters=adapters, density=0.5)
+    with pytest.raises(MergeError, match="PeftModel"):
+        merge_lora_exact(_policy(base, 9).state_dict(), adapters, {"P1A": 1.0})
+
+
+def test_non_low_rank_adapters_are_refused(soup):
+    base, adapters, _ = soup
+    dora = LoraAdapter(adapters["P1A"].tensors, LoraConfig(r=4, lora_alpha=8, use_dora=True))
+    with pytest.raises(MergeError, match="use_dora"):
+        merge_lora_exact(base, {"d": dora}, {"d": 1.0})

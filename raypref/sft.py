@@ -1,0 +1,150 @@
+"""SFT warm start: a policy fine-tuned on the simulated world's (prompt, response) corpus.
+
+`train_sft` caches its output by the hash of its config: the same config returns the saved
+folder at once, any change trains again.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from raypref.algos.sft import response_mask, sft_loss
+from raypref.config import config_hash, to_dict
+from raypref.models.factory import (ModelConfig, add_lora, build_policy, build_tokenizer,
+                                    encode_example, write_dir_atomically)
+from raypref.runner import LoopSpec, RunnerConfig, run
+
+METRICS_FILE = "metrics.json"  # per-step training metrics, beside the weights
+CONFIG_FILE = "sft_config.json"
+
+
+def _default_runner() -> RunnerConfig:
+    return RunnerConfig(num_workers=1, zero_stage=0, lr=2e-3, warmup_steps=20, max_steps=300,
+                        micro_batch_size=16, checkpoint_every=100, log_every=25)
+
+
+@dataclass
+class SFTConfig:
+    """Supervised warm start on the simulated world. Defaults: tiny GPT-2, ~2 min on 2 cores."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # runner.name and runner.storage_path are set by train_sft (runs live in the cache folder)
+    runner: RunnerConfig = field(default_factory=_default_runner)
+    world_seed: int = 0
+    difficulty: float = 0.0  # World difficulty in [0, 1]
+    corpus_size: int = 4000  # (prompt, response) pairs drawn from the world
+    corpus_seed: int = 0
+    max_length: int = 192  # tokens per example (prompt + response + eos)
+    output_dir: str = "outputs/sft"  # cache root: <output_dir>/sft-<config hash>/
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first bad field."""
+        if self.corpus_size < 1:
+            raise ValueError(f"SFTConfig.corpus_size={self.corpus_size}: must be >= 1")
+        if not 0.0 <= self.difficulty <= 1.0:
+            raise ValueError(f"SFTConfig.difficulty={self.difficulty}: must be in [0, 1]")
+        if self.model.name_or_path == "tiny" and self.max_length > self.model.n_positions:
+            raise ValueError(f"SFTConfig.max_length={self.max_length} exceeds "
+                             f"model.n_positions={self.model.n_positions}")
+        if self.max_length < 8:
+            raise ValueError(f"SFTConfig.max_length={self.max_length}: must be >= 8")
+        self.model.validate()
+        self.runner.validate()
+
+
+def sft_cache_key(cfg: SFTConfig) -> str:
+    """Hash of everything that changes the trained weights (not where they are written)."""
+    data = to_dict(cfg)
+    data.pop("output_dir")
+    for key in ("name", "storage_path", "log_every"):
+        data["runner"].pop(key)
+    return config_hash(data)
+
+
+class SFTSpec(LoopSpec):
+    """Causal-LM training on pre-tokenized examples; batches drawn with a (seed, rank, step)
+    RNG so a resumed run sees the same batches as an uninterrupted one."""
+
+    def __init__(self, model_cfg: ModelConfig, tokenizer, examples: list[tuple[list[int], int]],
+                 micro_batch_size: int, grad_accum: int, seed: int):
+        self.model_cfg, self.tokenizer, self.examples = model_cfg, tokenizer, examples
+        self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
+
+    def build_model(self) -> torch.nn.Module:
+        model = build_policy(self.model_cfg, self.tokenizer)
+        return add_lora(model, self.model_cfg.lora) if self.model_cfg.lora else model
+
+    def loss(self, model, batch):
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
+        return loss, {"response_tokens": float(batch["response_mask"].sum())}
+
+    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
+        shard = self.examples[rank::world_size]
+        if not shard:
+            raise ValueError(f"SFTSpec: no examples for rank {rank} of {world_size}")
+        for step in range(start_step, 10**9):
+            rng = np.random.default_rng([self.seed, rank, step])
+            for _ in range(self.grad_accum):
+                picks = rng.integers(len(shard), size=self.micro_batch_size)
+                yield collate([shard[i] for i in picks], self.tokenizer.pad_token_id)
+
+    def export(self, model, out_dir: Path) -> None:
+        if hasattr(model, "merge_and_unload"):  # LoRA: the SFT policy is the merged model
+            model = model.merge_and_unload()
+        model.save_pretrained(out_dir)
+
+
+def collate(examples: list[tuple[list[int], int]], pad_id: int) -> dict[str, torch.Tensor]:
+    """Right-padded batch of (ids, prompt_length) examples with the response-token mask."""
+    lengths = torch.tensor([len(ids) for ids, _ in examples])
+    prompt_lengths = torch.tensor([n for _, n in examples])
+    input_ids = torch.full((len(examples), int(lengths.max())), pad_id, dtype=torch.long)
+    for row, (ids, _) in enumerate(examples):
+        input_ids[row, :len(ids)] = torch.tensor(ids)
+    attention_mask = (torch.arange(input_ids.shape[1]) < lengths.unsqueeze(1)).long()
+    return {"input_ids": input_ids, "attention_mask": attention_mask,
+            "response_mask": response_mask(prompt_lengths, lengths, input_ids.shape[1])}
+
+
+def sft_output_dir(cfg: SFTConfig) -> Path:
+    """Where train_sft saves (or finds) the model of cfg."""
+    return Path(cfg.output_dir).expanduser().resolve() / f"sft-{sft_cache_key(cfg)}"
+
+
+def train_sft(cfg: SFTConfig) -> Path:
+    """Train (or reuse) the SFT policy of cfg; returns the folder with the model (safetensors),
+    the tokenizer, metrics.json (one entry per step) and sft_config.json."""
+    from raypref.data.world import World
+
+    cfg.validate()
+    out = sft_output_dir(cfg)
+    if (out / CONFIG_FILE).exists():
+        return out  # written last by the atomic swap: the folder is complete
+    world = World(seed=cfg.world_seed, difficulty=cfg.difficulty)
+    corpus = world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
+    tokenizer = build_tokenizer(cfg.model, world.vocabulary())
+    examples = [encode_example(tokenizer, p, r, cfg.max_length) for p, r in corpus]
+    runner_cfg = replace(cfg.runner, name=out.name, storage_path=str(out.parent / "runs"))
+    spec = SFTSpec(cfg.model, tokenizer, examples, runner_cfg.micro_batch_size,
+                   runner_cfg.grad_accum, runner_cfg.seed)
+    result = run(spec, runner_cfg)
+
+    def write(tmp: Path) -> None:
+        shutil.copytree(result.export_path, tmp, dirs_exist_ok=True)
+        tokenizer.save_pretrained(tmp)
+        (tmp / METRICS_FILE).write_text(json.dumps(result.metrics))
+        (tmp / CONFIG_FILE).write_text(json.dumps(to_dict(cfg), indent=2))
+
+    return write_dir_atomically(out, write)
+
+
+def read_metrics(model_dir: str | Path) -> list[dict[str, float]]:
+    """The per-step metrics train_sft saved beside the model."""
+    return json.loads((Path(model_dir) / METRICS_FILE).read_text())

@@ -34,7 +34,7 @@ class RunnerConfig:
     """How to run a loop: workers, DeepSpeed optimisation, checkpoints, failures."""
 
     num_workers: int = 1  # Ray Train workers, one process each
-    cpus_per_worker: int = 1
+    cpus_per_worker: float = 1.0  # fractions let many small runs share a node
     use_gpu: bool = False
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
     lr: float = 1e-3
@@ -58,7 +58,7 @@ class RunnerConfig:
         """Raise ValueError naming the first bad field."""
         checks = [
             ("num_workers", self.num_workers >= 1, "must be >= 1"),
-            ("cpus_per_worker", self.cpus_per_worker >= 1, "must be >= 1"),
+            ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
             ("zero_stage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
             ("lr", self.lr > 0, "must be > 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),

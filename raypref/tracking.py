@@ -92,3 +92,18 @@ def log_text_file(text: str, name: str) -> None:
         p = Path(tmp) / name
         p.write_text(text)
         mlflow.log_artifact(str(p))
+
+
+def register_model_dir(path: str | Path, name: str, tags: dict[str, str] | None = None):
+    """Log a saved model folder (safetensors + config + tokenizer) as an MLflow LoggedModel of
+    the active run and register it under ``name``; returns the ModelVersion."""
+    run = mlflow.active_run()
+    model = mlflow.initialize_logged_model(name=name, source_run_id=run.info.run_id if run else None,
+                                           tags=tags, model_type="raypref-policy")
+    try:
+        mlflow.MlflowClient().log_model_artifacts(model.model_id, str(path))
+    except BaseException:
+        mlflow.finalize_logged_model(model.model_id, "FAILED")
+        raise
+    mlflow.finalize_logged_model(model.model_id, "READY")
+    return mlflow.register_model(f"models:/{model.model_id}", name)

@@ -64,9 +64,8 @@ def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     if cfg.name_or_path != TINY:
-        # local_files_only: HF ids must already be in the local cache (no downloads at run time)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, local_files_only=True,
-                                                  trust_remote_code=False)
+        # downloads only where allowed: HF_HUB_OFFLINE=1 (set by scripts/ here) keeps it local
+        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
         return tokenizer
@@ -116,8 +115,7 @@ def build_policy(cfg: ModelConfig, tokenizer):
     cfg.validate()
     if cfg.name_or_path != TINY:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=DTYPES[cfg.dtype], local_files_only=True,
-            trust_remote_code=False)
+            cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=False)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -225,13 +223,19 @@ def save_pretrained_safetensors(model, tokenizer, out_dir: str | Path) -> Path:
 
 
 def load_pretrained(path: str | Path):
-    """(model, tokenizer) saved by save_pretrained_safetensors (full models, not adapters)."""
+    """(model, tokenizer) from a folder saved by save_pretrained_safetensors, or a Hugging Face
+    id (downloaded only where HF_HUB_OFFLINE is unset, e.g. on a cluster)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = Path(path)
-    if not (path / "config.json").exists():
-        raise FileNotFoundError(f"load_pretrained: no config.json in {path}")
-    model = AutoModelForCausalLM.from_pretrained(path, local_files_only=True,
+    local = Path(path).expanduser()
+    is_local = local.exists() or str(path).startswith((".", "/", "~"))
+    if is_local and not (local / "config.json").exists():
+        raise FileNotFoundError(f"load_pretrained: no config.json in {local}")
+    source = str(local) if is_local else str(path)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local,
                                                  trust_remote_code=False)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True, trust_remote_code=False)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=is_local,
+                                              trust_remote_code=False)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
     return model, tokenizer

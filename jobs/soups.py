@@ -1,0 +1,22 @@
+"""Personalized Soups: per-preference policies trained concurrently, merged post hoc, evaluated.
+
+    python jobs/soups.py                                  # embedded default, one CPU machine
+    python jobs/soups.py --config configs/soups-7b-8gpu.yaml
+    ray job submit --address http://127.0.0.1:8265 -- python jobs/soups.py
+"""
+from raypref.config import parse_args
+from raypref.soups.config import SoupsConfig
+from raypref.soups.run import run_soups
+
+
+def main(argv: list[str] | None = None) -> None:
+    cfg = parse_args(SoupsConfig, argv)
+    result = run_soups(cfg)
+    print(f"\nreport: {result.report_path}")
+    print(f"mlflow: run {result.run_id} in {result.tracking_uri}")
+    if result.failed:
+        print(f"failed preferences (left out of the soups): {sorted(result.failed)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -150,7 +150,8 @@ def deepspeed_config(cfg: RunnerConfig) -> dict:
     }
 
 
-def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None) -> RunResult:
+def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
+        dataset_config=None) -> RunResult:
     """Train `spec` on cfg.num_workers Ray Train workers; resume the run if it already exists.
 
     `datasets` (name -> ray.data.Dataset) are sharded to the workers for
@@ -175,6 +176,8 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None) -> RunR
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
         ),
         datasets=datasets,
+        # e.g. data.pipeline.ExactSplitDataConfig: Train's default split drops rows to even out
+        **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     result = trainer.fit()
     checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None

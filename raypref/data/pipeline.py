@@ -25,9 +25,12 @@ from raypref.data.records import InvalidRecord, validate_row
 SHARD_SUFFIXES = (".parquet", ".jsonl")
 
 
-def list_shards(uri: str) -> tuple[pafs.FileSystem, list[str]]:
+def list_shards(uri: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[pafs.FileSystem, list[str]]:
     """The filesystem of `uri` (a local path or e.g. `file:///…`, `s3://…`) and the sorted
-    shard paths under it (or the file itself)."""
+    shard paths under it (or the file itself) ending with one of `suffixes`."""
+    unknown = sorted(set(suffixes) - set(SHARD_SUFFIXES))
+    if not suffixes or unknown:
+        raise ValueError(f"shard suffixes must be a non-empty subset of {SHARD_SUFFIXES}, got {suffixes}")
     if "://" in uri:
         filesystem, base = pafs.FileSystem.from_uri(uri)
     else:
@@ -39,9 +42,9 @@ def list_shards(uri: str) -> tuple[pafs.FileSystem, list[str]]:
         infos = [info]
     else:
         infos = filesystem.get_file_info(pafs.FileSelector(base, recursive=True))
-    shards = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(SHARD_SUFFIXES))
+    shards = sorted(i.path for i in infos if i.type == pafs.FileType.File and i.path.endswith(tuple(suffixes)))
     if not shards:
-        raise FileNotFoundError(f"no *.parquet or *.jsonl shards under {uri}")
+        raise FileNotFoundError(f"no {' or '.join('*' + x for x in suffixes)} shards under {uri}")
     return filesystem, shards
 
 
@@ -89,14 +92,16 @@ class QuarantineReport:
 
 
 def read_preference_shards(uri: str, *, quarantine_path: str, max_quarantine_fraction: float = 0.05,
-                           max_chars: int = 20000, num_cpus: float = 1.0) -> tuple[Dataset, QuarantineReport]:
-    """Dataset of valid rows (`to_row()` columns) from every shard under `uri`.
+                           max_chars: int = 20000, num_cpus: float = 1.0,
+                           suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[Dataset, QuarantineReport]:
+    """Dataset of valid rows (`to_row()` columns) from every shard under `uri` whose name ends
+    with one of `suffixes` (e.g. only `(".parquet",)` where each shard is also written as jsonl).
 
     Validation runs lazily in Ray tasks (`num_cpus` each, one shard per task); invalid rows
     go to `quarantine_path` (jsonl, on the driver's node). Consume the dataset, then call
     `report.check()` to apply `max_quarantine_fraction`.
     """
-    filesystem, shards = list_shards(uri)
+    filesystem, shards = list_shards(uri, suffixes)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Quarantine).options(num_cpus=0, scheduling_strategy=here).remote(
         quarantine_path, max_fraction=max_quarantine_fraction)
@@ -115,11 +120,18 @@ class PairTokenizer:
     response tokens only), all int64 of shape (batch, max_length), right-padded. Long
     pairs keep the end of the prompt (the same tokens for both sides, so both responses
     answer the same context) and the start of each response; an EOS closes a response.
+
+    `encode`, if given, replaces that raw-text rule with a policy's own text format: a
+    picklable `(tokenizer, prompt, response, max_length) -> (ids, n_prompt_ids)` such as
+    `models.factory.encode_example`, applied to each side, so the tensors hold exactly the
+    tokens the policy was trained and is evaluated on.
     """
 
-    def __init__(self, tokenizer_factory: Callable[[], object], max_length: int):
+    def __init__(self, tokenizer_factory: Callable[[], object], max_length: int,
+                 encode: Callable[..., tuple[list[int], int]] | None = None):
         self.tokenizer = tokenizer_factory()  # once per actor, not per batch
         self.max_length = max_length
+        self.encode = encode
         if self.tokenizer.pad_token_id is None:
             raise ValueError("tokenizer has no pad token; set tokenizer.pad_token")
         self.eos = [] if self.tokenizer.eos_token_id is None else [self.tokenizer.eos_token_id]
@@ -133,6 +145,10 @@ class PairTokenizer:
                for side in ("chosen", "rejected")
                for name, fill in (("input_ids", self.tokenizer.pad_token_id), ("attention_mask", 0),
                                   ("labels_mask", 0))}
+        if self.encode is not None:
+            self._encode_with_format(batch, out)
+            out["user_id"] = np.asarray(batch["user_id"], dtype=np.int64)
+            return out
         prompts, chosen, rejected = (self._ids(batch[c]) for c in ("prompt", "chosen", "rejected"))
         for i, prompt in enumerate(prompts):
             responses = {"chosen": chosen[i] + self.eos, "rejected": rejected[i] + self.eos}
@@ -148,17 +164,30 @@ class PairTokenizer:
         out["user_id"] = np.asarray(batch["user_id"], dtype=np.int64)
         return out
 
+    def _encode_with_format(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
+        for i, prompt in enumerate(batch["prompt"]):
+            for side in ("chosen", "rejected"):
+                ids, n_prompt = self.encode(self.tokenizer, str(prompt), str(batch[side][i]), self.max_length)
+                if len(ids) > self.max_length:
+                    raise ValueError(f"encode returned {len(ids)} tokens > max_length={self.max_length}")
+                out[f"{side}_input_ids"][i, : len(ids)] = ids
+                out[f"{side}_attention_mask"][i, : len(ids)] = 1
+                out[f"{side}_labels_mask"][i, n_prompt: len(ids)] = 1
+
 
 def tokenize_pairs(ds: Dataset, tokenizer_factory: Callable[[], object], max_length: int, *,
-                   num_actors: int = 1, num_cpus: float = 1.0, batch_size: int = 64) -> Dataset:
+                   num_actors: int = 1, num_cpus: float = 1.0, batch_size: int = 64,
+                   encode: Callable[..., tuple[list[int], int]] | None = None) -> Dataset:
     """Tokenize validated rows for DPO with a pool of `num_actors` tokenizer actors.
 
-    `tokenizer_factory` is a picklable zero-argument callable returning a HF tokenizer.
+    `tokenizer_factory` is a picklable zero-argument callable returning a HF tokenizer;
+    `encode` as in `PairTokenizer` (None: the raw-text rule).
     """
     if max_length < 2:
         raise ValueError(f"max_length must be >= 2, got {max_length}")
     return ds.map_batches(
-        PairTokenizer, fn_constructor_kwargs=dict(tokenizer_factory=tokenizer_factory, max_length=max_length),
+        PairTokenizer, fn_constructor_kwargs=dict(tokenizer_factory=tokenizer_factory, max_length=max_length,
+                                                  encode=encode),
         compute=ActorPoolStrategy(size=num_actors), num_cpus=num_cpus, batch_size=batch_size,
         batch_format="numpy")
 

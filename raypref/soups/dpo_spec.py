@@ -131,6 +131,9 @@ class SoupDPOSpec(LoopSpec):
     def __post_init__(self) -> None:
         if not self.pairs:
             raise ValueError(f"SoupDPOSpec({self.preference!r}): no preference pairs")
+        self._check_settings()
+
+    def _check_settings(self) -> None:
         if self.beta <= 0:
             raise ValueError(f"SoupDPOSpec.beta={self.beta}: must be > 0")
         if self.micro_batch_size < 1 or self.grad_accum < 1:
@@ -187,6 +190,60 @@ class SoupDPOSpec(LoopSpec):
     def export(self, model: torch.nn.Module, out_dir: Path) -> None:
         """The adapter (``adapter_model.safetensors`` + config) and which preference / base it belongs to."""
         model.save_pretrained(out_dir, safe_serialization=True)
-        info = {"preference": self.preference, "sft_dir": str(self.sft_dir), "beta": self.beta,
+        (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(self.policy_info(), indent=2))
+
+    def policy_info(self) -> dict:
+        """What ``export`` writes beside the adapter (``soup_policy.json``)."""
+        return {"preference": self.preference, "sft_dir": str(self.sft_dir), "beta": self.beta,
                 "loss_type": self.loss_type, "lora": dataclasses.asdict(self.lora), "n_pairs": len(self.pairs)}
-        (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(info, indent=2))
+
+
+SHARD_SIDES = ("chosen", "rejected")
+SHARD_FIELDS = ("input_ids", "attention_mask", "labels_mask")
+
+
+def shard_batch_to_pairs(batch: dict[str, torch.Tensor]) -> Batch:
+    """A batch of ``data.pipeline.tokenize_pairs`` rows (``chosen_input_ids``, ..., fixed-length)
+    in the ``collate_pairs`` layout ``[chosen..., rejected...]``, trimmed to its longest sequence."""
+    missing = [f"{s}_{f}" for s in SHARD_SIDES for f in SHARD_FIELDS if f"{s}_{f}" not in batch]
+    if missing:
+        raise KeyError(f"dataset batch lacks column(s) {missing}; has {sorted(batch)} "
+                       "(expected the output of data.pipeline.tokenize_pairs)")
+    out = {f: torch.cat([batch[f"{s}_{f}"] for s in SHARD_SIDES]).long() for f in SHARD_FIELDS}
+    width = max(1, int(out["attention_mask"].sum(dim=1).max()))  # fixed-length padding costs compute
+    return {f: t[:, :width] for f, t in out.items()}
+
+
+@dataclass
+class ShardDPOSpec(SoupDPOSpec):
+    """DPO whose pairs stream from a Ray Data shard (``run(..., datasets={dataset: ds})``).
+
+    The dataset holds ``data.pipeline.tokenize_pairs`` rows, which must be tokenized in the
+    policy's format (``encode=encode_example``) by the SFT tokenizer. ``pairs`` stays empty;
+    ``n_pairs`` only records how many pairs the dataset held. Batches are not replayed exactly
+    after a resume: a restarted worker begins a new pass over its shard.
+    """
+
+    pairs: list[PreferenceRecord] = field(default_factory=list)
+    dataset: str = "train"
+    n_pairs: int = 0
+    shuffle_buffer: int = 0  # rows in iter_torch_batches' local shuffle buffer (0: data order)
+
+    def __post_init__(self) -> None:
+        self._check_settings()
+        self._tokenizer = None
+        self._passes = 0
+
+    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[Batch]:
+        """One pass over this worker's dataset shard (the runner starts the next pass)."""
+        import ray.train
+
+        self._passes += 1
+        shard = ray.train.get_dataset_shard(self.dataset)
+        shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
+                       local_shuffle_seed=self.seed * 1_000_003 + self._passes) if self.shuffle_buffer else {}
+        for batch in shard.iter_torch_batches(batch_size=self.micro_batch_size, **shuffle):
+            yield shard_batch_to_pairs(batch)
+
+    def policy_info(self) -> dict:
+        return {**super().policy_info(), "n_pairs": self.n_pairs, "dataset": self.dataset}

@@ -1,0 +1,215 @@
+"""jobs/dpo.py: shards -> validation + quarantine -> Ray Data tokens -> Ray Train DPO -> adapter."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+from ray import cloudpickle
+from safetensors.torch import load_file
+
+from raypref.config import parse_args
+from raypref.data.pipeline import PairTokenizer
+from raypref.data.quarantine import QuarantineExceeded
+from raypref.data.records import PreferenceRecord
+from raypref.data.world import World
+from raypref.dpo import (DPOJobConfig, DPOResources, DPOTraining, SavedTokenizer, quarantine_metrics,
+                         train_dpo)
+from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
+from raypref.runner import RunnerConfig
+from raypref.sft import SFTConfig, sft_output_dir
+from raypref.soups.dpo_spec import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, tokenize_pairs
+
+cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+MAX_LENGTH = 128
+BAD_REASONS = {"identical_responses": 1, "empty_text": 1, "bad_user_id": 1, "undecodable_line": 1}
+
+
+def world_pairs(n: int, seed: int) -> list[PreferenceRecord]:
+    return World(seed=0).pairs_for_preference("P1A", n, np.random.default_rng(seed))
+
+
+def write_shards(folder: Path, records: list[PreferenceRecord], bad: bool = True) -> None:
+    """Half the rows as parquet, half as jsonl; with `bad`, four bad rows (one per reason)."""
+    folder.mkdir(parents=True)
+    rows = [r.to_row() for r in records]
+    half = len(rows) // 2
+    parquet_rows, lines = rows[:half], [json.dumps(r) for r in rows[half:]]
+    if bad:
+        parquet_rows.append(dict(rows[0], rejected=rows[0]["chosen"]))  # identical responses
+        parquet_rows.append(dict(rows[1], prompt="   "))  # empty text
+        lines.insert(3, json.dumps(dict(rows[2], user_id=-5)))  # bad user id
+        lines.insert(7, '{"prompt": "truncated')  # undecodable line
+    pq.write_table(pa.Table.from_pylist(parquet_rows), folder / "shard-00000.parquet")
+    (folder / "shard-00001.jsonl").write_text("\n".join(lines) + "\n")
+
+
+def tiny_tokenizer():
+    return build_tokenizer(ModelConfig(), World(seed=0).vocabulary())
+
+
+# ---------------------------------------------------------------- unit tests (seconds)
+
+def test_pipeline_tokens_match_the_policy_format_used_by_sft_and_evaluation():
+    tokenizer = tiny_tokenizer()
+    pairs = world_pairs(3, seed=1)
+    batch = {"prompt": np.array([p.prompt for p in pairs]), "chosen": np.array([p.chosen for p in pairs]),
+             "rejected": np.array([p.rejected for p in pairs]), "user_id": np.array([p.user_id for p in pairs])}
+    for max_length in (MAX_LENGTH, 40):  # 40: every pair is truncated
+        rows = PairTokenizer(lambda: tokenizer, max_length, encode=encode_example)(batch)
+        got = shard_batch_to_pairs({k: torch.from_numpy(v) for k, v in rows.items()})
+        want = collate_pairs(tokenize_pairs(tokenizer, pairs, max_length), tokenizer.pad_token_id)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.equal(got[key], want[key]), (max_length, key)
+    # the pipeline's built-in raw-text rule lacks format_prompt's separator: not the policy's tokens
+    raw = PairTokenizer(lambda: tokenizer, MAX_LENGTH)(batch)
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    assert sep not in raw["chosen_input_ids"] and sep in want["input_ids"]
+
+
+def test_shard_batch_needs_the_pipeline_columns():
+    with pytest.raises(KeyError, match=r"rejected_input_ids.*tokenize_pairs"):
+        shard_batch_to_pairs({f"chosen_{f}": torch.zeros(1, 4) for f in ("input_ids", "attention_mask",
+                                                                         "labels_mask")})
+
+
+def test_saved_tokenizer_factory_pickles_and_loads_the_saved_tokenizer(tmp_path):
+    tokenizer = tiny_tokenizer()
+    tokenizer.save_pretrained(tmp_path)
+    factory = cloudpickle.loads(cloudpickle.dumps(SavedTokenizer(str(tmp_path))))
+    loaded = factory()
+    text = world_pairs(1, seed=2)[0].prompt
+    assert loaded(text)["input_ids"] == tokenizer(text)["input_ids"]
+    assert loaded.pad_token_id == tokenizer.pad_token_id and loaded.eos_token_id == tokenizer.eos_token_id
+
+
+def test_shard_spec_needs_no_in_memory_pairs_but_checks_settings():
+    spec = ShardDPOSpec(sft_dir="x", n_pairs=5)
+    assert spec.pairs == [] and spec.policy_info()["n_pairs"] == 5
+    with pytest.raises(ValueError, match="beta"):
+        ShardDPOSpec(sft_dir="x", beta=0.0)
+
+
+def test_quarantine_metrics_have_totals_and_one_count_per_reason():
+    summary = {"rows_total": 10, "rows_valid": 7, "rows_quarantined": 3,
+               "by_reason": {"empty_text": 2, "bad_user_id": 1}, "path": "q.jsonl"}
+    assert quarantine_metrics(summary, "test.") == {
+        "test.rows_total": 10, "test.rows_valid": 7, "test.rows_quarantined": 3,
+        "test.quarantine.empty_text": 2, "test.quarantine.bad_user_id": 1}
+
+
+def test_config_from_cli_and_bad_values_named():
+    cfg = parse_args(DPOJobConfig, ["--training.steps", "7", "--user_ids", "[2, 3]", "--test_data", "''"])
+    assert (cfg.training.steps, cfg.user_ids, cfg.test_data) == (7, [2, 3], "")
+    cfg.validate()
+    for field_name, change in [("training.loss_type", lambda c: setattr(c.training, "loss_type", "hinge")),
+                               ("max_quarantine_fraction", lambda c: setattr(c, "max_quarantine_fraction", 1.5)),
+                               ("run_name", lambda c: setattr(c, "run_name", "a/b")),
+                               ("shard_formats", lambda c: setattr(c, "shard_formats", ["csv"]))]:
+        bad = DPOJobConfig()
+        change(bad)
+        with pytest.raises(ValueError, match=f"DPOJobConfig.{field_name}="):
+            bad.validate()
+
+
+# ---------------------------------------------------------------- end to end (Ray)
+
+def tiny_sft(root: Path) -> SFTConfig:
+    return SFTConfig(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=MAX_LENGTH),
+                     runner=RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=2, max_steps=10,
+                                         micro_batch_size=8, checkpoint_every=10),
+                     corpus_size=200, max_length=MAX_LENGTH, output_dir=str(root / "sft"))
+
+
+def job_config(tmp_path: Path, **overrides) -> DPOJobConfig:
+    base = dict(train_data=str(tmp_path / "train"), test_data=str(tmp_path / "test"), user_ids=[],
+                shard_formats=["parquet", "jsonl"],
+                output_dir=str(tmp_path / "dpo"), run_name="p1a", sft=tiny_sft(tmp_path),
+                max_quarantine_fraction=0.1,
+                training=DPOTraining(steps=10, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH,
+                                     shuffle_buffer=32),
+                resources=DPOResources(num_workers=1, cpus_per_worker=1.0, data_cpus=0.5, checkpoint_every=10))
+    return DPOJobConfig(**{**base, **overrides})
+
+
+def mlflow_run(run_id: str):
+    return mlflow.MlflowClient().get_run(run_id)
+
+
+def artifact_paths(run_id: str, folder: str | None = None) -> set[str]:
+    return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
+
+
+@pytest.mark.slow  # about a minute on 2 cores: two Ray Train runs (SFT, DPO) dominate
+def test_job_trains_on_streamed_shards_and_reports_the_quarantine(ray_local, tmp_path, capsys):
+    write_shards(tmp_path / "train", world_pairs(64, seed=3))
+    write_shards(tmp_path / "test", world_pairs(16, seed=4), bad=False)
+    cfg = job_config(tmp_path)
+    result = train_dpo(cfg)
+
+    quarantine = result.summary["quarantine"]["train"]
+    assert (quarantine["rows_total"], quarantine["rows_valid"], quarantine["rows_quarantined"]) == (68, 64, 4)
+    assert quarantine["by_reason"] == BAD_REASONS
+    entries = [json.loads(line) for line in (result.output_dir / "quarantine.jsonl").read_text().splitlines()]
+    assert sorted(e["reason"] for e in entries) == sorted(BAD_REASONS)
+    assert {(Path(e["shard"]).name, e["line"]) for e in entries if e["shard"].endswith(".jsonl")} == {
+        ("shard-00001.jsonl", 4), ("shard-00001.jsonl", 8)}
+    assert result.summary["quarantine"]["test"]["rows_quarantined"] == 0
+    assert json.loads((result.output_dir / "summary.json").read_text()) == result.summary
+
+    # the adapter was exported as safetensors and trained (LoRA B starts at zero)
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    lora_b = [t for k, t in weights.items() if "lora_B" in k]
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b)
+    assert json.loads((result.adapter_dir / "soup_policy.json").read_text())["n_pairs"] == 64
+    assert result.summary["steps"] == 10
+    assert result.summary["eval"]["pairs"] == 16 and 0.0 <= result.summary["eval"]["reward_accuracy"] <= 1.0
+
+    run = mlflow_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    metrics = run.data.metrics
+    assert (metrics["rows_total"], metrics["rows_valid"], metrics["rows_quarantined"]) == (68, 64, 4)
+    assert {k: metrics[f"quarantine.{k}"] for k in BAD_REASONS} == BAD_REASONS
+    assert metrics["test.rows_total"] == 16 and "eval.reward_accuracy" in metrics
+    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "train.loss")) == 10
+    assert "quarantine/quarantine.jsonl" in artifact_paths(result.run_id, "quarantine")
+    assert "adapter/adapter_model.safetensors" in artifact_paths(result.run_id, "adapter")
+    assert "summary.json" in artifact_paths(result.run_id)
+    printed = capsys.readouterr().out
+    assert str(result.output_dir) in printed and result.run_id in printed
+
+
+def test_simulate_layout_is_read_once_and_filtered_to_the_selected_users(ray_local, tmp_path):
+    from raypref.data.simulate import write_shards as simulate_write_shards
+    from raypref.dpo import read_rows
+
+    records = world_pairs(6, seed=6) + [dataclasses.replace(r, user_id=2) for r in world_pairs(4, seed=7)]
+    simulate_write_shards(records, tmp_path / "sim", shard_size=5)  # each shard as parquet and jsonl
+    cfg = job_config(tmp_path, train_data=str(tmp_path / "sim"), shard_formats=["parquet"], user_ids=[2])
+    ds, report = read_rows(cfg, cfg.train_data, tmp_path / "q.jsonl")
+    assert sorted(row["user_id"] for row in ds.take_all()) == [2] * 4
+    assert report.summary()["rows_total"] == 10  # every row once, whatever the user
+
+
+def test_too_many_bad_rows_fail_the_job_before_any_training(ray_local, tmp_path):
+    write_shards(tmp_path / "train", world_pairs(32, seed=5))  # 4 bad of 36 rows: 0.111
+    cfg = job_config(tmp_path, max_quarantine_fraction=0.1, test_data="")
+    with pytest.raises(QuarantineExceeded, match=r"4 of 36 rows quarantined \(fraction 0\.111 > "
+                                                 r"max_quarantine_fraction 0\.1\).*quarantine\.jsonl"):
+        train_dpo(cfg)
+
+    runs = mlflow.search_runs(experiment_names=["raypref-dpo"], output_format="list")
+    assert len(runs) == 1 and runs[0].info.status == "FAILED"
+    assert runs[0].data.metrics["rows_quarantined"] == 4
+    assert "quarantine/quarantine.jsonl" in artifact_paths(runs[0].info.run_id, "quarantine")
+    assert not sft_output_dir(cfg.sft).exists()  # not even the SFT base was trained
+    assert not any((tmp_path / "dpo" / "p1a").glob("checkpoint_*"))

@@ -306,7 +306,7 @@ class World:
     def pairs_for_preference(self, pref_name: str, n: int, rng: np.random.Generator,
                              split: str = "train") -> list[PreferenceRecord]:
         """``n`` pairs for one P-Soups preference (002 Table 4): chosen is clearly better on
-        that preference's dimension, the other attributes are random."""
+        that preference's dimension; the other attributes are random but equal in both."""
         profiles = psoups_profiles()
         profile = psoups_profile(pref_name)
         user_id = 1 + [p.name for p in profiles].index(pref_name)
@@ -315,8 +315,12 @@ class World:
         for _ in range(n):
             prompt = pool[int(rng.integers(len(pool)))]
             high, low = _clear_pair(profile.attribute, rng)
-            a = self.sample_response(prompt, rng, {profile.attribute: high})
-            b = self.sample_response(prompt, rng, {profile.attribute: low})
+            # Both responses share the other attributes' (random) levels, as when one writer
+            # answers twice under opposite instructions: the pair differs in this dimension,
+            # so the preference is learnable from it without confounds.
+            shared = self.sample_response(prompt, rng).latent
+            a = self.sample_response(prompt, rng, {**shared, profile.attribute: high})
+            b = self.sample_response(prompt, rng, {**shared, profile.attribute: low})
             better, worse = (a, b) if profile.direction > 0 else (b, a)
             records.append(self._record(prompt, better, worse, rng, user_id,
                                         profile.instruction, f"world:psoups:{pref_name}"))

@@ -37,7 +37,7 @@ class PreferenceResources:
     zero_stage: int = 0                 # LoRA states are tiny; ZeRO-2/3 for big bases
     bf16: bool = False                  # on for GPUs that support it
     max_failures: int = 1               # restarts from the latest checkpoint before giving up
-    checkpoint_every: int = 50
+    checkpoint_every: int = 25
 
 
 @dataclass

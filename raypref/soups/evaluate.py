@@ -19,12 +19,13 @@ Scores = dict[str, float]
 
 @dataclass
 class EvalConfig:
-    n_prompts: int = 64          # held-out (test split) prompts
-    max_new_tokens: int = 64
+    n_prompts: int = 96          # held-out (test split) prompts: the world has 96
+    samples_per_prompt: int = 2  # more samples per prompt: smaller sampling noise in the means
+    max_new_tokens: int = 128    # the world's longest responses are ~100 tokens
     greedy: bool = False         # sampling shows the policy's distribution, not one mode
     temperature: float = 1.0
     seed: int = 0                # same seed for every method: paired comparisons
-    batch_size: int = 64
+    batch_size: int = 96
     weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     tie_tolerance: float = 0.05  # judge differences within this are ties (002 §E.1)
 
@@ -43,15 +44,22 @@ def with_weights(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> t
 
 def judged_generations(world, model, tokenizer, prompts: list[str], cfg: EvalConfig,
                        instruction: str | None = None) -> tuple[list[str], list[Scores]]:
-    """Generate one response per prompt (the instruction, if any, written after the prompt)
-    and score each with the judges on the *bare* prompt."""
+    """Generate ``samples_per_prompt`` responses per prompt (the instruction, if any, written
+    after the prompt) and score each with the judges on the *bare* prompt.
+
+    Every method sees the same prompts and seeds, so comparisons between methods are paired.
+    Returns texts and scores in the order prompt 0..n-1 for sample 0, then for sample 1, ...
+    """
     texts: list[str] = []
     shown = [f"{p} {instruction}" if instruction else p for p in prompts]
-    for start in range(0, len(shown), cfg.batch_size):
-        texts += generate(model, tokenizer, shown[start:start + cfg.batch_size],
-                          max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-                          temperature=cfg.temperature, seed=cfg.seed + start)
-    return texts, [world.judge(t, p) for t, p in zip(texts, prompts)]
+    for sample in range(cfg.samples_per_prompt):
+        for start in range(0, len(shown), cfg.batch_size):
+            texts += generate(model, tokenizer, shown[start:start + cfg.batch_size],
+                              max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
+                              temperature=cfg.temperature,
+                              seed=cfg.seed + 100_003 * sample + start)
+    bare = list(prompts) * cfg.samples_per_prompt
+    return texts, [world.judge(t, p) for t, p in zip(texts, bare)]
 
 
 def mean_scores(scores: list[Scores]) -> Scores:

@@ -42,13 +42,19 @@ def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
 
 
 def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
-                       on_done: Callable[[RunOutcome], None] | None = None
-                       ) -> dict[str, RunOutcome]:
-    """Start every (spec, runner config) at once; return outcomes keyed by name."""
+                       on_done: Callable[[RunOutcome], None] | None = None,
+                       on_tick: Callable[[list[str]], None] | None = None,
+                       tick_seconds: float = 30.0) -> dict[str, RunOutcome]:
+    """Start every (spec, runner config) at once; return outcomes keyed by name.
+
+    ``on_done`` is called as each run ends; ``on_tick`` every ``tick_seconds`` with the names
+    still running (for progress output)."""
     pending = {_drive.remote(name, spec, cfg): name for name, (spec, cfg) in jobs.items()}
     outcomes: dict[str, RunOutcome] = {}
     while pending:
-        done, _ = ray.wait(list(pending), num_returns=1)
+        done, _ = ray.wait(list(pending), num_returns=1, timeout=tick_seconds)
+        if not done and on_tick:
+            on_tick(sorted(pending.values()))
         for ref in done:
             name = pending.pop(ref)
             try:

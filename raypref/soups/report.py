@@ -55,7 +55,8 @@ def write_report(out: Path, *, cfg, sweep: dict, win_names: list[str], win_rates
     lines = ["# Personalized Soups report", ""]
     lines += [f"Method: seed 002 (P-Soups), per-preference trainer `{cfg.algo}`, merge "
               f"`{cfg.merge_method}`; {len(cfg.preferences)} preferences, "
-              f"{len(cfg.combinations)} combinations, {cfg.eval.n_prompts} held-out prompts.",
+              f"{len(cfg.combinations)} combinations, {cfg.eval.n_prompts} held-out prompts × "
+              f"{cfg.eval.samples_per_prompt} samples.",
               f"Training (all policies at once): {timings['train_seconds']:.0f} s; "
               f"whole job: {timings['total_seconds']:.0f} s.", ""]
     if failed:

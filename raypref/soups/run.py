@@ -133,6 +133,13 @@ def training_jobs(cfg: SoupsConfig, sft_dir: Path, data: dict, pmorl: list[Prefe
     return jobs
 
 
+def _last_checkpoint_step(run_dir: Path) -> int:
+    """Step of the newest committed checkpoint of a run (0 before the first)."""
+    steps = [int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*") if p.is_dir()
+             and p.name.split("_")[-1].isdigit()]
+    return max(steps, default=0)
+
+
 # ---------------------------------------------------------------- merging
 
 def soup_name(weights: dict[str, float]) -> str:
@@ -208,7 +215,10 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         outcomes = train_concurrently(
             training_jobs(cfg, sft_dir, data, pmorl, runs_dir),
             on_done=lambda o: _log(f"    {o.name}: {'done' if o.ok else 'FAILED: ' + o.error} "
-                                   f"({o.seconds:.0f} s)"))
+                                   f"({o.seconds:.0f} s)"),
+            on_tick=lambda running: _log("    " + ", ".join(
+                f"{n} {_last_checkpoint_step(runs_dir / n)}/{cfg.training.steps}"
+                for n in running) + " (steps checkpointed)"))
         train_seconds = time.time() - t0
         failed = {n: o.error for n, o in outcomes.items() if not o.ok}
         trained = {n: o.result.export_path for n, o in outcomes.items() if o.ok}

@@ -107,7 +107,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, ra
     result = run_soups(cfg)
 
     assert set(result.failed) == {"P3B"}
-    assert "TrainingFailedError" in result.failed["P3B"]
+    assert "failed" in result.failed["P3B"].lower()
     runs = next((Path(cfg.output_dir) / "runs").iterdir())
     assert (runs / ".injected-P2B").exists(), "the injected crash of P2B never happened"
 
@@ -158,3 +158,15 @@ def test_user_weights_are_validated_before_any_training():
         SoupsConfig(user_weights={"P7Q": 1.0}).validate()
     with pytest.raises(ValueError, match=">= 0"):
         SoupsConfig(user_weights={"P1A": 1.5, "P2A": -0.5}).validate()
+
+
+def test_training_key_ignores_evaluation_but_not_training():
+    from raypref.soups.run import training_key
+
+    base = SoupsConfig()
+    other_eval = SoupsConfig()
+    other_eval.eval.n_prompts = 3
+    other_training = SoupsConfig()
+    other_training.training.beta = 0.1
+    assert training_key(base) == training_key(other_eval)
+    assert training_key(base) != training_key(other_training)

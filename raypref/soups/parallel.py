@@ -29,6 +29,13 @@ class RunOutcome:
     details: str = field(default="", repr=False)  # full traceback
 
 
+def _short(exc: BaseException, max_lines: int = 4, max_chars: int = 500) -> str:
+    """Type and first lines of an error: Ray Train's errors put the worker's cause on the
+    lines after a generic first one."""
+    lines = [ln.strip() for ln in str(exc).splitlines() if ln.strip()]
+    return f"{type(exc).__name__}: {' | '.join(lines[:max_lines])}"[:max_chars]
+
+
 @ray.remote(num_cpus=0)
 def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
     start = time.time()
@@ -36,8 +43,7 @@ def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
         result = run(spec, cfg)
         return RunOutcome(name, True, time.time() - start, result=result)
     except Exception as exc:  # report, don't kill the other runs
-        return RunOutcome(name, False, time.time() - start,
-                          error=f"{type(exc).__name__}: {exc}".splitlines()[0][:500],
+        return RunOutcome(name, False, time.time() - start, error=_short(exc),
                           details=traceback.format_exc())
 
 

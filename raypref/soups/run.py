@@ -133,6 +133,18 @@ def training_jobs(cfg: SoupsConfig, sft_dir: Path, data: dict, pmorl: list[Prefe
     return jobs
 
 
+def training_key(cfg: SoupsConfig) -> str:
+    """Runs live in ``runs/<key>``: re-running the same training config resumes each run
+    from its latest checkpoint (Ray Train resumes a run by storage path + name); any change
+    to what is trained starts new runs. Evaluation settings are not part of the key."""
+    from raypref.config import config_hash, to_dict
+
+    d = to_dict(cfg)
+    keep = ("seed", "algo", "preferences", "combinations", "baselines", "base_policy",
+            "psoups_files", "sft", "training")
+    return "train-" + config_hash({k: d[k] for k in keep})
+
+
 def _last_checkpoint_step(run_dir: Path) -> int:
     """Step of the newest committed checkpoint of a run (0 before the first)."""
     steps = [int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*") if p.is_dir()
@@ -210,7 +222,9 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
 
         names = list(data) + ([PMORL] if pmorl is not None else [])
         _log(f"3/6 training {len(names)} policies concurrently: {', '.join(names)}")
-        runs_dir = out / "runs" / f"{int(time.time())}"
+        runs_dir = out / "runs" / training_key(cfg)
+        if runs_dir.exists():
+            _log(f"    resuming the runs in {runs_dir} (same training config)")
         t0 = time.time()
         outcomes = train_concurrently(
             training_jobs(cfg, sft_dir, data, pmorl, runs_dir),

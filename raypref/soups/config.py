@@ -8,7 +8,7 @@ from raypref.models.factory import LoraSettings
 from raypref.sft import SFTConfig
 from raypref.soups.evaluate import EvalConfig
 
-ALGOS = ("dpo",)  # the per-preference trainer; "ppo" plugs in here (policy-algorithms issue)
+ALGOS = ("dpo",)  # per-preference trainers (soups.run.PER_PREFERENCE_TRAINERS); "ppo" to come
 BASELINES = ("sft", "prompting", "pmorl")
 
 

@@ -109,20 +109,34 @@ class FaultInjectingSpec(LoopSpec):
         return self.inner.export(model, out_dir)
 
 
-def training_jobs(cfg: SoupsConfig, sft_dir: Path, data: dict, pmorl: list[PreferenceRecord] | None,
+def dpo_trainer(cfg: SoupsConfig, sft_dir: str, name: str, pairs: list[PreferenceRecord]) -> LoopSpec:
+    """One preference's DPO policy: a LoRA on the shared base (the reference = adapters off)."""
+    t = cfg.training
+    return SoupDPOSpec(sft_dir=str(sft_dir), pairs=pairs, preference=name, lora=t.lora,
+                       beta=t.beta, loss_type=t.loss_type, max_length=t.max_length,
+                       micro_batch_size=t.micro_batch_size, seed=cfg.seed)
+
+
+# The interchangeable per-preference trainer (``--algo``): each builds a runner LoopSpec from
+# one preference's pairs and exports a LoRA adapter the merge code reads. PPO (the paper's
+# choice) plugs in here with its own spec.
+PER_PREFERENCE_TRAINERS = {"dpo": dpo_trainer}
+
+
+def training_jobs(cfg: SoupsConfig, sft_dir: str, data: dict, pmorl: list[PreferenceRecord] | None,
                   runs_dir: Path) -> dict[str, tuple[LoopSpec, RunnerConfig]]:
+    """{run name: (loop spec, runner config)} for every preference (+ P-MORL)."""
     t, r = cfg.training, cfg.resources
     sets = {name: train for name, (train, _) in data.items()}
     if pmorl is not None:
         sets[PMORL] = pmorl
+    build = PER_PREFERENCE_TRAINERS[cfg.algo]
     jobs = {}
     for name, pairs in sets.items():
-        spec: LoopSpec = SoupDPOSpec(
-            sft_dir=str(sft_dir), pairs=pairs, preference=name, lora=t.lora, beta=t.beta,
-            loss_type=t.loss_type, max_length=t.max_length, micro_batch_size=t.micro_batch_size,
-            seed=cfg.seed)
-        runner_cfg = spec.runner_config(
-            lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps, num_workers=r.num_workers,
+        spec = build(cfg, sft_dir, name, pairs)
+        runner_cfg = RunnerConfig(
+            lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps,
+            micro_batch_size=t.micro_batch_size, num_workers=r.num_workers,
             cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu, zero_stage=r.zero_stage,
             max_failures=r.max_failures, checkpoint_every=r.checkpoint_every, bf16=r.bf16,
             storage_path=str(runs_dir), name=name, seed=cfg.seed, log_every=max(1, t.steps // 4))

@@ -25,7 +25,7 @@ from raypref.dpo import (DPOJobConfig, DPOResources, DPOTraining, SavedTokenizer
 from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
 from raypref.runner import RunnerConfig
 from raypref.sft import SFTConfig, sft_output_dir
-from raypref.soups.dpo_spec import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, tokenize_pairs
+from raypref.soups.dpo_spec import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, encode_pairs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -66,7 +66,7 @@ def test_pipeline_tokens_match_the_policy_format_used_by_sft_and_evaluation():
     for max_length in (MAX_LENGTH, 40):  # 40: every pair is truncated
         rows = PairTokenizer(lambda: tokenizer, max_length, encode=encode_example)(batch)
         got = shard_batch_to_pairs({k: torch.from_numpy(v) for k, v in rows.items()})
-        want = collate_pairs(tokenize_pairs(tokenizer, pairs, max_length), tokenizer.pad_token_id)
+        want = collate_pairs(encode_pairs(tokenizer, pairs, max_length), tokenizer.pad_token_id)
         assert got.keys() == want.keys()
         for key in want:
             assert torch.equal(got[key], want[key]), (max_length, key)

@@ -33,7 +33,7 @@ POLICY_INFO_FILE = "soup_policy.json"
 Batch = dict[str, torch.Tensor]
 
 
-def tokenize_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int) -> list[tuple]:
+def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int) -> list[tuple]:
     """Per pair: (chosen ids, chosen prompt length, rejected ids, rejected prompt length)."""
     out = []
     for i, rec in enumerate(pairs):
@@ -96,7 +96,7 @@ def evaluate_pairs(model: torch.nn.Module, tokenizer, pairs: Sequence[Preference
     model.eval()
     chosen, rejected = [], []
     try:
-        encoded = tokenize_pairs(tokenizer, pairs, max_length)
+        encoded = encode_pairs(tokenizer, pairs, max_length)
         for start in range(0, len(encoded), batch_size):
             batch = collate_pairs(encoded[start : start + batch_size], tokenizer.pad_token_id)
             _, c, r = dpo_step_outputs(model, batch, beta)
@@ -167,7 +167,7 @@ class SoupDPOSpec(LoopSpec):
             raise ValueError(f"rank {rank}/{world_size} holds {len(shard)} pairs, fewer than "
                              f"micro_batch_size={self.micro_batch_size}")
         tokenizer = self.tokenizer()
-        encoded = tokenize_pairs(tokenizer, shard, self.max_length)
+        encoded = encode_pairs(tokenizer, shard, self.max_length)
         per_epoch = len(encoded) // self.micro_batch_size  # the ragged tail is dropped each epoch
         index = start_step * self.grad_accum  # micro-batches already consumed
         while True:

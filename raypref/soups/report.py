@@ -59,6 +59,10 @@ def write_report(out: Path, *, cfg, sweep: dict, win_names: list[str], win_rates
               f"{cfg.eval.samples_per_prompt} samples.",
               f"Training (all policies at once): {timings['train_seconds']:.0f} s; "
               f"whole job: {timings['total_seconds']:.0f} s.", ""]
+    if cfg.psoups_files:
+        lines += ["**Caution:** the policies were trained on real P-Soups files, but the prompts "
+                  "and judges below are the simulated world's; treat the scores as a smoke check, "
+                  "not a result.", ""]
     if failed:
         lines += ["## Failed runs (merged and evaluated without them)", ""]
         lines += [f"- **{name}**: {error}" for name, error in failed.items()] + [""]

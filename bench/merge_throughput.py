@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 from peft import LoraConfig, get_peft_model
 
-from raypref.soups.merge import LoraAdapter, merge_full, merge_lora_exact
+from raypref.models.merge import LoraAdapter, merge_full, merge_lora_exact
 
 TARGETS = ["c_attn", "c_proj", "c_fc"]
 

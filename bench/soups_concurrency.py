@@ -1,7 +1,7 @@
 """Soups training: n per-preference LoRA DPO runs trained concurrently vs one after another.
 
 Personalized Soups trains one policy per preference, each as its own Ray Train run
-(``raypref.soups.parallel``). This benchmark, in one process and one ``ray.init``:
+(``raypref.train.concurrent``). This benchmark, in one process and one ``ray.init``:
 
 1. builds (or reuses from its cache) a *reduced* SFT base (``--sft-steps`` steps on
    ``--sft-corpus`` examples of the simulated world; the tiny 2 x 128 GPT-2 of the default);
@@ -39,10 +39,10 @@ import ray
 
 from raypref.data.users import psoups_profiles
 from raypref.data.world import World
-from raypref.runner import LoopSpec, RunnerConfig
-from raypref.sft import SFTConfig, train_sft
-from raypref.soups.dpo_spec import SoupDPOSpec
-from raypref.soups.parallel import RunOutcome, train_concurrently, train_sequentially
+from raypref.train.runner import LoopSpec, RunnerConfig
+from raypref.recipes.sft import SFTConfig, train_sft
+from raypref.recipes.dpo import SoupDPOSpec
+from raypref.train.concurrent import RunOutcome, train_concurrently, train_sequentially
 
 PREFERENCES = [p.name for p in psoups_profiles()]  # P1A, P1B, P2A, P2B, P3A, P3B
 

@@ -18,7 +18,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypref.config import parse_args
-from raypref.dpo import DPOJobConfig, DPOJobResult, train_dpo
+from raypref.experiments.preference import DPOJobConfig, DPOJobResult, train_dpo
 
 
 def main(argv: list[str] | None = None) -> DPOJobResult:

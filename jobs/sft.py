@@ -14,7 +14,7 @@ from raypref import tracking
 from raypref.config import parse_args
 from raypref.data.world import World
 from raypref.models.factory import generate, load_pretrained
-from raypref.sft import SFTConfig, read_metrics, sft_output_dir, train_sft
+from raypref.recipes.sft import SFTConfig, read_metrics, sft_output_dir, train_sft
 
 N_SAMPLES = 3
 

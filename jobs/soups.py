@@ -5,8 +5,8 @@
     ray job submit --address http://127.0.0.1:8265 -- python jobs/soups.py
 """
 from raypref.config import parse_args
-from raypref.soups.config import SoupsConfig
-from raypref.soups.run import run_soups
+from raypref.experiments.soups.config import SoupsConfig
+from raypref.experiments.soups.run import run_soups
 
 
 def main(argv: list[str] | None = None) -> None:

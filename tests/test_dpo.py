@@ -155,8 +155,8 @@ def test_soup_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread
     """~30 in-process DPO steps: held-out implicit-reward accuracy goes from 0 to clearly above 0.5."""
     import pickle
 
-    from raypref.soups.dpo_spec import DEFAULT_LR, SoupDPOSpec, evaluate_pairs
-    from raypref.soups.merge import LoraAdapter
+    from raypref.recipes.dpo import DEFAULT_LR, SoupDPOSpec, evaluate_pairs
+    from raypref.models.merge import LoraAdapter
 
     spec = pickle.loads(pickle.dumps(SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:8]), preference="P3A")))
     held_out = _pairs(TOPICS[8:])
@@ -184,7 +184,7 @@ def test_soup_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread
 
 
 def test_soup_dpo_spec_batches_resume_where_they_left_off(sft_dir):
-    from raypref.soups.dpo_spec import SoupDPOSpec
+    from raypref.recipes.dpo import SoupDPOSpec
 
     spec = SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:3]), micro_batch_size=4, grad_accum=2)
     stream = spec.batches(rank=0, world_size=1, start_step=0)
@@ -205,8 +205,8 @@ def test_soup_dpo_spec_trains_through_the_ray_runner(ray_local, sft_dir, tmp_pat
     from peft import PeftModel
 
     from raypref.models.factory import load_pretrained
-    from raypref.runner import run
-    from raypref.soups.dpo_spec import POLICY_INFO_FILE, SoupDPOSpec, evaluate_pairs
+    from raypref.train.runner import run
+    from raypref.recipes.dpo import POLICY_INFO_FILE, SoupDPOSpec, evaluate_pairs
 
     spec = SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:8]), preference="P3A")
     cfg = spec.runner_config(num_workers=1, max_steps=20, warmup_steps=2, checkpoint_every=20,

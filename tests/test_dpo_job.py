@@ -20,12 +20,12 @@ from raypref.data.pipeline import PairTokenizer
 from raypref.data.quarantine import QuarantineExceeded
 from raypref.data.records import PreferenceRecord
 from raypref.data.world import World
-from raypref.dpo import (DPOJobConfig, DPOResources, DPOTraining, SavedTokenizer, quarantine_metrics,
+from raypref.experiments.preference import (DPOJobConfig, DPOResources, DPOTraining, SavedTokenizer, quarantine_metrics,
                          train_dpo)
 from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
-from raypref.runner import RunnerConfig
-from raypref.sft import SFTConfig, sft_output_dir
-from raypref.soups.dpo_spec import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, encode_pairs
+from raypref.train.runner import RunnerConfig
+from raypref.recipes.sft import SFTConfig, sft_output_dir
+from raypref.recipes.dpo import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, encode_pairs
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -190,7 +190,7 @@ def test_job_trains_on_streamed_shards_and_reports_the_quarantine(ray_local, tmp
 
 def test_simulate_layout_is_read_once_and_filtered_to_the_selected_users(ray_local, tmp_path):
     from raypref.data.simulate import write_shards as simulate_write_shards
-    from raypref.dpo import read_rows
+    from raypref.experiments.preference import read_rows
 
     records = world_pairs(6, seed=6) + [dataclasses.replace(r, user_id=2) for r in world_pairs(4, seed=7)]
     simulate_write_shards(records, tmp_path / "sim", shard_size=5)  # each shard as parquet and jsonl

@@ -8,7 +8,7 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from raypref.soups.merge import (
+from raypref.models.merge import (
     LoraAdapter,
     MergeError,
     merge,

@@ -10,7 +10,7 @@ import torch
 from ray import cloudpickle
 from safetensors.torch import load_file
 
-from raypref.runner import LoopSpec, RunnerConfig, deepspeed_config, run
+from raypref.train.runner import LoopSpec, RunnerConfig, deepspeed_config, run
 
 VOCAB, SEQ = 32, 12
 # Ray workers cannot import this test module: ship its classes by value.

@@ -8,8 +8,8 @@ import torch
 
 from raypref.algos.sft import response_mask, sft_loss
 from raypref.models.factory import ModelConfig, generate, generate_ids, load_pretrained
-from raypref.runner import RunnerConfig
-from raypref.sft import SFTConfig, collate, read_metrics, sft_cache_key, sft_output_dir, train_sft
+from raypref.train.runner import RunnerConfig
+from raypref.recipes.sft import SFTConfig, collate, read_metrics, sft_cache_key, sft_output_dir, train_sft
 
 
 def test_response_mask_covers_response_not_prompt_or_padding():

@@ -8,12 +8,12 @@ import pytest
 
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
-from raypref.runner import RunnerConfig
-from raypref.sft import SFTConfig
-from raypref.soups import evaluate as ev
-from raypref.soups.config import PreferenceResources, PreferenceTraining, SoupsConfig
-from raypref.soups.preferences import pmorl_pairs, preference_reward
-from raypref.soups.run import run_soups, soup_name
+from raypref.train.runner import RunnerConfig
+from raypref.recipes.sft import SFTConfig
+from raypref.experiments.soups import evaluate as ev
+from raypref.experiments.soups.config import PreferenceResources, PreferenceTraining, SoupsConfig
+from raypref.experiments.soups.preferences import pmorl_pairs, preference_reward
+from raypref.experiments.soups.run import run_soups, soup_name
 
 ALL = ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
 
@@ -144,7 +144,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, ra
 
 
 def test_failed_preferences_drop_out_of_a_soup_by_renormalizing():
-    from raypref.soups.run import over_trained
+    from raypref.experiments.soups.run import over_trained
 
     assert over_trained({"P1A": 0.5, "P2B": 0.25, "P3A": 0.25}, ["P1A", "P3A"]) == \
         pytest.approx({"P1A": 2 / 3, "P3A": 1 / 3})
@@ -161,7 +161,7 @@ def test_user_weights_are_validated_before_any_training():
 
 
 def test_training_key_ignores_evaluation_but_not_training():
-    from raypref.soups.run import training_key
+    from raypref.experiments.soups.run import training_key
 
     base = SoupsConfig()
     other_eval = SoupsConfig()

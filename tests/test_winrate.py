@@ -7,7 +7,7 @@ import math
 import numpy as np
 import pytest
 
-from raypref.soups.winrate import aggregated_outcome, dimension_outcome, win_rate, win_rate_matrix
+from raypref.eval.winrate import aggregated_outcome, dimension_outcome, win_rate, win_rate_matrix
 
 # P1A: simpler is better (lower expertise), P1B: more expert; P2A concise (lower length); P3A friendlier.
 PREFS = {

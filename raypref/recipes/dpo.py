@@ -24,7 +24,7 @@ import torch
 from raypref.algos.dpo import dpo_loss, implicit_reward_accuracy, sequence_logprobs
 from raypref.data.records import PreferenceRecord
 from raypref.models.factory import LoraSettings, add_lora, encode_example, load_pretrained
-from raypref.runner import LoopSpec, RunnerConfig
+from raypref.train.runner import LoopSpec, RunnerConfig
 
 DEFAULT_LR = 5e-4
 DEFAULT_BETA = 0.5

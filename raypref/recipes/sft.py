@@ -18,7 +18,7 @@ from raypref.algos.sft import response_mask, sft_loss
 from raypref.config import config_hash, to_dict
 from raypref.models.factory import (ModelConfig, add_lora, build_policy, build_tokenizer,
                                     encode_example, write_dir_atomically)
-from raypref.runner import LoopSpec, RunnerConfig, run
+from raypref.train.runner import LoopSpec, RunnerConfig, run
 
 METRICS_FILE = "metrics.json"  # per-step training metrics, beside the weights
 CONFIG_FILE = "sft_config.json"

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import ray
 
-from raypref.runner import RunnerConfig, run
+from raypref.train.runner import RunnerConfig, run
 
 
 @dataclass

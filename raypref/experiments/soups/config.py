@@ -5,8 +5,8 @@ from dataclasses import dataclass, field
 
 from raypref.data.users import psoups_combinations, psoups_profiles
 from raypref.models.factory import LoraSettings
-from raypref.sft import SFTConfig
-from raypref.soups.evaluate import EvalConfig
+from raypref.recipes.sft import SFTConfig
+from raypref.experiments.soups.evaluate import EvalConfig
 
 ALGOS = ("dpo",)  # per-preference trainers (soups.run.PER_PREFERENCE_TRAINERS); "ppo" to come
 BASELINES = ("sft", "prompting", "pmorl")
@@ -52,7 +52,7 @@ class SoupsConfig:
     combinations: list[list[str]] = field(default_factory=psoups_combinations)
     # an extra user's soup, e.g. {"P1A": 0.5, "P2B": 0.3, "P3A": 0.2}
     user_weights: dict[str, float] = field(default_factory=dict)
-    merge_method: str = "exact_lora"    # see raypref.soups.merge.METHODS
+    merge_method: str = "exact_lora"    # see raypref.models.merge.METHODS
     merge_density: float = 0.5          # ties / dare only
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     # real data: {preference: P-Soups preference file or hub dataset}; empty = simulated world
@@ -85,7 +85,7 @@ class SoupsConfig:
         if bad:
             raise ValueError(f"baselines: unknown {bad}; known: {list(BASELINES)}")
         if self.user_weights:
-            from raypref.soups.merge import validate_weights
+            from raypref.models.merge import validate_weights
 
             validate_weights(self.user_weights, self.preferences)
         if self.psoups_files and "pmorl" in self.baselines:

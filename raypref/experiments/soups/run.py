@@ -26,16 +26,16 @@ from raypref.data.records import PreferenceRecord
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
 from raypref.models.factory import load_pretrained, save_pretrained_safetensors, write_dir_atomically
-from raypref.runner import LoopSpec, RunnerConfig
-from raypref.sft import train_sft
-from raypref.soups import evaluate as ev
-from raypref.soups.config import SoupsConfig
-from raypref.soups.dpo_spec import SoupDPOSpec, evaluate_pairs
-from raypref.soups.merge import LoraAdapter, merge
-from raypref.soups.parallel import RunOutcome, train_concurrently
-from raypref.soups.preferences import pmorl_pairs, preference_table
-from raypref.soups.report import write_report
-from raypref.soups.winrate import win_rate_matrix
+from raypref.train.runner import LoopSpec, RunnerConfig
+from raypref.recipes.sft import train_sft
+from raypref.experiments.soups import evaluate as ev
+from raypref.experiments.soups.config import SoupsConfig
+from raypref.recipes.dpo import SoupDPOSpec, evaluate_pairs
+from raypref.models.merge import LoraAdapter, merge
+from raypref.train.concurrent import RunOutcome, train_concurrently
+from raypref.experiments.soups.preferences import pmorl_pairs, preference_table
+from raypref.experiments.soups.report import write_report
+from raypref.eval.winrate import win_rate_matrix
 
 PMORL = "P-MORL"
 
@@ -372,7 +372,7 @@ def _compare_methods(cfg, souper, world, prompts, prefs, trained):
             samples[f"P-MORL {'+'.join(combo)}"] = texts[:k]
         _log(f"    judged {'+'.join(combo)}")
     if cfg.user_weights:
-        from raypref.soups.merge import validate_weights
+        from raypref.models.merge import validate_weights
 
         validate_weights(cfg.user_weights, cfg.preferences)  # a user's typo is an error
         weights = over_trained(cfg.user_weights, prefs)

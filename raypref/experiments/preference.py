@@ -28,9 +28,9 @@ from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_
                                    tokenize_pairs)
 from raypref.data.records import validate_row
 from raypref.models.factory import LoraSettings, encode_example, load_pretrained
-from raypref.runner import RunResult, run
-from raypref.sft import SFTConfig, train_sft
-from raypref.soups.dpo_spec import DEFAULT_BETA, DEFAULT_LR, ShardDPOSpec, evaluate_pairs
+from raypref.train.runner import RunResult, run
+from raypref.recipes.sft import SFTConfig, train_sft
+from raypref.recipes.dpo import DEFAULT_BETA, DEFAULT_LR, ShardDPOSpec, evaluate_pairs
 
 SUMMARY_FILE = "summary.json"
 TRAIN_QUARANTINE_FILE = "quarantine.jsonl"

@@ -8,10 +8,11 @@ import pytest
 
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
-from raypref.train.runner import RunnerConfig
+from raypref.recipes.dpo import DPOConfig
+from raypref.train.runner import Optimization, Resources
 from raypref.recipes.sft import SFTConfig
 from raypref.experiments.soups import evaluate as ev
-from raypref.experiments.soups.config import PreferenceResources, PreferenceTraining, SoupsConfig
+from raypref.experiments.soups.config import SoupsConfig
 from raypref.experiments.soups.preferences import pmorl_pairs, preference_reward
 from raypref.experiments.soups.run import run_soups, soup_name
 
@@ -84,17 +85,17 @@ def test_config_errors_name_the_problem(change, message):
 
 def tiny_config(tmp_path: Path, **overrides) -> SoupsConfig:
     sft = SFTConfig(corpus_size=300, output_dir=str(tmp_path / "sft"),
-                    runner=RunnerConfig(max_steps=30, micro_batch_size=16, lr=2e-3,
-                                        warmup_steps=5, checkpoint_every=30, zero_stage=0))
+                    training=Optimization(steps=30, micro_batch_size=16, lr=2e-3, warmup_steps=5),
+                    resources=Resources(checkpoint_every=30, zero_stage=0))
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
         preferences=["P2A", "P2B", "P3A", "P3B"],
         combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
         user_weights={"P2A": 0.7, "P3A": 0.3},
         sft=sft,
-        training=PreferenceTraining(pairs_per_preference=48, steps=6, micro_batch_size=8,
-                                    warmup_steps=1),
-        resources=PreferenceResources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
+        pairs_per_preference=48,
+        training=DPOConfig(steps=6, micro_batch_size=8, warmup_steps=1),
+        resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
         eval=ev.EvalConfig(n_prompts=6, max_new_tokens=24, weight_grid=[0.0, 0.5, 1.0]),
         **overrides)
 
@@ -108,8 +109,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, ra
 
     assert set(result.failed) == {"P3B"}
     assert "failed" in result.failed["P3B"].lower()
-    runs = next((Path(cfg.output_dir) / "runs").iterdir())
-    assert (runs / ".injected-P2B").exists(), "the injected crash of P2B never happened"
+    assert (Path(cfg.output_dir) / ".injected-P2B").exists(), "the injected crash of P2B never happened"
 
     report = result.report_path.read_text()
     assert "P3B" in report.split("## Failed runs")[1].split("##")[0]

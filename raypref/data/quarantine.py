@@ -42,7 +42,7 @@ def _safe(value, depth: int = 0):
         return value  # strings with lone surrogates are handled when the line is written
     if isinstance(value, numbers.Integral):
         value = int(value)
-        if value.bit_length() <= 63:
+        if -2**63 <= value < 2**63:  # what JSON readers outside Python hold exactly
             return value
         return str(value) if value.bit_length() <= 4000 else f"<int of {value.bit_length()} bits>"
     if isinstance(value, numbers.Real):

@@ -351,11 +351,11 @@ def prism_user_text(profile: dict, fields: Iterable[str] = PRISM_PROFILE_FIELDS)
 def load_prism_profiles(survey_path: str | Path) -> dict[str, dict]:
     """Read PRISM's survey.jsonl into {user_id: profile row}."""
     profiles = {}
-    with Path(survey_path).open("rb") as stream:
-        for line, row, _ in iter_jsonl_rows(stream):
-            if isinstance(row, InvalidRecord):
-                raise ValueError(f"{survey_path}:{line}: {row}")
-            profiles[str(row["user_id"])] = row
+    # the survey is one file every row depends on: an unreadable one is an error, not a quarantine
+    for line, row, _ in read_shard(str(survey_path), lambda: Path(survey_path).open("rb")):
+        if isinstance(row, InvalidRecord):
+            raise ValueError(f"{survey_path}:{line}: {row}")
+        profiles[str(row["user_id"])] = row
     return profiles
 
 

@@ -127,6 +127,11 @@ def _word_level(prompt: str) -> str:
     return " ".join(text.lower().split())
 
 
+def psoups_users() -> list[User]:
+    """The six P-Soups preferences as users 1..6 (in `psoups_profiles` order)."""
+    return [profile.as_user(i + 1) for i, profile in enumerate(psoups_profiles())]
+
+
 def psoups_profile(name: str) -> PSoupsProfile:
     """The profile called ``name`` (e.g. "P2B")."""
     for profile in psoups_profiles():

@@ -3,9 +3,14 @@
 A response is an optional opener, ``verbosity`` content sentences, aspect markers and an
 optional closer, all word-level text from `lexicon.py`. Each attribute shows in the words
 (see ATTRIBUTES) and `World.judge` reads it back from any text. ``difficulty`` in [0, 1]
-makes the four UltraFeedback-like aspects show only weakly and noisily in the wording and
-flips simulated choices with probability ``0.25 * difficulty``; records always carry the
+makes the four UltraFeedback-like aspects show only weakly and noisily in the wording,
+makes the P-Soups attributes (verbosity, expertise, style) show a random level with
+probability ``attribute_noise`` (default ``0.5 * difficulty``) and flips simulated choices
+with probability ``label_noise`` (default ``0.25 * difficulty``); records always carry the
 *latent* scores.
+
+Pairs for any learner come from one path, `labelling.labelled_pairs` (World.labelled_pairs);
+`World.quality` is the general-quality judge (`quality.py`).
 """
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ EXPERTISE_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 _STYLE_PHRASES = {-1.0: (-1, -1), -0.5: (-1, 0), 0.0: (0, 0), 0.5: (1, 0), 1.0: (1, 1)}
 _TEST_FRACTION = 0.25
 _LABEL_NOISE_PER_DIFFICULTY = 0.25
+_ATTRIBUTE_NOISE_PER_DIFFICULTY = 0.5
 # chosen / rejected values of pairs_for_preference: far apart so the judge agrees
 _HIGH = {"expertise": (0.8, 1.0), "style": (0.5, 1.0)}
 _LOW = {"expertise": (0.0, 0.2), "style": (-1.0, -0.5)}
@@ -60,11 +66,17 @@ class _Draws:
 class World:
     """Deterministic for (seed, difficulty); see the module docstring."""
 
-    def __init__(self, seed: int = 0, difficulty: float = 0.0):
-        if not 0.0 <= float(difficulty) <= 1.0:
-            raise ValueError(f"World: difficulty must be in [0, 1], got {difficulty}")
+    def __init__(self, seed: int = 0, difficulty: float = 0.0, label_noise: float | None = None,
+                 attribute_noise: float | None = None):
+        for name, value in (("difficulty", difficulty), ("label_noise", label_noise),
+                            ("attribute_noise", attribute_noise)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"World: {name} must be in [0, 1], got {value}")
         self.seed, self.difficulty = int(seed), float(difficulty)
-        self.label_noise = _LABEL_NOISE_PER_DIFFICULTY * self.difficulty
+        self.label_noise = float(_LABEL_NOISE_PER_DIFFICULTY * self.difficulty
+                                 if label_noise is None else label_noise)
+        self.attribute_noise = float(_ATTRIBUTE_NOISE_PER_DIFFICULTY * self.difficulty
+                                     if attribute_noise is None else attribute_noise)
         self.topics = tuple(lexicon.TOPICS)
         self._build_judge_tables()
         self._check_lexicon()
@@ -145,7 +157,24 @@ class World:
             return level
         return 3 if draws.uniform() < 0.5 else 1 + draws.index(5)
 
+    def _shown_dimensions(self, levels: dict, draws: _Draws) -> dict:
+        """The levels the wording shows for verbosity, expertise and style: each one is a
+        random level with probability attribute_noise (no draws at all when it is 0, so an
+        easy world's texts stay exactly as they were)."""
+        if not self.attribute_noise:
+            return levels
+        shown = dict(levels)
+        if draws.uniform() < self.attribute_noise:
+            shown["sentences"] = 1 + draws.index(MAX_SENTENCES)
+        if draws.uniform() < self.attribute_noise:
+            shown["expertise"] = draws.pick(EXPERTISE_LEVELS)
+        if draws.uniform() < self.attribute_noise:
+            shown["style"] = draws.pick(STYLE_LEVELS)
+        return shown
+
     def _render(self, topic: str, levels: dict, draws: _Draws) -> Response:
+        latent = _latent(levels)
+        levels = self._shown_dimensions(levels, draws)
         n = levels["sentences"]
         other = self.topics[(self.topics.index(topic) + 1 + draws.index(len(self.topics) - 1))
                             % len(self.topics)]
@@ -171,7 +200,7 @@ class World:
             parts.append(draws.pick(lexicon.ASPECT_MARKERS[aspect][shown[aspect]]).format(**fill))
         parts.append(draws.pick(lexicon.CLOSERS[closer_kind]))
 
-        return Response(" ".join(parts), _latent(levels))
+        return Response(" ".join(parts), latent)
 
     def _truth_sentences(self, topic: str, level: int, draws: _Draws) -> list[str]:
         n_true, n_false = lexicon.TRUTH_LAYOUT[level]
@@ -257,12 +286,14 @@ class World:
         """Word counts of typical 1- and 6-sentence responses anchor the verbosity judge."""
         rng = np.random.default_rng(12345)
         prompt = self._prompts["train"][0]
+        noise, self.attribute_noise = self.attribute_noise, 0.0  # anchors are exact lengths
 
         def mean_words(v: float) -> float:
             return float(np.mean([len(self.sample_response(prompt, rng, {"verbosity": v})
                                       .text.split()) for _ in range(200)]))
         self._words_at_min = mean_words(0.0)
         self._words_span = mean_words(1.0) - self._words_at_min
+        self.attribute_noise = noise
 
     # ----- simulated choices -----------------------------------------------------------
     def pairs_for_user(self, user: User, n: int, rng: np.random.Generator,
@@ -325,6 +356,16 @@ class World:
             records.append(self._record(prompt, better, worse, rng, user_id,
                                         profile.instruction, f"world:psoups:{pref_name}"))
         return records
+
+    def labelled_pairs(self, labeller, n: int, seed, **kwargs) -> list[PreferenceRecord]:
+        """The one pair path of every arm: see `raypref.data.labelling.labelled_pairs`."""
+        from raypref.data.labelling import labelled_pairs
+        return labelled_pairs(self, labeller, n, seed, **kwargs)
+
+    def quality(self, text: str, prompt: str) -> float:
+        """General quality in [0, 1]: see `raypref.data.quality.quality`."""
+        from raypref.data.quality import quality
+        return quality(self, text, prompt).score
 
     def _record(self, prompt, better: Response, worse: Response, rng, user_id, user_text,
                 source) -> PreferenceRecord:

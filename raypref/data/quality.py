@@ -55,6 +55,8 @@ def _grammar() -> dict[int, list[tuple[str, ...]]]:
                for p in group]
     phrases += [p for levels in lexicon.ASPECT_MARKERS.values() for group in levels.values()
                 for p in group]
+    phrases += [p for kind in (lexicon.SASS_PHRASES, lexicon.SARCASM_PHRASES)
+                for group in kind.values() for p in group]
     phrases += list(lexicon.CONTENT_FRAMES) + [lexicon.TRUTH_FILLER]
     phrases += [f"{fact} ." for words in lexicon.TOPICS.values()
                 for fact in (*words.true_facts, *words.false_facts)]

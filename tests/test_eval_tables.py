@@ -73,3 +73,32 @@ def test_quality_checks():
     assert not quality_holds([0.6, 0.5, 0.59], 0.6, 0.05)
     with pytest.raises(KeyError, match="reference"):
         quality_drops({"P-Soups": 0.5})
+
+
+def test_pooling_seeds_sums_counts_and_rows():
+    from raypref.eval.tables import concat_seeds, pool_win_rates
+
+    table = {"P1A": ("expertise", -1), "P1B": ("expertise", 1), "P2A": ("verbosity", -1),
+             "P2B": ("verbosity", 1), "P3A": ("style", 1), "P3B": ("style", -1)}
+    per_seed = [(scores(2 * s), scores(2 * s + 1)) for s in range(3)]
+    results = [win_rate_matrix({"A": a, "B": b}, table)[2][("A", "B")] for a, b in per_seed]
+    pooled = pool_win_rates(results)
+    assert pooled.wins == sum(r.wins for r in results)
+    assert all(sum(pooled.by_combination[c].__dict__[k] for k in ("wins", "losses", "ties")) == 90
+               for c in COMBOS)
+    a_all = concat_seeds([a for a, _ in per_seed])
+    b_all = concat_seeds([b for _, b in per_seed])
+    assert win_rate_matrix({"A": a_all, "B": b_all}, table)[2][("A", "B")] == pooled
+    with pytest.raises(ValueError, match="seed 1"):
+        concat_seeds([scores(0), {COMBOS[0]: []}])
+
+
+def test_quality_win_rate_reads_only_the_quality_score():
+    from raypref.eval.quality import quality_win_rate
+
+    a = {c: [{"quality": 0.9, "style": -1.0}] * 4 for c in COMBOS[:2]}
+    b = {c: [{"quality": 0.5, "style": 1.0}] * 4 for c in COMBOS[:2]}
+    b[COMBOS[1]] = [{"quality": 0.9, "style": 1.0}] * 4
+    result = quality_win_rate(a, b, tol=0.01)
+    assert (result.wins, result.losses, result.ties) == (4, 0, 4)
+    assert result.by_combination[COMBOS[0]].wins == 4

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+from raypref.eval.winrate import MethodScores, WinRate, win_rate
+
+QUALITY_KEY = "quality"
+
 
 def quality_drops(means: Mapping[str, float], reference: str = "SFT",
                   margin: float = 0.05) -> list[str]:
@@ -24,3 +28,17 @@ def quality_holds(qualities: Sequence[float], reference: float, margin: float = 
     if not qualities:
         raise ValueError("quality_holds: no qualities")
     return all(reference - q <= margin for q in qualities)
+
+
+def quality_win_rate(a: MethodScores, b: MethodScores, tol: float = 0.0,
+                     key: str = QUALITY_KEY) -> WinRate:
+    """002 Fig. 2's helpfulness comparison: A's win rate over B on the quality score alone
+    (scores[key] of every row of every combination), W/L/T kept per combination."""
+    table = {key: (key, 1)}
+    per_combo = {}
+    for combo in a:
+        if combo not in b:
+            raise ValueError(f"quality_win_rate: combination {combo} is missing from B")
+        per_combo[combo] = win_rate({(key,): a[combo]}, {(key,): b[combo]}, table, tol)
+    return WinRate(sum(r.wins for r in per_combo.values()), sum(r.losses for r in per_combo.values()),
+                   sum(r.ties for r in per_combo.values()), per_combo)

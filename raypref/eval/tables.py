@@ -55,6 +55,33 @@ def wlt_markdown(rows: Sequence[WLTRow]) -> str:
     return "\n".join(lines)
 
 
+def pool_win_rates(results: Sequence[WinRate]) -> WinRate:
+    """One W/L/T result from several (e.g. one per training seed), summed per combination."""
+    if not results:
+        raise ValueError("pool_win_rates: no results")
+    combos: dict[Combination, list[int]] = {}
+    for result in results:
+        for combo, r in result.by_combination.items():
+            counts = combos.setdefault(combo, [0, 0, 0])
+            counts[0], counts[1], counts[2] = counts[0] + r.wins, counts[1] + r.losses, counts[2] + r.ties
+    by_combo = {c: WinRate(*counts) for c, counts in combos.items()}
+    return WinRate(sum(r.wins for r in results), sum(r.losses for r in results),
+                   sum(r.ties for r in results), by_combo)
+
+
+def concat_seeds(per_seed: Sequence[MethodScores]) -> MethodScores:
+    """One method's scores of several training seeds as one set of rows per combination
+    (seed 0's rows, then seed 1's, ...), for `criteria_win_rates` over seeds."""
+    if not per_seed:
+        raise ValueError("concat_seeds: no seeds")
+    combos = list(per_seed[0])
+    for s, scores in enumerate(per_seed):
+        if list(scores) != combos:
+            raise ValueError(f"concat_seeds: seed {s} has combinations {list(scores)}, "
+                             f"seed 0 has {combos}")
+    return {c: [row for scores in per_seed for row in scores[c]] for c in combos}
+
+
 def average_win_rates(names: Sequence[str], rates: np.ndarray) -> dict[str, float | None]:
     """Each row method's mean win rate over the other methods (the Avg. column of 002
     Table 2); cells without a decisive comparison (NaN) are left out."""

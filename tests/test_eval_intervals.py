@@ -41,6 +41,17 @@ def test_seeds_that_disagree_widen_the_interval():
     assert w_disagree > 2 * w_agree
 
 
+def test_fixed_seeds_narrow_the_interval_with_more_seeds_while_resampling_them_is_conservative():
+    one = win_rate_interval(synthetic(0.5, 200, n_seeds=1))
+    three = synthetic(0.5, 200, n_seeds=3)
+    fixed = win_rate_interval(three, resample_seeds=False)
+    both = win_rate_interval(three)
+    width = lambda iv: iv.high - iv.low  # noqa: E731
+    assert width(fixed) < 0.75 * width(one)
+    assert width(both) > width(fixed)
+    assert fixed.estimate == both.estimate
+
+
 def _bounds(iv):
     return iv.low, iv.high
 

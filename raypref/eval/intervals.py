@@ -6,6 +6,12 @@ combinations are fixed (the 8 users of 002 §E.1). A bootstrap replicate resampl
 prompts with replacement (a crossed, paired bootstrap: the same resampled prompts for every
 seed, combination and sample of the prompt, and, through ``seed``, for every pair of methods)
 and recomputes ``wins / (wins + losses)``; the interval is the percentile interval.
+
+Resampling both crossed factors is conservative: the seed × prompt noise is counted more than
+once, so with a few seeds the interval is wider than the true spread (no bootstrap of a
+crossed design is exact, McCullagh 2000). ``resample_seeds=False`` keeps the seeds fixed: an
+interval for these trained policies over prompts, narrower, but blind to how much a new
+training seed would move the result.
 """
 from __future__ import annotations
 
@@ -58,7 +64,8 @@ def outcome_matrix(a: MethodScores, b: MethodScores, preferences: PreferenceTabl
 
 
 def win_rate_interval(per_seed: Sequence[np.ndarray], groups: Sequence[int] | None = None, *,
-                      n_boot: int = 2000, level: float = 0.95, seed: int = 0) -> Interval:
+                      n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                      resample_seeds: bool = True) -> Interval:
     """Interval of the aggregated win rate from ``per_seed`` outcome matrices (one per
     training seed, each rows × combinations, rows in the same order for every seed).
 
@@ -93,7 +100,8 @@ def win_rate_interval(per_seed: Sequence[np.ndarray], groups: Sequence[int] | No
 
     rng = np.random.default_rng(seed)
     n_seeds = len(outcomes)
-    seed_w = rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)
+    seed_w = (rng.multinomial(n_seeds, np.full(n_seeds, 1 / n_seeds), size=n_boot)
+              if resample_seeds else np.ones((n_boot, n_seeds)))
     prompt_w = rng.multinomial(n_groups, np.full(n_groups, 1 / n_groups), size=n_boot)
     boot_w = np.einsum("bs,sp,bp->b", seed_w, wins, prompt_w)
     boot_l = np.einsum("bs,sp,bp->b", seed_w, losses, prompt_w)
@@ -107,8 +115,8 @@ def win_rate_interval(per_seed: Sequence[np.ndarray], groups: Sequence[int] | No
 
 def win_rate_intervals(methods_per_seed: Sequence[Mapping[str, MethodScores]],
                        preferences: PreferenceTable, groups: Sequence[int] | None = None, *,
-                       tol: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0
-                       ) -> dict[tuple[str, str], Interval]:
+                       tol: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
+                       resample_seeds: bool = True) -> dict[tuple[str, str], Interval]:
     """Intervals for every ordered pair of methods (002 Table 2 with intervals).
 
     ``methods_per_seed[s]``: {method: {combination: scores per row}} of training seed s; every
@@ -129,6 +137,6 @@ def win_rate_intervals(methods_per_seed: Sequence[Mapping[str, MethodScores]],
             if row != col:
                 per_seed = [outcome_matrix(m[row], m[col], preferences, tol, combos)
                             for m in methods_per_seed]
-                out[(row, col)] = win_rate_interval(per_seed, groups, n_boot=n_boot,
-                                                    level=level, seed=seed)
+                out[(row, col)] = win_rate_interval(per_seed, groups, n_boot=n_boot, level=level,
+                                                    seed=seed, resample_seeds=resample_seeds)
     return out

@@ -96,3 +96,25 @@ def test_bad_inputs_raise_clear_errors():
         World(0, 0.0, label_noise=1.5)
     with pytest.raises(RuntimeError, match="pair 0"):
         world.labelled_pairs(lambda prompt, response: response.missing, 2, 0)
+
+
+def test_pmorl_pairs_come_from_the_same_candidates_with_the_same_noise():
+    from raypref.data.labelling import combination_labelled_pairs
+
+    world = World(0, 0.0, label_noise=0.3)
+    pairs = candidate_pairs(world, 64, 9)
+    combos = psoups_combinations()
+    stats, pref_stats = LabelStats(), LabelStats()
+    pmorl = combination_labelled_pairs(world, pairs, combos, 9, stats=stats)
+    soups = label_pairs(world, pairs, preference_labeller(["P1A"]), 9, stats=pref_stats)
+    assert stats.flipped == pref_stats.flipped > 0  # same positions flipped for every arm
+    for i, (r, s, pair) in enumerate(zip(pmorl, soups, pairs)):
+        combo = combos[i % 8]
+        assert r.prompt == f"{pair.prompt} {world.preference_instruction(combo)}"
+        assert r.user_text == "+".join(combo) and s.prompt == pair.prompt
+        assert {r.chosen, r.rejected} == {s.chosen, s.rejected} == {pair.first.text, pair.second.text}
+        labeller = preference_labeller(combo)
+        clean = labeller(r.prompt, _R(r.chosen_scores)) > labeller(r.prompt, _R(r.rejected_scores))
+        flipped = s.chosen != pair.first.text if preference_labeller(["P1A"])(
+            "", pair.first) > preference_labeller(["P1A"])("", pair.second) else s.chosen == pair.first.text
+        assert clean != flipped

@@ -126,10 +126,31 @@ def label_pairs(world, pairs: Sequence[CandidatePair], labeller: Labeller, seed,
 
     ``instruction`` is written after the prompt (P-MORL's combination text, or a soup's).
     """
+    return _label(world, pairs, seed, lambda i: (labeller, instruction, user_text), user_id,
+                  source, stats)
+
+
+def combination_labelled_pairs(world, pairs: Sequence[CandidatePair],
+                               combinations: Sequence[Sequence[str]], seed, *,
+                               source: str = "world:pmorl",
+                               stats: LabelStats | None = None) -> list[PreferenceRecord]:
+    """P-MORL's pairs (002 §2.2) from the same candidates as every other arm: pair i goes to
+    combination ``i % len(combinations)``, whose instruction is written after the prompt and
+    whose mean reward labels it; noise and tie draws as in `label_pairs` with ``seed``."""
+    if not combinations:
+        raise ValueError("combination_labelled_pairs: no combinations")
+    arms = [(preference_labeller(combo), world.preference_instruction(list(combo)),
+             "+".join(combo)) for combo in combinations]
+    return _label(world, pairs, seed, lambda i: arms[i % len(arms)], UNKNOWN_USER, source, stats)
+
+
+def _label(world, pairs, seed, arm_of, user_id, source, stats) -> list[PreferenceRecord]:
+    """``arm_of(i)`` -> (labeller, instruction, user_text) of pair i."""
     _, rng = _streams(seed)
     records = []
     for i, pair in enumerate(pairs):
         noise_draw, tie_draw = rng.random(2)
+        labeller, instruction, user_text = arm_of(i)
         try:
             margin = float(labeller(pair.prompt, pair.first)) - float(labeller(pair.prompt, pair.second))
         except Exception as err:
@@ -156,3 +177,4 @@ def labelled_pairs(world, labeller: Labeller, n: int, seed, *, construction: str
     """`candidate_pairs` then `label_pairs`: ``n`` pairs of ``split`` labelled by ``labeller``."""
     pairs = candidate_pairs(world, n, seed, construction, split)
     return label_pairs(world, pairs, labeller, seed, **label_kwargs)
+

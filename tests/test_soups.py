@@ -170,3 +170,24 @@ def test_training_key_ignores_evaluation_but_not_training():
     other_training.training.beta = 0.1
     assert training_key(base) == training_key(other_eval)
     assert training_key(base) != training_key(other_training)
+
+
+def test_real_preference_files_are_validated_and_quarantined(tmp_path):
+    """The soups job's real-data path: bad rows of a P-Soups file are quarantined with their
+    line; over the limit the job stops before any training."""
+    from raypref.data.quarantine import QuarantineExceeded
+    from raypref.data.world import World
+    from raypref.experiments.soups.run import preference_data
+
+    fixture = Path(__file__).parent / "fixtures" / "P1A.json"  # 3 rows, one with a blank response
+    cfg = SoupsConfig(output_dir=str(tmp_path), preferences=["P1A"], combinations=[["P1A"]],
+                      baselines=["sft"], psoups_files={"P1A": str(fixture)}, max_quarantine_fraction=0.5)
+    data = preference_data(cfg, World(0))
+    train, held_out = data["P1A"]
+    assert len(train) + len(held_out) == 2
+    entries = [json.loads(line) for line in (tmp_path / "quarantine" / "P1A.jsonl").read_text().splitlines()]
+    assert len(entries) == 1 and entries[0]["reason"] == "empty_text"
+
+    cfg.max_quarantine_fraction = 0.2  # 1 of 3 rows is bad: over the limit
+    with pytest.raises(QuarantineExceeded, match="P1A"):
+        preference_data(cfg, World(0))

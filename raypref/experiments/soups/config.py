@@ -43,6 +43,7 @@ class SoupsConfig:
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     # real data: {preference: P-Soups preference file or hub dataset}; empty = simulated world
     psoups_files: dict[str, str] = field(default_factory=dict)
+    max_quarantine_fraction: float = 0.05  # of a preference file's rows; more bad rows stop the job
     # the shared base of every policy: "" = warm-start the tiny model on the world (`sft`),
     # else a Hugging Face id or local folder used as is (e.g. an instruction-tuned 7B)
     base_policy: str = ""
@@ -89,6 +90,8 @@ class SoupsConfig:
             from raypref.models.merge import validate_weights
 
             validate_weights(self.user_weights, self.preferences)
+        if not 0.0 <= self.max_quarantine_fraction <= 1.0:
+            raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
         if self.psoups_files and "pmorl" in self.baselines:
             raise ValueError("baselines: 'pmorl' labels pairs with the simulated world's judges; "
                              "with psoups_files (real data) drop it or add a reward model")

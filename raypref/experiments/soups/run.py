@@ -20,7 +20,7 @@ import ray
 import torch
 
 from raypref import tracking
-from raypref.data.loaders import load_records
+from raypref.data.loaders import load_validated
 from raypref.data.records import PreferenceRecord
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
@@ -70,7 +70,16 @@ def preference_data(cfg: SoupsConfig, world: World
             if name not in cfg.psoups_files:
                 raise ValueError(f"psoups_files has no file for preference {name!r}; "
                                  f"it has {sorted(cfg.psoups_files)}")
-            records = list(load_records(cfg.psoups_files[name], schema="psoups", preference=name))
+            # every row validated; bad ones quarantined with file and line, too many stop the job
+            records, summary = load_validated(
+                cfg.psoups_files[name], schema="psoups", preference=name,
+                quarantine_path=Path(cfg.output_dir).resolve() / "quarantine" / f"{name}.jsonl",
+                max_quarantine_fraction=cfg.max_quarantine_fraction)
+            _log(f"    {name}: {summary['rows_valid']}/{summary['rows_total']} rows valid, "
+                 f"{summary['rows_quarantined']} quarantined {summary['by_reason']} -> {summary['path']}")
+            if len(records) < 2:
+                raise ValueError(f"psoups_files.{name}={cfg.psoups_files[name]}: {len(records)} valid "
+                                 "pairs, at least 2 are needed (train + held-out)")
             cut = max(1, len(records) // 10)
             data[name] = (records[:-cut], records[-cut:])
         else:
@@ -198,6 +207,8 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
             pmorl = pmorl_pairs(world, combos, n, np.random.default_rng([cfg.seed, 99]))
         counts = {f"pairs.{k}": len(v[0]) for k, v in data.items()}
         tracking.log_metrics(counts)
+        if (out / "quarantine").exists():
+            tracking.log_artifact(out / "quarantine", "quarantine")
 
         names = list(data) + ([PMORL] if pmorl is not None else [])
         _log(f"3/6 training {len(names)} policies concurrently: {', '.join(names)}")

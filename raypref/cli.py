@@ -166,7 +166,7 @@ def quiet_console(log_path: str | Path | None = None) -> Path:
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
 
-    handler = logging.FileHandler(path)
+    handler = logging.FileHandler(path, delay=True)  # no file until something is logged
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     _state["file"] = handler
     _route_library_warnings(handler)
@@ -248,6 +248,7 @@ def _filter_worker_lines(handler: logging.Handler) -> None:
     emit = dispatcher.emit
     noise_log = logging.getLogger("raypref.worker_noise")
     noise_log.addHandler(handler)
+    noise_log.setLevel(logging.INFO)
     noise_log.propagate = False
 
     def filtered_emit(data):

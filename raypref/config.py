@@ -13,6 +13,7 @@ import argparse
 import ast
 import dataclasses
 import difflib
+import functools
 import inspect
 import io
 import json
@@ -211,10 +212,11 @@ def field_comments(cls: type) -> dict[str, str]:
     out: dict[str, str] = {}
     for klass in reversed(cls.__mro__):
         if dataclasses.is_dataclass(klass):
-            out.update(_own_field_comments(klass))
+            out.update(_own_field_comments(klass))  # cached: read once per class
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def _own_field_comments(cls: type) -> dict[str, str]:
     try:
         source = textwrap.dedent(inspect.getsource(cls))
@@ -312,26 +314,28 @@ def _non_none(tp: Any) -> list[Any]:
 
 
 def _scalar_from_cli(tp: Any, raw: str, flag: str) -> Any:
-    """One value as typed: a str field keeps the text (`--run_name 2024` is "2024"), an
-    optional field reads '' / null as None, anything else is a YAML scalar."""
+    """One value as typed. A str field keeps the text as is (`--run_name 2024` is "2024"),
+    unless it is YAML-quoted ('' is ""); an optional field reads '' and null as None;
+    anything else is a YAML scalar (`1e-4`, `true`, `{a: 1}`)."""
     options = _non_none(tp)
     optional = type(None) in typing.get_args(tp)
-    if raw == "":
-        if str in options:
-            return "" if not optional else None
-        if optional:
-            return None
-    try:
-        value = yaml.safe_load(raw)
-    except yaml.YAMLError:
-        if str in options:
-            return raw
-        raise ConfigError(f"{flag}: cannot read {raw!r} as a {type_name(tp)}") from None
-    if value is None and optional:
+    if optional and raw.strip() in ("", "null", "~", "None", "none"):
         return None
-    if str in options and not isinstance(value, str):
-        return raw  # `--name 123` / `--name yes` mean the text, not a number or a bool
-    return value
+    if str in options:
+        quoted = len(raw) >= 2 and raw[0] == raw[-1] and raw[0] in "'\""
+        if quoted:
+            try:
+                value = yaml.safe_load(raw)
+            except yaml.YAMLError:
+                value = None
+            if isinstance(value, str):
+                return value
+        return raw
+    try:
+        return yaml.safe_load(raw)
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{flag}: cannot read {raw!r} as {type_name(tp)}: "
+                          f"{getattr(err, 'problem', err)}") from None
 
 
 def value_from_cli(tp: Any, raw: str, flag: str) -> Any:
@@ -353,8 +357,12 @@ def value_from_cli(tp: Any, raw: str, flag: str) -> Any:
         else:
             args = typing.get_args(list_type)
             value = [_scalar_from_cli(args[0] if args else Any, raw, flag)]
+    elif raw.strip() == "" and any(typing.get_origin(t) is dict for t in _non_none(tp)):
+        value = {}
     else:
         value = _scalar_from_cli(tp, raw, flag)
+        if value is None and type(None) not in typing.get_args(tp):
+            raise ConfigError(f"{flag}: expected {type_name(tp)}, got {raw!r}")
     return _coerce(tp, value, flag)
 
 

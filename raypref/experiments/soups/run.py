@@ -188,7 +188,8 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     started = time.time()
     with tracking.start_run("soups", cfg, out) as run:
         if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
+            # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
+            ray.init(include_dashboard=False, configure_logging=False)
 
         if cfg.base_policy:
             _log(f"1/6 base policy: {cfg.base_policy}")

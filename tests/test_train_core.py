@@ -233,3 +233,28 @@ def test_import_contract_holds():
     result = subprocess.run([str(linter)], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stdout + result.stderr
     assert "broken" not in result.stdout.lower().replace("0 broken", "")
+
+
+@pytest.mark.parametrize("job, args, message", [
+    ("soups", ["--training.lr", "0"], r"training\.lr=0\.0: must be > 0"),
+    ("soups", ["--training.loss_type", "hinge"], r"training\.loss_type='hinge'"),
+    ("soups", ["--merge_method", "avg"], r"merge_method='avg'"),
+    ("soups", ["--training.micro_batch_size", "0"], r"training\.micro_batch_size=0"),
+    ("soups", ["--resources.eval_every", "-1"], r"resources\.eval_every=-1"),
+    ("soups", ["--eval.temperature", "0"], r"eval\.temperature=0\.0"),
+    ("soups", ["--training.lora.r", "0"], r"training\.lora\.r=0"),
+    ("dpo", ["--resources.zero_stage", "5"], r"resources\.zero_stage=5"),
+    ("dpo", ["--user_ids", "[-1]"], r"user_ids=\[-1\]"),
+    ("sft", ["--training.warmup_steps", "-1"], r"training\.warmup_steps=-1"),
+    ("sft", ["--model.dropout", "1.5"], r"ModelConfig\.dropout=1\.5"),
+])
+def test_every_config_value_is_checked_before_any_work(job, args, message):
+    """parse_args validates the whole config: a bad value fails before Ray or training starts."""
+    from raypref.config import ConfigError, parse_args
+    from raypref.experiments.preference import DPOJobConfig
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.recipes.sft import SFTConfig
+
+    cls = {"soups": SoupsConfig, "dpo": DPOJobConfig, "sft": SFTConfig}[job]
+    with pytest.raises((ConfigError, ValueError), match=message):
+        parse_args(cls, args)

@@ -88,6 +88,7 @@ class DPOJobConfig:
             ("max_chars", self.max_chars >= 1, "must be >= 1"),
             ("max_eval_pairs", self.max_eval_pairs >= 1, "must be >= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
+            ("user_ids", all(isinstance(u, int) and u >= 0 for u in self.user_ids), "must be ids >= 0"),
             ("shuffle_buffer", self.shuffle_buffer >= 0, "must be >= 0"),
             ("data_cpus", self.data_cpus > 0, "must be > 0"),
             ("tokenizer_actors", self.tokenizer_actors >= 1, "must be >= 1"),

@@ -107,8 +107,7 @@ class DPOConfig(Optimization):
             raise ValueError(f"{where}.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
         if self.max_length < 8:
             raise ValueError(f"{where}.max_length={self.max_length!r}: must be >= 8")
-        if self.lora.r < 1:
-            raise ValueError(f"{where}.lora.r={self.lora.r!r}: must be >= 1")
+        self.lora.validate(f"{where}.lora")
 
 
 @dataclass

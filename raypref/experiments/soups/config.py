@@ -92,6 +92,9 @@ class SoupsConfig:
             validate_weights(self.user_weights, self.preferences)
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
             raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
+        stray = sorted(set(self.psoups_files) - set(self.preferences))
+        if stray:
+            raise ValueError(f"psoups_files: {stray} are not in preferences {self.preferences}")
         if self.psoups_files and "pmorl" in self.baselines:
             raise ValueError("baselines: 'pmorl' labels pairs with the simulated world's judges; "
                              "with psoups_files (real data) drop it or add a reward model")

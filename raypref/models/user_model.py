@@ -54,20 +54,24 @@ class UserModelConfig:
 class UserModel(nn.Module):
     """Implicit user model f_p^im: user ids ``[B]`` -> embeddings ``[B, T_u, d]``.
 
-    ``users`` names the seen users in id order (``users[i-1]`` has id i); ``index`` turns names
-    into ids, mapping any name it has not seen (or None) to the generic id 0.
+    ``users`` are the seen users' own ids or names, in order (``users[i-1]`` gets index i);
+    ``index`` turns them into indices, mapping any user it has not seen (or None) to the generic 0.
     """
 
-    def __init__(self, cfg: UserModelConfig, embed_dim: int, users: Sequence[str]):
+    def __init__(self, cfg: UserModelConfig, embed_dim: int, users: Sequence[int | str]):
         super().__init__()
         cfg.validate()
         if len(set(users)) != len(users):
-            raise ValueError("UserModel: duplicate user names")
+            raise ValueError("UserModel: duplicate users")
+        if GENERIC_USER in users:
+            raise ValueError("UserModel: user 0 is the generic (unknown) user and cannot be a seen user")
         self.cfg, self.embed_dim, self.users = cfg, embed_dim, list(users)
         self._ids = {name: i + 1 for i, name in enumerate(self.users)}
         shape = (cfg.n_tokens, embed_dim)
         m = len(self.users)
-        if cfg.kind == "uniform":
+        if cfg.kind == "uniform" and cfg.n_tokens == 0:  # vanilla DPO: no user tokens, no parameter
+            self.register_buffer("shared", torch.zeros(shape))
+        elif cfg.kind == "uniform":
             self.shared = nn.Parameter(torch.randn(shape) * cfg.init_std)
         elif cfg.kind == "individual":
             self.generic = nn.Parameter(torch.randn(shape) * cfg.init_std)  # e_0
@@ -80,8 +84,8 @@ class UserModel(nn.Module):
     def n_users(self) -> int:
         return len(self.users)
 
-    def index(self, names: Sequence[str | None]) -> torch.Tensor:
-        """Ids of user names; unseen names and None get the generic id 0."""
+    def index(self, names: Sequence[int | str | None]) -> torch.Tensor:
+        """Indices of users; unseen ones and None get the generic index 0."""
         return torch.tensor([self._ids.get(n, GENERIC_USER) if n is not None else GENERIC_USER
                              for n in names], dtype=torch.long)
 

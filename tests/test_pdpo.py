@@ -198,3 +198,37 @@ def test_save_and_load_round_trip(tmp_path):
         assert back.users == USERS and torch.equal(back(ids), um(ids))
     with pytest.raises(FileNotFoundError, match="user_model"):
         UserModel.load(tmp_path / "missing")
+
+
+# ---------------------------------------------------------------- generation
+
+def _greedy_by_full_forward(plm, prompt, user, text, steps):
+    """Reference decoder: the whole sequence through PersonalizedLM.forward at every step."""
+    ids = list(prompt)
+    text_ids = torch.tensor([text]) if text else None
+    for _ in range(steps):
+        x = torch.tensor([ids])
+        logits = plm(x, torch.ones_like(x), torch.tensor([user]), text_ids)
+        ids.append(int(logits[0, -1].argmax()))
+    return ids[len(prompt):]
+
+
+def test_generation_for_seen_unseen_and_unseen_with_text_matches_the_forward():
+    plm = _plm("individual")
+    prompts = [[3, 4, 5], [6, 7], [8, 9, 10, 11]]
+    texts = [[], [12, 13], [14]]
+    users = torch.tensor([1, 0, 0])  # seen user, unseen user, unseen user with text
+    out = plm.generate(prompts, users, texts=texts, max_new_tokens=5)
+    for prompt, user, text, new in zip(prompts, users.tolist(), texts, out):
+        assert new == _greedy_by_full_forward(plm, prompt, user, text, 5)
+    # an unseen user generates what the generic user does; a seen user may differ
+    unseen = plm.generate([[3, 4, 5]], plm.user_model.index(["nobody"]), max_new_tokens=5)
+    assert unseen == plm.generate([[3, 4, 5]], torch.tensor([0]), max_new_tokens=5)
+
+
+def test_generation_stops_at_eos():
+    plm = _plm("individual")
+    free = plm.generate([[3, 4, 5]], torch.tensor([2]), max_new_tokens=6)[0]
+    eos = free[2]
+    cut = plm.generate([[3, 4, 5]], torch.tensor([2]), max_new_tokens=6, eos_token_id=eos)[0]
+    assert cut == free[: free.index(eos) + 1]

@@ -173,6 +173,59 @@ class PersonalizedLM(nn.Module):
         logits = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions).logits
         return logits[:, prefix.shape[1]:]
 
+    @torch.no_grad()
+    def generate(self, prompts: Sequence[Sequence[int]], user_ids: torch.Tensor,
+                 texts: Sequence[Sequence[int]] | None = None, max_new_tokens: int = 64,
+                 eos_token_id: int | None = None, greedy: bool = True, temperature: float = 1.0,
+                 generator: torch.Generator | None = None) -> list[list[int]]:
+        """New token ids for each prompt (token ids) as user ``user_ids[b]`` (0: generic / unseen),
+        with optional user text ids. Rows are left-padded [pad | implicit | text | prompt] and
+        decoded with the KV cache; each row stops after its eos."""
+        if len(prompts) != len(user_ids) or (texts is not None and len(texts) != len(prompts)):
+            raise ValueError(f"{len(prompts)} prompts, {len(user_ids)} user ids and "
+                             f"{'no' if texts is None else len(texts)} texts must match")
+        was_training = self.training
+        self.eval()
+        try:
+            embed = self.lm.get_input_embeddings()
+            device = embed.weight.device
+            implicit = self.user_model(user_ids.to(device)).to(embed.weight.dtype)
+            rows = []
+            for b, prompt in enumerate(prompts):
+                ids = list(texts[b]) if texts is not None else []
+                rows.append(torch.cat([implicit[b], embed(torch.tensor(ids + list(prompt), dtype=torch.long,
+                                                                       device=device))]))
+            width = max(len(r) for r in rows)
+            embeds = torch.stack([torch.cat([r.new_zeros(width - len(r), r.shape[1]), r]) for r in rows])
+            mask = torch.stack([torch.cat([torch.zeros(width - len(r), dtype=torch.long),
+                                           torch.ones(len(r), dtype=torch.long)]) for r in rows]).to(device)
+            positions = (mask.cumsum(dim=1) - 1).clamp(min=0)
+            out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, use_cache=True)
+            new = torch.empty(len(rows), 0, dtype=torch.long, device=device)
+            done = torch.zeros(len(rows), dtype=torch.bool, device=device)
+            for _ in range(max_new_tokens):
+                logits = out.logits[:, -1].float()
+                if greedy:
+                    token = logits.argmax(dim=-1)
+                else:
+                    probs = torch.softmax(logits / temperature, dim=-1)
+                    token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+                new = torch.cat([new, token.unsqueeze(1)], dim=1)
+                if eos_token_id is not None:
+                    done |= token == eos_token_id
+                    if done.all():
+                        break
+                mask = torch.cat([mask, mask.new_ones(len(rows), 1)], dim=1)
+                positions = positions[:, -1:] + 1
+                out = self.lm(input_ids=token.unsqueeze(1), attention_mask=mask, position_ids=positions,
+                              cache=out.cache, use_cache=True)
+        finally:
+            self.train(was_training)
+        result = new.tolist()
+        if eos_token_id is not None:
+            result = [ids[:ids.index(eos_token_id) + 1] if eos_token_id in ids else ids for ids in result]
+        return result
+
     @contextlib.contextmanager
     def reference(self):
         """The reference policy: the LM with adapters off (peft), no user tokens, eval, no grad."""

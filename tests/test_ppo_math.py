@@ -81,6 +81,9 @@ def test_kl_penalty_spreads_over_tokens_and_the_score_lands_on_the_last_real_tok
     rewards, kl = kl_penalized_rewards(torch.tensor([10.0, 20.0]), logp, ref, mask, kl_coef=0.1)
     assert torch.allclose(kl, torch.tensor([[0.5, 0.0, -1.0], [1.0, 0.0, 0.0]]))
     assert torch.allclose(rewards, torch.tensor([[-0.05, 0.0, 10.1], [-0.1, 20.0, 0.0]]))
+    # prompt positions before the response: the score still lands on the last response token
+    rewards, _ = kl_penalized_rewards(torch.tensor([5.0]), logp[:1], logp[:1], torch.tensor([[0, 1, 0]]), 0.1)
+    assert rewards.tolist() == [[0.0, 5.0, 0.0]]
     with pytest.raises(ValueError, match="no response token"):
         kl_penalized_rewards(torch.tensor([1.0]), logp[:1], ref[:1], torch.zeros(1, 3), 0.1)
 

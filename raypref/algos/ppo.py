@@ -2,7 +2,7 @@
 policy and value objectives, KL controllers and running reward normalization.
 
 Shapes: everything per token is ``[batch, T]`` over the response tokens, with ``mask`` 1 on real
-response tokens and 0 on padding (responses are right-padded). The sequence-level score of the
+response tokens and 0 elsewhere (prompt positions before, padding after). The sequence-level score of the
 reward model is added at each response's last real token (Ziegler et al. 2019; Ouyang et al. 2022).
 """
 
@@ -44,13 +44,15 @@ def kl_penalized_rewards(scores: torch.Tensor, logprobs: torch.Tensor, ref_logpr
     _check_same_shape(logprobs=logprobs, ref_logprobs=ref_logprobs, mask=mask)
     if scores.shape != (logprobs.shape[0],):
         raise ValueError(f"scores must be [batch]={logprobs.shape[0]}, got {tuple(scores.shape)}")
-    lengths = mask.sum(dim=1).long()
-    if (lengths == 0).any():
-        raise ValueError(f"rows {(lengths == 0).nonzero().flatten().tolist()} have no response token")
+    empty = mask.sum(dim=1) == 0
+    if empty.any():
+        raise ValueError(f"rows {empty.nonzero().flatten().tolist()} have no response token")
     kl = (logprobs - ref_logprobs) * mask
     rewards = -kl_coef * kl
+    # the last real token: the mask may start with prompt positions (0) as well as end with padding
+    last = mask.shape[1] - 1 - mask.flip(1).to(torch.long).argmax(dim=1)
     rows = torch.arange(len(scores), device=scores.device)
-    rewards[rows, lengths - 1] += scores.to(rewards.dtype)
+    rewards[rows, last] += scores.to(rewards.dtype)
     return rewards, kl
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+
 import pytest
 import torch
 
@@ -13,7 +14,12 @@ from raypref.train.spec import StepContext
 @pytest.fixture(scope="module")
 def sft_dir(tmp_path_factory):
     from raypref.data.world import World
-    from raypref.models.factory import ModelConfig, build_policy, build_tokenizer, save_pretrained_safetensors
+    from raypref.models.factory import (
+        ModelConfig,
+        build_policy,
+        build_tokenizer,
+        save_pretrained_safetensors,
+    )
 
     world = World(seed=0)
     tokenizer = build_tokenizer(ModelConfig(), world.vocabulary())

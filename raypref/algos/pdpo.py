@@ -20,7 +20,10 @@ from dataclasses import dataclass
 
 import torch
 
-from raypref.algos.dpo import dpo_loss, implicit_reward_accuracy  # same package: pure torch
+from raypref.algos.dpo import (  # same package: pure torch
+    dpo_loss,
+    implicit_reward_accuracy,
+)
 
 
 @dataclass

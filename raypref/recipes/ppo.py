@@ -31,7 +31,13 @@ from raypref.algos.ppo import (
     policy_loss,
     value_loss,
 )
-from raypref.models.factory import LoraSettings, add_lora, encode_example, generate_ids, load_pretrained
+from raypref.models.factory import (
+    LoraSettings,
+    add_lora,
+    encode_example,
+    generate_ids,
+    load_pretrained,
+)
 from raypref.train.spec import LoopSpec, Role, StepContext
 
 Buffer = dict[str, torch.Tensor]

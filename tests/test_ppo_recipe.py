@@ -59,7 +59,6 @@ def test_pack_marks_only_response_tokens(sft_dir):
     assert ids[0][batch["mask"][0].bool()].tolist() == [7, 8, 9] and ids[1][batch["mask"][1].bool()].tolist() == [10]
 
 
-@pytest.mark.slow  # two rollouts with generation
 def test_rollout_then_losses_for_actor_and_critic(sft_dir):
     spec = _spec(sft_dir)
     ctx = _ctx(spec)
@@ -87,7 +86,6 @@ def test_rollout_then_losses_for_actor_and_critic(sft_dir):
     assert spec.rollouts == 2
 
 
-@pytest.mark.slow  # builds the four roles twice
 def test_resume_continues_inside_the_same_rollout(sft_dir):
     spec = _spec(sft_dir, kl_target=1.0)
     ctx = _ctx(spec)

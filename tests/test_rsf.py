@@ -58,7 +58,6 @@ def _ctx(spec, step=1):
                        models=models)
 
 
-@pytest.mark.slow  # generation
 def test_rejection_sampling_keeps_the_best_candidate_by_v_dot_r(sft_dir):
     spec = _spec(sft_dir)
     RecordingReward.calls.clear()
@@ -80,7 +79,6 @@ def test_rejection_sampling_keeps_the_best_candidate_by_v_dot_r(sft_dir):
         assert not any((rewards[i, c] > kept_scores[i]).all() for c in range(4))
 
 
-@pytest.mark.slow  # generation
 def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
     spec = _spec(sft_dir)
     ctx = _ctx(spec)

@@ -1,0 +1,142 @@
+"""Loop spec: DPA rejection-sampling fine-tuning (seed 003 §2.2, §3.1).
+
+Iteration t (``steps_per_iteration`` optimizer steps each) first builds its dataset D_t with
+the current policy: for prompts from one half of the prompt pool (halves alternate), sample
+directions v, generate ``n_samples`` responses to "<direction text> <prompt>" in one batched
+call, and keep the response with the highest ``v·r`` under the frozen multi-objective reward.
+D_t plus a replay share of original (prompt, response) data is then fitted with the SFT loss.
+Deviation from 003: the policy keeps training across iterations (003 restarts each iteration
+from the SFT checkpoint and only samples with the last policy).
+
+The direction text defaults to 003's system prompt (``algos.dpa.direction_system_prompt``);
+a tokenizer must be able to spell its numbers, which the tiny word-level one cannot.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from raypref.algos.dpa import (
+    DEFAULT_ANGLES,
+    best_of_n,
+    direction_system_prompt,
+    prompt_half,
+    sample_directions,
+    with_replay,
+)
+from raypref.algos.sft import sft_loss
+from raypref.models.factory import encode_example, generate_ids, load_pretrained
+from raypref.recipes.sft import collate
+from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext
+
+
+@dataclass
+class RSFSpec(LoopSpec):
+    """``reward_factory()`` builds a module with ``score_objectives(prompts, responses) -> [B, k]``
+    over ``objectives`` (in order). ``direction_text(v)`` writes v into the prompt."""
+
+    sft_dir: str
+    prompts: list[str]
+    original: list[tuple[str, str]]  # (prompt, response) pairs replayed into every D_t
+    reward_factory: Callable
+    objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
+    direction_text: Callable | None = None
+    n_samples: int = 16  # responses per (prompt, direction); 003 keeps 1 of 16
+    directions_per_prompt: int = 5  # 003: 5
+    prompts_per_iteration: int = 32
+    steps_per_iteration: int = 50
+    replay_fraction: float = 0.15  # 003: about 15% of each iteration's data
+    angle_range: tuple[float, float] = DEFAULT_ANGLES
+    max_new_tokens: int = 48
+    max_length: int = 160
+    temperature: float = 1.0
+
+    def __post_init__(self) -> None:
+        if len(self.prompts) < 2:
+            raise ValueError("RSFSpec.prompts: need at least 2 prompts (two halves)")
+        for name in ("n_samples", "directions_per_prompt", "prompts_per_iteration", "steps_per_iteration"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"RSFSpec.{name}={getattr(self, name)}: must be >= 1")
+        self._tokenizer = None
+        self.iteration = 0  # the iteration whose dataset is held
+        self.examples: list[tuple[str, str]] = []
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_tokenizer": None}
+
+    def roles(self) -> dict[str, Role]:
+        return {PRIMARY_ROLE: Role(), "reward": Role(trainable=False)}
+
+    def tokenizer(self):
+        if self._tokenizer is None:
+            _, self._tokenizer = load_pretrained(self.sft_dir)
+        return self._tokenizer
+
+    def build_model(self, role: str = PRIMARY_ROLE) -> torch.nn.Module:
+        if role == "reward":
+            return self.reward_factory()
+        model, self._tokenizer = load_pretrained(self.sft_dir)
+        return model
+
+    def conditioned(self, direction: torch.Tensor, prompt: str) -> str:
+        text = (self.direction_text(direction.tolist()) if self.direction_text
+                else direction_system_prompt(direction.tolist(), self.objectives))
+        return f"{text} {prompt}"
+
+    @torch.no_grad()
+    def rejection_sample(self, ctx: StepContext, iteration: int) -> list[tuple[str, str]]:
+        """D_t: the best of ``n_samples`` responses by ``v·r`` for each (prompt, direction)."""
+        rng = random.Random(ctx.seed * 1_000_003 + ctx.rank * 7919 + iteration)
+        pool = prompt_half(self.prompts, iteration)
+        prompts = [pool[rng.randrange(len(pool))] for _ in range(self.prompts_per_iteration)]
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        directions = sample_directions(len(prompts) * self.directions_per_prompt, len(self.objectives),
+                                       self.angle_range, generator=generator)
+        queries = [self.conditioned(v, p) for v, p in
+                   zip(directions, [p for p in prompts for _ in range(self.directions_per_prompt)])]
+        repeated = [q for q in queries for _ in range(self.n_samples)]
+        tokenizer = self.tokenizer()
+        ids = generate_ids(ctx.models[PRIMARY_ROLE], tokenizer, repeated, self.max_new_tokens, greedy=False,
+                           temperature=self.temperature, seed=rng.randrange(2**31))
+        texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
+        rewards = ctx.models["reward"].score_objectives(repeated, texts).float()
+        if rewards.shape != (len(repeated), len(self.objectives)):
+            raise ValueError(f"reward score_objectives gave {tuple(rewards.shape)}, expected "
+                             f"({len(repeated)}, {len(self.objectives)}) for objectives {self.objectives}")
+        best = best_of_n(directions, rewards.view(len(queries), self.n_samples, -1))
+        return [(q, texts[i * self.n_samples + int(b)]) for i, (q, b) in enumerate(zip(queries, best))]
+
+    def batches(self, ctx: StepContext) -> Iterator[dict]:
+        tokenizer = self.tokenizer()
+        index = ctx.micro_batches_done
+        while True:
+            step = index // ctx.grad_accum + 1
+            iteration = (step - 1) // self.steps_per_iteration + 1
+            if iteration != self.iteration:
+                selected = self.rejection_sample(ctx, iteration)
+                self.examples = with_replay(selected, self.original, self.replay_fraction,
+                                            random.Random(ctx.seed * 31 + iteration))
+                self.iteration = iteration
+            picks = np.random.default_rng([ctx.seed, ctx.rank, index]).integers(len(self.examples),
+                                                                                size=ctx.micro_batch_size)
+            encoded = [encode_example(tokenizer, *self.examples[i], self.max_length) for i in picks]
+            yield collate(encoded, tokenizer.pad_token_id)
+            index += 1
+
+    def loss(self, batch: dict, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        model = ctx.models[PRIMARY_ROLE]
+        device = ctx.device
+        batch = {k: v.to(device) for k, v in batch.items()}
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {"rsf/iteration": float(self.iteration)}
+
+    def state_dict(self) -> dict:
+        return {"iteration": self.iteration, "examples": list(self.examples)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.iteration, self.examples = int(state["iteration"]), [tuple(e) for e in state["examples"]]

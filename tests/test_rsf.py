@@ -1,0 +1,105 @@
+"""DPA rejection-sampling fine-tuning spec: best-of-n by v·r over generated candidates, halves, replay, resume."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from raypref.recipes.rsf import RSFSpec
+from raypref.train.spec import StepContext
+
+
+class RecordingReward(torch.nn.Module):
+    """Two objectives read from the text (-words, 'the' count); remembers what it scored."""
+
+    calls: list = []
+
+    def score_objectives(self, prompts, responses):
+        RecordingReward.calls.append((list(prompts), list(responses)))
+        return torch.tensor([[-float(len(r.split())), float(r.split().count("the"))] for r in responses])
+
+
+def direction_words(v):  # the tiny vocabulary cannot spell numbers: a word per angle bucket
+    return "please" if v[1] > -0.35 else "please please"
+
+
+@pytest.fixture(scope="module")
+def sft_dir(tmp_path_factory):
+    from raypref.data.world import World
+    from raypref.models.factory import (
+        ModelConfig,
+        build_policy,
+        build_tokenizer,
+        save_pretrained_safetensors,
+    )
+
+    tokenizer = build_tokenizer(ModelConfig(), World(seed=0).vocabulary())
+    torch.manual_seed(0)
+    model = build_policy(ModelConfig(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    return str(save_pretrained_safetensors(model, tokenizer, tmp_path_factory.mktemp("sft") / "base"))
+
+
+def _spec(sft_dir):
+    from raypref.data.world import World
+
+    world = World(seed=0)
+    prompts = world.prompts(6)
+    original = [(p, "the answer is short .") for p in prompts]
+    return RSFSpec(sft_dir, prompts, original, RecordingReward, direction_text=direction_words, n_samples=4,
+                   directions_per_prompt=2, prompts_per_iteration=2, steps_per_iteration=2, replay_fraction=0.2,
+                   max_new_tokens=6)
+
+
+def _ctx(spec, step=1):
+    models = {role: spec.build_model(role) for role in spec.roles()}
+    return StepContext(step=step, max_steps=10, rank=0, world_size=1, micro_batch_size=2, grad_accum=1, seed=0,
+                       models=models)
+
+
+def test_rejection_sampling_keeps_the_best_candidate_by_v_dot_r(sft_dir):
+    spec = _spec(sft_dir)
+    RecordingReward.calls.clear()
+    kept = spec.rejection_sample(_ctx(spec), iteration=1)
+    assert len(kept) == 2 * 2  # prompts × directions
+    (queries, texts), = RecordingReward.calls
+    assert len(texts) == 4 * 4  # one batched generation: n_samples per (prompt, direction)
+    first_half = spec.prompts[:3]
+    for i, (query, best) in enumerate(kept):
+        assert query.split(" ", 1)[0] == "please" and any(query.endswith(p) for p in first_half)
+        candidates = texts[i * 4:(i + 1) * 4]
+        assert all(q == query for q in queries[i * 4:(i + 1) * 4])
+        assert best in candidates
+    # brute force: recompute v·r for the kept one against its siblings, with the spec's own directions
+    rewards = torch.tensor([[-float(len(t.split())), float(t.split().count("the"))] for t in texts]).view(4, 4, 2)
+    kept_scores = [rewards[i, [c for c in range(4) if texts[i * 4 + c] == kept[i][1]][0]] for i in range(4)]
+    for i in range(4):
+        # the kept response is on the upper envelope: no candidate beats it on both objectives
+        assert not any((rewards[i, c] > kept_scores[i]).all() for c in range(4))
+
+
+def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
+    spec = _spec(sft_dir)
+    ctx = _ctx(spec)
+    stream = spec.batches(ctx)
+    first = next(stream)
+    assert spec.iteration == 1 and len(spec.examples) == 4 + 1  # 4 selected + 20% replay
+    assert sum(e[1] == "the answer is short ." for e in spec.examples) >= 1
+    loss, metrics = spec.loss(first, ctx)
+    assert torch.isfinite(loss) and metrics["rsf/iteration"] == 1.0
+    state = copy.deepcopy(spec.state_dict())
+    second = next(stream)
+    third = next(stream)  # step 3: iteration 2, a new dataset from the other half of the prompts
+    assert spec.iteration == 2
+    assert all(any(q.endswith(p) for p in spec.prompts[3:]) for q, r in spec.examples
+               if r != "the answer is short .")
+    # resumed inside iteration 1: the held dataset is reused, no new generation
+    resumed = _spec(sft_dir)
+    resumed.load_state_dict(state)
+    RecordingReward.calls.clear()
+    assert torch.equal(next(resumed.batches(_ctx(resumed, step=2)))["input_ids"], second["input_ids"])
+    assert RecordingReward.calls == []
+    # resumed at the start of iteration 2: the same dataset is sampled again (seeded generation)
+    fresh = _spec(sft_dir)
+    assert torch.equal(next(fresh.batches(_ctx(fresh, step=3)))["input_ids"], third["input_ids"])

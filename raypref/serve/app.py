@@ -11,11 +11,12 @@ forward per step, each row with its own soup (``raypref.serve.engine``). Bad inp
 with 422 naming the field before it reaches the batch. ``build_app`` is the builder for
 ``serve run`` / a Serve config file; ``serve_soups`` starts it bound to 127.0.0.1.
 """
-from __future__ import annotations
 
 import asyncio
 
-from fastapi import FastAPI, HTTPException
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve
 
@@ -24,8 +25,19 @@ from raypref.serve.policies import find_policies
 from raypref.serve.schema import (GenerateRequest, GenerateResponse, InvalidField, PreferencesResponse,
                                   check_lengths, soup_weights)
 
+DEFAULT_MAX_NEW_TOKENS = 32  # when a request does not say (capped by the server's limit)
+
 api = FastAPI(title="raypref P-Soups server",
               description="Personalized soups of LoRA policies, weighted per request (exact: base + Σ wᵢ ΔWᵢ).")
+
+
+@api.exception_handler(RequestValidationError)
+async def _invalid_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422, minus the offending input: a NaN or infinite weight cannot be echoed as JSON
+    (echoing it made the default handler fail with a 500)."""
+    detail = [{"loc": list(e.get("loc", ())), "msg": e.get("msg", ""), "type": e.get("type", "")}
+              for e in exc.errors()]
+    return JSONResponse(status_code=422, content={"detail": detail})
 
 
 class ServerArgs(BaseModel):
@@ -71,13 +83,15 @@ class SoupsServer:
 
     @api.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
+        max_new = req.max_new_tokens or min(self.args.max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
+        req = req.model_copy(update={"max_new_tokens": max_new})
         try:
             weights = soup_weights(req, self.engine.names)
             check_lengths(req, self.engine.prompt_length(req.prompt), self.args.max_new_tokens,
                           self.max_prompt_tokens, self.engine.max_positions)
         except InvalidField as e:
             raise HTTPException(status_code=422, detail=e.detail()) from None
-        item = GenerationRequest(req.prompt, weights, req.max_new_tokens, req.temperature, req.seed)
+        item = GenerationRequest(req.prompt, weights, max_new, req.temperature, req.seed)
         result = await self._generate_batch(item)
         return GenerateResponse(text=result.text, weights=dict(zip(self.engine.names, weights)),
                                 model_version=self.policies.version, served_by=result.served_by,

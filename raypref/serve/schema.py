@@ -32,7 +32,8 @@ class GenerateRequest(BaseModel):
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's prompt")
     preferences: dict[str, Weight] = Field(
         min_length=1, description="soup weights by preference name; sum to 1 unless normalize")
-    max_new_tokens: int = Field(32, ge=1, description="at most the server's limit (GET /v1/preferences)")
+    max_new_tokens: int | None = Field(None, ge=1, description="at most the server's limit (GET /v1/preferences); "
+                                                               "default min(32, that limit)")
     temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
                                description="0 = greedy")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed (same seed, same text)")

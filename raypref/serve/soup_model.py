@@ -19,25 +19,34 @@ from raypref.models.lora import LoraAdapter, ModuleFactors, adapter_factors, mod
 
 
 class _ModuleSoup:
-    """The k adapters of one module as one concatenated low-rank map, scaled per row."""
+    """The k adapters of one module as one concatenated low-rank map ``x -> (x·L ⊙ scale) U``."""
 
     def __init__(self, parts: list[tuple[int, ModuleFactors]], kind: str):
         self.kind = kind
-        self.X = torch.cat([f.X.float() for _, f in parts], dim=1)  # (rows, Σr)
-        self.Y = torch.cat([f.Y.float() for _, f in parts], dim=0)  # (Σr, cols)
-        self.adapter_of_col = torch.cat([torch.full((f.X.shape[1],), i) for i, f in parts])
-        self.scaling_of_col = torch.cat([torch.full((f.X.shape[1],), f.scaling) for _, f in parts])
+        X = torch.cat([f.X.float() for _, f in parts], dim=1)  # (rows, Σr)
+        Y = torch.cat([f.Y.float() for _, f in parts], dim=0)  # (Σr, cols)
+        # linear: y = x Wᵀ, ΔW = X Y -> x Yᵀ Xᵀ; conv1d: y = x W -> x X Y; embedding: y = W[ids] -> X[ids] Y
+        self.lower = (Y.T if kind == "linear" else X).contiguous()
+        self.upper = (X.T if kind == "linear" else Y).contiguous()
+        # which adapter and scaling each of the Σr columns belongs to; modules with the same
+        # layout share one per-batch scale tensor
+        self.layout = tuple((i, f.X.shape[1], f.scaling) for i, f in parts)
 
-    def delta(self, x: torch.Tensor, soup_weights: torch.Tensor) -> torch.Tensor:
-        col_scale = soup_weights[:, self.adapter_of_col] * self.scaling_of_col  # (batch, Σr)
-        if self.kind == "linear":  # y = x Wᵀ, ΔW = X Y  ->  x Yᵀ Xᵀ
-            low, up = x @ self.Y.T, self.X.T
-        elif self.kind == "conv1d":  # y = x W  ->  x X Y
-            low, up = x @ self.X, self.Y
-        else:  # y = W[ids]  ->  X[ids] Y
-            low, up = torch.nn.functional.embedding(x, self.X), self.Y
-        shape = (low.shape[0],) + (1,) * (low.dim() - 2) + (low.shape[-1],)
-        return (low * col_scale.view(shape)) @ up
+    def add_delta(self, x: torch.Tensor, output: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
+        """``output + Σᵢ wᵢ sᵢ ΔWᵢ(x)`` with ``col_scale`` (batch, Σr) = wᵢ·sᵢ per column."""
+        batch, rank = x.shape[0], self.lower.shape[1]
+        if self.kind == "embedding":
+            low = torch.nn.functional.embedding(x.reshape(batch, -1), self.lower)
+        else:
+            low = x.reshape(batch, -1, x.shape[-1]).float() @ self.lower
+        low = (low * col_scale[:, None, :]).reshape(-1, rank)
+        flat = output.reshape(-1, output.shape[-1])
+        return torch.addmm(flat.float(), low, self.upper).to(output.dtype).view(output.shape)
+
+
+def _column_scales(layout: tuple, soup_weights: torch.Tensor) -> torch.Tensor:
+    """(batch, Σr): adapter i's columns get wᵢ · scalingᵢ."""
+    return torch.cat([soup_weights[:, i:i + 1].expand(-1, r) * scaling for i, r, scaling in layout], dim=1)
 
 
 class SoupForward:
@@ -69,6 +78,7 @@ class SoupForward:
         if not self._soups:
             raise ValueError("no adapter targets a module of the model")
         self._current: torch.Tensor | None = None
+        self._scales: dict[tuple, torch.Tensor] = {}
 
     @property
     def hooked_modules(self) -> list[str]:
@@ -81,7 +91,7 @@ class SoupForward:
             x = args[0]
             if x.shape[0] != self._current.shape[0]:
                 raise RuntimeError(f"soup weights for {self._current.shape[0]} rows, batch of {x.shape[0]}")
-            return output + soup.delta(x if soup.kind == "embedding" else x.float(), self._current).to(output.dtype)
+            return soup.add_delta(x, output, self._scales[soup.layout])
         return hook
 
     @contextlib.contextmanager
@@ -89,10 +99,11 @@ class SoupForward:
         if soup_weights.dim() != 2 or soup_weights.shape[1] != len(self.names):
             raise ValueError(f"soup weights must be (batch, {len(self.names)}), got {tuple(soup_weights.shape)}")
         self._current = soup_weights.float()
+        self._scales = {s.layout: _column_scales(s.layout, self._current) for s in self._soups.values()}
         try:
             yield self.model
         finally:
-            self._current = None
+            self._current, self._scales = None, {}
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -19,6 +19,7 @@ from raypref.models.merge import (
     merge_lora_exact,
     merge_lora_factors_separately,
     merge_lora_into,
+    soup_model,
     validate_weights,
 )
 
@@ -305,3 +306,14 @@ def test_registry_is_the_one_list_of_methods():
         check_method("svd")
     with pytest.raises(MergeError, match="density"):
         check_method("dare_linear", 0.0)
+
+
+@pytest.mark.parametrize("method", ["exact_lora", "lora_factors_linear"])
+def test_soup_model_keeps_ties_and_equals_peft(soup, method):
+    """What the soups job's Souper should call: with an adapter on GPT-2's wte, lm_head follows."""
+    base, adapters, full = soup
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = soup_model(method, base, {"P3A": 1.0}, adapters={"P3A": adapters["P3A"]})
+    assert model.lm_head.weight is model.transformer.wte.weight
+    _assert_states_close(model.state_dict(), full["P3A"])
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # base untouched

@@ -33,7 +33,7 @@ from raypref.models.lora import AdapterError, LoraAdapter, ModuleFactors, adapte
 StateDict = dict[str, torch.Tensor]
 __all__ = ["LoraAdapter", "MergeError", "MERGE_METHODS", "METHODS", "PEFT_METHODS", "check_method", "merge",
            "merge_full", "merge_lora_exact", "merge_lora_factors_separately", "merge_lora_into",
-           "merge_with_peft", "validate_weights"]
+           "merge_with_peft", "soup_model", "validate_weights"]
 
 
 class MergeError(ValueError):
@@ -332,3 +332,25 @@ def merge(
             raise MergeError(f"method {method!r} needs {need.replace('base_module', 'base')}=")
     fn, _ = MERGE_METHODS[method]
     return fn(weights, base=base, adapters=adapters, full_models=full_models, density=density)
+
+
+def soup_model(method: str, base_model: torch.nn.Module, weights: Mapping[str, float], *,
+               adapters: Mapping[str, "LoraAdapter | PeftModel | str | Path"] | None = None,
+               full_models: Mapping[str, "Mapping[str, torch.Tensor] | torch.nn.Module"] | None = None,
+               density: float | None = None) -> torch.nn.Module:
+    """The soup as a ready model: a copy of ``base_model`` holding the merged weights, its ties kept.
+
+    ``base_model`` itself is never modified and is passed to the merge as the module (not a clone of
+    its state dict), so tied weights and each module's type are visible to it.
+    """
+    model = copy.deepcopy(base_model)
+    if method == "exact_lora":
+        return merge_lora_into(model, base_model, adapters or {}, weights).eval()
+    state = merge(method, weights, base=base_model, adapters=adapters, full_models=full_models, density=density)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k, v in model.state_dict().items() if k in missing and any(
+        v.data_ptr() == model.state_dict()[o].data_ptr() for o in state if o != k)}
+    if set(missing) - tied or unexpected:
+        raise MergeError(f"merged state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.eval()

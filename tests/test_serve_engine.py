@@ -74,8 +74,9 @@ def _lora(model, cfg, seed):
     return LoraAdapter.from_peft_model(m)
 
 
+@pytest.mark.parametrize("fold_budget", [0, 16 << 20])  # per-row scales applied per step / folded once
 @pytest.mark.parametrize("arch", ["gpt2_tied", "llama_tied", "llama_untied"])
-def test_hooked_forward_equals_merged_model_with_tied_embeddings(arch):
+def test_hooked_forward_equals_merged_model_with_tied_embeddings(arch, fold_budget):
     """Adapters on the embedding too: the hook must also move the tied output head."""
     from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
 
@@ -90,7 +91,7 @@ def test_hooked_forward_equals_merged_model_with_tied_embeddings(arch):
         targets = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]
     adapters = {n: _lora(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets), s)
                 for n, s in (("a", 1), ("b", 2))}
-    soup = SoupForward(copy.deepcopy(base), adapters)
+    soup = SoupForward(copy.deepcopy(base), adapters, fold_budget_bytes=fold_budget)
     ids = torch.tensor([[3, 5, 7, 9], [2, 4, 6, 8]])
     rows = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
     with soup.weights(rows) as model, torch.no_grad():

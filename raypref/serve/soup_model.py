@@ -32,16 +32,26 @@ class _ModuleSoup:
         # layout share one per-batch scale tensor
         self.layout = tuple((i, f.X.shape[1], f.scaling) for i, f in parts)
 
-    def add_delta(self, x: torch.Tensor, output: torch.Tensor, col_scale: torch.Tensor) -> torch.Tensor:
-        """``output + Σᵢ wᵢ sᵢ ΔWᵢ(x)`` with ``col_scale`` (batch, Σr) = wᵢ·sᵢ per column."""
-        batch, rank = x.shape[0], self.lower.shape[1]
+    def prepare(self, col_scale: torch.Tensor, budget_bytes: int) -> None:
+        """Per request batch (not per token): fold each row's column scales into its own copy of
+        the up-projection, (batch, Σr, out), when that fits ``budget_bytes``; then every decoding
+        step costs two kernels per module (a matmul and one batched multiply-add)."""
+        self._col_scale = col_scale
+        size = col_scale.shape[0] * self.upper.numel() * 4
+        self._upper_rows = col_scale[:, :, None] * self.upper if size <= budget_bytes else None
+
+    def add_delta(self, x: torch.Tensor, output: torch.Tensor) -> torch.Tensor:
+        """``output + Σᵢ wᵢ sᵢ ΔWᵢ(x)``, row by row with the weights given to ``prepare``."""
+        batch = x.shape[0]
         if self.kind == "embedding":
             low = torch.nn.functional.embedding(x.reshape(batch, -1), self.lower)
         else:
             low = x.reshape(batch, -1, x.shape[-1]).float() @ self.lower
-        low = (low * col_scale[:, None, :]).reshape(-1, rank)
-        flat = output.reshape(-1, output.shape[-1])
-        return torch.addmm(flat.float(), low, self.upper).to(output.dtype).view(output.shape)
+        out = output.reshape(batch, -1, output.shape[-1]).float()
+        if self._upper_rows is not None:
+            return torch.baddbmm(out, low, self._upper_rows).to(output.dtype).view(output.shape)
+        low = low * self._col_scale[:, None, :]
+        return (out + low @ self.upper).to(output.dtype).view(output.shape)
 
 
 def _column_scales(layout: tuple, soup_weights: torch.Tensor) -> torch.Tensor:
@@ -56,8 +66,10 @@ class SoupForward:
     like ``names``; outside that block the model is the bare base.
     """
 
-    def __init__(self, model: torch.nn.Module, adapters: Mapping[str, LoraAdapter]):
+    def __init__(self, model: torch.nn.Module, adapters: Mapping[str, LoraAdapter],
+                 fold_budget_bytes: int = 16 << 20):
         self.model = model.eval()
+        self.fold_budget_bytes = fold_budget_bytes  # per module: per-row up-projections up to this size
         self.names = list(adapters)
         state, kinds = model.state_dict(), module_kinds(model)
         per_key: dict[str, list[tuple[int, ModuleFactors]]] = {}
@@ -78,7 +90,6 @@ class SoupForward:
         if not self._soups:
             raise ValueError("no adapter targets a module of the model")
         self._current: torch.Tensor | None = None
-        self._scales: dict[tuple, torch.Tensor] = {}
 
     @property
     def hooked_modules(self) -> list[str]:
@@ -91,7 +102,7 @@ class SoupForward:
             x = args[0]
             if x.shape[0] != self._current.shape[0]:
                 raise RuntimeError(f"soup weights for {self._current.shape[0]} rows, batch of {x.shape[0]}")
-            return soup.add_delta(x, output, self._scales[soup.layout])
+            return soup.add_delta(x, output)
         return hook
 
     @contextlib.contextmanager
@@ -99,11 +110,13 @@ class SoupForward:
         if soup_weights.dim() != 2 or soup_weights.shape[1] != len(self.names):
             raise ValueError(f"soup weights must be (batch, {len(self.names)}), got {tuple(soup_weights.shape)}")
         self._current = soup_weights.float()
-        self._scales = {s.layout: _column_scales(s.layout, self._current) for s in self._soups.values()}
+        scales = {s.layout: _column_scales(s.layout, self._current) for s in self._soups.values()}
+        for soup in self._soups.values():
+            soup.prepare(scales[soup.layout], self.fold_budget_bytes)
         try:
             yield self.model
         finally:
-            self._current, self._scales = None, {}
+            self._current = None
 
     def remove(self) -> None:
         for h in self._hooks:

@@ -9,12 +9,17 @@ import torch
 from peft import LoraConfig, get_peft_model
 
 from raypref.models.merge import (
+    MERGE_METHODS,
+    METHODS,
     LoraAdapter,
     MergeError,
+    check_method,
     merge,
     merge_full,
     merge_lora_exact,
     merge_lora_factors_separately,
+    merge_lora_into,
+    soup_model,
     validate_weights,
 )
 
@@ -186,3 +191,129 @@ def test_non_low_rank_adapters_are_refused(soup):
     dora = LoraAdapter(adapters["P1A"].tensors, LoraConfig(r=4, lora_alpha=8, use_dora=True))
     with pytest.raises(MergeError, match="use_dora"):
         merge_lora_exact(base, {"d": dora}, {"d": 1.0})
+
+
+# ---------------------------------------------------------------- exact merge on other layouts
+
+def _random_lora(model, cfg, seed):
+    """``get_peft_model`` on a copy of ``model`` with random, non-zero LoRA factors."""
+    peft_model = get_peft_model(copy.deepcopy(model), copy.deepcopy(cfg))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=gen) * 0.2)
+    return peft_model
+
+
+def _check_exact_soup(base, policies, weights):
+    """merge_lora_exact(base module) == Σ w · merge_and_unload(policy), key by key, to 1e-5."""
+    adapters = {n: LoraAdapter.from_peft_model(m) for n, m in policies.items()}
+    full = {n: _materialized(m) for n, m in policies.items()}
+    expected = {k: sum(w * full[n][k] for n, w in weights.items()) for k in full[next(iter(full))]}
+    got = merge_lora_exact(base, adapters, weights)
+    _assert_states_close(got, expected)
+    assert _max_diff(got, base.state_dict()) > 1e-2
+    return got, adapters
+
+
+def _llama(tied: bool):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                      intermediate_size=64, vocab_size=100, tie_word_embeddings=tied)
+    return LlamaForCausalLM(cfg).eval()
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_exact_soup_on_llama_linear_projections_and_embeddings(tied):
+    base = _llama(tied)
+    assert (base.lm_head.weight is base.model.embed_tokens.weight) == tied
+    attn = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"])
+    with_emb = LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    policies = {"a": _random_lora(base, attn, 1), "b": _random_lora(base, with_emb, 2)}
+    got, adapters = _check_exact_soup(base, policies, {"a": 0.3, "b": 0.7})
+    if tied:  # the embedding update reached the tied output head (as merge_and_unload does)
+        assert torch.equal(got["lm_head.weight"], got["model.embed_tokens.weight"])
+    else:
+        assert torch.equal(got["lm_head.weight"], base.lm_head.weight)
+    # written into a model's own parameters, the tie survives and the logits are the soup's
+    model = merge_lora_into(_llama(tied), base, adapters, {"a": 0.3, "b": 0.7})
+    assert (model.lm_head.weight is model.model.embed_tokens.weight) == tied
+    ref = copy.deepcopy(base)
+    ref.load_state_dict(got)
+    ids = torch.tensor([[3, 5, 7, 9]])
+    with torch.no_grad():
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+class _Mixed(torch.nn.Module):
+    """Embedding -> GPT-2 Conv1D (weight stored (in, out)) -> Linear: square weights of both kinds."""
+
+    def __init__(self):
+        from transformers.pytorch_utils import Conv1D
+
+        super().__init__()
+        self.emb = torch.nn.Embedding(20, 12)
+        self.conv = Conv1D(12, 12)  # (nf=out, nx=in)
+        self.lin = torch.nn.Linear(12, 12)
+        self.head = torch.nn.Linear(12, 20)
+
+    def forward(self, ids):
+        return self.head(self.lin(torch.tanh(self.conv(self.emb(ids)))))
+
+
+def test_exact_soup_on_a_model_mixing_conv1d_and_linear_targets():
+    torch.manual_seed(0)
+    base = _Mixed().eval()
+    # one adapter-wide fan_in_fan_out flag cannot be right for both square modules
+    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["conv", "lin", "emb", "head"], fan_in_fan_out=True)
+    policies = {"a": _random_lora(base, cfg, 1), "b": _random_lora(base, cfg, 2)}
+    got, adapters = _check_exact_soup(base, policies, {"a": 0.5, "b": 0.5})
+    # from the state dict alone, the square modules fall back on the adapter flag: one goes wrong
+    with pytest.warns(UserWarning, match="fan_in_fan_out"):
+        flagged = merge_lora_exact(base.state_dict(), adapters, {"a": 0.5, "b": 0.5})
+    assert _max_diff(flagged, got) > 1e-3
+
+
+def test_tied_embedding_adapter_survives_the_module_path_but_not_a_clone(soup):
+    """The GPT-2 tie is only visible in the module's own tensors (what Souper must pass)."""
+    base, adapters, full = soup
+    one_hot = {n: float(n == "P3A") for n in adapters}
+    from_module = merge_lora_exact(base, adapters, one_hot)
+    _assert_states_close(from_module, full["P3A"])
+    cloned = {k: v.clone() for k, v in base.state_dict().items()}
+    from_clone = merge_lora_exact(cloned, adapters, one_hot)
+    assert not torch.equal(from_clone["lm_head.weight"], full["P3A"]["lm_head.weight"])
+
+
+def test_merge_into_preallocated_output_reuses_it(soup):
+    base, adapters, _ = soup
+    weights = {"P1A": 0.25, "P3A": 0.75}
+    target = copy.deepcopy(base)
+    ptrs = {k: v.data_ptr() for k, v in target.state_dict().items()}
+    merge_lora_into(target, base, adapters, weights)
+    assert {k: v.data_ptr() for k, v in target.state_dict().items()} == ptrs
+    assert target.lm_head.weight is target.transformer.wte.weight
+    _assert_states_close(target.state_dict(), merge_lora_exact(base, adapters, weights))
+
+
+def test_registry_is_the_one_list_of_methods():
+    assert set(METHODS) == set(MERGE_METHODS) >= {"exact_lora", "lora_factors_linear", "full", "ties"}
+    check_method("exact_lora")
+    with pytest.raises(MergeError, match="unknown merge method 'svd'"):
+        check_method("svd")
+    with pytest.raises(MergeError, match="density"):
+        check_method("dare_linear", 0.0)
+
+
+@pytest.mark.parametrize("method", ["exact_lora", "lora_factors_linear"])
+def test_soup_model_keeps_ties_and_equals_peft(soup, method):
+    """What the soups job's Souper should call: with an adapter on GPT-2's wte, lm_head follows."""
+    base, adapters, full = soup
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    model = soup_model(method, base, {"P3A": 1.0}, adapters={"P3A": adapters["P3A"]})
+    assert model.lm_head.weight is model.transformer.wte.weight
+    _assert_states_close(model.state_dict(), full["P3A"])
+    assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # base untouched

@@ -1,39 +1,39 @@
 """Personalized Soups merging (seed 002 eq. 5): π* = Σ wᵢ πᵢ with Σ wᵢ = 1.
 
 Every per-preference policy is the same base plus a LoRA update, so the soup of the materialized
-policies is exactly ``base + Σ wᵢ · Bᵢ Aᵢ · scalingᵢ`` on each LoRA-targeted weight
+policies is exactly ``base + Σ wᵢ · scalingᵢ · ΔWᵢ`` on each LoRA-targeted weight
 (``merge_lora_exact``). Averaging A and B separately (what the original P-Soups code and peft's
 ``linear`` do) is a different model in general; it is kept as ``merge_lora_factors_separately``
-for comparison only. TIES / DARE go through peft's ``add_weighted_adapter``.
+for comparison only. TIES / DARE go through peft's ``add_weighted_adapter``. ``MERGE_METHODS`` is
+the one registry of method names.
 
-All merges return a fresh, fully materialized state dict: no tensor is shared with the inputs or
-with another key, so ``safetensors.torch.save_file`` accepts it and ``load_state_dict`` restores it.
+Orientation is decided per module from the base module's type (``raypref.models.lora``): pass the
+base as an ``nn.Module`` (preferred) or as its state dict. Tied weights (GPT-2's ``wte`` /
+``lm_head``, a Llama with ``tie_word_embeddings``) are recognized by shared storage in the base, so
+an adapter on the embedding moves the tied output head too; pass the module's own
+``state_dict()`` (or the module), never a clone, or the tie is invisible.
+
+Unless ``out=`` is given, merges return a fresh, fully materialized state dict: no tensor is shared
+with the inputs or with another key, so ``safetensors.torch.save_file`` accepts it.
+``merge_lora_into`` writes the soup straight into a model's own parameters (ties stay ties).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import math
-import re
-from collections.abc import Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+from peft import PeftModel, get_peft_model, set_peft_model_state_dict
+
+from raypref.models.lora import AdapterError, LoraAdapter, ModuleFactors, adapter_factors, as_adapter, module_kinds
 
 StateDict = dict[str, torch.Tensor]
-METHODS = ("exact_lora", "lora_factors_linear", "ties", "dare_ties", "dare_linear", "full")
-PEFT_METHODS = ("ties", "dare_ties", "dare_linear")
-_PEFT_PREFIX = "base_model.model."
-# peft key suffixes -> (factor, is_embedding); embeddings store raw Parameters, linears `.weight`.
-_FACTOR_SUFFIXES = {
-    ".lora_A.weight": ("A", False),
-    ".lora_B.weight": ("B", False),
-    ".lora_embedding_A": ("A", True),
-    ".lora_embedding_B": ("B", True),
-}
+__all__ = ["LoraAdapter", "MergeError", "MERGE_METHODS", "METHODS", "PEFT_METHODS", "check_method", "merge",
+           "merge_full", "merge_lora_exact", "merge_lora_factors_separately", "merge_lora_into",
+           "merge_with_peft", "soup_model", "validate_weights"]
 
 
 class MergeError(ValueError):
@@ -60,172 +60,116 @@ def validate_weights(weights: Mapping[str, float], known: list[str], tol: float 
     return out
 
 
-@dataclass(frozen=True)
-class LoraAdapter:
-    """A LoRA adapter as peft saves it: ``tensors`` keyed like ``adapter_model.safetensors``."""
-
-    tensors: Mapping[str, torch.Tensor]
-    config: LoraConfig
-
-    @classmethod
-    def from_dir(cls, path: str | Path) -> "LoraAdapter":
-        """Load an adapter directory written by ``PeftModel.save_pretrained`` (safetensors only)."""
-        from safetensors.torch import load_file
-
-        path = Path(path)
-        weights_file, config_file = path / "adapter_model.safetensors", path / "adapter_config.json"
-        for f in (weights_file, config_file):
-            if not f.is_file():
-                raise MergeError(f"adapter directory {path} has no {f.name}")
-        config = LoraConfig(**{k: v for k, v in json.loads(config_file.read_text()).items() if k != "peft_type"})
-        return cls(load_file(str(weights_file)), config)
-
-    @classmethod
-    def from_peft_model(cls, model: PeftModel, adapter_name: str = "default") -> "LoraAdapter":
-        """Snapshot one adapter of an in-memory ``PeftModel``."""
-        if adapter_name not in model.peft_config:
-            raise MergeError(f"PeftModel has no adapter {adapter_name!r}; it has {sorted(model.peft_config)}")
-        tensors = get_peft_model_state_dict(model, adapter_name=adapter_name)
-        return cls({k: v.detach().clone() for k, v in tensors.items()}, model.peft_config[adapter_name])
-
-
-@dataclass(frozen=True)
-class _Factors:
-    """One module's LoRA factors; the update to the base weight is ``orient(B @ A) * scaling``."""
-
-    A: torch.Tensor
-    B: torch.Tensor
-    scaling: float
-    transpose: bool  # Conv1D (fan_in_fan_out) and embeddings store the weight as (in, out)
-
-    def low_rank(self, coef: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """(X, Y) with ``X @ Y = coef * update`` already in the base weight's orientation."""
-        a, b = self.A.float(), self.B.float()
-        if self.transpose:
-            return (a * (coef * self.scaling)).T, b.T
-        return b * (coef * self.scaling), a
-
-
-def _as_adapter(obj: "LoraAdapter | PeftModel | str | Path", name: str) -> LoraAdapter:
-    if isinstance(obj, LoraAdapter):
-        return obj
-    if isinstance(obj, PeftModel):
-        return LoraAdapter.from_peft_model(obj, obj.active_adapter)
-    if isinstance(obj, (str, Path)):
-        return LoraAdapter.from_dir(obj)
-    raise MergeError(f"adapter {name!r}: expected LoraAdapter, PeftModel or adapter dir, got {type(obj).__name__}")
-
-
-def _pattern_value(patterns: Mapping[str, float], module: str, default: float) -> float:
-    # Same matching rule as peft's get_pattern_key: the pattern must match a dotted suffix.
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module):
-            return value
-    return default
-
-
-def _factors_by_base_key(adapter: LoraAdapter, name: str, base_keys: set[str]) -> dict[str, _Factors]:
-    """Map each LoRA-targeted base weight key (e.g. ``transformer.h.0.attn.c_attn.weight``) to its factors."""
-    cfg = adapter.config
-    unsupported = {
-        "use_dora": getattr(cfg, "use_dora", False),
-        "modules_to_save": bool(cfg.modules_to_save),
-        "bias": cfg.bias != "none",
-        "lora_bias": getattr(cfg, "lora_bias", False),
-        "target_parameters": bool(getattr(cfg, "target_parameters", None)),
-        "layer_replication": bool(getattr(cfg, "layer_replication", None)),
-    }
-    if any(unsupported.values()):
-        raise MergeError(f"adapter {name!r} uses {[k for k, v in unsupported.items() if v]}: not a pure "
-                         "low-rank update, so the exact soup is not implemented for it")
-    parts: dict[str, dict[str, torch.Tensor]] = {}
-    embedding: dict[str, bool] = {}
-    for key, tensor in adapter.tensors.items():
-        for suffix, (factor, is_emb) in _FACTOR_SUFFIXES.items():
-            if key.endswith(suffix):
-                module = key[: -len(suffix)].removeprefix(_PEFT_PREFIX)
-                parts.setdefault(module, {})[factor] = tensor
-                embedding[module] = is_emb
-                break
-        else:
-            raise MergeError(f"adapter {name!r}: unexpected tensor {key!r} (only LoRA A/B factors are supported)")
-    out = {}
-    for module, ab in parts.items():
-        if set(ab) != {"A", "B"}:
-            raise MergeError(f"adapter {name!r}: module {module!r} has only LoRA factor(s) {sorted(ab)}")
-        base_key = f"{module}.weight"
-        if base_key not in base_keys:
-            raise MergeError(f"adapter {name!r} targets {base_key!r}, which is not in the base state dict")
-        rank = ab["A"].shape[0]
-        alpha = _pattern_value(cfg.alpha_pattern or {}, module, cfg.lora_alpha)
-        scaling = alpha / math.sqrt(rank) if cfg.use_rslora else alpha / rank
-        out[base_key] = _Factors(ab["A"], ab["B"], scaling, bool(cfg.fan_in_fan_out) or embedding[module])
-    return out
-
-
-def _check_base(base: Mapping[str, torch.Tensor]) -> None:
-    wrapped = [k for k in base if ".base_layer." in k or ".lora_" in k]
-    if wrapped:
-        raise MergeError(f"base state dict contains LoRA-wrapped keys such as {wrapped[0]!r}; pass the state dict "
-                         "of the plain base model, not of a PeftModel")
-
-
-def _alias_groups(state: Mapping[str, torch.Tensor]) -> dict[str, list[str]]:
-    """Keys that share storage (tied weights such as GPT-2's wte / lm_head), each mapped to its group."""
-    by_ptr: dict[tuple[int, tuple], list[str]] = {}
-    for key, t in state.items():
-        by_ptr.setdefault((t.data_ptr(), tuple(t.shape)), []).append(key)
-    return {key: group for group in by_ptr.values() for key in group}
-
-
-def _apply_low_rank(base: Mapping[str, torch.Tensor],
-                    terms: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]]) -> StateDict:
-    """``base + Σ X @ Y`` per key, as independent output tensors; tied keys get their group's sum.
-
-    All terms of a weight go through one ``addmm`` over the concatenated ranks: one pass over the
-    base weight, which is what bounds the merge's speed.
-    """
-    groups = _alias_groups(base)
-    out: StateDict = {}
-    for key, tensor in base.items():
-        group_terms = [t for k in groups[key] for t in terms.get(k, ())]
-        if not group_terms:
-            out[key] = tensor.detach().clone()
-            continue
-        x = torch.cat([x for x, _ in group_terms], dim=1).to(tensor.device)
-        y = torch.cat([y for _, y in group_terms], dim=0).to(tensor.device)
-        out[key] = torch.addmm(tensor.detach().float(), x, y).to(tensor.dtype)
-    return out
-
-
 def _state_of(model: "Mapping[str, torch.Tensor] | torch.nn.Module") -> Mapping[str, torch.Tensor]:
     return model.state_dict() if isinstance(model, torch.nn.Module) else model
 
 
 def _base_state_of(base: "Mapping[str, torch.Tensor] | torch.nn.Module") -> Mapping[str, torch.Tensor]:
     state = _state_of(base)
-    _check_base(state)
+    wrapped = [k for k in state if ".base_layer." in k or ".lora_" in k]
+    if wrapped:
+        raise MergeError(f"base state dict contains LoRA-wrapped keys such as {wrapped[0]!r}; pass the plain "
+                         "base model (or its state dict), not a PeftModel")
     return state
+
+
+def _storage_key(t: torch.Tensor) -> tuple:
+    return (t.device, t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride())
+
+
+def _alias_groups(state: Mapping[str, torch.Tensor]) -> list[list[str]]:
+    """Keys grouped by the tensor they view (tied weights such as GPT-2's wte / lm_head share one)."""
+    groups: dict[tuple, list[str]] = {}
+    for key, t in state.items():
+        groups.setdefault(_storage_key(t), []).append(key)
+    return list(groups.values())
+
+
+def soup_factors(base: "Mapping[str, torch.Tensor] | torch.nn.Module",
+                 adapters: Mapping[str, "LoraAdapter | PeftModel | str | Path"],
+                 ) -> tuple[Mapping[str, torch.Tensor], dict[str, dict[str, ModuleFactors]]]:
+    """(base state, ``{adapter name: {base weight key: ModuleFactors}}``), orientation per module."""
+    base_state = _base_state_of(base)
+    kinds = module_kinds(base) if isinstance(base, torch.nn.Module) else None
+    try:
+        return base_state, {n: adapter_factors(as_adapter(a, n), n, base_state, kinds) for n, a in adapters.items()}
+    except AdapterError as e:
+        raise MergeError(str(e)) from e
+
+
+def _write_low_rank(base_state: Mapping[str, torch.Tensor], terms: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]],
+                    out: Mapping[str, torch.Tensor]) -> None:
+    """``out[key] = base[key] + Σ X @ Y`` for every key, one pass per distinct base tensor.
+
+    The terms of a weight go through one ``addmm`` over the concatenated ranks, written straight
+    into ``out``: the base weight is read once and the result written once, which is what bounds
+    the merge's speed. Keys that view one tensor (ties) share their terms and are computed once.
+    """
+    for group in _alias_groups(base_state):
+        src = base_state[group[0]]
+        group_terms = [t for k in group for t in terms.get(k, ())]
+        done: set[tuple] = set()
+        for key in group:
+            dst = out[key]
+            if dst.shape != src.shape:
+                raise MergeError(f"out[{key!r}] has shape {tuple(dst.shape)}, the base {tuple(src.shape)}")
+            if _storage_key(dst) in done:
+                continue  # a tie in the output: already written through another key
+            if done:  # untied in the output: copy the first result
+                dst.copy_(out[group[0]])
+            elif not group_terms:
+                if dst.data_ptr() != src.data_ptr():
+                    dst.copy_(src)
+            else:
+                x = torch.cat([x for x, _ in group_terms], dim=1) if len(group_terms) > 1 else group_terms[0][0]
+                y = torch.cat([y for _, y in group_terms], dim=0) if len(group_terms) > 1 else group_terms[0][1]
+                x, y = x.to(src.device), y.to(src.device)
+                if src.dtype == torch.float32 and dst.dtype == torch.float32:
+                    if dst.data_ptr() == src.data_ptr():
+                        dst.addmm_(x.float(), y.float())
+                    else:
+                        torch.addmm(src, x.float(), y.float(), out=dst)
+                else:  # low precision: add in float32, round once (as peft's merge does)
+                    dst.copy_(torch.addmm(src.float(), x.float(), y.float()))
+            done.add(_storage_key(dst))
 
 
 def merge_lora_exact(
     base: "Mapping[str, torch.Tensor] | torch.nn.Module",
     adapters: Mapping[str, "LoraAdapter | PeftModel | str | Path"],
     weights: Mapping[str, float],
+    *,
+    out: Mapping[str, torch.Tensor] | None = None,
 ) -> StateDict:
-    """Exact soup of LoRA policies on a shared base: ``base + Σ wᵢ·Bᵢ Aᵢ·scalingᵢ`` per targeted weight.
+    """Exact soup of LoRA policies on a shared base: ``base + Σ wᵢ·scalingᵢ·ΔWᵢ`` per targeted weight.
 
     Adapters may differ in rank, alpha and target modules (an untargeted module contributes 0).
+    ``out``: preallocated tensors keyed like the base state dict, written in place and returned
+    (e.g. another model's ``state_dict()``); by default, fresh independent tensors.
     """
     weights = validate_weights(weights, list(adapters))
-    base_state = _base_state_of(base)
+    used = {n: adapters[n] for n, w in weights.items() if w != 0.0}
+    base_state, factors = soup_factors(base, used)
     terms: dict[str, list[tuple[torch.Tensor, torch.Tensor]]] = {}
-    for name, w in weights.items():
-        if w == 0.0:
-            continue
-        for key, f in _factors_by_base_key(_as_adapter(adapters[name], name), name, set(base_state)).items():
-            terms.setdefault(key, []).append(f.low_rank(w))
-    return _apply_low_rank(base_state, terms)
+    for name, per_key in factors.items():
+        for key, f in per_key.items():
+            terms.setdefault(key, []).append((f.X.float() * (weights[name] * f.scaling), f.Y))
+    if out is None:
+        out = {k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in base_state.items()}
+    missing = sorted(set(base_state) - set(out))
+    if missing:
+        raise MergeError(f"out= lacks base keys such as {missing[:3]}")
+    _write_low_rank(base_state, terms, out)
+    return dict(out)
+
+
+def merge_lora_into(model: torch.nn.Module, base: "Mapping[str, torch.Tensor] | torch.nn.Module",
+                    adapters: Mapping[str, "LoraAdapter | PeftModel | str | Path"],
+                    weights: Mapping[str, float]) -> torch.nn.Module:
+    """Write the exact soup into ``model``'s own parameters (same architecture as ``base``; its tied
+    weights stay tied). No copy of the model is made: ``model`` is reused as the output buffer."""
+    merge_lora_exact(base, adapters, weights, out=model.state_dict(keep_vars=False))
+    return model
 
 
 def merge_lora_factors_separately(
@@ -237,8 +181,7 @@ def merge_lora_factors_separately(
     code used. Not the soup of the policies (cross terms Bᵢ Aⱼ appear). Needs equal targets, ranks, scalings.
     """
     weights = validate_weights(weights, list(adapters))
-    base_state = _base_state_of(base)
-    factors = {n: _factors_by_base_key(_as_adapter(adapters[n], n), n, set(base_state)) for n in weights}
+    base_state, factors = soup_factors(base, {n: adapters[n] for n in weights})
     names = list(factors)
     keys = set(factors[names[0]])
     for n in names[1:]:
@@ -249,12 +192,14 @@ def merge_lora_factors_separately(
     for key in keys:
         fs = [factors[n][key] for n in names]
         ref = fs[0]
-        if any(f.A.shape != ref.A.shape or f.B.shape != ref.B.shape or f.scaling != ref.scaling for f in fs):
+        if any(f.X.shape != ref.X.shape or f.Y.shape != ref.Y.shape or f.scaling != ref.scaling for f in fs):
             raise MergeError(f"factor-wise merge needs equal ranks and scalings at {key!r}")
-        a = sum(weights[n] * f.A.float() for n, f in zip(names, fs))
-        b = sum(weights[n] * f.B.float() for n, f in zip(names, fs))
-        terms[key] = [_Factors(a, b, ref.scaling, ref.transpose).low_rank(1.0)]
-    return _apply_low_rank(base_state, terms)
+        x = sum(weights[n] * f.X.float() for n, f in zip(names, fs))
+        y = sum(weights[n] * f.Y.float() for n, f in zip(names, fs))
+        terms[key] = [(x * ref.scaling, y)]
+    out = {k: torch.empty_like(v, memory_format=torch.contiguous_format) for k, v in base_state.items()}
+    _write_low_rank(base_state, terms, out)
+    return out
 
 
 def merge_full(
@@ -306,7 +251,7 @@ def merge_with_peft(
     model = copy.deepcopy(base_model)
     peft_model = None
     for name in weights:
-        adapter = _as_adapter(adapters[name], name)
+        adapter = as_adapter(adapters[name], name)
         if peft_model is None:
             peft_model = get_peft_model(model, copy.deepcopy(adapter.config), adapter_name=name)
         else:
@@ -321,6 +266,46 @@ def merge_with_peft(
     return {k: v.detach().clone() for k, v in merged.state_dict().items()}
 
 
+def _merge_exact(weights, *, base, adapters, **_):
+    return merge_lora_exact(base, adapters, weights)
+
+
+def _merge_factor_wise(weights, *, base, adapters, **_):
+    return merge_lora_factors_separately(base, adapters, weights)
+
+
+def _merge_full(weights, *, full_models, **_):
+    return merge_full(full_models, weights)
+
+
+def _peft_method(combination_type: str) -> Callable[..., StateDict]:
+    def run(weights, *, base, adapters, density, **_):
+        return merge_with_peft(base, adapters, weights, combination_type, density)
+    return run
+
+
+# The one table of merge methods: name -> (function, what it needs). Config validation and
+# ``merge`` both read it, so a new method is one entry here.
+MERGE_METHODS: dict[str, tuple[Callable[..., StateDict], tuple[str, ...]]] = {
+    "exact_lora": (_merge_exact, ("base", "adapters")),
+    "lora_factors_linear": (_merge_factor_wise, ("base", "adapters")),
+    "ties": (_peft_method("ties"), ("base_module", "adapters", "density")),
+    "dare_ties": (_peft_method("dare_ties"), ("base_module", "adapters", "density")),
+    "dare_linear": (_peft_method("dare_linear"), ("base_module", "adapters", "density")),
+    "full": (_merge_full, ("full_models",)),
+}
+METHODS = tuple(MERGE_METHODS)
+PEFT_METHODS = tuple(m for m, (_, needs) in MERGE_METHODS.items() if "density" in needs)
+
+
+def check_method(method: str, density: float | None = None) -> None:
+    """Validate a method name (and its density where it takes one) before anything runs."""
+    if method not in MERGE_METHODS:
+        raise MergeError(f"unknown merge method {method!r}; expected one of {METHODS}")
+    if "density" in MERGE_METHODS[method][1] and (density is None or not 0.0 < density <= 1.0):
+        raise MergeError(f"method {method!r} needs density in (0, 1], got {density!r}")
+
+
 def merge(
     method: str,
     weights: Mapping[str, float],
@@ -330,27 +315,42 @@ def merge(
     full_models: Mapping[str, "Mapping[str, torch.Tensor] | torch.nn.Module"] | None = None,
     density: float | None = None,
 ) -> StateDict:
-    """One entry point for every soup; ``method`` in ``METHODS``.
+    """One entry point for every soup; ``method`` in ``MERGE_METHODS``.
 
-    ``exact_lora`` / ``lora_factors_linear`` need ``base`` (state dict or module) and ``adapters``;
-    ``ties`` / ``dare_ties`` / ``dare_linear`` need ``base`` as an ``nn.Module``, ``adapters`` and
-    ``density`` in (0, 1]; ``full`` needs ``full_models``.
+    ``exact_lora`` / ``lora_factors_linear`` need ``base`` (the module, or its own state dict) and
+    ``adapters``; ``ties`` / ``dare_ties`` / ``dare_linear`` need ``base`` as an ``nn.Module``,
+    ``adapters`` and ``density`` in (0, 1]; ``full`` needs ``full_models``.
     """
-    if method not in METHODS:
-        raise MergeError(f"unknown merge method {method!r}; expected one of {METHODS}")
-    if method == "full":
-        if full_models is None:
-            raise MergeError("method 'full' needs full_models={name: state dict or model}")
-        return merge_full(full_models, weights)
-    if base is None or adapters is None:
-        raise MergeError(f"method {method!r} needs base= and adapters=")
+    check_method(method, density)
+    given = {"base": base is not None, "base_module": isinstance(base, torch.nn.Module),
+             "adapters": adapters is not None, "full_models": full_models is not None, "density": True}
+    for need in MERGE_METHODS[method][1]:
+        if not given[need]:
+            if need == "base_module" and base is not None:
+                raise MergeError(f"method {method!r} runs through peft and needs base as an nn.Module, "
+                                 f"got {type(base).__name__}")
+            raise MergeError(f"method {method!r} needs {need.replace('base_module', 'base')}=")
+    fn, _ = MERGE_METHODS[method]
+    return fn(weights, base=base, adapters=adapters, full_models=full_models, density=density)
+
+
+def soup_model(method: str, base_model: torch.nn.Module, weights: Mapping[str, float], *,
+               adapters: Mapping[str, "LoraAdapter | PeftModel | str | Path"] | None = None,
+               full_models: Mapping[str, "Mapping[str, torch.Tensor] | torch.nn.Module"] | None = None,
+               density: float | None = None) -> torch.nn.Module:
+    """The soup as a ready model: a copy of ``base_model`` holding the merged weights, its ties kept.
+
+    ``base_model`` itself is never modified and is passed to the merge as the module (not a clone of
+    its state dict), so tied weights and each module's type are visible to it.
+    """
+    model = copy.deepcopy(base_model)
     if method == "exact_lora":
-        return merge_lora_exact(base, adapters, weights)
-    if method == "lora_factors_linear":
-        return merge_lora_factors_separately(base, adapters, weights)
-    if not isinstance(base, torch.nn.Module):
-        raise MergeError(f"method {method!r} runs through peft and needs base as an nn.Module, "
-                         f"got {type(base).__name__}")
-    if density is None or not 0.0 < density <= 1.0:
-        raise MergeError(f"method {method!r} needs density in (0, 1], got {density!r}")
-    return merge_with_peft(base, adapters, weights, method, density)
+        return merge_lora_into(model, base_model, adapters or {}, weights).eval()
+    state = merge(method, weights, base=base_model, adapters=adapters, full_models=full_models, density=density)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {k for k, v in model.state_dict().items() if k in missing and any(
+        v.data_ptr() == model.state_dict()[o].data_ptr() for o in state if o != k)}
+    if set(missing) - tied or unexpected:
+        raise MergeError(f"merged state does not fit the model: missing {sorted(set(missing) - tied)[:3]}, "
+                         f"unexpected {unexpected[:3]}")
+    return model.eval()

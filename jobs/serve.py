@@ -1,0 +1,79 @@
+"""Serve a P-Soups run over HTTP (Ray Serve): per-request weighted soups, batched.
+
+    python jobs/serve.py --config configs/serve.yaml [--output-dir outputs/soups] [--port 8000]
+    python jobs/serve.py --demo outputs/serve-demo     # builds a tiny random run first, then serves it
+    curl -s 127.0.0.1:8000/v1/generate -H 'content-type: application/json' \\
+         -d '{"prompt": "tell me about rivers", "preferences": {"P1A": 0.5, "P2A": 0.5}}'
+
+The config file is a Ray Serve config (``serve run configs/serve.yaml`` works too); flags
+override its app args and HTTP options. Ctrl-C shuts Serve down cleanly.
+"""
+import argparse
+import sys
+import time
+
+import yaml
+
+
+def load_serve_config(path: str) -> tuple[dict, dict, dict]:
+    """(http_options, app args, deployment options) of the config's soups application."""
+    with open(path) as f:
+        cfg = yaml.safe_load(f) or {}
+    apps = [a for a in cfg.get("applications", []) if a.get("import_path", "").startswith("raypref.serve.app:")]
+    if len(apps) != 1:
+        raise SystemExit(f"{path}: expected one application with import_path raypref.serve.app:build_app, "
+                         f"found {len(apps)}")
+    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in apps[0].get("deployments", [])}
+    return cfg.get("http_options", {}), dict(apps[0].get("args", {})), deployments.get("SoupsServer", {})
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
+    p.add_argument("--output-dir", help="the soups run to serve (overrides the config's args.output_dir)")
+    p.add_argument("--demo", metavar="DIR", help="build a tiny soups run with random adapters in DIR and serve it")
+    p.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
+    p.add_argument("--port", type=int)
+    p.add_argument("--num-replicas", type=int, help="fixed replica count (replaces autoscaling)")
+    args = p.parse_args(argv)
+
+    http, app_args, deployment = load_serve_config(args.config)
+    if args.demo:
+        from raypref.serve.demo import build_demo_run
+
+        app_args["output_dir"] = str(build_demo_run(args.demo))
+    if args.output_dir:
+        app_args["output_dir"] = args.output_dir
+    if args.num_replicas:
+        deployment.pop("autoscaling_config", None)
+        deployment["num_replicas"] = args.num_replicas
+    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
+
+    import ray
+    from ray import serve
+
+    from raypref.serve.app import SoupsServer, ServerArgs
+    from raypref.serve.policies import PolicyDiscoveryError, find_policies
+
+    server_args = ServerArgs.model_validate(app_args)
+    try:
+        policies = find_policies(server_args.output_dir, server_args.training_key, server_args.preferences)
+    except PolicyDiscoveryError as e:
+        raise SystemExit(f"serve: {e}") from None
+    ray.init(include_dashboard=False, configure_logging=False)
+    serve.start(http_options={"host": host, "port": port})
+    serve.run(SoupsServer.options(**deployment).bind(server_args.model_dump()), name="soups", route_prefix="/")
+    print(f"serving {policies.preferences} of {policies.run_dir} (version {policies.version}) "
+          f"at http://{host}:{port}  (OpenAPI: /docs, /openapi.json); Ctrl-C to stop", flush=True)
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("shutting down", flush=True)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,113 @@
+"""Per-request soups without Ray: hooks equal the merged model; the cache and sampling behave."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, get_peft_model
+
+from raypref.models.factory import generate_ids
+from raypref.models.merge import LoraAdapter, merge_lora_exact, merge_lora_into
+from raypref.serve.demo import build_demo_run
+from raypref.serve.engine import GenerationRequest, SoupEngine
+from raypref.serve.policies import PolicyDiscoveryError, find_policies
+from raypref.serve.soup_model import SoupForward
+
+PROMPTS = ["what is a good way to learn about rivers", "tell me about stars", "how do bees work"]
+
+
+@pytest.fixture(scope="module")
+def engine(tmp_path_factory):
+    run = build_demo_run(tmp_path_factory.mktemp("soups"))
+    return SoupEngine.from_policies(find_policies(run), cache_size=1, hot_after=2)
+
+
+def _offline(engine, weights, prompt, n):
+    merged = merge_lora_into(copy.deepcopy(engine._base), engine._base, engine._adapters,
+                             dict(zip(engine.names, weights)))
+    return generate_ids(merged, engine.tokenizer, [prompt], max_new_tokens=n, greedy=True)[0]
+
+
+def test_batch_of_different_soups_gives_each_offline_merge_greedy_tokens(engine):
+    weights = [(1 / 3, 1 / 3, 1 / 3), (1.0, 0.0, 0.0), (0.1, 0.6, 0.3)]
+    got = engine.generate([GenerationRequest(p, w, 10, 0.0, 0) for p, w in zip(PROMPTS, weights)])
+    for p, w, r in zip(PROMPTS, weights, got):
+        assert r.served_by == "soup"
+        assert r.token_ids == _offline(engine, w, p, 10)
+    base = generate_ids(engine._base, engine.tokenizer, PROMPTS[:1], max_new_tokens=10, greedy=True)[0]
+    assert got[0].token_ids != base  # the adapters really change the output
+
+
+def test_hot_weights_are_materialized_and_give_the_same_tokens(engine):
+    w = (0.2, 0.2, 0.6)
+    req = [GenerationRequest(PROMPTS[1], w, 8, 0.0, 0)]
+    first = engine.generate(req)[0]
+    second = engine.generate(req)[0]  # second ask: hot -> materialized after this batch
+    third = engine.generate(req)[0]
+    assert (first.served_by, second.served_by, third.served_by) == ("soup", "soup", "cache")
+    assert first.token_ids == third.token_ids == _offline(engine, w, PROMPTS[1], 8)
+    other = (0.5, 0.5, 0.0)  # cache_size 1: a new hot vector recycles the buffer
+    for _ in range(3):
+        out = engine.generate([GenerationRequest(PROMPTS[1], other, 8, 0.0, 0)])[0]
+    assert out.served_by == "cache" and engine.cached() == [other]
+    assert out.token_ids == _offline(engine, other, PROMPTS[1], 8)
+
+
+def test_sampling_is_seeded_per_row_whatever_the_batch(engine):
+    w = (0.3, 0.3, 0.4)
+    alone = engine.generate([GenerationRequest(PROMPTS[2], w, 12, 1.0, 7)])[0]
+    mixed = engine.generate([GenerationRequest(PROMPTS[0], (1.0, 0.0, 0.0), 5, 0.0, 1),
+                             GenerationRequest(PROMPTS[2], w, 12, 1.0, 7)])[1]
+    assert alone.token_ids == mixed.token_ids
+    other_seed = engine.generate([GenerationRequest(PROMPTS[2], w, 12, 1.0, 8)])[0]
+    assert other_seed.token_ids != alone.token_ids
+
+
+def _lora(model, cfg, seed):
+    m = get_peft_model(copy.deepcopy(model), cfg)
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in m.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+    return LoraAdapter.from_peft_model(m)
+
+
+@pytest.mark.parametrize("fold_budget", [0, 16 << 20])  # per-row scales applied per step / folded once
+@pytest.mark.parametrize("arch", ["gpt2_tied", "llama_tied", "llama_untied"])
+def test_hooked_forward_equals_merged_model_with_tied_embeddings(arch, fold_budget):
+    """Adapters on the embedding too: the hook must also move the tied output head."""
+    from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    if arch == "gpt2_tied":
+        base = GPT2LMHeadModel(GPT2Config(vocab_size=40, n_positions=16, n_embd=16, n_layer=1, n_head=2)).eval()
+        targets = ["c_attn", "c_proj", "wte"]
+    else:
+        base = LlamaForCausalLM(LlamaConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                                            num_key_value_heads=2, intermediate_size=64, vocab_size=100,
+                                            tie_word_embeddings=arch == "llama_tied")).eval()
+        targets = ["q_proj", "k_proj", "v_proj", "o_proj", "embed_tokens"]
+    adapters = {n: _lora(base, LoraConfig(r=2, lora_alpha=4, target_modules=targets), s)
+                for n, s in (("a", 1), ("b", 2))}
+    soup = SoupForward(copy.deepcopy(base), adapters, fold_budget_bytes=fold_budget)
+    ids = torch.tensor([[3, 5, 7, 9], [2, 4, 6, 8]])
+    rows = torch.tensor([[0.25, 0.75], [1.0, 0.0]])
+    with soup.weights(rows) as model, torch.no_grad():
+        got = model(ids).logits
+    for b in range(2):
+        merged = copy.deepcopy(base)
+        merged.load_state_dict(merge_lora_exact(base, adapters, dict(zip("ab", rows[b].tolist()))))
+        with torch.no_grad():
+            assert torch.allclose(got[b], merged(ids[b:b + 1]).logits[0], atol=1e-5)
+    with torch.no_grad():  # outside the block: the bare base
+        assert torch.allclose(soup.model(ids).logits, base(ids).logits)
+
+
+def test_discovery_errors_name_the_folder(tmp_path):
+    with pytest.raises(PolicyDiscoveryError, match="no runs/ folder"):
+        find_policies(tmp_path)
+    (tmp_path / "runs" / "train-x").mkdir(parents=True)
+    with pytest.raises(PolicyDiscoveryError, match="no finished policy"):
+        find_policies(tmp_path)

@@ -118,7 +118,11 @@ class ScalarRewardModel(nn.Module):
         self.head = nn.Linear(encoder.hidden_size, 1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask)).squeeze(-1)
+        return self.score_embedding(self.encoder(input_ids, attention_mask))
+
+    def score_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        """Rewards [B] from pooled embeddings [B, hidden] (a frozen encoder's, precomputed)."""
+        return self.head(emb).squeeze(-1)
 
 
 class MultiObjectiveRewardModel(nn.Module):
@@ -133,7 +137,11 @@ class MultiObjectiveRewardModel(nn.Module):
         self.head = nn.Linear(encoder.hidden_size, len(self.attributes))
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.head(self.encoder(input_ids, attention_mask))
+        return self.score_embedding(self.encoder(input_ids, attention_mask))
+
+    def score_embedding(self, emb: torch.Tensor) -> torch.Tensor:
+        """Attribute scores [B, k] from pooled embeddings [B, hidden]."""
+        return self.head(emb)
 
 
 @dataclass
@@ -213,7 +221,11 @@ class VAERewardModel(nn.Module):
 
     def reward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                z: torch.Tensor) -> torch.Tensor:
-        emb = self.query_encoder(input_ids, attention_mask)
+        return self.reward_from_embedding(self.query_encoder(input_ids, attention_mask), z)
+
+    def reward_from_embedding(self, emb: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        """Rewards [B] from query embeddings [B, hidden] (precomputed when the query encoder
+        is frozen) and user latents [B, latent]."""
         if z.shape[0] != emb.shape[0]:
             raise ValueError(f"VAERewardModel.reward: {emb.shape[0]} queries but {z.shape[0]} "
                              "user latents")

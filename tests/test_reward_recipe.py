@@ -62,6 +62,13 @@ def test_spec_steps_and_evaluates_per_user(kw):
         result = spec.evaluate(ctx)
     assert set(result) == {"acc.user1", "acc.user2", "acc.mean", "acc.min"}
     assert result["acc.mean"] == pytest.approx((result["acc.user1"] + result["acc.user2"]) / 2)
+    if spec.cfg.method == "vae":  # latent means kept for the t-SNE, and resumable
+        latents = spec.state_dict()["latents"]
+        assert set(latents) == {"step2/user1", "step2/user2"}
+        assert latents["step2/user1"].shape == (20, 8)
+        fresh = RewardSpec(spec.cfg)
+        fresh.load_state_dict(spec.state_dict())
+        assert torch.equal(fresh.state_dict()["latents"]["step2/user2"], latents["step2/user2"])
 
 
 def test_batches_are_deterministic_and_resume_where_they_left_off():

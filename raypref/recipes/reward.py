@@ -39,6 +39,8 @@ SAMPLINGS = ("uniform", "adaptive")
 GRADIENTS = ("sum", "pcgrad", "mgda")
 ROLE = "reward"
 CONFIG_FILE = "reward_config.json"
+LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (001 fig. 15)
+LATENT_DRAWS = 20  # demonstration sets per user embedded at each evaluation
 ASPECT_RANGE = (1.0, 5.0)  # the world's aspect scale, rescaled to 0-100 for regression
 
 
@@ -108,6 +110,7 @@ class RewardSpec(LoopSpec):
         self._pairs: dict[int, UserPairs] | None = None
         self._demos: dict[int, torch.Tensor] | None = None
         self._queries: dict[tuple[int, str], torch.Tensor] | None = None
+        self._latents: dict[str, torch.Tensor] = {}  # "step<k>/user<id>" -> [draws, latent]
 
     def __getstate__(self):  # data is rebuilt on the worker, never pickled with the spec
         state = dict(self.__dict__)
@@ -303,13 +306,36 @@ class RewardSpec(LoopSpec):
                 hits.append(pair_accuracy(out["r_chosen"], out["r_rejected"]))
             accs[f"acc.user{uid}"] = float(torch.cat(hits).mean())
         values = list(accs.values())
+        if self.cfg.method == "vae":
+            self._snapshot_latents(model, ctx)
         return {**accs, "acc.mean": float(np.mean(values)), "acc.min": float(np.min(values))}
+
+    def _snapshot_latents(self, model, ctx: StepContext) -> None:
+        """Latent means of LATENT_DRAWS demonstration sets per user, kept per evaluation step
+        (in the spec state, so a resumed run keeps them) for the t-SNE of 001 fig. 15."""
+        sampler = self._demo_sampler(seed=20_000 + self.seed)
+        for uid in self.pairs:
+            pool = self.demos()[uid]
+            sets = torch.stack([pool[sampler.demos(uid, 10 ** 6 + k, 0)]
+                                for k in range(LATENT_DRAWS)]).to(ctx.device)
+            _, mu, _ = model.user_latent(sets[:, :, 0], sets[:, :, 1], sample=False)
+            self._latents[f"step{ctx.step}/user{uid}"] = mu.detach().float().cpu()
+
+    def state_dict(self) -> dict:
+        return {"latents": dict(self._latents)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._latents = dict(state.get("latents", {}))
 
     def export(self, models: dict[str, torch.nn.Module], out_dir: Path) -> None:
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_module(models[ROLE], out_dir)
         (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        if self._latents:
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in self._latents.items()},
+                      str(out_dir / LATENTS_FILE))
 
 
 # ---------------------------------------------------------------- building models

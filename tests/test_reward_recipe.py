@@ -106,3 +106,32 @@ def test_pcgrad_surrogate_has_the_true_loss_and_the_projected_gradient():
     assert torch.allclose(got, expected, atol=1e-6)
     assert not torch.allclose(got, stack.sum(0))  # it did change the plain sum here
     assert metrics["conflict"] in (0.0, 1.0)
+
+
+@pytest.mark.parametrize("kw", [dict(method="vae"), dict(method="bt", freeze_query_encoder=False)])
+def test_exported_model_scores_the_same_behind_the_reward_interface(tmp_path, kw):
+    from raypref.rewards import UserRef
+    from raypref.rewards.load import load_reward_function
+
+    spec = RewardSpec(_cfg(**kw))
+    torch.manual_seed(3)
+    model = spec.build_model().eval()
+    spec.export({"reward": model}, tmp_path)
+    pairs = spec.pairs[2]
+    demos = {2: pairs.train[:4]}
+    reward = load_reward_function(tmp_path, user_demos=demos, fallback_to_generic=True)
+    test = pairs.test[:3]
+    prompts, responses = [r.prompt for r in test], [r.chosen for r in test]
+    got = reward.score(prompts, responses, UserRef.by_id(2))
+    tokens = model.encoder.tokenize(prompts, responses) if kw["method"] == "bt" else \
+        model.query_encoder.tokenize(prompts, responses)
+    with torch.no_grad():
+        if kw["method"] == "bt":
+            expected = model(**tokens)
+        else:
+            emb = spec.query_embeddings()[(2, "train")][:4]  # the same demos, cached embeddings
+            _, mu, _ = model.user_latent(emb[None, :, 0], emb[None, :, 1], sample=False)
+            expected = model.reward(tokens["input_ids"], tokens["attention_mask"], mu.expand(3, -1))
+    assert torch.allclose(got, expected, atol=1e-5)
+    with pytest.raises(FileNotFoundError, match="reward_config.json"):
+        load_reward_function(tmp_path / "nowhere")

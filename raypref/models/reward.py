@@ -91,6 +91,15 @@ def build_text_encoder(cfg: EncoderConfig) -> TextEncoder:
     return TextEncoder(backbone, tokenizer, cfg.max_length)
 
 
+def build_frozen_encoder(cfg: EncoderConfig) -> TextEncoder:
+    """A frozen, eval-mode encoder for demonstrations: pretrained weights, or for "tiny" the
+    weights of a fixed seed, so every worker and every later loader builds the same one."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        encoder = build_text_encoder(cfg)
+    return encoder.requires_grad_(False).eval()
+
+
 @torch.no_grad()
 def embed_frozen(encoder: TextEncoder, prompts: Sequence[str], responses: Sequence[str],
                  batch_size: int = 64) -> torch.Tensor:

@@ -27,10 +27,12 @@ from raypref.algos.vae import kl_to_standard_normal
 from raypref.data.sampling import AdaptiveSampler, DemonstrationSampler, UniformSampler
 from raypref.data.world import ASPECTS
 from raypref.models.reward import (EncoderConfig, MultiObjectiveRewardModel, ScalarRewardModel,
-                                   VAEConfig, VAERewardModel, build_text_encoder)
+                                   VAEConfig, VAERewardModel, build_frozen_encoder,
+                                   build_text_encoder)
 from raypref.recipes.reward_data import (RewardDataConfig, UserPairs, aspect_targets,
                                          build_pairs, demo_embeddings, load_embeddings,
                                          pair_embeddings)
+from raypref.rewards.load import CONFIG_FILE
 from raypref.train.runner import Optimization
 from raypref.train.spec import LoopSpec, Role, StepContext, save_module
 
@@ -38,7 +40,6 @@ METHODS = ("bt", "multi_objective", "vae")
 SAMPLINGS = ("uniform", "adaptive")
 GRADIENTS = ("sum", "pcgrad", "mgda")
 ROLE = "reward"
-CONFIG_FILE = "reward_config.json"
 LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (001 fig. 15)
 LATENT_DRAWS = 20  # demonstration sets per user embedded at each evaluation
 ASPECT_RANGE = (1.0, 5.0)  # the world's aspect scale, rescaled to 0-100 for regression
@@ -352,12 +353,8 @@ def build_reward_model(cfg: RewardConfig) -> torch.nn.Module:
 
 
 def build_demo_encoder(cfg: RewardConfig):
-    """The frozen demonstration encoder: the same backbone as the query encoder's start
-    (pretrained weights; a "tiny" one from a fixed seed so every worker builds the same)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        encoder = build_text_encoder(cfg.encoder)
-    return encoder.requires_grad_(False).eval()
+    """The frozen demonstration encoder (the query encoder's starting point)."""
+    return build_frozen_encoder(cfg.encoder)
 
 
 def query_encoder(model: torch.nn.Module):

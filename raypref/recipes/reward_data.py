@@ -25,6 +25,7 @@ class RewardDataConfig:
     population: str = "two_user_conflict"  # or "cluster"
     n_users: int = 10             # cluster population only
     difficulty: float = 0.5       # World difficulty: weak, noisy aspect cues + label noise
+    label_noise: float | None = None  # choice flips (test labels too); None = 0.25 * difficulty
     world_seed: int = 0
     train_pairs_per_user: int = 400
     test_pairs_per_user: int = 100
@@ -36,8 +37,10 @@ class RewardDataConfig:
             raise ValueError(f"data.population={self.population!r}: expected one of {POPULATIONS}")
         if self.population == "cluster" and not 2 <= self.n_users <= 99:
             raise ValueError(f"data.n_users={self.n_users}: must be in 2..99 for 'cluster'")
-        if not 0 <= self.difficulty <= 1:
-            raise ValueError(f"data.difficulty={self.difficulty}: must be in [0, 1]")
+        for name in ("difficulty", "label_noise"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"data.{name}={value}: must be in [0, 1]")
         if self.n_demos < 1 or self.demo_pool <= self.n_demos:
             raise ValueError(f"data.n_demos={self.n_demos}, data.demo_pool={self.demo_pool}: "
                              "need 1 <= n_demos < demo_pool (a query is never its own demo)")
@@ -71,7 +74,7 @@ class UserPairs:
 def build_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
     """Deterministic in cfg: the same pairs on every worker and in every rerun."""
     cfg.validate()
-    world = World(cfg.world_seed, cfg.difficulty)
+    world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
     users = population(cfg)
     other = {u.user_id: (users[1 - i] if cfg.population == "two_user_conflict" else None)
              for i, u in enumerate(users)}

@@ -1,0 +1,125 @@
+"""Preference data of the reward-model recipes: per-user train / test pairs from the simulated
+world, each user's demonstration pool, and the pool's frozen embeddings (computed once).
+
+Populations: "two_user_conflict" (001 §3.5.1: helpfulness-only vs honesty-only, pairs both
+users order alike dropped) or "cluster" (001 §3.3.1's Dirichlet cluster users; ``n_users``
+taken round-robin over the three clusters).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from raypref.data.records import PreferenceRecord
+from raypref.data.users import User, two_user_conflict, ultrafeedback_cluster
+from raypref.data.world import ASPECTS, World
+
+POPULATIONS = ("two_user_conflict", "cluster")
+
+
+@dataclass
+class RewardDataConfig:
+    population: str = "two_user_conflict"  # or "cluster"
+    n_users: int = 10             # cluster population only
+    difficulty: float = 0.5       # World difficulty: weak, noisy aspect cues + label noise
+    label_noise: float | None = None  # choice flips (test labels too); None = 0.25 * difficulty
+    world_seed: int = 0
+    train_pairs_per_user: int = 400
+    test_pairs_per_user: int = 100
+    demo_pool: int = 100          # the first demo_pool train pairs of a user are its pool
+    n_demos: int = 8              # demonstrations per query (001 Table 1: 8 of 100)
+
+    def validate(self) -> None:
+        if self.population not in POPULATIONS:
+            raise ValueError(f"data.population={self.population!r}: expected one of {POPULATIONS}")
+        if self.population == "cluster" and not 2 <= self.n_users <= 99:
+            raise ValueError(f"data.n_users={self.n_users}: must be in 2..99 for 'cluster'")
+        for name in ("difficulty", "label_noise"):
+            value = getattr(self, name)
+            if value is not None and not 0 <= value <= 1:
+                raise ValueError(f"data.{name}={value}: must be in [0, 1]")
+        if self.n_demos < 1 or self.demo_pool <= self.n_demos:
+            raise ValueError(f"data.n_demos={self.n_demos}, data.demo_pool={self.demo_pool}: "
+                             "need 1 <= n_demos < demo_pool (a query is never its own demo)")
+        if self.train_pairs_per_user < self.demo_pool:
+            raise ValueError(f"data.train_pairs_per_user={self.train_pairs_per_user} must be >= "
+                             f"data.demo_pool={self.demo_pool}")
+        if self.test_pairs_per_user < 1:
+            raise ValueError(f"data.test_pairs_per_user={self.test_pairs_per_user}: must be >= 1")
+
+
+def population(cfg: RewardDataConfig) -> list[User]:
+    if cfg.population == "two_user_conflict":
+        return two_user_conflict()
+    users = ultrafeedback_cluster(cfg.world_seed)
+    by_group: dict[str, list[User]] = {}
+    for u in users:
+        if u.group.startswith("cluster"):
+            by_group.setdefault(u.group, []).append(u)
+    groups = sorted(by_group)
+    picked = [by_group[groups[i % len(groups)]][i // len(groups)] for i in range(cfg.n_users)]
+    return sorted(picked, key=lambda u: u.user_id)
+
+
+@dataclass
+class UserPairs:
+    user: User
+    train: list[PreferenceRecord]
+    test: list[PreferenceRecord]
+
+
+def build_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
+    """Deterministic in cfg: the same pairs on every worker and in every rerun."""
+    cfg.validate()
+    world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
+    users = population(cfg)
+    other = {u.user_id: (users[1 - i] if cfg.population == "two_user_conflict" else None)
+             for i, u in enumerate(users)}
+    out = {}
+    for u in users:
+        rng = np.random.default_rng([cfg.world_seed, u.user_id])
+        train = world.pairs_for_user(u, cfg.train_pairs_per_user, rng, other[u.user_id], "train")
+        test = world.pairs_for_user(u, cfg.test_pairs_per_user, rng, other[u.user_id], "test")
+        out[u.user_id] = UserPairs(u, train, test)
+    return out
+
+
+def aspect_targets(record_scores: dict[str, float]) -> list[float]:
+    """The four aspect scores of a response (1-5), in ASPECTS order, for regression."""
+    return [record_scores[a] for a in ASPECTS]
+
+
+def pair_embeddings(records: list[PreferenceRecord], encoder) -> torch.Tensor:
+    """[n, 2, E]: frozen embeddings of each record's (prompt+chosen, prompt+rejected)."""
+    from raypref.models.reward import embed_frozen
+
+    prompts = [r.prompt for r in records]
+    chosen = embed_frozen(encoder, prompts, [r.chosen for r in records])
+    rejected = embed_frozen(encoder, prompts, [r.rejected for r in records])
+    return torch.stack([chosen, rejected], dim=1)
+
+
+def demo_embeddings(pairs: dict[int, UserPairs], demo_pool: int, encoder) -> dict[int, torch.Tensor]:
+    """user id -> [demo_pool, 2, E]: the frozen embeddings of the user's demonstration pool."""
+    return {uid: pair_embeddings(up.train[:demo_pool], encoder) for uid, up in pairs.items()}
+
+
+def save_embeddings(embeddings: dict[int, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({str(uid): t.contiguous() for uid, t in embeddings.items()}, str(tmp))
+    tmp.replace(path)
+
+
+def load_embeddings(path: Path) -> dict[int, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not Path(path).exists():
+        raise FileNotFoundError(f"demonstration embeddings file {path} does not exist "
+                                "(precompute it with recipes.reward.precompute_demo_embeddings)")
+    return {int(k): v for k, v in load_file(str(path)).items()}

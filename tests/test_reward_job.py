@@ -1,0 +1,31 @@
+"""jobs/reward.py end to end through the Ray Train + DeepSpeed runner (tiny encoder)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from jobs.reward import main  # noqa: E402
+
+SMALL = ["--encoder.name_or_path", "tiny", "--encoder.tiny_hidden", "16",
+         "--encoder.tiny_layers", "1", "--vae.pair_hidden", "16", "--vae.pair_out", "16",
+         "--vae.latent", "8", "--vae.decoder_hidden", "16", "--vae.attention_heads", "2",
+         "--data.train_pairs_per_user", "30", "--data.test_pairs_per_user", "6",
+         "--data.demo_pool", "12", "--data.n_demos", "4", "--eval_pairs_per_user", "6",
+         "--training.steps", "4", "--training.micro_batch_size", "8",
+         "--resources.checkpoint_every", "2", "--resources.eval_every", "2"]
+
+
+@pytest.mark.slow
+def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path):
+    final = main(["--method", "vae", "--sampling", "adaptive", "--output_dir", str(tmp_path), *SMALL])
+    assert {"acc.user1", "acc.user2", "acc.mean", "acc.min"} <= set(final)
+    assert all(0.0 <= v <= 1.0 for v in final.values())
+    cached = list((tmp_path / "cache").glob("demos-*.safetensors"))
+    assert len(cached) == 1  # demonstration pools embedded once, before training
+    export = next((tmp_path / "runs").glob("reward-vae-*/final"))
+    assert (export / "model.safetensors").exists()
+    assert json.loads((export / "reward_config.json").read_text())["sampling"] == "adaptive"
+    assert list(tmp_path.glob("*-user-accuracy.png")) and list(tmp_path.glob("*-latent-tsne.png"))
+    assert (export / "latent_means.safetensors").exists()

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from raypref.recipes.dpo import DPOConfig, DPOSpec
+from raypref.recipes.reward import RewardConfig
 from raypref.recipes.sft import SFTConfig
 
 
@@ -29,6 +30,7 @@ def _dpo_policy(cfg: DPOConfig, base_dir: str, preference: str, pairs: list, see
 RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("sft", SFTConfig),
     Recipe("dpo", DPOConfig, per_preference=_dpo_policy),  # loss_type "sigmoid" (DPO) or "ipo"
+    Recipe("reward", RewardConfig),  # reward models: bt / multi_objective / vae (jobs/reward.py)
 )}
 
 

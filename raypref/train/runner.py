@@ -151,11 +151,12 @@ def deepspeed_config(cfg: RunnerConfig) -> dict:
 
 
 def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
-        dataset_config=None) -> RunResult:
+        dataset_config=None, callbacks: list | None = None) -> RunResult:
     """Train `spec` on cfg.num_workers Ray Train workers; resume the run if it already exists.
 
     `datasets` (name -> ray.data.Dataset) are sharded to the workers for
-    `ray.train.get_dataset_shard(name)`. Raises ray.train.TrainingFailedError when the
+    `ray.train.get_dataset_shard(name)`. `callbacks` go to Ray Train's RunConfig (e.g. Tune's
+    `TuneReportCallback` when a sweep trial runs the loop). Raises ray.train.TrainingFailedError when the
     workers fail more than cfg.max_failures times.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
@@ -174,6 +175,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
             storage_path=str(storage),
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
+            callbacks=callbacks,
         ),
         datasets=datasets,
         # e.g. data.pipeline.ExactSplitDataConfig: Train's default split drops rows to even out

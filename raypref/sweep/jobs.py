@@ -73,6 +73,7 @@ class DPOTrialConfig:
     pairs: int = 256
     seed: int = 0
     report_every: int = 10  # steps between the metrics Tune (and ASHA) sees
+    fail: bool = False  # testing the retry path: the trial raises before training, every attempt
     training: DPOTrialTraining = field(default_factory=DPOTrialTraining)
     resources: DPOTrialResources = field(default_factory=DPOTrialResources)
 
@@ -112,6 +113,8 @@ def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Pa
     from raypref.train.runner import FINAL_DIR, HISTORY_FILE, run
 
     t, r = cfg.training, cfg.resources
+    if cfg.fail:
+        raise RuntimeError("DPOTrialConfig.fail=true: this trial fails on purpose")
     runs = sweep_dir / "runs"
     done = runs / trial_name / FINAL_DIR / HISTORY_FILE
     if done.exists():  # finished before the sweep was interrupted, not yet recorded by Tune
@@ -137,7 +140,120 @@ def model_path(sweep_dir: Path, trial_name: str) -> Path:
     return sweep_dir / "runs" / trial_name / FINAL_DIR
 
 
+# ---------------------------------------------------------------- soups (merge weights)
+
+
+@dataclass
+class SoupsTrialConfig:
+    """A soups trial: no training. Merge per-preference LoRA adapters with `weights` (exactly:
+    base + sum w_i B_i A_i) and score generations with the world's judges as a target user
+    would (the mean over the user's preferences of each preference's 0..1 reward). Reported
+    every `report_every` prompts, so ASHA can drop a poor weighting early."""
+
+    sft: SFTConfig = field(default_factory=_tiny_sft)
+    preferences: list[str] = field(default_factory=lambda: ["P1A", "P2A", "P3B"])
+    # folder with one adapter folder per preference (e.g. a soups run's runs/<key>/<P>/final);
+    # "" = train them once per sweep (into <sweep>/adapters/, reused when resumed)
+    adapters_dir: str = ""
+    adapter_pairs: int = 256
+    adapter_training: DPOTrialTraining = field(default_factory=DPOTrialTraining)
+    weights: dict[str, float] = field(default_factory=dict)  # searched; {} = uniform
+    target: dict[str, float] = field(default_factory=lambda: {"P1A": 0.6, "P2A": 0.3, "P3B": 0.1})
+    merge_method: str = "exact_lora"
+    n_prompts: int = 48  # held-out prompts
+    report_every: int = 8  # prompts between reports
+    max_new_tokens: int = 64
+    seed: int = 0
+
+    def validate(self) -> None:
+        from raypref.data.users import psoups_profile
+        from raypref.models.merge import METHODS, validate_weights
+
+        for name in [*self.preferences, *self.target]:
+            psoups_profile(name)  # raises naming an unknown preference
+        if self.weights:
+            validate_weights(self.weights, self.preferences)
+        missing = sorted(set(self.target) - set(self.preferences))
+        if missing:
+            raise ValueError(f"SoupsTrialConfig.target: {missing} have no adapter (preferences "
+                             f"{self.preferences}); the sweep would score what it cannot merge")
+        if any(w < 0 for w in self.target.values()) or sum(self.target.values()) <= 0:
+            raise ValueError(f"SoupsTrialConfig.target={self.target}: weights must be >= 0, not all 0")
+        if self.merge_method not in METHODS:
+            raise ValueError(f"SoupsTrialConfig.merge_method={self.merge_method!r}: one of {METHODS}")
+        if not 1 <= self.report_every <= self.n_prompts:
+            raise ValueError("SoupsTrialConfig.report_every: must be in [1, n_prompts]")
+
+
+def _soups_prepare(cfg: SoupsTrialConfig, sweep_dir: Path) -> dict:
+    """The SFT base and one trained adapter per preference (trained here unless given)."""
+    from raypref.data.world import World
+    from raypref.recipes.dpo import SoupDPOSpec
+    from raypref.recipes.sft import train_sft
+    from raypref.train.runner import FINAL_DIR, run
+
+    sft_dir = train_sft(cfg.sft)
+    if cfg.adapters_dir:
+        adapters = {p: str(Path(cfg.adapters_dir).expanduser().resolve() / p) for p in cfg.preferences}
+        missing = [p for p, path in adapters.items() if not (Path(path) / "adapter_config.json").exists()]
+        if missing:
+            raise FileNotFoundError(f"SoupsTrialConfig.adapters_dir={cfg.adapters_dir}: no adapter for {missing}")
+        return {"sft_dir": str(sft_dir), "adapters": adapters}
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    t, adapters = cfg.adapter_training, {}
+    for i, name in enumerate(cfg.preferences):
+        final = sweep_dir / "adapters" / name / FINAL_DIR
+        if not (final / "adapter_config.json").exists():
+            pairs = world.pairs_for_preference(name, cfg.adapter_pairs, np.random.default_rng([cfg.seed, i]))
+            spec = SoupDPOSpec(sft_dir=str(sft_dir), pairs=pairs, preference=name, lora=t.lora, beta=t.beta,
+                               max_length=t.max_length, micro_batch_size=t.micro_batch_size, seed=cfg.seed)
+            print(f"[sweep] training the {name} adapter ({t.steps} steps)", flush=True)
+            run(spec, spec.runner_config(lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps,
+                                         zero_stage=0, checkpoint_every=t.steps, name=name,
+                                         storage_path=str(sweep_dir / "adapters"), seed=cfg.seed,
+                                         log_every=t.steps))
+        adapters[name] = str(final)
+    return {"sft_dir": str(sft_dir), "adapters": adapters}
+
+
+def target_score(target: dict[str, float], scores: dict[str, float]) -> float:
+    """The target user's 0..1 reward of one judged text: its preferences' rewards, weighted."""
+    from raypref.experiments.soups.preferences import preference_reward
+
+    total = sum(target.values())
+    return sum(w * preference_reward(p, scores) for p, w in target.items()) / total
+
+
+def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
+    from ray import tune
+
+    from raypref.data.world import World
+    from raypref.experiments.soups.evaluate import EvalConfig, judged_generations, with_weights
+    from raypref.models.factory import load_pretrained
+    from raypref.models.merge import LoraAdapter, merge
+
+    weights = cfg.weights or {p: 1.0 / len(cfg.preferences) for p in cfg.preferences}
+    base, tokenizer = load_pretrained(shared["sft_dir"])
+    peft_based = cfg.merge_method in ("ties", "dare_ties", "dare_linear")  # these take the module
+    state = merge(cfg.merge_method, weights, base=base if peft_based else base.state_dict(),
+                  adapters={p: LoraAdapter.from_dir(shared["adapters"][p]) for p in weights})
+    model = with_weights(base, state)
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    prompts = world.prompts(cfg.n_prompts, split="test")
+    eval_cfg = EvalConfig(samples_per_prompt=1, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    rewards: list[float] = []
+    for start in range(0, len(prompts), cfg.report_every):
+        chunk = prompts[start:start + cfg.report_every]
+        _, scores = judged_generations(world, model, tokenizer, chunk, replace(eval_cfg, seed=cfg.seed + start))
+        rewards += [target_score(cfg.target, s) for s in scores]
+        tune.report({"prompts": len(rewards), "user_score": float(np.mean(rewards))})
+
+
 JOBS: dict[str, SweepJob] = {
+    "soups": SweepJob(
+        name="soups", config=SoupsTrialConfig, metric="user_score", mode="max", time_attr="prompts",
+        max_t=lambda cfg: cfg.n_prompts, prepare=_soups_prepare, trial=_soups_trial,
+        default_space=SWEEP_SPACES / "soups.yaml"),
     "dpo": SweepJob(
         name="dpo", config=DPOTrialConfig, metric="loss", mode="min", time_attr="step",
         max_t=lambda cfg: cfg.training.steps, prepare=_dpo_prepare, trial=_dpo_trial,

@@ -22,9 +22,10 @@ _TUNE_KEYS = {"timestamp", "training_iteration", "time_this_iter_s", "time_total
 DONE, STOPPED, FAILED = "done", "stopped early", "failed"
 
 
-def trial_name(trial_id: str) -> str:
-    """`trial_00003` from Tune's `<experiment>_00003`: the counter, without the random part."""
-    return "trial_" + trial_id.rsplit("_", 1)[-1]
+def trial_name(trial) -> str:
+    """`trial_003` for the sweep's third trial: Tune's counter (the first part of its
+    experiment tag), not its random trial id. Also the trial's folder name."""
+    return f"trial_{int(trial.experiment_tag.split('_', 1)[0]):03d}"
 
 
 def trial_status(status: str, last_result: dict, time_attr: str, max_t: int) -> str:
@@ -57,7 +58,7 @@ def row_of(trial, space, metric: str, time_attr: str, max_t: int,
     """A Tune Trial as a table row."""
     last = trial.last_result or {}
     status = trial_status(trial.status, last, time_attr, max_t)
-    name = trial_name(trial.trial_id)
+    name = trial_name(trial)
     try:
         params = space.resolve(trial.config)
     except KeyError:
@@ -150,7 +151,7 @@ class MLflowTrials(Callback):
 
     def _run_id(self, trial) -> str:
         if trial.trial_id not in self._runs:
-            run = self._client.create_run(self._experiment_id, run_name=trial_name(trial.trial_id), tags={
+            run = self._client.create_run(self._experiment_id, run_name=trial_name(trial), tags={
                 "mlflow.parentRunId": self.parent_run_id, "raypref.trial_id": trial.trial_id,
                 "raypref.status": "running"})
             self._runs[trial.trial_id] = run.info.run_id
@@ -207,6 +208,8 @@ def write_summary(sweep, rows: list[TrialRow], parent_run_id: str, seconds: floa
         "stopped_early": [r.name for r in rows if r.status == STOPPED],
         "failed": {r.name: r.error for r in rows if r.status == FAILED},
         "best": None, "rows": [r.__dict__ for r in rows],
+        # interrupted (Ctrl-C, ray job stop): trials left pending / running; rerun to continue
+        "unfinished": [r.name for r in rows if r.status not in (DONE, STOPPED, FAILED)],
     }
     client = mlflow.MlflowClient()
     if best is not None:
@@ -226,7 +229,7 @@ def write_summary(sweep, rows: list[TrialRow], parent_run_id: str, seconds: floa
     for key, value in {"trials": len(rows), "seconds": seconds, **{
             f"trials_{k.replace(' ', '_')}": v for k, v in summary["counts"].items()}}.items():
         client.log_metric(parent_run_id, key, value)
-    client.set_terminated(parent_run_id, "FINISHED")
+    client.set_terminated(parent_run_id, "KILLED" if summary["unfinished"] else "FINISHED")
     _print(summary, rows, sweep)
     return summary
 
@@ -246,6 +249,9 @@ def _print(summary: dict, rows: list[TrialRow], sweep) -> None:
               f"{_fmt(best['params'])}")
         print(f"[sweep] best model: {best['model_path'] or '(no final model: the trial did not finish)'}")
         print(f"[sweep] best config: {sweep.path / 'best_config.yaml'}")
+    if summary["unfinished"]:
+        print(f"[sweep] interrupted with {len(summary['unfinished'])} trial(s) unfinished: rerun "
+              f"with --name {sweep.path.name} to continue")
     print(f"[sweep] summary: {sweep.path / 'summary.json'}", flush=True)
 
 

@@ -24,6 +24,7 @@ from raypref.sweep.report import (ProgressTable, MLflowTrials, trial_rows, trial
 from raypref.sweep.space import SearchSpace, load_space
 
 STATE_FILE = "sweep.json"  # the sweep's own state: MLflow parent run, space, job
+ATTEMPTS_DIR = "attempts"  # attempts/<trial>.txt: one line (the Ray node id) per attempt
 
 
 @dataclass
@@ -104,20 +105,30 @@ def _trial(raw_config: dict, sweep: Sweep, shared: dict) -> None:
     from ray import tune
 
     cfg = sweep.space.apply(sweep.job.config, sweep.base, raw_config)
-    name = trial_name(tune.get_context().get_trial_id())
+    import ray
+
+    name = Path(tune.get_context().get_trial_dir()).name  # trial_NNN (trial_dirname_creator)
+    attempts = sweep.path / ATTEMPTS_DIR
+    attempts.mkdir(exist_ok=True)
+    with open(attempts / f"{name}.txt", "a") as log:  # which Ray cluster ran each attempt
+        log.write(f"{ray.get_runtime_context().get_node_id()}\n")
     sweep.job.trial(cfg, shared, name, sweep.path)
 
 
 def _max_concurrent(sweep: Sweep) -> int:
-    """As many trials as the cluster's CPUs hold (each: its own process + its workers)."""
+    """As many trials as the cluster holds: each needs its own process (trial_cpus) plus its
+    training workers' CPUs, and GPUs when they use them."""
     import ray
 
     if sweep.cfg.max_concurrent:
         return sweep.cfg.max_concurrent
+    cluster = ray.cluster_resources()
     res = getattr(sweep.base_config, "resources", None)
-    per_trial = sweep.cfg.trial_cpus + (res.num_workers * res.cpus_per_worker if res else 0.0)
-    cpus = ray.cluster_resources().get("CPU", 1.0)
-    return max(1, int(cpus // per_trial)) if per_trial > 0 else 1
+    need = {"CPU": sweep.cfg.trial_cpus + (res.num_workers * res.cpus_per_worker if res else 0.0)}
+    if res is not None and res.use_gpu:
+        need["GPU"] = float(res.num_workers)
+    fits = [int(cluster.get(kind, 0.0) // amount) for kind, amount in need.items() if amount > 0]
+    return max(1, min(fits)) if fits else 1
 
 
 def run_sweep(cfg: SweepConfig) -> dict:
@@ -129,6 +140,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
 
     sweep = plan(cfg)
     started = time.time()
+    # save Tune's experiment state every few seconds (default: >= 10 s), so a killed sweep
+    # loses at most that much record of ended trials; trials last minutes, saving is cheap
+    os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not ray.is_initialized():
         ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
@@ -160,7 +174,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
                                         grace_period=cfg.grace_period,
                                         reduction_factor=cfg.reduction_factor)
                 if cfg.scheduler == "asha" else FIFOScheduler(),
-                time_budget_s=cfg.time_budget_s or None),
+                time_budget_s=cfg.time_budget_s or None,
+                trial_name_creator=trial_name, trial_dirname_creator=trial_name),
             run_config=tune.RunConfig(
                 name=sweep.path.name, storage_path=str(sweep.path.parent),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),

@@ -12,6 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raypref.models.factory import LoraSettings, ModelConfig
+from raypref.recipes.dpo import SoupDPOSpec, evaluate_pairs
 from raypref.recipes.sft import SFTConfig, _default_runner
 
 SWEEP_SPACES = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
@@ -71,6 +72,7 @@ class DPOTrialConfig:
     sft: SFTConfig = field(default_factory=_tiny_sft)
     preference: str = "P1A"
     pairs: int = 256
+    heldout_pairs: int = 128  # scored every report_every steps: the sweep's metric
     seed: int = 0
     report_every: int = 10  # steps between the metrics Tune (and ASHA) sees
     fail: bool = False  # testing the retry path: the trial raises before training, every attempt
@@ -86,6 +88,7 @@ class DPOTrialConfig:
                   ("training.beta", t.beta > 0, "must be > 0"),
                   ("training.lora.r", t.lora.r >= 1, "must be >= 1"),
                   ("pairs", self.pairs >= t.micro_batch_size, "must be >= training.micro_batch_size"),
+                  ("heldout_pairs", self.heldout_pairs >= 1, "must be >= 1"),
                   ("report_every", 1 <= self.report_every <= t.steps, "must be in [1, training.steps]")]
         for name, ok, rule in checks:
             if not ok:
@@ -94,14 +97,41 @@ class DPOTrialConfig:
         self.sft.validate()
 
 
+@dataclass
+class HeldoutDPOSpec(SoupDPOSpec):
+    """DPO that also scores held-out pairs every `eval_every` steps, adding `heldout_accuracy`
+    and `heldout_margin` to that step's metrics (carried between evaluations, so every step
+    has the same keys). Held-out accuracy does not depend on beta, unlike the DPO loss, so
+    trials with different betas compare fairly. Bridges the runner's between-checkpoint
+    evaluation hook; assumes grad_accum == 1 (one loss call per step)."""
+
+    heldout: list = field(default_factory=list)
+    eval_every: int = 10
+
+    def batches(self, rank, world_size, start_step):
+        self._step = start_step
+        return super().batches(rank, world_size, start_step)
+
+    def loss(self, model, batch):
+        loss, metrics = super().loss(model, batch)
+        self._step += 1
+        if self._step % self.eval_every == 0 or not hasattr(self, "_heldout"):
+            scores = evaluate_pairs(model, self.tokenizer(), self.heldout, self.beta,
+                                    max_length=self.max_length)
+            self._heldout = {"heldout_accuracy": scores["reward_accuracy"],
+                             "heldout_margin": scores["reward_margin"]}
+        return loss, {**metrics, **self._heldout}
+
+
 def _dpo_prepare(cfg: DPOTrialConfig, sweep_dir: Path) -> dict:
     from raypref.data.world import World
     from raypref.recipes.sft import train_sft
 
     sft_dir = train_sft(cfg.sft)
     world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
-    pairs = world.pairs_for_preference(cfg.preference, cfg.pairs, np.random.default_rng(cfg.seed))
-    return {"sft_dir": str(sft_dir), "pairs": pairs}
+    pairs = world.pairs_for_preference(cfg.preference, cfg.pairs + cfg.heldout_pairs,
+                                       np.random.default_rng(cfg.seed))
+    return {"sft_dir": str(sft_dir), "pairs": pairs[:cfg.pairs], "heldout": pairs[cfg.pairs:]}
 
 
 def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
@@ -109,7 +139,6 @@ def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Pa
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
-    from raypref.recipes.dpo import SoupDPOSpec
     from raypref.train.runner import FINAL_DIR, HISTORY_FILE, run
 
     t, r = cfg.training, cfg.resources
@@ -120,9 +149,11 @@ def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Pa
     if done.exists():  # finished before the sweep was interrupted, not yet recorded by Tune
         tune.report(json.loads(done.read_text())[-1])
         return
-    spec = SoupDPOSpec(sft_dir=shared["sft_dir"], pairs=shared["pairs"], preference=cfg.preference,
-                       lora=t.lora, beta=t.beta, loss_type=t.loss_type, max_length=t.max_length,
-                       micro_batch_size=t.micro_batch_size, seed=cfg.seed)
+    spec = HeldoutDPOSpec(
+        sft_dir=shared["sft_dir"], pairs=shared["pairs"], preference=cfg.preference, lora=t.lora,
+        beta=t.beta, loss_type=t.loss_type, max_length=t.max_length,
+        micro_batch_size=t.micro_batch_size, seed=cfg.seed, heldout=shared["heldout"],
+        eval_every=cfg.report_every)
     runner_cfg = spec.runner_config(
         lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps, num_workers=r.num_workers,
         cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu, zero_stage=r.zero_stage,
@@ -188,7 +219,6 @@ class SoupsTrialConfig:
 def _soups_prepare(cfg: SoupsTrialConfig, sweep_dir: Path) -> dict:
     """The SFT base and one trained adapter per preference (trained here unless given)."""
     from raypref.data.world import World
-    from raypref.recipes.dpo import SoupDPOSpec
     from raypref.recipes.sft import train_sft
     from raypref.train.runner import FINAL_DIR, run
 
@@ -255,7 +285,7 @@ JOBS: dict[str, SweepJob] = {
         max_t=lambda cfg: cfg.n_prompts, prepare=_soups_prepare, trial=_soups_trial,
         default_space=SWEEP_SPACES / "soups.yaml"),
     "dpo": SweepJob(
-        name="dpo", config=DPOTrialConfig, metric="loss", mode="min", time_attr="step",
+        name="dpo", config=DPOTrialConfig, metric="heldout_accuracy", mode="max", time_attr="step",
         max_t=lambda cfg: cfg.training.steps, prepare=_dpo_prepare, trial=_dpo_trial,
         default_space=SWEEP_SPACES / "dpo.yaml"),
 }

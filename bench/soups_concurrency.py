@@ -39,9 +39,10 @@ import ray
 
 from raypref.data.users import psoups_profiles
 from raypref.data.world import World
-from raypref.train.runner import LoopSpec, RunnerConfig
+from raypref.recipes.dpo import DPOConfig, DPOSpec
 from raypref.recipes.sft import SFTConfig, train_sft
-from raypref.recipes.dpo import SoupDPOSpec
+from raypref.train.runner import Resources, RunnerConfig, runner_config
+from raypref.train.spec import LoopSpec
 from raypref.train.concurrent import RunOutcome, train_concurrently, train_sequentially
 
 PREFERENCES = [p.name for p in psoups_profiles()]  # P1A, P1B, P2A, P2B, P3A, P3B
@@ -70,26 +71,32 @@ class TimedSpec(LoopSpec):
         self.__dict__.update(state)
         self.hops = [*state.get("hops", []), (os.getpid(), time.time())]
 
-    def build_model(self):
+    def roles(self):
+        return self.inner.roles()
+
+    def build_model(self, role="policy"):
         import torch
 
         self.stamps = {"build": time.time(), "torch_threads": torch.get_num_threads(),
                        "omp_num_threads": os.environ.get("OMP_NUM_THREADS"), "losses": 0,
                        "hops": self.hops}
-        return self.inner.build_model()
+        return self.inner.build_model(role)
 
-    def batches(self, rank, world_size, start_step):
-        return self.inner.batches(rank, world_size, start_step)
+    def fingerprint(self):
+        return self.inner.fingerprint()
 
-    def loss(self, model, batch):
+    def batches(self, ctx):
+        return self.inner.batches(ctx)
+
+    def loss(self, batch, ctx):
         now = time.time()
         self.stamps.setdefault("first_loss", now)
         self.stamps["last_loss"] = now
         self.stamps["losses"] += 1
-        return self.inner.loss(model, batch)
+        return self.inner.loss(batch, ctx)
 
-    def export(self, model, out_dir):
-        self.inner.export(model, out_dir)
+    def export(self, models, out_dir):
+        self.inner.export(models, out_dir)
         self.stamps["exported"] = time.time()
         Path(self.stamp_file).write_text(json.dumps(self.stamps))
 
@@ -146,13 +153,12 @@ def build_jobs(names: list[str], sft_dir: Path, pairs: dict, args, storage: Path
     storage.mkdir(parents=True, exist_ok=True)
     jobs = {}
     for name in names:
-        spec = SoupDPOSpec(sft_dir=str(sft_dir), pairs=pairs[name], preference=name,
-                           micro_batch_size=args.batch, seed=args.seed)
-        cfg = spec.runner_config(max_steps=steps, warmup_steps=min(10, steps), num_workers=1,
-                                 cpus_per_worker=cpus_per_worker, zero_stage=0,
-                                 checkpoint_every=args.checkpoint_every, max_failures=0,
-                                 storage_path=str(storage), name=name, seed=args.seed,
-                                 log_every=max(1, steps))
+        training = DPOConfig(steps=steps, micro_batch_size=args.batch, warmup_steps=min(10, steps))
+        spec = DPOSpec.from_config(training, str(sft_dir), pairs[name], name=name, seed=args.seed)
+        resources = Resources(num_workers=1, cpus_per_worker=cpus_per_worker, zero_stage=0,
+                              checkpoint_every=args.checkpoint_every, max_failures=0)
+        cfg = runner_config(training, resources, storage_path=str(storage), name=name, seed=args.seed,
+                            log_every=max(1, steps))
         jobs[name] = (TimedSpec(spec, str(storage / f"{name}.timing.json")), cfg)
     return jobs
 
@@ -200,9 +206,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def reduced_sft(args) -> SFTConfig:
     base = SFTConfig()
-    runner = replace(base.runner, max_steps=args.sft_steps, warmup_steps=min(20, args.sft_steps),
-                     checkpoint_every=args.sft_steps)
-    return replace(base, runner=runner, corpus_size=args.sft_corpus,
+    training = replace(base.training, steps=args.sft_steps, warmup_steps=min(20, args.sft_steps))
+    resources = replace(base.resources, checkpoint_every=args.sft_steps)
+    return replace(base, training=training, resources=resources, corpus_size=args.sft_corpus,
                    output_dir=str(Path(args.out) / "sft"))
 
 
@@ -217,7 +223,7 @@ def main(argv=None) -> dict:
     started = time.time()
     try:
         sft_cfg = reduced_sft(args)
-        log(f"SFT base: {sft_cfg.runner.max_steps} steps on {sft_cfg.corpus_size} examples "
+        log(f"SFT base: {sft_cfg.training.steps} steps on {sft_cfg.corpus_size} examples "
             f"(reduced; cached by config hash)")
         t0 = time.time()
         sft_dir = train_sft(sft_cfg)

@@ -17,13 +17,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raypref.cli import run_job
 from raypref.config import parse_args
 from raypref.experiments.preference import DPOJobConfig, DPOJobResult, train_dpo
 
 
 def main(argv: list[str] | None = None) -> DPOJobResult:
-    return train_dpo(parse_args(DPOJobConfig, argv))
+    return train_dpo(parse_args(DPOJobConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

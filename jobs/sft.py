@@ -1,6 +1,6 @@
 """SFT warm start on the simulated world (tiny GPT-2 by default, ~2 min on 2 CPU cores).
 
-    python jobs/sft.py [--config sft.yaml] [--runner.num_workers 2] [--runner.max_steps 300] ...
+    python jobs/sft.py [--config sft.yaml] [--resources.num_workers 2] [--training.steps 300] ...
 
 Trains (or reuses: outputs are cached by config hash) the policy, logs per-step metrics and a
 few sample generations to MLflow, and prints the model folder.
@@ -10,7 +10,11 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+if __package__ in (None, ""):  # run as a script without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from raypref import tracking
+from raypref.cli import run_job
 from raypref.config import parse_args
 from raypref.data.world import World
 from raypref.models.factory import generate, load_pretrained
@@ -20,7 +24,7 @@ N_SAMPLES = 3
 
 
 def main(argv: list[str] | None = None) -> Path:
-    cfg = parse_args(SFTConfig, argv)
+    cfg = parse_args(SFTConfig, argv, description=__doc__)
     cached = sft_output_dir(cfg).exists()
     print(f"[sft] {'cached model at' if cached else 'training into'} {sft_output_dir(cfg)}")
     with tracking.start_run("sft", cfg, cfg.output_dir):
@@ -41,4 +45,4 @@ def main(argv: list[str] | None = None) -> Path:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

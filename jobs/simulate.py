@@ -22,6 +22,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
 import numpy as np
 
 from raypref import tracking
+from raypref.cli import run_job
 from raypref.config import ConfigError, parse_args
 from raypref.data.analysis import plot_counts, sample_queries, write_population_analysis
 from raypref.data.simulate import (POPULATIONS, population_users, simulate_population,
@@ -106,8 +107,8 @@ def run(cfg: SimulateConfig) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(parse_args(SimulateConfig, argv))
+    return run(parse_args(SimulateConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -1,6 +1,8 @@
 """MLflow tracking for every raypref job.
 
-One run per job. The store is ``$MLFLOW_TRACKING_URI`` when set, else a sqlite database
+One run per job; a job made of several trainings (the soups: one policy per preference,
+baselines, seeds) opens a `child_run` for each inside it, so the MLflow UI lists them under
+the job's run and compares them side by side. The store is ``$MLFLOW_TRACKING_URI`` when set, else a sqlite database
 inside the job's output folder (a plain ``./mlruns`` file store is refused by MLflow >= 3.13).
 A run that raises ends FAILED, so a broken job never looks finished in the UI.
 """
@@ -39,11 +41,7 @@ def start_run(job: str, config: Any, output_dir: str | Path,
     cfg = to_dict(config) if hasattr(config, "__dataclass_fields__") else dict(config)
     run = mlflow.start_run(run_name=run_name)
     try:
-        params = {k: _param_text(v) for k, v in flatten(cfg).items()}
-        # log_params takes at most 100 params per call
-        items = list(params.items())
-        for i in range(0, len(items), 100):
-            mlflow.log_params(dict(items[i:i + 100]))
+        log_params(cfg)
         mlflow.log_dict(cfg, "config.json")
         mlflow.set_tag("raypref.job", job)
         mlflow.set_tag("raypref.output_dir", str(Path(output_dir).resolve()))
@@ -53,6 +51,45 @@ def start_run(job: str, config: Any, output_dir: str | Path,
         raise
     else:
         mlflow.end_run(status="FINISHED")
+
+
+@contextlib.contextmanager
+def child_run(name: str, *, kind: str = "", params: Any = None,
+              tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
+    """A run nested in the active one, named for what it is (e.g. "policy P1A seed 0",
+    "baseline P-MORL seed 1"), with its own params (dataclass or dict, flattened), tags and
+    ``raypref.kind`` tag (policy / baseline / soup / seed ...). Metrics and artifacts logged
+    inside it go to the child; it ends FAILED if the block raises, and the parent is active
+    again after it."""
+    if mlflow.active_run() is None:
+        raise RuntimeError(f"child_run({name!r}): no active parent run; open one with start_run")
+    run = mlflow.start_run(run_name=name, nested=True,
+                           tags={**(tags or {}), **({"raypref.kind": kind} if kind else {})})
+    try:
+        if params is not None:
+            log_params(to_dict(params) if hasattr(params, "__dataclass_fields__") else params)
+        yield run
+    except BaseException:
+        mlflow.end_run(status="FAILED")
+        raise
+    else:
+        mlflow.end_run(status="FINISHED")
+
+
+def log_params(params: dict[str, Any]) -> None:
+    """Log a (nested) dict as flat params ("a.b"); long values are cut to MLflow's limit."""
+    items = [(k, _param_text(v)) for k, v in flatten(dict(params)).items()]
+    for i in range(0, len(items), 100):  # log_params takes at most 100 params per call
+        mlflow.log_params(dict(items[i:i + 100]))
+
+
+def log_step_metrics(rows: list[dict[str, float]], prefix: str = "") -> None:
+    """Per-step metric rows as a runner returns them (each with a "step") into the active run."""
+    for i, row in enumerate(rows):
+        if "step" not in row:
+            raise KeyError(f"log_step_metrics: row {i} has no 'step' (keys {sorted(row)})")
+        log_metrics({f"{prefix}{k}": v for k, v in row.items() if k != "step"},
+                    step=int(row["step"]))
 
 
 def _param_text(value: Any) -> str:

@@ -333,3 +333,26 @@ def test_ci_entry_point_runs_the_test_script(
     )
     assert result.returncode == expected_rc, result.stdout + result.stderr
     assert "-m pytest -p no:cacheprovider" in (stub_repo / "calls.log").read_text()
+
+
+def test_clusters_mount_the_shared_storage_the_7b_config_checkpoints_to() -> None:
+    """Checkpoints must be reachable from every node: the 7B config's storage_path, data and
+    outputs live on the shared mount both cluster definitions provide."""
+    config = load_yaml(REPO / "configs" / "soups-7b-8gpu.yaml")
+    shared = "/mnt/shared"
+    assert config["storage_path"].startswith(shared + "/")
+    assert config["output_dir"].startswith(shared + "/")
+    assert all(path.startswith(shared + "/") for path in config["psoups_files"].values())
+
+    cluster = load_yaml(CLUSTER_YAML)
+    assert f"-v {shared}:{shared}" in cluster["docker"]["run_options"]
+    assert any(shared in cmd and "mount" in cmd for cmd in cluster["initialization_commands"])
+
+    rayjob = load_yaml(RAYJOB_YAML)
+    spec = rayjob["spec"]["rayClusterSpec"]
+    pod_specs = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pod_specs:
+        claims = {v["name"]: v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"]
+                  if "persistentVolumeClaim" in v}
+        mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c.get("volumeMounts", [])}
+        assert shared in mounts and mounts[shared] in claims

@@ -151,14 +151,16 @@ def sft_dir(tmp_path_factory):
     return str(out)
 
 
-def test_soup_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread):
+def test_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread):
     """~30 in-process DPO steps: held-out implicit-reward accuracy goes from 0 to clearly above 0.5."""
     import pickle
 
-    from raypref.recipes.dpo import DEFAULT_LR, SoupDPOSpec, evaluate_pairs
+    from raypref.eval.pairs import evaluate_pairs
     from raypref.models.merge import LoraAdapter
+    from raypref.recipes.dpo import DEFAULT_LR, DPOSpec
+    from raypref.train.spec import StepContext
 
-    spec = pickle.loads(pickle.dumps(SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:8]), preference="P3A")))
+    spec = pickle.loads(pickle.dumps(DPOSpec(base_dir=sft_dir, pairs=_pairs(TOPICS[:8]), name="P3A")))
     held_out = _pairs(TOPICS[8:])
     torch.manual_seed(0)
     model = spec.build_model()
@@ -167,8 +169,10 @@ def test_soup_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread
     # the spec's default lr (PLATFORM-NOTES probe), as the runner would use it
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=DEFAULT_LR)
     losses = []
-    for _, batch in zip(range(30), spec.batches(rank=0, world_size=1, start_step=0)):
-        loss, _ = spec.loss(model, batch)
+    ctx = StepContext(step=1, max_steps=30, rank=0, world_size=1, micro_batch_size=8, grad_accum=1,
+                      seed=0, models={"policy": model})
+    for _, batch in zip(range(30), spec.batches(ctx)):
+        loss, _ = spec.loss(batch, ctx)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -178,18 +182,20 @@ def test_soup_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread
     assert after["reward_accuracy"] >= 0.9 and after["reward_margin"] > 0.1, after
     assert losses[0] == pytest.approx(math.log(2), abs=1e-4) and sum(losses[-5:]) / 5 < 0.55, losses
 
-    spec.export(model, tmp_path)  # what the runner calls: a safetensors adapter the merger can read
+    spec.export({"policy": model}, tmp_path)  # what the runner calls: a safetensors adapter the merger can read
     adapter = LoraAdapter.from_dir(tmp_path)
     assert adapter.config.r == 8 and any(k.endswith("lora_B.weight") for k in adapter.tensors)
 
 
-def test_soup_dpo_spec_batches_resume_where_they_left_off(sft_dir):
-    from raypref.recipes.dpo import SoupDPOSpec
+def test_dpo_spec_batches_resume_where_they_left_off(sft_dir):
+    from raypref.recipes.dpo import DPOSpec
+    from raypref.train.spec import StepContext
 
-    spec = SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:3]), micro_batch_size=4, grad_accum=2)
-    stream = spec.batches(rank=0, world_size=1, start_step=0)
+    spec = DPOSpec(base_dir=sft_dir, pairs=_pairs(TOPICS[:3]))
+    ctx = dict(max_steps=10, rank=0, world_size=1, micro_batch_size=4, grad_accum=2, seed=0)
+    stream = spec.batches(StepContext(step=1, **ctx))
     first = [next(stream) for _ in range(10)]  # 12 pairs / 4 = 3 per epoch: crosses epochs
-    resumed = spec.batches(rank=0, world_size=1, start_step=3)  # 3 steps × 2 micro-batches done
+    resumed = spec.batches(StepContext(step=4, **ctx))  # 3 steps × 2 micro-batches done
     for expected in first[6:]:
         got = next(resumed)
         assert all(torch.equal(got[k], expected[k]) for k in expected)
@@ -200,19 +206,28 @@ def test_soup_dpo_spec_batches_resume_where_they_left_off(sft_dir):
 
 
 @pytest.mark.slow
-def test_soup_dpo_spec_trains_through_the_ray_runner(ray_local, sft_dir, tmp_path):
+def test_dpo_spec_trains_through_the_ray_runner(ray_local, sft_dir, tmp_path):
     """Ray Train + DeepSpeed (1 worker, ZeRO-2): the exported adapter prefers the held-out chosen."""
     from peft import PeftModel
 
     from raypref.models.factory import load_pretrained
-    from raypref.train.runner import run
-    from raypref.recipes.dpo import POLICY_INFO_FILE, SoupDPOSpec, evaluate_pairs
+    from safetensors.torch import load_file
 
-    spec = SoupDPOSpec(sft_dir=sft_dir, pairs=_pairs(TOPICS[:8]), preference="P3A")
-    cfg = spec.runner_config(num_workers=1, max_steps=20, warmup_steps=2, checkpoint_every=20,
-                             storage_path=str(tmp_path / "runs"), name="p3a")
+    from raypref.eval.pairs import evaluate_pairs
+    from raypref.recipes.dpo import DEFAULT_LR, POLICY_INFO_FILE, DPOSpec
+    from raypref.train.runner import RunnerConfig, run
+
+    spec = DPOSpec(base_dir=sft_dir, pairs=_pairs(TOPICS[:8]), name="P3A")
+    cfg = RunnerConfig(num_workers=1, max_steps=20, warmup_steps=2, checkpoint_every=10, lr=DEFAULT_LR,
+                       micro_batch_size=8, storage_path=str(tmp_path / "runs"), name="p3a")
     result = run(spec, cfg)
     assert result.final_step == 20 and (result.export_path / POLICY_INFO_FILE).exists()
+    # a LoRA run checkpoints its adapter, not the frozen base: no base weight in the checkpoint
+    saved = load_file(str(result.checkpoint_path / "model.safetensors"))
+    assert saved and all("lora_" in key for key in saved), sorted(saved)[:5]
+    module_states = list((result.checkpoint_path / "ds-policy").glob("*model_states.pt"))
+    states = torch.load(module_states[0], map_location="cpu", weights_only=False)["module"]
+    assert states and all("lora_" in key for key in states), sorted(states)[:5]
     base, tokenizer = load_pretrained(sft_dir)
     policy = PeftModel.from_pretrained(base, str(result.export_path))
     held_out = evaluate_pairs(policy, tokenizer, _pairs(TOPICS[8:]), spec.beta)

@@ -20,12 +20,12 @@ from raypref.data.pipeline import PairTokenizer
 from raypref.data.quarantine import QuarantineExceeded
 from raypref.data.records import PreferenceRecord
 from raypref.data.world import World
-from raypref.experiments.preference import (DPOJobConfig, DPOResources, DPOTraining, SavedTokenizer, quarantine_metrics,
+from raypref.experiments.preference import (DPOJobConfig, SavedTokenizer, quarantine_metrics,
                          train_dpo)
 from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
-from raypref.train.runner import RunnerConfig
+from raypref.recipes.dpo import DPOConfig, ShardDPOSpec, collate_pairs, encode_pairs, shard_batch_to_pairs
 from raypref.recipes.sft import SFTConfig, sft_output_dir
-from raypref.recipes.dpo import ShardDPOSpec, collate_pairs, shard_batch_to_pairs, encode_pairs
+from raypref.train.runner import Optimization, Resources
 
 cloudpickle.register_pickle_by_value(sys.modules[__name__])
 
@@ -93,10 +93,47 @@ def test_saved_tokenizer_factory_pickles_and_loads_the_saved_tokenizer(tmp_path)
 
 
 def test_shard_spec_needs_no_in_memory_pairs_but_checks_settings():
-    spec = ShardDPOSpec(sft_dir="x", n_pairs=5)
+    spec = ShardDPOSpec(base_dir="x", n_pairs=5)
     assert spec.pairs == [] and spec.policy_info()["n_pairs"] == 5
     with pytest.raises(ValueError, match="beta"):
-        ShardDPOSpec(sft_dir="x", beta=0.0)
+        ShardDPOSpec(base_dir="x", beta=0.0)
+
+
+class FakeShard:
+    """Stands in for ray.train.get_dataset_shard: numbered micro-batches of fixed pairs."""
+
+    def __init__(self, n_batches: int):
+        self.n_batches = n_batches
+
+    def iter_torch_batches(self, batch_size, **shuffle):
+        for i in range(self.n_batches):
+            ids = torch.full((batch_size, 4), i)
+            ones = torch.ones((batch_size, 4), dtype=torch.long)
+            yield {"chosen_input_ids": ids, "rejected_input_ids": ids, "chosen_attention_mask": ones,
+                   "rejected_attention_mask": ones, "chosen_labels_mask": ones, "rejected_labels_mask": ones}
+
+
+def test_shard_spec_resumes_at_its_data_position(monkeypatch):
+    """The state saved in a checkpoint (passes, micro-batches consumed) makes a restarted worker
+    continue inside the interrupted pass instead of starting it over."""
+    import ray.train
+
+    from raypref.train.spec import StepContext
+
+    monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: FakeShard(5))
+    ctx = StepContext(step=1, max_steps=9, rank=0, world_size=1, micro_batch_size=2, grad_accum=1, seed=0)
+    spec = ShardDPOSpec(base_dir="x")
+    stream = spec.batches(ctx)
+    taken = [int(next(stream)["input_ids"][0, 0]) for _ in range(3)]
+    assert taken == [0, 1, 2] and spec.state_dict() == {"passes": 1, "consumed": 3}
+
+    resumed = ShardDPOSpec(base_dir="x")
+    resumed.load_state_dict(spec.state_dict())  # what the runner does from the checkpoint
+    rest = [int(b["input_ids"][0, 0]) for b in resumed.batches(ctx)]
+    assert rest == [3, 4]  # the rest of pass 1, not a new pass from batch 0
+    assert resumed.state_dict() == {"passes": 1, "consumed": 0}
+    assert [int(b["input_ids"][0, 0]) for b in resumed.batches(ctx)] == [0, 1, 2, 3, 4]
+    assert resumed.state_dict()["passes"] == 2
 
 
 def test_quarantine_metrics_have_totals_and_one_count_per_reason():
@@ -125,8 +162,8 @@ def test_config_from_cli_and_bad_values_named():
 
 def tiny_sft(root: Path) -> SFTConfig:
     return SFTConfig(model=ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=MAX_LENGTH),
-                     runner=RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=2, max_steps=10,
-                                         micro_batch_size=8, checkpoint_every=10),
+                     training=Optimization(steps=10, micro_batch_size=8, lr=3e-3, warmup_steps=2),
+                     resources=Resources(num_workers=1, zero_stage=0, checkpoint_every=10),
                      corpus_size=200, max_length=MAX_LENGTH, output_dir=str(root / "sft"))
 
 
@@ -135,9 +172,9 @@ def job_config(tmp_path: Path, **overrides) -> DPOJobConfig:
                 shard_formats=["parquet", "jsonl"],
                 output_dir=str(tmp_path / "dpo"), run_name="p1a", sft=tiny_sft(tmp_path),
                 max_quarantine_fraction=0.1,
-                training=DPOTraining(steps=10, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH,
-                                     shuffle_buffer=32),
-                resources=DPOResources(num_workers=1, cpus_per_worker=1.0, data_cpus=0.5, checkpoint_every=10))
+                training=DPOConfig(steps=10, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH),
+                shuffle_buffer=32, data_cpus=0.5,
+                resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=10))
     return DPOJobConfig(**{**base, **overrides})
 
 
@@ -213,3 +250,15 @@ def test_too_many_bad_rows_fail_the_job_before_any_training(ray_local, tmp_path)
     assert "quarantine/quarantine.jsonl" in artifact_paths(runs[0].info.run_id, "quarantine")
     assert not sft_output_dir(cfg.sft).exists()  # not even the SFT base was trained
     assert not any((tmp_path / "dpo" / "p1a").glob("checkpoint_*"))
+
+
+def test_missing_shards_say_which_formats_were_looked_for_and_how_to_ask_for_others(ray_local, tmp_path):
+    from raypref.experiments.preference import read_rows
+
+    (tmp_path / "only-jsonl").mkdir()
+    (tmp_path / "only-jsonl" / "shard-00000.jsonl").write_text("")
+    cfg = job_config(tmp_path, train_data=str(tmp_path / "only-jsonl"), shard_formats=["parquet"])
+    with pytest.raises(FileNotFoundError, match=r"no \*\.parquet shards under .*only-jsonl.*"
+                                                r"shard_formats=\['parquet'\] were looked for, "
+                                                r"read others with --shard_formats jsonl"):
+        read_rows(cfg, cfg.train_data, tmp_path / "q.jsonl")

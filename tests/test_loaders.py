@@ -1,11 +1,14 @@
 """Loaders of public schemas, on fixture files in each schema (tests/fixtures/make_fixtures.py)."""
+import gzip
 import json
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 
-from raypref.data.loaders import UserIdMap, load_records
-from raypref.data.quarantine import Quarantine
+from raypref.data.loaders import UserIdMap, get_schema, load_records, load_validated
+from raypref.data.quarantine import Quarantine, QuarantineExceeded
 from raypref.data.records import InvalidRecord
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -120,3 +123,72 @@ def test_rows_of_unexpected_shape_are_quarantined(tmp_path):
     quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0)
     assert list(load_records(str(path), schema="ultrafeedback", quarantine=quarantine)) == []
     assert quarantine.summary()["by_reason"] == {"unmappable": 2}
+
+
+def psoups_line(i: int) -> str:
+    return json.dumps({"user_input": f"question {i}?", "completion_a": f"good {i}", "completion_b": f"bad {i}"})
+
+
+def write_corrupt_folder(folder: Path) -> None:
+    """One good jsonl with a bad-UTF-8 line, and four shards that cannot be read (whole or in part)."""
+    folder.mkdir()
+    lines = [psoups_line(i).encode() for i in range(3)]
+    (folder / "a.jsonl").write_bytes(b"\n".join(lines[:2] + [b'{"user_input": "\xff\xfe"}', lines[2]]) + b"\n")
+    whole = gzip.compress("".join(psoups_line(i) + "\n" for i in range(2000)).encode(), mtime=0)
+    (folder / "b.jsonl.gz").write_bytes(whole[: len(whole) // 2])  # a gzip that ends early
+    pq.write_table(pa.Table.from_pylist([{"user_input": "q", "completion_a": "a", "completion_b": "b"}] * 50),
+                   folder / "c.parquet")
+    (folder / "c.parquet").write_bytes((folder / "c.parquet").read_bytes()[:200])  # truncated: no footer
+    (folder / "d.jsonl").write_bytes(bytes(range(256)) * 8)  # binary garbage under a jsonl name
+    (folder / "e.jsonl").symlink_to(folder / "gone.jsonl")  # listed, but cannot be opened
+
+
+def test_unreadable_shards_are_quarantined_by_name(tmp_path):
+    write_corrupt_folder(tmp_path / "data")
+    quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0)
+    records = list(load_records(str(tmp_path / "data"), schema="psoups", preference="P1A", quarantine=quarantine))
+    summary = quarantine.check()
+    names = {Path(shard).name: detail for shard, detail in summary["bad_shards"].items()}
+    assert set(names) == {"b.jsonl.gz", "c.parquet", "d.jsonl", "e.jsonl"}
+    assert "EOFError" in names["b.jsonl.gz"] and "NUL byte" in names["d.jsonl"]
+    assert "FileNotFoundError" in names["e.jsonl"] and names["c.parquet"].startswith("unreadable from row 0 on")
+    assert summary["shards_total"] == 5
+    assert summary["by_reason"] == {"undecodable_line": 1, "unreadable_shard": 4}
+    # rows read before the gzip broke are kept; each unreadable part is one quarantined unit
+    from_gzip = len(records) - 3  # a.jsonl gives 3
+    assert 0 < from_gzip < 2000 and records[3].prompt == "question 0?"
+    assert summary["rows_total"] == summary["rows_valid"] + summary["rows_quarantined"] == len(records) + 5
+    entries = {Path(e["shard"]).name: e for e in map(json.loads, quarantine.path.read_text().splitlines())
+               if e["reason"] == "unreadable_shard"}
+    assert entries["b.jsonl.gz"]["line"] == from_gzip + 1  # the first gzip line not read (1-based)
+    assert entries["c.parquet"]["line"] == 0 and entries["e.jsonl"]["raw"] is None
+
+
+def test_unreadable_shards_count_against_the_limit_and_raise_by_name(tmp_path):
+    write_corrupt_folder(tmp_path / "data")
+    # rows: 5 quarantined units of thousands, far under 0.5; shards: 4 of 5 bad
+    with pytest.raises(QuarantineExceeded, match=r"4 of 5 shards unreadable \(fraction 0\.800 > .*0\.5\).*c\.parquet"):
+        load_validated(str(tmp_path / "data"), schema="psoups", preference="P1A",
+                       quarantine_path=tmp_path / "q.jsonl", max_quarantine_fraction=0.5)
+    with pytest.raises(InvalidRecord, match=r"b\.jsonl\.gz:\d+: unreadable from line \d+ on: EOFError"):
+        list(load_records(str(tmp_path / "data" / "b.jsonl.gz"), schema="psoups", preference="P1A"))
+
+
+def test_load_validated_returns_records_and_summary(tmp_path):
+    records, summary = load_validated(str(FIXTURES / "P1A.json"), schema="psoups", preference="P1A",
+                                      quarantine_path=tmp_path / "q" / "P1A.jsonl", max_quarantine_fraction=0.5)
+    assert [r.user_text for r in records] == ["P1A", "P1A"]
+    assert summary["rows_total"] == 3 and summary["by_reason"] == {"empty_text": 1}
+    assert json.loads((tmp_path / "q" / "P1A.jsonl").read_text())["line"] == 2
+    with pytest.raises(QuarantineExceeded, match=r"1 of 3 rows quarantined"):
+        load_validated(str(FIXTURES / "P1A.json"), schema="psoups", preference="P1A",
+                       quarantine_path=tmp_path / "q.jsonl", max_quarantine_fraction=0.2)
+
+
+def test_schema_registry_names_the_known_schemas():
+    assert get_schema("prism").hub_config == "conversations" and get_schema("prism").uses_user_map
+    assert not get_schema("ultrafeedback").uses_user_map
+    with pytest.raises(ValueError, match=r"unknown schema 'hh'; known: \['prism', 'psoups', 'summarize_from_feedback', "
+                                         r"'ultrafeedback', 'ultrafeedback_binarized'\]"):
+        get_schema("hh")
+

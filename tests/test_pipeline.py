@@ -1,4 +1,5 @@
 """Ray Data pipeline: shards -> validation + quarantine -> DPO tensors -> Train workers."""
+import gzip
 import json
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import ray.cloudpickle
 
 from raypref.data.pipeline import (ExactSplitDataConfig, PairTokenizer, list_shards,
                                    read_preference_shards, tokenize_pairs)
-from raypref.data.quarantine import QuarantineExceeded
+from raypref.data.quarantine import QuarantineExceeded, check_fraction
 from raypref.data.records import PreferenceRecord
 
 # Ray workers cannot import this test module by name: ship its functions by value.
@@ -101,6 +102,31 @@ def test_fraction_limit_raises_after_consumption(ray_local, tmp_path):
     ds.take_all()
     with pytest.raises(QuarantineExceeded, match=r"4 of 14 rows quarantined \(fraction 0\.286 > .*0\.2\).*q\.jsonl"):
         report.check()
+
+
+def test_corrupt_shards_are_quarantined_by_name_and_counted(ray_local, tmp_path):
+    write_shards(tmp_path / "data")  # 10 valid rows, 4 bad ones
+    folder = tmp_path / "data"
+    pq.write_table(pa.Table.from_pylist([row(i) for i in range(200, 260)]), folder / "cut.parquet")
+    (folder / "cut.parquet").write_bytes((folder / "cut.parquet").read_bytes()[:300])
+    (folder / "garbage.jsonl").write_bytes(bytes(range(256)) * 4)
+    whole = gzip.compress("".join(json.dumps(row(i)) + "\n" for i in range(1000, 3000)).encode(), mtime=0)
+    (folder / "cut.jsonl.gz").write_bytes(whole[: len(whole) // 2])
+    ds, report = read_preference_shards(str(folder), quarantine_path=str(tmp_path / "q.jsonl"),
+                                        max_quarantine_fraction=0.5)
+    rows = ds.take_all()  # no crash: the broken shards become quarantine entries
+    summary = report.check()  # 3 of 6 shards bad: at the limit, allowed
+    assert sorted(Path(s).name for s in summary["bad_shards"]) == ["cut.jsonl.gz", "cut.parquet", "garbage.jsonl"]
+    assert summary["shards_total"] == 6 and summary["by_reason"]["unreadable_shard"] == 3
+    from_gzip = [r for r in rows if r["user_id"] >= 1000]
+    assert 0 < len(from_gzip) < 2000 and summary["rows_valid"] == len(rows) == 10 + len(from_gzip)
+    assert summary["rows_total"] == summary["rows_valid"] + summary["rows_quarantined"] == len(rows) + 4 + 3
+    entries = {Path(e["shard"]).name: e for e in map(json.loads, open(tmp_path / "q.jsonl"))
+               if e["reason"] == "unreadable_shard"}
+    assert entries["cut.jsonl.gz"]["line"] == len(from_gzip) + 1 and "EOFError" in entries["cut.jsonl.gz"]["detail"]
+    assert "NUL byte" in entries["garbage.jsonl"]["detail"]
+    with pytest.raises(QuarantineExceeded, match=r"3 of 6 shards unreadable.*cut\.parquet"):
+        check_fraction(summary, 0.4)
 
 
 def test_pair_tokenizer_masks_and_truncation():

@@ -48,6 +48,27 @@ def test_empty_user_text_means_none_and_defaults_apply():
     ({"user_id": "7"}, "bad_user_id", "int"),
     ({"user_id": True}, "bad_user_id", "int"),
     ({"user_text": 12}, "wrong_type", "'user_text'"),
+    # the rules for hostile input: each is a quarantine entry, never a crash
+    ({"user_id": 10**30}, "bad_user_id", "<= 2147483647, got 1000000000000000000000000000000"),
+    ({"user_id": 2**31}, "bad_user_id", "<= 2147483647"),
+    ({"user_id": 10**5000}, "bad_user_id", "an int of 16610 bits"),
+    ({"user_id": 1.5}, "bad_user_id", "got float"),
+    ({"user_id": 7.0}, "bad_user_id", "got float"),
+    ({"prompt": "a\x00b"}, "bad_text", "'prompt' holds a NUL character at index 1"),
+    ({"chosen": "ok \ud800"}, "bad_text", "'chosen' holds a lone surrogate at index 3"),
+    ({"user_text": "\udfff"}, "bad_text", "'user_text'"),
+    ({"source": "s\x00"}, "bad_text", "'source'"),
+    ({"chosen_scores": {"h": 10**400}}, "non_finite_score", "chosen_scores['h'] is too large"),
+    ({"chosen_scores": '{"h": 1e400}'}, "non_finite_score", "chosen_scores['h'] is not finite (inf)"),
+    ({"chosen_scores": '{"h": ' + "9" * 5000 + "}"}, "bad_scores_json", "'chosen_scores'"),
+    ({"chosen_scores": "[" * 100000}, "bad_scores_json", "'chosen_scores'"),
+    ({"chosen_scores": [1.0, 2.0]}, "wrong_type", "got list"),
+    ({"chosen_scores": {"h": {"nested": 1}}}, "wrong_type", "chosen_scores['h'] must be a number, got dict"),
+    ({"chosen_scores": {"h": None}}, "wrong_type", "got NoneType"),
+    ({"chosen_scores": {3: 1.0}}, "wrong_type", "chosen_scores names must be str, got int"),
+    ({"chosen_scores": {"": 1.0}}, "empty_text", "empty score name"),
+    ({"chosen_scores": '{"\\ud800": 1}'}, "bad_text", "lone surrogate"),
+    ({"rejected_scores": np.array([1.0])}, "wrong_type", "got ndarray"),
 ])
 def test_invalid_rows_name_the_problem(changes, code, names):
     with pytest.raises(InvalidRecord) as err:
@@ -72,6 +93,39 @@ def test_too_long_names_field_and_length():
 def test_non_dict_row():
     with pytest.raises(InvalidRecord, match="row must be a dict"):
         validate_row(["p", "a", "b"])
+    for row in (None, b"{}", "row", 7, float("nan")):
+        with pytest.raises(InvalidRecord, match="wrong_type"):
+            validate_row(row)
+
+
+def test_largest_user_id_and_numpy_scores_are_valid():
+    record = validate_row(good_row(user_id=2**31 - 1, chosen_scores={"h": np.float32(0.5)}))
+    assert record.user_id == 2**31 - 1 and record.chosen_scores == {"h": 0.5}
+
+
+def test_unforeseen_failures_still_raise_invalid_record():
+    class Hostile(dict):  # a row whose lookups raise something no rule names
+        def get(self, *args):
+            raise RuntimeError("boom")
+    with pytest.raises(InvalidRecord) as err:
+        validate_row(Hostile(prompt="p", chosen="a", rejected="b"))
+    assert err.value.code == "unexpected" and "RuntimeError" in err.value.detail
+
+
+def test_quarantine_writes_hostile_raw_rows(tmp_path):
+    quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0)
+    hostile = {"prompt": "\ud800", "user_id": 10**5000, "n": 10**30, "x": float("nan"), "b": b"\xff\x00",
+               (1, 2): "tuple key", "arr": np.arange(3), "obj": object()}
+    quarantine.add(reason="bad_text", detail="d", shard="s", line=12, raw=hostile)
+    quarantine.add(reason="wrong_type", detail="d", shard="s", line=13, raw=[[[[["deep"]]]]])
+    text = (tmp_path / "q.jsonl").read_text(encoding="utf-8")
+    first, second = (json.loads(line) for line in text.splitlines())  # strict JSON: no NaN
+    assert first["line"] == 12 and second["raw"] == [[[[["deep"]]]]]
+    raw = first["raw"]
+    assert raw["prompt"] == "\ud800"  # ASCII-escaped in the file, read back exactly
+    assert raw["user_id"] == "<int of 16610 bits>" and raw["n"] == str(10**30) and raw["x"] == "nan"
+    assert raw["b"] == "\\xff\x00" and raw["[1, 2]"] == "tuple key" and raw["arr"] == [0, 1, 2]
+    assert raw["obj"].startswith("<object: <object object")
 
 
 def test_quarantine_accounts_for_every_row(tmp_path):

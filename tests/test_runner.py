@@ -10,7 +10,8 @@ import torch
 from ray import cloudpickle
 from safetensors.torch import load_file
 
-from raypref.train.runner import LoopSpec, RunnerConfig, deepspeed_config, run
+from raypref.train.runner import RunnerConfig, deepspeed_config, run
+from raypref.train.spec import LoopSpec
 
 VOCAB, SEQ = 32, 12
 # Ray workers cannot import this test module: ship its classes by value.
@@ -26,18 +27,20 @@ class RandomTokensSpec(LoopSpec):
         self.log_dir, self.micro_batch_size, self.grad_accum = log_dir, micro_batch_size, grad_accum
         self.crash_rank, self.crash_at_step = crash_rank, crash_at_step
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, role="policy") -> torch.nn.Module:
         from transformers import GPT2Config, GPT2LMHeadModel
 
         return GPT2LMHeadModel(GPT2Config(vocab_size=VOCAB, n_positions=SEQ, n_embd=32,
                                           n_layer=1, n_head=2, resid_pdrop=0.0,
                                           embd_pdrop=0.0, attn_pdrop=0.0))
 
-    def loss(self, model, batch):
-        out = model(input_ids=batch, labels=batch)
+    def loss(self, batch, ctx):
+        out = ctx.model(input_ids=batch, labels=batch)
         return out.loss, {"tokens": float(batch.numel())}
 
-    def batches(self, rank, world_size, start_step):
+    def batches(self, ctx):
+        rank, start_step = ctx.rank, ctx.step - 1
+        assert (ctx.micro_batch_size, ctx.grad_accum) == (self.micro_batch_size, self.grad_accum)
         with open(self.log_dir / f"starts_rank{rank}.txt", "a") as f:  # one line per attempt
             f.write(f"{start_step}\n")
         for step in range(start_step, 10**6):
@@ -79,7 +82,7 @@ def test_bad_runner_config_names_the_field(field, value):
 
 def _config(tmp_path: Path, name: str, **overrides) -> RunnerConfig:
     base = dict(num_workers=2, zero_stage=2, lr=1e-2, warmup_steps=2, max_steps=8,
-                micro_batch_size=4, checkpoint_every=2, max_failures=1,
+                micro_batch_size=4, checkpoint_every=2, max_failures=1, grad_accum=1,
                 storage_path=str(tmp_path / "runs"), name=name, seed=3)
     return RunnerConfig(**{**base, **overrides})
 
@@ -87,7 +90,7 @@ def _config(tmp_path: Path, name: str, **overrides) -> RunnerConfig:
 def _adam_step_counts(checkpoint: Path) -> set[int]:
     """Adam's `step` for every parameter group, read from each rank's ZeRO optimizer file."""
     steps = set()
-    for path in (checkpoint / "ds").glob("*optim_states.pt"):
+    for path in (checkpoint / "ds-policy").glob("*optim_states.pt"):
         state = torch.load(path, map_location="cpu", weights_only=False)["optimizer_state_dict"]
         for param_state in state["base_optimizer_state"]["state"].values():
             steps.add(int(param_state["step"]))
@@ -133,7 +136,8 @@ def test_worker_crash_resumes_from_checkpoint_with_optimizer_state(ray_local, tm
 @pytest.mark.slow
 def test_zero3_gathers_full_weights_for_checkpoint_and_export(ray_local, tmp_path):
     result = run(RandomTokensSpec(tmp_path, 2, grad_accum=2),
-                 _config(tmp_path, "zero3", zero_stage=3, max_steps=3, max_failures=0))
+                 _config(tmp_path, "zero3", zero_stage=3, max_steps=3, max_failures=0, grad_accum=2,
+                         micro_batch_size=2))
     assert result.final_step == 3 and [m["step"] for m in result.metrics] == [1, 2, 3]
     assert (tmp_path / "starts_rank1.txt").read_text().split() == ["0"]
 
@@ -151,7 +155,7 @@ def test_zero3_gathers_full_weights_for_checkpoint_and_export(ray_local, tmp_pat
 class DatasetTokensSpec(RandomTokensSpec):
     """Batches from the Ray Data shard named "train" (rows {"ids": [SEQ ints]})."""
 
-    def batches(self, rank, world_size, start_step):
+    def batches(self, ctx):
         import ray.train
 
         shard = ray.train.get_dataset_shard("train")

@@ -8,7 +8,7 @@ import torch
 
 from raypref.algos.sft import response_mask, sft_loss
 from raypref.models.factory import ModelConfig, generate, generate_ids, load_pretrained
-from raypref.train.runner import RunnerConfig
+from raypref.train.runner import Optimization, Resources
 from raypref.recipes.sft import SFTConfig, collate, read_metrics, sft_cache_key, sft_output_dir, train_sft
 
 
@@ -60,9 +60,9 @@ def test_collate_pads_right_and_masks_responses():
 def test_cache_key_follows_training_settings_only(tmp_path):
     base = SFTConfig(output_dir=str(tmp_path / "a"))
     moved = SFTConfig(output_dir=str(tmp_path / "b"))
-    moved.runner.name, moved.runner.log_every = "other", 1
+    moved.resources.checkpoint_every, moved.resources.max_failures = 7, 3
     assert sft_cache_key(base) == sft_cache_key(moved)
-    for change in (lambda c: setattr(c.runner, "lr", 1e-4), lambda c: setattr(c, "world_seed", 1),
+    for change in (lambda c: setattr(c.training, "lr", 1e-4), lambda c: setattr(c, "world_seed", 1),
                    lambda c: setattr(c.model, "n_layer", 3)):
         other = SFTConfig()
         change(other)
@@ -82,8 +82,8 @@ def test_short_sft_learns_world_format_and_caches(ray_local, tmp_path):
 
     cfg = SFTConfig(
         model=ModelConfig(n_layer=2, n_embd=64, n_head=2, n_positions=192),
-        runner=RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=10,
-                            max_steps=150, micro_batch_size=16, checkpoint_every=75),
+        training=Optimization(steps=150, micro_batch_size=16, lr=3e-3, warmup_steps=10),
+        resources=Resources(num_workers=1, zero_stage=0, checkpoint_every=75),
         corpus_size=1500, max_length=192, output_dir=str(tmp_path / "sft"),
     )
     path = train_sft(cfg)

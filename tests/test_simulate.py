@@ -12,7 +12,8 @@ from raypref.config import ConfigError, parse_args
 from raypref.data.analysis import (mutual_top_k_edges, opinion_difference_matrix,
                                    preference_vectors, sample_queries, similarity_matrix)
 from raypref.data.records import ROW_COLUMNS
-from raypref.data.simulate import POPULATIONS, read_shards, user_counts, write_shards
+from raypref.data.simulate import (POPULATIONS, population_users, read_shards, simulate_population,
+                                   user_counts, write_shards)
 from raypref.data.users import User, ultrafeedback_cluster
 from raypref.data.world import ASPECTS, World
 
@@ -90,6 +91,31 @@ def test_write_shards_round_trips_parquet_and_jsonl(tmp_path):
     assert len(read_shards(tmp_path)) == 5
     with pytest.raises(ValueError, match="shard_size"):
         write_shards(records, tmp_path, shard_size=0)
+
+
+def test_population_registry_builds_users_and_names_the_known():
+    # the order seeds the simulate job's rngs: changing it would change every data set
+    assert POPULATIONS == ("ultrafeedback_random", "ultrafeedback_cluster", "two_user_conflict",
+                           "length_conflict", "psoups")
+    assert [u.group for u in population_users("psoups")] == ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
+    assert [u.user_id for u in population_users("length_conflict", seed=1, n_annotators=4)] == [1, 2, 3, 4]
+    with pytest.raises(ValueError, match=r"unknown population 'martians'; known: \['ultrafeedback_random', "):
+        population_users("martians")
+    with pytest.raises(ValueError, match="unknown population 'martians'"):
+        simulate_population(World(0), "martians", [], 1, np.random.default_rng(0))
+
+
+def test_each_population_draws_pairs_its_own_way():
+    world, rng = World(0), np.random.default_rng(0)
+    helpful, honest = population_users("two_user_conflict")
+    conflict = simulate_population(world, "two_user_conflict", [helpful, honest], 3, rng)
+    for record in conflict:  # both users order every pair oppositely (001 §3.5.1)
+        user, other = (helpful, honest) if record.user_id == 1 else (honest, helpful)
+        assert user.utility(record.chosen_scores) > user.utility(record.rejected_scores)
+        assert other.utility(record.chosen_scores) < other.utility(record.rejected_scores)
+    psoups = simulate_population(world, "psoups", population_users("psoups")[:2], 2, rng)
+    assert [r.source for r in psoups] == ["world:psoups:P1A"] * 2 + ["world:psoups:P1B"] * 2
+    assert [r.user_id for r in psoups] == [1, 1, 2, 2]
 
 
 def test_simulate_job_writes_valid_shards_plots_and_metrics(tmp_path):

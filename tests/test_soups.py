@@ -8,10 +8,11 @@ import pytest
 
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
-from raypref.train.runner import RunnerConfig
+from raypref.recipes.dpo import DPOConfig
+from raypref.train.runner import Optimization, Resources
 from raypref.recipes.sft import SFTConfig
 from raypref.experiments.soups import evaluate as ev
-from raypref.experiments.soups.config import PreferenceResources, PreferenceTraining, SoupsConfig
+from raypref.experiments.soups.config import SoupsConfig
 from raypref.experiments.soups.preferences import pmorl_pairs, preference_reward
 from raypref.experiments.soups.run import run_soups, soup_name
 
@@ -84,17 +85,17 @@ def test_config_errors_name_the_problem(change, message):
 
 def tiny_config(tmp_path: Path, **overrides) -> SoupsConfig:
     sft = SFTConfig(corpus_size=300, output_dir=str(tmp_path / "sft"),
-                    runner=RunnerConfig(max_steps=30, micro_batch_size=16, lr=2e-3,
-                                        warmup_steps=5, checkpoint_every=30, zero_stage=0))
+                    training=Optimization(steps=30, micro_batch_size=16, lr=2e-3, warmup_steps=5),
+                    resources=Resources(checkpoint_every=30, zero_stage=0))
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
         preferences=["P2A", "P2B", "P3A", "P3B"],
         combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
         user_weights={"P2A": 0.7, "P3A": 0.3},
         sft=sft,
-        training=PreferenceTraining(pairs_per_preference=48, steps=6, micro_batch_size=8,
-                                    warmup_steps=1),
-        resources=PreferenceResources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
+        pairs_per_preference=48,
+        training=DPOConfig(steps=6, micro_batch_size=8, warmup_steps=1),
+        resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
         eval=ev.EvalConfig(n_prompts=6, max_new_tokens=24, weight_grid=[0.0, 0.5, 1.0]),
         **overrides)
 
@@ -108,8 +109,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, ra
 
     assert set(result.failed) == {"P3B"}
     assert "failed" in result.failed["P3B"].lower()
-    runs = next((Path(cfg.output_dir) / "runs").iterdir())
-    assert (runs / ".injected-P2B").exists(), "the injected crash of P2B never happened"
+    assert (Path(cfg.output_dir) / ".injected-P2B").exists(), "the injected crash of P2B never happened"
 
     report = result.report_path.read_text()
     assert "P3B" in report.split("## Failed runs")[1].split("##")[0]
@@ -170,3 +170,24 @@ def test_training_key_ignores_evaluation_but_not_training():
     other_training.training.beta = 0.1
     assert training_key(base) == training_key(other_eval)
     assert training_key(base) != training_key(other_training)
+
+
+def test_real_preference_files_are_validated_and_quarantined(tmp_path):
+    """The soups job's real-data path: bad rows of a P-Soups file are quarantined with their
+    line; over the limit the job stops before any training."""
+    from raypref.data.quarantine import QuarantineExceeded
+    from raypref.data.world import World
+    from raypref.experiments.soups.run import preference_data
+
+    fixture = Path(__file__).parent / "fixtures" / "P1A.json"  # 3 rows, one with a blank response
+    cfg = SoupsConfig(output_dir=str(tmp_path), preferences=["P1A"], combinations=[["P1A"]],
+                      baselines=["sft"], psoups_files={"P1A": str(fixture)}, max_quarantine_fraction=0.5)
+    data = preference_data(cfg, World(0))
+    train, held_out = data["P1A"]
+    assert len(train) + len(held_out) == 2
+    entries = [json.loads(line) for line in (tmp_path / "quarantine" / "P1A.jsonl").read_text().splitlines()]
+    assert len(entries) == 1 and entries[0]["reason"] == "empty_text"
+
+    cfg.max_quarantine_fraction = 0.2  # 1 of 3 rows is bad: over the limit
+    with pytest.raises(QuarantineExceeded, match="P1A"):
+        preference_data(cfg, World(0))

@@ -26,3 +26,42 @@ def test_failing_job_ends_run_failed(tmp_path):
         with tracking.start_run("unit", {"a": 1}, tmp_path) as run:
             raise RuntimeError("boom")
     assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+
+
+def test_child_runs_are_nested_named_and_keep_their_own_data(tmp_path, monkeypatch):
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    adapter = tmp_path / "adapter.txt"
+    adapter.write_text("weights")
+    with tracking.start_run("unit", {"seeds": 2}, tmp_path / "out") as parent:
+        for seed in (0, 1):
+            with tracking.child_run(f"policy P1A seed {seed}", kind="policy",
+                                    params={"preference": "P1A", "train": {"seed": seed}},
+                                    tags={"raypref.seed": str(seed)}):
+                tracking.log_step_metrics([{"step": 1, "loss": 0.7}, {"step": 2, "loss": 0.5 - seed}])
+                tracking.log_artifact(adapter, artifact_path="adapter")
+        with pytest.raises(ValueError):
+            with tracking.child_run("baseline P-MORL seed 0", kind="baseline"):
+                raise ValueError("diverged")
+        tracking.log_metrics({"win_rate": 0.6})  # back on the parent
+    client = mlflow.MlflowClient()
+    children = client.search_runs([parent.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    by_name = {r.info.run_name: r for r in children}
+    assert set(by_name) == {"policy P1A seed 0", "policy P1A seed 1", "baseline P-MORL seed 0"}
+    one = by_name["policy P1A seed 1"]
+    assert one.data.params == {"preference": "P1A", "train.seed": "1"}
+    assert one.data.tags["raypref.kind"] == "policy" and one.data.tags["raypref.seed"] == "1"
+    assert [m.value for m in client.get_metric_history(one.info.run_id, "loss")] == [0.7, -0.5]
+    assert [a.path for a in client.list_artifacts(one.info.run_id, "adapter")] == ["adapter/adapter.txt"]
+    assert by_name["baseline P-MORL seed 0"].info.status == "FAILED"
+    assert one.info.status == "FINISHED"
+    got = mlflow.get_run(parent.info.run_id)
+    assert got.data.metrics == {"win_rate": 0.6} and got.info.status == "FINISHED"
+
+
+def test_child_run_needs_a_parent_and_step_rows_need_a_step():
+    with pytest.raises(RuntimeError, match="parent"):
+        with tracking.child_run("orphan"):
+            pass
+    with pytest.raises(KeyError, match="row 0"):
+        tracking.log_step_metrics([{"loss": 1.0}])

@@ -56,18 +56,36 @@ def test_judges_read_the_latent_attributes_back_at_difficulty_zero(world):
             assert judged[name] == pytest.approx(response.latent[name]), (name, response.text)
 
 
-def test_aspects_show_weakly_at_high_difficulty_but_other_attributes_stay_clean():
-    world, g = World(0, 0.8), rng(7)
-    latent, judged = [], []
-    for prompt in world.prompts(600):
+def _latent_and_judged(world, n=600):
+    g, latent, judged = rng(7), [], []
+    for prompt in world.prompts(n):
         response = world.sample_response(prompt, g)
         latent.append(response.latent)
         judged.append(world.judge(response.text))
+    return latent, judged
+
+
+def _corr(latent, judged, name):
+    return np.corrcoef([l[name] for l in latent], [j[name] for j in judged])[0, 1]
+
+
+def test_aspects_show_weakly_at_high_difficulty():
+    latent, judged = _latent_and_judged(World(0, 0.8, attribute_noise=0.0))
     for aspect in ASPECTS:
-        corr = np.corrcoef([l[aspect] for l in latent], [j[aspect] for j in judged])[0, 1]
-        assert 0.1 < corr < 0.6, (aspect, corr)
-    for name in ("expertise", "style"):
+        assert 0.1 < _corr(latent, judged, aspect) < 0.6, aspect
+    for name in ("expertise", "style"):  # attribute_noise=0 keeps them exact
         assert all(l[name] == pytest.approx(j[name]) for l, j in zip(latent, judged))
+
+
+def test_difficulty_blurs_the_psoups_attributes_in_the_text():
+    for difficulty in (0.0, 0.8):
+        latent, judged = _latent_and_judged(World(0, difficulty))
+        for name in ("verbosity", "expertise", "style"):
+            corr = _corr(latent, judged, name)
+            if difficulty == 0.0:
+                assert corr > 0.97, (name, corr)
+            else:  # 40% of responses show a random level: still learnable, not exact
+                assert 0.35 < corr < 0.85, (name, corr)
 
 
 def _judge_with(world, attrs, attribute, n=40, prompt="tell me about bees ."):

@@ -162,3 +162,19 @@ ASPECT_KEYS: dict[str, dict[int, str]] = {
 TRUTH_LAYOUT = {5: (2, 0), 4: (1, 0), 3: (1, 1), 2: (0, 1), 1: (0, 2)}
 # filler that keeps the length when a level uses fewer than two facts
 TRUTH_FILLER = "that is worth knowing ."
+
+# sass and sarcasm (the P3C / P3D styles of seed 002 §B.2), shown only by a world built with
+# extra_styles=True: one 7-token sentence per slot with 0, 1 or 2 key tokens for the levels
+# 0, 0.5, 1 (the judge reads keys / 2), so the level never changes the length.
+SASS_KEYS = frozenset({"sweetie", "obviously", "duh", "darling", "seriously"})
+SARCASM_KEYS = frozenset({"wow", "genius", "shocking", "brilliant", "congratulations"})
+SASS_PHRASES = {
+    0.0: ("let me answer that for you .", "here goes one answer for you ."),
+    0.5: ("okay sweetie , listen to this .", "duh , here is your answer ."),
+    1.0: ("sweetie , obviously , listen up .", "seriously darling , here it is ."),
+}
+SARCASM_PHRASES = {
+    0.0: ("i keep this plain and simple .", "put plainly , here it goes ."),
+    0.5: ("wow , such a question here .", "oh , what a shocking question ."),
+    1.0: ("wow , what a genius question .", "brilliant , congratulations on asking this ."),
+}

@@ -1,22 +1,32 @@
 """Loaders that map public preference datasets onto `PreferenceRecord`.
 
-Each schema is a factory `schema(**options) -> map_row`, where `map_row(row)` yields a
-`PreferenceRecord` or an `InvalidRecord` per comparison it finds in one source row.
-`load_records` reads the rows (local jsonl / json / parquet file or folder, or a hub name
-through `datasets.load_dataset`), maps them, validates every record, and sends whatever
-cannot be mapped to the quarantine: nothing is dropped silently.
+Each schema is a `Schema` entry of the `SCHEMAS` registry: a factory
+`mapper(**options) -> map_row`, where `map_row(row)` yields a `PreferenceRecord` or an
+`InvalidRecord` per comparison it finds in one source row, and what loading it needs
+(a user-id map, the hub config name). `load_records` reads the rows (local jsonl,
+jsonl.gz, json or parquet file or folder, or a hub name through `datasets.load_dataset`),
+maps them, validates every record, and sends whatever cannot be mapped to the quarantine:
+nothing is dropped silently. `load_validated` does the same into a fresh quarantine file
+and applies its limit, for callers outside Ray Data.
+
+Files are read by `read_shard`, which never raises for a file's content: a file that
+cannot be read (at all, or from some point on) ends with one `UNREADABLE_SHARD` error
+for the unread part, so it is quarantined by name instead of stopping the pass.
 """
 from __future__ import annotations
 
+import gzip
 import io
 import json
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 import pyarrow.parquet as pq
 
-from raypref.data.quarantine import Quarantine
+from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
 from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, validate_row
 
 MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
@@ -24,22 +34,29 @@ MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
 # ---------------------------------------------------------------- reading rows
 
-def iter_jsonl_rows(stream) -> Iterator[tuple[int, dict | InvalidRecord, object]]:
+Row = tuple[int, "dict | InvalidRecord", object]  # (line or row index, row or error, raw)
+
+
+def iter_jsonl_rows(stream) -> Iterator[Row]:
     """Yield `(line_number, row_or_error, raw_text)` for a binary jsonl stream.
 
     Line numbers are 1-based; blank lines are not rows. A line that is not UTF-8 or not
-    a JSON object comes back as an `InvalidRecord("undecodable_line", ...)`.
+    a JSON object comes back as an `InvalidRecord("undecodable_line", ...)`. A NUL byte
+    raises `ValueError`: JSON text never holds one raw, so the file is binary (or UTF-16),
+    and going on would quarantine its bytes line by line as if they were rows.
     """
-    if not isinstance(stream, io.BufferedReader):
+    if not isinstance(stream, (io.BufferedReader, gzip.GzipFile)):
         stream = io.BufferedReader(stream)  # pyarrow input streams cannot readline()
     for number, raw in enumerate(stream, 1):
         if not raw.strip():
             continue
+        if b"\x00" in raw:
+            raise ValueError(f"line {number} holds a NUL byte: binary data, not JSON lines")
         try:
             row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
             text = raw.decode("utf-8", errors="replace").rstrip("\n")
-            yield number, InvalidRecord("undecodable_line", f"line {number}: {err}"), text
+            yield number, InvalidRecord("undecodable_line", f"line {number}: {type(err).__name__}: {err}"), text
             continue
         if not isinstance(row, dict):
             yield number, InvalidRecord("undecodable_line", f"line {number}: JSON {type(row).__name__}, not an object"), row
@@ -47,7 +64,7 @@ def iter_jsonl_rows(stream) -> Iterator[tuple[int, dict | InvalidRecord, object]
         yield number, row, row
 
 
-def iter_parquet_rows(source, batch_size: int = 1024) -> Iterator[tuple[int, dict, dict]]:
+def iter_parquet_rows(source, batch_size: int = 1024) -> Iterator[Row]:
     """Yield `(row_index, row, row)` of a parquet file (path or stream), batch by batch."""
     index = 0
     for batch in pq.ParquetFile(source).iter_batches(batch_size=batch_size):
@@ -56,34 +73,84 @@ def iter_parquet_rows(source, batch_size: int = 1024) -> Iterator[tuple[int, dic
             index += 1
 
 
-def _iter_local_file(path: Path) -> Iterator[tuple[int, dict | InvalidRecord, object]]:
-    if path.suffix == ".parquet":
-        yield from iter_parquet_rows(path)
-    elif path.suffix == ".jsonl":
-        with path.open("rb") as stream:
-            yield from iter_jsonl_rows(stream)
-    elif path.suffix == ".json":  # P-Soups style: one JSON list of objects
-        rows = json.loads(path.read_text(encoding="utf-8"))
-        if not isinstance(rows, list):
-            raise ValueError(f"{path}: expected a JSON list of rows, got {type(rows).__name__}")
-        for index, row in enumerate(rows):
-            if not isinstance(row, dict):
-                row = InvalidRecord("wrong_type", f"row {index} is a {type(row).__name__}, not an object")
-            yield index, row, row
-    else:
-        raise ValueError(f"{path}: unsupported file type {path.suffix!r} (use .jsonl, .json or .parquet)")
+def iter_json_list_rows(stream) -> Iterator[Row]:
+    """Yield `(index, row, row)` of a JSON file holding one list of objects (P-Soups)."""
+    rows = json.load(stream)
+    if not isinstance(rows, list):
+        raise ValueError(f"expected a JSON list of rows, got {type(rows).__name__}")
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict):
+            row = InvalidRecord("wrong_type", f"row {index} is a {type(row).__name__}, not an object")
+        yield index, row, row
 
 
-def _iter_source(source: str, *, config: str | None, split: str | None):
-    """Yield `(shard, line, row_or_error, raw)` from a local file / folder or a hub dataset."""
+def _iter_gzip_jsonl_rows(stream) -> Iterator[Row]:
+    yield from iter_jsonl_rows(gzip.GzipFile(fileobj=stream))
+
+
+# shard suffix -> (rows of a binary stream, number of its first row); longest suffix first
+SHARD_READERS: dict[str, tuple[Callable[..., Iterator[Row]], int]] = {
+    ".jsonl.gz": (_iter_gzip_jsonl_rows, 1),
+    ".parquet": (iter_parquet_rows, 0),
+    ".jsonl": (iter_jsonl_rows, 1),
+    ".json": (iter_json_list_rows, 0),
+}
+
+
+def shard_suffix(name: str) -> str | None:
+    """The `SHARD_READERS` suffix that `name` ends with, or None."""
+    return next((suffix for suffix in SHARD_READERS if name.endswith(suffix)), None)
+
+
+def read_shard(shard: str, open_binary: Callable[[], BinaryIO]) -> Iterator[Row]:
+    """Rows of one shard, read by its suffix from the stream `open_binary()` returns; the
+    content never makes it raise (see `guard_rows`)."""
+    suffix = shard_suffix(shard)
+    if suffix is None:
+        raise ValueError(f"{shard}: unsupported file type (use one of {sorted(SHARD_READERS)})")
+    reader, first = SHARD_READERS[suffix]
+
+    def rows():
+        with open_binary() as stream:  # opened lazily, so a failing open is guarded too
+            yield from reader(stream)
+    return guard_rows(shard, rows(), first)
+
+
+def guard_rows(shard: str, rows: Iterator[Row], first: int) -> Iterator[Row]:
+    """Pass `rows` through; if reading them raises (a truncated parquet or gzip, binary
+    data, an I/O error, at the start or part-way), end with one
+    `InvalidRecord(UNREADABLE_SHARD, ...)` naming the shard, the cause and the first line
+    (jsonl, 1-based) or row (0-based; `first` says which) that was not read."""
+    unread = first
+    try:
+        for item in rows:
+            unread = item[0] + 1
+            yield item
+    except Exception as err:  # whatever the reader raises, it is about this shard
+        where = "line" if first == 1 else "row"
+        detail = f"unreadable from {where} {unread} on: {type(err).__name__}: {err}"
+        yield unread, InvalidRecord(UNREADABLE_SHARD, detail), None
+
+
+def _shard_files(path: Path) -> list[Path]:
+    if not path.is_dir():
+        return [path]
+    files = sorted(p for p in path.rglob("*") if shard_suffix(p.name) and not p.is_dir())
+    if not files:
+        raise FileNotFoundError(f"no {'/'.join(SHARD_READERS)} files under {path}")
+    return files
+
+
+def _iter_source(source: str, *, config: str | None, split: str | None,
+                 on_shard: Callable[[str], None] | None = None):
+    """Yield `(shard, line, row_or_error, raw)` from a local file / folder or a hub dataset;
+    `on_shard(name)` is called as each shard starts (so empty shards count too)."""
+    on_shard = on_shard or (lambda name: None)
     path = Path(source)
-    if path.exists():
-        files = sorted(p for p in path.rglob("*") if p.suffix in (".jsonl", ".json", ".parquet")) \
-            if path.is_dir() else [path]
-        if not files:
-            raise FileNotFoundError(f"no .jsonl/.json/.parquet files under {path}")
-        for file in files:
-            for line, row, raw in _iter_local_file(file):
+    if path.exists() or path.is_symlink():
+        for file in _shard_files(path):
+            on_shard(str(file))
+            for line, row, raw in read_shard(str(file), lambda file=file: file.open("rb")):
                 yield str(file), line, row, raw
         return
     if source.count("/") != 1 or source.startswith((".", "/")):
@@ -92,8 +159,11 @@ def _iter_source(source: str, *, config: str | None, split: str | None):
         raise ValueError(f"hub dataset {source!r}: pass split=... (e.g. 'train')")
     import datasets  # only hub names need it (and network, so never in tests)
 
-    for index, row in enumerate(datasets.load_dataset(source, name=config, split=split)):
-        yield f"{source}:{config or 'default'}:{split}", index, row, row
+    shard = f"{source}:{config or 'default'}:{split}"
+    rows = datasets.load_dataset(source, name=config, split=split)  # a missing dataset raises here
+    on_shard(shard)
+    for index, row, raw in guard_rows(shard, ((i, row, row) for i, row in enumerate(rows)), 0):
+        yield shard, index, row, raw
 
 
 # ---------------------------------------------------------------- user ids
@@ -281,11 +351,11 @@ def prism_user_text(profile: dict, fields: Iterable[str] = PRISM_PROFILE_FIELDS)
 def load_prism_profiles(survey_path: str | Path) -> dict[str, dict]:
     """Read PRISM's survey.jsonl into {user_id: profile row}."""
     profiles = {}
-    with Path(survey_path).open("rb") as stream:
-        for line, row, _ in iter_jsonl_rows(stream):
-            if isinstance(row, InvalidRecord):
-                raise ValueError(f"{survey_path}:{line}: {row}")
-            profiles[str(row["user_id"])] = row
+    # the survey is one file every row depends on: an unreadable one is an error, not a quarantine
+    for line, row, _ in read_shard(str(survey_path), lambda: Path(survey_path).open("rb")):
+        if isinstance(row, InvalidRecord):
+            raise ValueError(f"{survey_path}:{line}: {row}")
+        profiles[str(row["user_id"])] = row
     return profiles
 
 
@@ -340,15 +410,35 @@ def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None) -> MapR
     return map_row
 
 
-SCHEMAS: dict[str, Callable[..., MapRow]] = {
-    "ultrafeedback": ultrafeedback,
-    "ultrafeedback_binarized": ultrafeedback_binarized,
-    "psoups": psoups,
-    "summarize_from_feedback": summarize_from_feedback,
-    "prism": prism,
-}
-_USES_USER_MAP = {"psoups", "summarize_from_feedback", "prism"}
-_HUB_CONFIG = {"summarize_from_feedback": "comparisons", "prism": "conversations"}
+@dataclass(frozen=True)
+class Schema:
+    """One source layout: how to map its rows, and what else loading it needs."""
+    name: str
+    mapper: Callable[..., MapRow]     # factory(**options) -> map_row
+    uses_user_map: bool = False       # mapper takes user_map= (user keys -> stable ids)
+    hub_config: str | None = None     # datasets.load_dataset config name of the hub copy
+    # options derived from the source path when the caller did not pass them
+    source_options: Callable[[str], dict] = lambda source: {}
+
+
+def _psoups_file_options(source: str) -> dict:
+    return {"preference": Path(source).stem} if Path(source).is_file() else {}  # P-Soups names files by preference
+
+
+SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
+    Schema("ultrafeedback", ultrafeedback),
+    Schema("ultrafeedback_binarized", ultrafeedback_binarized),
+    Schema("psoups", psoups, uses_user_map=True, source_options=_psoups_file_options),
+    Schema("summarize_from_feedback", summarize_from_feedback, uses_user_map=True, hub_config="comparisons"),
+    Schema("prism", prism, uses_user_map=True, hub_config="conversations"),
+)}
+
+
+def get_schema(name: str) -> Schema:
+    """The registered schema `name`; a ValueError lists the known ones."""
+    if name not in SCHEMAS:
+        raise ValueError(f"unknown schema {name!r}; known: {sorted(SCHEMAS)}")
+    return SCHEMAS[name]
 
 
 # ---------------------------------------------------------------- dispatch
@@ -359,32 +449,28 @@ def load_records(source: str, *, schema: str, split: str | None = None,
                  config: str | None = None, **options) -> Iterator[PreferenceRecord]:
     """Yield validated records of `source` (local file / folder, or hub name) in `schema`.
 
-    Rows or comparisons that cannot be mapped or fail `validate_row` go to `quarantine`
-    with reason, file and line; without a quarantine the first one raises
-    `InvalidRecord` naming the file and line. Schemas with users (psoups, summarize,
-    prism) map user keys through `user_map`, loaded from and saved to `user_map_path`
-    when given (saved when the iteration ends). `options` go to the schema factory,
-    e.g. `weights=` (ultrafeedback), `preference=` (psoups), `survey_path=` (prism).
+    Rows or comparisons that cannot be mapped or fail `validate_row`, and shards (files)
+    that cannot be read, go to `quarantine` with reason, file and line; without a
+    quarantine the first one raises `InvalidRecord` naming the file and line. Schemas with
+    users (psoups, summarize, prism) map user keys through `user_map`, loaded from and
+    saved to `user_map_path` when given (saved when the iteration ends). `options` go to
+    the schema factory, e.g. `weights=` (ultrafeedback), `preference=` (psoups),
+    `survey_path=` (prism).
     """
-    if schema not in SCHEMAS:
-        raise ValueError(f"unknown schema {schema!r}; known: {sorted(SCHEMAS)}")
-    if schema in _USES_USER_MAP:
+    entry = get_schema(schema)
+    if entry.uses_user_map:
         if user_map is None:
             user_map = UserIdMap.load(user_map_path) if user_map_path else UserIdMap()
         options["user_map"] = user_map
-    if schema == "psoups" and "preference" not in options and Path(source).is_file():
-        options["preference"] = Path(source).stem  # P-Soups names files by preference
-    map_row = SCHEMAS[schema](**options)
-    rows = _iter_source(source, config=config or _HUB_CONFIG.get(schema), split=split)
+    map_row = entry.mapper(**{**entry.source_options(source), **options})
+    rows = _iter_source(source, config=config or entry.hub_config, split=split,
+                        on_shard=quarantine.note_shard if quarantine is not None else None)
     try:
         for shard, line, row, raw in rows:
             outcomes = [row] if isinstance(row, InvalidRecord) else _map_safely(map_row, row)
             for outcome in outcomes:
                 if not isinstance(outcome, InvalidRecord):
-                    try:
-                        outcome = validate_row(outcome.to_row(), max_chars=max_chars)
-                    except InvalidRecord as err:
-                        outcome = err
+                    outcome = _validated(outcome, max_chars)
                 if isinstance(outcome, InvalidRecord):
                     if quarantine is None:
                         raise InvalidRecord(outcome.code, f"{shard}:{line}: {outcome.detail}")
@@ -394,13 +480,42 @@ def load_records(source: str, *, schema: str, split: str | None = None,
                         quarantine.count_valid()
                     yield outcome
     finally:
-        if user_map_path and schema in _USES_USER_MAP:
+        if user_map_path and entry.uses_user_map:
             user_map.save(user_map_path)
 
 
+def _validated(record: PreferenceRecord, max_chars: int) -> PreferenceRecord | InvalidRecord:
+    # the record's fields as they are (not to_row(), whose json.dumps could fail on them)
+    try:
+        return validate_row(dict(vars(record)), max_chars=max_chars)
+    except InvalidRecord as err:
+        return err
+
+
 def _map_safely(map_row: MapRow, row: dict) -> list:
-    """Run a schema mapper on one row; a row of unexpected shape becomes an InvalidRecord."""
+    """Run a schema mapper on one row; whatever a row of unexpected shape makes it raise
+    (a missing key, a str where a dict was due, an unorderable turn) becomes an
+    InvalidRecord naming the exception, so one odd row cannot stop the load."""
     try:
         return list(map_row(row))
-    except (AttributeError, KeyError, TypeError) as err:
+    except InvalidRecord as err:
+        return [err]
+    except Exception as err:
         return [InvalidRecord("unmappable", f"{type(err).__name__}: {err}")]
+
+
+def load_validated(source: str, *, schema: str, quarantine_path: str | Path,
+                   max_quarantine_fraction: float = 0.05,
+                   **loader_kwargs) -> tuple[list[PreferenceRecord], dict]:
+    """Every valid record of `source` and the quarantine summary, for callers outside Ray Data.
+
+    Runs `load_records` (so every mapped row goes through `validate_row`) with a fresh
+    `Quarantine` at `quarantine_path`: bad rows and unreadable files are written there
+    with reason, file and line. Raises `QuarantineExceeded` if more than
+    `max_quarantine_fraction` of the rows (or of the files) were bad. `loader_kwargs` go
+    to `load_records` (split, max_chars, user_map, user_map_path, config, and the schema's
+    options such as `preference=`).
+    """
+    quarantine = Quarantine(quarantine_path, max_fraction=max_quarantine_fraction)
+    records = list(load_records(source, schema=schema, quarantine=quarantine, **loader_kwargs))
+    return records, quarantine.check()

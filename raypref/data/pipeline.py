@@ -1,10 +1,11 @@
 """Ray Data pipeline: preference shards -> validated rows -> fixed-length DPO tensors.
 
-`read_preference_shards` lists the `*.parquet` / `*.jsonl` shards under a local folder or
-a pyarrow filesystem URI and validates them in Ray tasks, one shard per task, streaming:
-bad rows and undecodable lines go to a `Quarantine` running as a small actor on the
-driver's node (it owns the quarantine file and the counts), valid rows flow on in the
-`to_row()` schema. Nothing is materialized whole in the driver.
+`read_preference_shards` lists the `*.parquet` / `*.jsonl` / `*.jsonl.gz` shards under a
+local folder or a pyarrow filesystem URI and validates them in Ray tasks, one shard per
+task, streaming: bad rows, undecodable lines and the unreadable part of a corrupt shard
+go to a `Quarantine` running as a small actor on the driver's node (it owns the
+quarantine file and the counts; see quarantine.py for how an unreadable shard counts),
+valid rows flow on in the `to_row()` schema. Nothing is materialized whole in the driver.
 """
 from __future__ import annotations
 
@@ -18,11 +19,11 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.train import DataConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypref.data.loaders import iter_jsonl_rows, iter_parquet_rows
+from raypref.data.loaders import read_shard
 from raypref.data.quarantine import Quarantine, check_fraction
 from raypref.data.records import InvalidRecord, validate_row
 
-SHARD_SUFFIXES = (".parquet", ".jsonl")
+SHARD_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
 
 
 def list_shards(uri: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[pafs.FileSystem, list[str]]:
@@ -48,18 +49,15 @@ def list_shards(uri: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[p
     return filesystem, shards
 
 
-def _iter_shard(filesystem: pafs.FileSystem, shard: str):
-    with filesystem.open_input_file(shard) as stream:
-        if shard.endswith(".jsonl"):
-            yield from iter_jsonl_rows(stream)
-        else:
-            yield from iter_parquet_rows(stream)
-
-
 def _validate_shard(item: dict, *, filesystem: pafs.FileSystem, quarantine, max_chars: int) -> Iterator[dict]:
-    """flat_map step: yield the valid rows of one shard; report the rest once, at its end."""
+    """flat_map step: yield the valid rows of one shard; report the rest once, at its end.
+
+    `read_shard` turns a shard that cannot be read (or its unreadable rest) into one
+    InvalidRecord, and `validate_row` raises nothing else, so the task always reaches
+    `finish_shard` and the counts stay whole.
+    """
     shard, rows_valid, entries = item["shard"], 0, []
-    for line, row, raw in _iter_shard(filesystem, shard):
+    for line, row, raw in read_shard(shard, lambda: filesystem.open_input_file(shard)):
         try:
             if isinstance(row, InvalidRecord):
                 raise row
@@ -83,7 +81,7 @@ class QuarantineReport:
         self.path = path
 
     def summary(self) -> dict:
-        """`{"rows_total", "rows_valid", "rows_quarantined", "by_reason", "path"}`."""
+        """As `Quarantine.summary`: row counts, `by_reason`, `shards_total`, `bad_shards`, `path`."""
         return ray.get(self._actor.summary.remote())
 
     def check(self) -> dict:

@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass, field
 
 UNKNOWN_USER = 0  # user id of an unknown / generic user (seed 004 §4.1)
+MAX_USER_ID = 2**31 - 1  # ids must fit int32: embedding tables and Arrow columns downstream
 
 ROW_COLUMNS = (
     "prompt", "chosen", "rejected", "user_id", "user_text",
@@ -48,8 +49,8 @@ class PreferenceRecord:
 class InvalidRecord(ValueError):
     """A row that cannot become a `PreferenceRecord`.
 
-    `code` is a short category (used to group quarantine counts), `detail` names the
-    field and the problem so a reader can fix the source.
+    `code` is a short category (used to group quarantine counts, see `ROW_REASONS`),
+    `detail` names the field and the problem so a reader can fix the source.
     """
 
     def __init__(self, code: str, detail: str):
@@ -57,6 +58,21 @@ class InvalidRecord(ValueError):
         self.code = code
         self.detail = detail
 
+
+# The reasons `validate_row` gives, and the rule behind each.
+ROW_REASONS = {
+    "wrong_type": "the row is not a dict, or a field / score name / score has the wrong type",
+    "missing_field": "prompt, chosen or rejected is absent or None",
+    "empty_text": "a text field or a score name is empty or whitespace",
+    "too_long": "a text field is longer than max_chars",
+    "bad_text": "a text field or score name holds a NUL character or a lone surrogate "
+                "(neither survives UTF-8 files, Arrow strings or tokenizers)",
+    "identical_responses": "chosen and rejected are the same text",
+    "bad_user_id": f"user_id is not an int (bool, float and str are refused) in [0, {MAX_USER_ID}]",
+    "bad_scores_json": "a score field given as text is not JSON",
+    "non_finite_score": "a score is NaN, infinite, or an int too large for a float",
+    "unexpected": "a last resort: validation raised something no rule foresaw (a bug to report)",
+}
 
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
 _SCORE_FIELDS = ("chosen_scores", "rejected_scores")
@@ -66,6 +82,21 @@ def _is_int(value) -> bool:
     # Integral covers numpy ints from parquet/Arrow; bool is Integral too, but True as a
     # user id is a bug in the source
     return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _show_int(value: int) -> str:
+    # str() of a huge int is slow and, past 4300 digits, raises ValueError
+    return str(value) if value.bit_length() <= 128 else f"an int of {value.bit_length()} bits"
+
+
+def _check_clean(what: str, value: str) -> None:
+    """Refuse NUL characters and lone surrogates, naming `what` and the position."""
+    if "\x00" in value:
+        raise InvalidRecord("bad_text", f"{what} holds a NUL character at index {value.index(chr(0))}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise InvalidRecord("bad_text", f"{what} holds a lone surrogate at index {err.start}") from None
 
 
 def _check_text(row: dict, name: str, max_chars: int) -> str:
@@ -78,70 +109,103 @@ def _check_text(row: dict, name: str, max_chars: int) -> str:
         raise InvalidRecord("empty_text", f"field {name!r} is empty or whitespace")
     if len(value) > max_chars:
         raise InvalidRecord("too_long", f"field {name!r} has {len(value)} chars > max_chars={max_chars}")
+    _check_clean(f"field {name!r}", value)
     return value
+
+
+def _check_score(name: str, attr, score) -> tuple[str, float]:
+    if not isinstance(attr, str):
+        raise InvalidRecord("wrong_type", f"{name} names must be str, got {type(attr).__name__}")
+    if not attr.strip():
+        raise InvalidRecord("empty_text", f"{name} has an empty score name")
+    _check_clean(f"{name} name {attr[:40]!r}", attr)
+    if not isinstance(score, numbers.Real) or isinstance(score, bool):
+        raise InvalidRecord("wrong_type", f"{name}[{attr!r}] must be a number, got {type(score).__name__}")
+    try:
+        number = float(score)
+    except OverflowError:
+        raise InvalidRecord("non_finite_score", f"{name}[{attr!r}] is too large for a float") from None
+    if not math.isfinite(number):
+        raise InvalidRecord("non_finite_score", f"{name}[{attr!r}] is not finite ({number})")
+    return attr, number
 
 
 def _check_scores(row: dict, name: str) -> dict[str, float]:
     value = row.get(name)
-    if value is None or value == "":
+    if value is None or (isinstance(value, str) and value == ""):
         return {}
     if isinstance(value, str):  # the on-disk form is JSON text
         try:
             value = json.loads(value)
-        except json.JSONDecodeError as err:
-            raise InvalidRecord("bad_scores_json", f"field {name!r} is not valid JSON ({err.msg})") from None
+        # ValueError: JSONDecodeError, or an int literal past Python's 4300-digit limit;
+        # RecursionError: absurdly nested brackets
+        except (ValueError, RecursionError) as err:
+            reason = getattr(err, "msg", None) or type(err).__name__
+            raise InvalidRecord("bad_scores_json", f"field {name!r} is not valid JSON ({reason})") from None
     if not isinstance(value, dict):
         raise InvalidRecord("wrong_type", f"field {name!r} must be a dict of scores, got {type(value).__name__}")
-    scores = {}
-    for attr, score in value.items():
-        if not isinstance(score, numbers.Real) or isinstance(score, bool):
-            raise InvalidRecord("wrong_type", f"{name}[{attr!r}] must be a number, got {type(score).__name__}")
-        if not math.isfinite(score):
-            raise InvalidRecord("non_finite_score", f"{name}[{attr!r}] is not finite ({score})")
-        scores[str(attr)] = float(score)
-    return scores
+    return dict(_check_score(name, attr, score) for attr, score in value.items())
 
 
-def _check_optional_str(row: dict, name: str) -> str | None:
+def _check_optional_str(row: dict, name: str, max_chars: int) -> str | None:
     value = row.get(name)
-    if value is not None and not isinstance(value, str):
+    if value is None:
+        return None
+    if not isinstance(value, str):
         raise InvalidRecord("wrong_type", f"field {name!r} must be str, got {type(value).__name__}")
+    if len(value) > max_chars:
+        raise InvalidRecord("too_long", f"field {name!r} has {len(value)} chars > max_chars={max_chars}")
+    _check_clean(f"field {name!r}", value)
     return value
+
+
+def _check_user_id(row: dict) -> int:
+    user_id = row.get("user_id", UNKNOWN_USER)
+    if user_id is None:
+        return UNKNOWN_USER
+    if not _is_int(user_id):
+        raise InvalidRecord("bad_user_id", f"field 'user_id' must be an int, got {type(user_id).__name__}")
+    if not 0 <= user_id <= MAX_USER_ID:
+        raise InvalidRecord("bad_user_id", f"field 'user_id' must be >= 0 and <= {MAX_USER_ID}, "
+                                           f"got {_show_int(int(user_id))}")
+    return int(user_id)
 
 
 def validate_row(row: dict, *, max_chars: int = 20000) -> PreferenceRecord:
     """Check one flat row (as written by `to_row`, or with dict scores) and build the record.
 
     Required: `prompt`, `chosen`, `rejected` (non-empty str, at most `max_chars`, chosen !=
-    rejected). Optional: `user_id` (int >= 0, default UNKNOWN_USER), `user_text`, `source`,
-    `chosen_scores` / `rejected_scores` (dict or JSON text; finite numbers). Extra keys are
-    ignored. Raises `InvalidRecord` naming the field and the problem.
+    rejected). Optional: `user_id` (int in [0, MAX_USER_ID], default UNKNOWN_USER),
+    `user_text`, `source`, `chosen_scores` / `rejected_scores` (dict or JSON text; str names,
+    finite numbers). No text may hold a NUL or a lone surrogate. Extra keys are ignored.
+
+    Raises `InvalidRecord` naming the field and the problem (codes in `ROW_REASONS`), and
+    nothing else, whatever the row holds: one bad row must not stop a validation pass.
     """
+    try:
+        return _validate(row, max_chars)
+    except InvalidRecord:
+        raise
+    except Exception as err:  # a row no rule foresaw: still a quarantine entry, not a crash
+        raise InvalidRecord("unexpected", f"{type(err).__name__} while validating the row") from err
+
+
+def _validate(row: dict, max_chars: int) -> PreferenceRecord:
     if not isinstance(row, dict):
         raise InvalidRecord("wrong_type", f"row must be a dict, got {type(row).__name__}")
     prompt, chosen, rejected = (_check_text(row, name, max_chars) for name in _TEXT_FIELDS)
     if chosen.strip() == rejected.strip():
         raise InvalidRecord("identical_responses", "fields 'chosen' and 'rejected' are the same text")
-
-    user_id = row.get("user_id", UNKNOWN_USER)
-    if user_id is None:
-        user_id = UNKNOWN_USER
-    if not _is_int(user_id):
-        raise InvalidRecord("bad_user_id", f"field 'user_id' must be an int, got {type(user_id).__name__}")
-    if user_id < 0:
-        raise InvalidRecord("bad_user_id", f"field 'user_id' must be >= 0, got {user_id}")
-
-    user_text = _check_optional_str(row, "user_text")
-    if user_text is not None and len(user_text) > max_chars:
-        raise InvalidRecord("too_long", f"field 'user_text' has {len(user_text)} chars > max_chars={max_chars}")
+    user_id = _check_user_id(row)
+    user_text = _check_optional_str(row, "user_text", max_chars)
     chosen_scores, rejected_scores = (_check_scores(row, name) for name in _SCORE_FIELDS)
     return PreferenceRecord(
         prompt=prompt,
         chosen=chosen,
         rejected=rejected,
-        user_id=int(user_id),
+        user_id=user_id,
         user_text=user_text or None,  # to_row writes "" for "no user text"
         chosen_scores=chosen_scores,
         rejected_scores=rejected_scores,
-        source=_check_optional_str(row, "source") or "",
+        source=_check_optional_str(row, "source", max_chars) or "",
     )

@@ -9,8 +9,9 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 import numpy as np
 import pyarrow as pa
@@ -21,42 +22,64 @@ from raypref.data.records import ROW_COLUMNS, PreferenceRecord, validate_row
 from raypref.data.users import User
 from raypref.data.world import World
 
-POPULATIONS = ("ultrafeedback_random", "ultrafeedback_cluster", "two_user_conflict",
-               "length_conflict", "psoups")
+Draw = Callable[[World, User, list[User], int, np.random.Generator, str], list[PreferenceRecord]]
+
+
+def _pairs_for_user(world: World, user: User, users: list[User], n: int, rng: np.random.Generator,
+                    split: str) -> list[PreferenceRecord]:
+    return world.pairs_for_user(user, n, rng, split=split)
+
+
+def _conflicting_pairs(world: World, user: User, users: list[User], n: int, rng: np.random.Generator,
+                       split: str) -> list[PreferenceRecord]:
+    # only pairs the two users order oppositely (001 §3.5.1)
+    other = next(u for u in users if u.user_id != user.user_id)
+    return world.pairs_for_user(user, n, rng, require_conflict_with=other, split=split)
+
+
+def _preference_pairs(world: World, user: User, users: list[User], n: int, rng: np.random.Generator,
+                      split: str) -> list[PreferenceRecord]:
+    # chosen clearly better on the preference's one dimension (P-Soups)
+    return world.pairs_for_preference(user.group, n, rng, split)
+
+
+@dataclass(frozen=True)
+class Population:
+    """A simulated population: its users `(seed, n_annotators) -> users`, and how each
+    user's pairs are drawn."""
+    users: Callable[[int, int], list[User]]
+    draw: Draw = _pairs_for_user
+
+
+POPULATION_REGISTRY: dict[str, Population] = {
+    "ultrafeedback_random": Population(lambda seed, n: populations.ultrafeedback_random(seed)),
+    "ultrafeedback_cluster": Population(lambda seed, n: populations.ultrafeedback_cluster(seed)),
+    "two_user_conflict": Population(lambda seed, n: populations.two_user_conflict(), _conflicting_pairs),
+    "length_conflict": Population(lambda seed, n: populations.length_conflict(n, seed)),
+    "psoups": Population(lambda seed, n: populations.psoups_users(), _preference_pairs),
+}
+POPULATIONS = tuple(POPULATION_REGISTRY)  # the names, in registry order (jobs seed their rngs by it)
+
+
+def get_population(name: str) -> Population:
+    """The registered population `name`; a ValueError lists the known ones."""
+    if name not in POPULATION_REGISTRY:
+        raise ValueError(f"unknown population {name!r}; known: {list(POPULATIONS)}")
+    return POPULATION_REGISTRY[name]
 
 
 def population_users(name: str, seed: int = 0, n_annotators: int = 10) -> list[User]:
     """The users of population ``name`` (P-Soups preferences become users 1..6)."""
-    if name == "ultrafeedback_random":
-        return populations.ultrafeedback_random(seed)
-    if name == "ultrafeedback_cluster":
-        return populations.ultrafeedback_cluster(seed)
-    if name == "two_user_conflict":
-        return populations.two_user_conflict()
-    if name == "length_conflict":
-        return populations.length_conflict(n_annotators, seed)
-    if name == "psoups":
-        return [p.as_user(i + 1) for i, p in enumerate(populations.psoups_profiles())]
-    raise ValueError(f"unknown population {name!r}; known: {POPULATIONS}")
+    return get_population(name).users(seed, n_annotators)
 
 
 def simulate_population(world: World, name: str, users: list[User], pairs_per_user: int,
                         rng: np.random.Generator, split: str = "train") -> list[PreferenceRecord]:
-    """``pairs_per_user`` records for every user of population ``name``.
-
-    two_user_conflict keeps only pairs the two users order oppositely (001 §3.5.1);
-    psoups uses `World.pairs_for_preference` (chosen clearly better on one dimension).
-    """
+    """``pairs_per_user`` records for every user of population ``name``, drawn its way."""
+    draw = get_population(name).draw
     records: list[PreferenceRecord] = []
     for user in users:
-        if name == "psoups":
-            records += world.pairs_for_preference(user.group, pairs_per_user, rng, split)
-        elif name == "two_user_conflict":
-            other = next(u for u in users if u.user_id != user.user_id)
-            records += world.pairs_for_user(user, pairs_per_user, rng,
-                                            require_conflict_with=other, split=split)
-        else:
-            records += world.pairs_for_user(user, pairs_per_user, rng, split=split)
+        records += draw(world, user, users, pairs_per_user, rng, split)
     return records
 
 

@@ -99,8 +99,10 @@ class PSoupsProfile(NamedTuple):
         return User(user_id, {self.attribute: self.direction}, self.instruction, self.name)
 
 
-def psoups_profiles() -> list[PSoupsProfile]:
-    """The six conflicting preferences of 002 Table 4 (user ids 1..6 in this order)."""
+def psoups_profiles(extended: bool = False) -> list[PSoupsProfile]:
+    """The six conflicting preferences of 002 Table 4 (user ids 1..6 in this order); with
+    ``extended``, also the style preferences P3C (sassy) and P3D (sarcastic) of 002 §B.2
+    (ids 7, 8), which the world shows only when built with ``extra_styles=True``."""
     rows = (
         ("P1A", "expertise", "expertise", -1.0,
          "Generate/Choose a response that can be easily understood by an elementary school student."),
@@ -115,6 +117,13 @@ def psoups_profiles() -> list[PSoupsProfile]:
         ("P3B", "style", "style", -1.0,
          "Generate/Choose a response (that answers) in an unfriendly manner."),
     )
+    if extended:
+        rows += (
+            ("P3C", "style", "sass", 1.0,
+             "Generate/Choose a response (that answers) in a sassy manner."),
+            ("P3D", "style", "sarcasm", 1.0,
+             "Generate/Choose a response (that answers) in a sarcastic manner."),
+        )
     return [PSoupsProfile(name, dim, attr, direction, prompt, _word_level(prompt))
             for name, dim, attr, direction, prompt in rows]
 
@@ -127,15 +136,22 @@ def _word_level(prompt: str) -> str:
     return " ".join(text.lower().split())
 
 
+def psoups_users() -> list[User]:
+    """The six P-Soups preferences as users 1..6 (in `psoups_profiles` order)."""
+    return [profile.as_user(i + 1) for i, profile in enumerate(psoups_profiles())]
+
+
 def psoups_profile(name: str) -> PSoupsProfile:
     """The profile called ``name`` (e.g. "P2B")."""
-    for profile in psoups_profiles():
+    for profile in psoups_profiles(extended=True):
         if profile.name == name:
             return profile
     raise ValueError(f"unknown P-Soups preference {name!r}; known: "
-                     f"{[p.name for p in psoups_profiles()]}")
+                     f"{[p.name for p in psoups_profiles(extended=True)]}")
 
 
-def psoups_combinations() -> list[list[str]]:
-    """The 8 combinations AAA, AAB, ..., BBB (one preference per dimension, 002 Table 4)."""
-    return [[f"P1{a}", f"P2{b}", f"P3{c}"] for a in "AB" for b in "AB" for c in "AB"]
+def psoups_combinations(extended: bool = False) -> list[list[str]]:
+    """The 8 combinations AAA, AAB, ..., BBB (one preference per dimension, 002 Table 4);
+    ``extended``: the 16 of 002 §B.2 (style also C = sassy, D = sarcastic)."""
+    styles = "ABCD" if extended else "AB"
+    return [[f"P1{a}", f"P2{b}", f"P3{c}"] for a in "AB" for b in "AB" for c in styles]

@@ -3,9 +3,14 @@
 A response is an optional opener, ``verbosity`` content sentences, aspect markers and an
 optional closer, all word-level text from `lexicon.py`. Each attribute shows in the words
 (see ATTRIBUTES) and `World.judge` reads it back from any text. ``difficulty`` in [0, 1]
-makes the four UltraFeedback-like aspects show only weakly and noisily in the wording and
-flips simulated choices with probability ``0.25 * difficulty``; records always carry the
+makes the four UltraFeedback-like aspects show only weakly and noisily in the wording,
+makes the P-Soups attributes (verbosity, expertise, style) show a random level with
+probability ``attribute_noise`` (default ``0.5 * difficulty``) and flips simulated choices
+with probability ``label_noise`` (default ``0.25 * difficulty``); records always carry the
 *latent* scores.
+
+Pairs for any learner come from one path, `labelling.labelled_pairs` (World.labelled_pairs);
+`World.quality` is the general-quality judge (`quality.py`).
 """
 from __future__ import annotations
 
@@ -22,14 +27,19 @@ ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 ATTRIBUTES = ("verbosity", "expertise", "style") + ASPECTS
 MAX_SENTENCES = 6
 STYLE_LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
+# P3C / P3D of 002 §B.2, only in a world built with extra_styles=True
+EXTRA_STYLES = ("sass", "sarcasm")
+EXTRA_STYLE_LEVELS = (0.0, 0.5, 1.0)
+_EXTRA_PHRASES = {"sass": lexicon.SASS_PHRASES, "sarcasm": lexicon.SARCASM_PHRASES}
 EXPERTISE_LEVELS = (0.0, 0.25, 0.5, 0.75, 1.0)
 # style level -> (opener kind, closer kind), kinds index lexicon.OPENERS / CLOSERS
 _STYLE_PHRASES = {-1.0: (-1, -1), -0.5: (-1, 0), 0.0: (0, 0), 0.5: (1, 0), 1.0: (1, 1)}
 _TEST_FRACTION = 0.25
 _LABEL_NOISE_PER_DIFFICULTY = 0.25
+_ATTRIBUTE_NOISE_PER_DIFFICULTY = 0.5
 # chosen / rejected values of pairs_for_preference: far apart so the judge agrees
-_HIGH = {"expertise": (0.8, 1.0), "style": (0.5, 1.0)}
-_LOW = {"expertise": (0.0, 0.2), "style": (-1.0, -0.5)}
+_HIGH = {"expertise": (0.8, 1.0), "style": (0.5, 1.0), "sass": (0.75, 1.0), "sarcasm": (0.75, 1.0)}
+_LOW = {"expertise": (0.0, 0.2), "style": (-1.0, -0.5), "sass": (0.0, 0.25), "sarcasm": (0.0, 0.25)}
 
 
 @dataclass
@@ -60,11 +70,21 @@ class _Draws:
 class World:
     """Deterministic for (seed, difficulty); see the module docstring."""
 
-    def __init__(self, seed: int = 0, difficulty: float = 0.0):
-        if not 0.0 <= float(difficulty) <= 1.0:
-            raise ValueError(f"World: difficulty must be in [0, 1], got {difficulty}")
+    def __init__(self, seed: int = 0, difficulty: float = 0.0, label_noise: float | None = None,
+                 attribute_noise: float | None = None, extra_styles: bool = False):
+        for name, value in (("difficulty", difficulty), ("label_noise", label_noise),
+                            ("attribute_noise", attribute_noise)):
+            if value is not None and not 0.0 <= float(value) <= 1.0:
+                raise ValueError(f"World: {name} must be in [0, 1], got {value}")
         self.seed, self.difficulty = int(seed), float(difficulty)
-        self.label_noise = _LABEL_NOISE_PER_DIFFICULTY * self.difficulty
+        # the sassy / sarcastic styles (P3C / P3D, 002 §B.2): off by default so the six-
+        # preference world keeps its texts, vocabulary and random draws
+        self.extra_styles = EXTRA_STYLES if extra_styles else ()
+        self.attributes = ATTRIBUTES + self.extra_styles
+        self.label_noise = float(_LABEL_NOISE_PER_DIFFICULTY * self.difficulty
+                                 if label_noise is None else label_noise)
+        self.attribute_noise = float(_ATTRIBUTE_NOISE_PER_DIFFICULTY * self.difficulty
+                                     if attribute_noise is None else attribute_noise)
         self.topics = tuple(lexicon.TOPICS)
         self._build_judge_tables()
         self._check_lexicon()
@@ -119,9 +139,10 @@ class World:
         return [self.sample_response(prompt, rng) for _ in range(k)]
 
     def _levels(self, attrs: dict, draws: _Draws) -> dict:
-        unknown = set(attrs) - set(ATTRIBUTES)
+        unknown = set(attrs) - set(self.attributes)
         if unknown:
-            raise ValueError(f"attrs: unknown attribute(s) {sorted(unknown)}; known: {ATTRIBUTES}")
+            raise ValueError(f"attrs: unknown attribute(s) {sorted(unknown)}; known: "
+                             f"{self.attributes}")
         levels = {}
         v = attrs.get("verbosity")
         levels["sentences"] = 1 + (draws.index(MAX_SENTENCES) if v is None else
@@ -136,6 +157,10 @@ class World:
             r = attrs.get(aspect)
             levels[aspect] = (1 + draws.index(5) if r is None
                               else int(_in_range(aspect, r, 1, 5) + 0.5))
+        for name in self.extra_styles:
+            x = attrs.get(name)
+            levels[name] = (draws.pick(EXTRA_STYLE_LEVELS) if x is None else min(
+                EXTRA_STYLE_LEVELS, key=lambda lv: abs(lv - _in_range(name, x, 0, 1))))
         return levels
 
     def _shown(self, level: int, draws: _Draws) -> int:
@@ -145,7 +170,27 @@ class World:
             return level
         return 3 if draws.uniform() < 0.5 else 1 + draws.index(5)
 
+    def _shown_dimensions(self, levels: dict, draws: _Draws) -> dict:
+        """The levels the wording shows for verbosity, expertise and style: each one is a
+        random level with probability attribute_noise (no draws at all when it is 0, so an
+        easy world's texts stay exactly as they were)."""
+        if not self.attribute_noise:
+            return levels
+        shown = dict(levels)
+        if draws.uniform() < self.attribute_noise:
+            shown["sentences"] = 1 + draws.index(MAX_SENTENCES)
+        if draws.uniform() < self.attribute_noise:
+            shown["expertise"] = draws.pick(EXPERTISE_LEVELS)
+        if draws.uniform() < self.attribute_noise:
+            shown["style"] = draws.pick(STYLE_LEVELS)
+        for name in self.extra_styles:
+            if draws.uniform() < self.attribute_noise:
+                shown[name] = draws.pick(EXTRA_STYLE_LEVELS)
+        return shown
+
     def _render(self, topic: str, levels: dict, draws: _Draws) -> Response:
+        latent = _latent(levels)
+        levels = self._shown_dimensions(levels, draws)
         n = levels["sentences"]
         other = self.topics[(self.topics.index(topic) + 1 + draws.index(len(self.topics) - 1))
                             % len(self.topics)]
@@ -154,6 +199,8 @@ class World:
         fill = {"t": topic, "o": other}
 
         parts = [draws.pick(lexicon.OPENERS[opener_kind])]
+        if "sass" in self.extra_styles:
+            parts.append(draws.pick(lexicon.SASS_PHRASES[levels["sass"]]))
         parts.append(draws.pick(lexicon.ASPECT_MARKERS["instruction_following"][
             shown["instruction_following"]]).format(**fill))
         # at the lowest instruction-following level half the content drifts off-topic
@@ -169,9 +216,11 @@ class World:
         parts += self._truth_sentences(topic, shown["truthfulness"], draws)
         for aspect in ("helpfulness", "honesty"):
             parts.append(draws.pick(lexicon.ASPECT_MARKERS[aspect][shown[aspect]]).format(**fill))
+        if "sarcasm" in self.extra_styles:
+            parts.append(draws.pick(lexicon.SARCASM_PHRASES[levels["sarcasm"]]))
         parts.append(draws.pick(lexicon.CLOSERS[closer_kind]))
 
-        return Response(" ".join(parts), _latent(levels))
+        return Response(" ".join(parts), latent)
 
     def _truth_sentences(self, topic: str, level: int, draws: _Draws) -> list[str]:
         n_true, n_false = lexicon.TRUTH_LAYOUT[level]
@@ -193,6 +242,8 @@ class World:
             table.update({w: ("special", topic) for w in words.specialist})
         table.update({w: ("friendly", None) for w in lexicon.FRIENDLY_KEYS})
         table.update({w: ("unfriendly", None) for w in lexicon.UNFRIENDLY_KEYS})
+        table.update({w: ("sass", None) for w in lexicon.SASS_KEYS})
+        table.update({w: ("sarcasm", None) for w in lexicon.SARCASM_KEYS})
         for aspect, keys in lexicon.ASPECT_KEYS.items():
             table.update({key: ("key", (aspect, level)) for level, key in keys.items()})
         self._token_kind = table
@@ -211,6 +262,7 @@ class World:
             raise TypeError(f"judge: text must be str, got {type(text).__name__}")
         tokens = text.split()
         simple = special = friendly = unfriendly = 0
+        extra = {"sass": 0, "sarcasm": 0}
         topic_counts: dict[str, int] = {}
         levels_seen: set[tuple[str, int]] = set()
         for token in tokens:
@@ -226,6 +278,8 @@ class World:
                 friendly += 1
             elif what == "unfriendly":
                 unfriendly += 1
+            elif what in extra:
+                extra[what] += 1
             else:
                 levels_seen.add(value)
 
@@ -243,7 +297,9 @@ class World:
             on_topic = topic_counts.get(topic, 0) / sum(topic_counts.values())
             scores["instruction_following"] = (0.5 * scores["instruction_following"]
                                                + 0.5 * (1.0 + 4.0 * on_topic))
-        return {name: float(scores[name]) for name in ATTRIBUTES}
+        for name in self.extra_styles:
+            scores[name] = _clip(extra[name] / 2.0, 0.0, 1.0)
+        return {name: float(scores[name]) for name in self.attributes}
 
     def _judge_truth(self, text: str, topic_counts: dict[str, int]) -> float:
         padded, shift = f" {text} ", 0
@@ -257,12 +313,14 @@ class World:
         """Word counts of typical 1- and 6-sentence responses anchor the verbosity judge."""
         rng = np.random.default_rng(12345)
         prompt = self._prompts["train"][0]
+        noise, self.attribute_noise = self.attribute_noise, 0.0  # anchors are exact lengths
 
         def mean_words(v: float) -> float:
             return float(np.mean([len(self.sample_response(prompt, rng, {"verbosity": v})
                                       .text.split()) for _ in range(200)]))
         self._words_at_min = mean_words(0.0)
         self._words_span = mean_words(1.0) - self._words_at_min
+        self.attribute_noise = noise
 
     # ----- simulated choices -----------------------------------------------------------
     def pairs_for_user(self, user: User, n: int, rng: np.random.Generator,
@@ -274,9 +332,9 @@ class World:
         either ties, are dropped (001 §3.5.1). Choices flip with probability label_noise.
         """
         for who in (user, require_conflict_with):
-            if who is not None and set(who.weights) - set(ATTRIBUTES):
+            if who is not None and set(who.weights) - set(self.attributes):
                 raise ValueError(f"user {who.user_id} weighs unknown attribute(s) "
-                                 f"{sorted(set(who.weights) - set(ATTRIBUTES))}")
+                                 f"{sorted(set(who.weights) - set(self.attributes))}")
         pool = self.prompt_pool(split)
         records: list[PreferenceRecord] = []
         for _ in range(_max_tries(n)):
@@ -307,7 +365,7 @@ class World:
                              split: str = "train") -> list[PreferenceRecord]:
         """``n`` pairs for one P-Soups preference (002 Table 4): chosen is clearly better on
         that preference's dimension; the other attributes are random but equal in both."""
-        profiles = psoups_profiles()
+        profiles = psoups_profiles(extended=True)
         profile = psoups_profile(pref_name)
         user_id = 1 + [p.name for p in profiles].index(pref_name)
         pool = self.prompt_pool(split)
@@ -325,6 +383,16 @@ class World:
             records.append(self._record(prompt, better, worse, rng, user_id,
                                         profile.instruction, f"world:psoups:{pref_name}"))
         return records
+
+    def labelled_pairs(self, labeller, n: int, seed, **kwargs) -> list[PreferenceRecord]:
+        """The one pair path of every arm: see `raypref.data.labelling.labelled_pairs`."""
+        from raypref.data.labelling import labelled_pairs
+        return labelled_pairs(self, labeller, n, seed, **kwargs)
+
+    def quality(self, text: str, prompt: str) -> float:
+        """General quality in [0, 1]: see `raypref.data.quality.quality`."""
+        from raypref.data.quality import quality
+        return quality(self, text, prompt).score
 
     def _record(self, prompt, better: Response, worse: Response, rng, user_id, user_text,
                 source) -> PreferenceRecord:
@@ -344,14 +412,16 @@ class World:
         """(prompt, response) pairs over all attribute values; about 30% of prompts carry a
         preference instruction and their responses follow it."""
         pool = self.prompt_pool("train")
-        names = [p.name for p in psoups_profiles()]
+        names = [p.name for p in psoups_profiles(extended=bool(self.extra_styles))]
+        styles = "ABCD" if self.extra_styles else "AB"
         corpus = []
         for _ in range(n):
             prompt = pool[int(rng.integers(len(pool)))]
             attrs: dict = {}
             if rng.random() < 0.3:
                 if rng.random() < 0.5:  # a full combination, as P-MORL prompts have
-                    prefs = [f"P{d}{'AB'[int(rng.integers(2))]}" for d in (1, 2, 3)]
+                    prefs = [f"P1{'AB'[int(rng.integers(2))]}", f"P2{'AB'[int(rng.integers(2))]}",
+                             f"P3{styles[int(rng.integers(len(styles)))]}"]
                 else:
                     prefs = [names[int(rng.integers(len(names)))]]
                 for name in prefs:
@@ -370,7 +440,9 @@ class World:
                   for p in phrases]
         texts += [p for levels in lexicon.ASPECT_MARKERS.values() for ps in levels.values()
                   for p in ps]
-        texts += [p.instruction for p in psoups_profiles()]
+        texts += [p.instruction for p in psoups_profiles(extended=bool(self.extra_styles))]
+        if self.extra_styles:
+            texts += [p for levels in _EXTRA_PHRASES.values() for ps in levels.values() for p in ps]
         for topic, words in lexicon.TOPICS.items():
             texts += [topic, *words.simple, *words.specialist, *words.true_facts,
                       *words.false_facts]
@@ -389,6 +461,7 @@ class World:
         phrases += [p for lv in lexicon.ASPECT_MARKERS.values() for ps in lv.values() for p in ps]
         phrases += list(lexicon.CONTENT_FRAMES) + [lexicon.TRUTH_FILLER]
         phrases += [f for w in lexicon.TOPICS.values() for f in (*w.true_facts, *w.false_facts)]
+        phrases += [p for levels in _EXTRA_PHRASES.values() for ps in levels.values() for p in ps]
         for phrase in phrases:
             for token in phrase.split():
                 kind = self._token_kind.get(token)
@@ -409,6 +482,7 @@ def _latent(levels: dict) -> dict[str, float]:
     latent = {"verbosity": (n - 1) / (MAX_SENTENCES - 1),
               "expertise": _n_special(levels) / (2 * n), "style": levels["style"]}
     latent.update({a: float(levels[a]) for a in ASPECTS})
+    latent.update({k: float(levels[k]) for k in EXTRA_STYLES if k in levels})
     return latent
 
 

@@ -27,49 +27,20 @@ from raypref import tracking
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
-from raypref.models.factory import LoraSettings, encode_example, load_pretrained
-from raypref.train.runner import RunResult, run
+from raypref.models.factory import encode_example, load_pretrained
+from raypref.eval.pairs import evaluate_pairs
+from raypref.recipes.dpo import DPOConfig, ShardDPOSpec
 from raypref.recipes.sft import SFTConfig, train_sft
-from raypref.recipes.dpo import DEFAULT_BETA, DEFAULT_LR, ShardDPOSpec, evaluate_pairs
+from raypref.train.runner import Resources, RunResult, run, runner_config
 
 SUMMARY_FILE = "summary.json"
 TRAIN_QUARANTINE_FILE = "quarantine.jsonl"
 TEST_QUARANTINE_FILE = "quarantine_test.jsonl"
-LOSS_TYPES = ("sigmoid", "ipo")
 SHARD_FORMATS = ("parquet", "jsonl")
 
 
-@dataclass
-class DPOTraining:
-    """The DPO optimisation (defaults: the soups probe of PLATFORM-NOTES)."""
-
-    steps: int = 200  # optimizer steps
-    micro_batch_size: int = 8  # pairs per micro-batch per worker
-    grad_accum: int = 1
-    lr: float = DEFAULT_LR
-    warmup_steps: int = 10
-    beta: float = DEFAULT_BETA
-    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
-    max_length: int = 128  # tokens per prompt + response
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
-    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order)
-    seed: int = 0
-
-
-@dataclass
-class DPOResources:
-    """Ray resources. On a small node keep cpus_per_worker * num_workers below the CPU count:
-    Ray Data needs a budget of its own or the stream into the workers stalls."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    data_cpus: float = 0.5  # each shard-validation task and each tokenizer actor
-    tokenizer_actors: int = 1
-    use_gpu: bool = False
-    zero_stage: int = 0  # LoRA states are tiny; ZeRO-2/3 for big bases
-    bf16: bool = False
-    max_failures: int = 1
-    checkpoint_every: int = 50
+def _job_resources() -> Resources:
+    return Resources(num_workers=1, cpus_per_worker=1.0, zero_stage=0, checkpoint_every=50)
 
 
 @dataclass
@@ -92,12 +63,22 @@ class DPOJobConfig:
     max_chars: int = 20000  # longest prompt / response accepted by validation
     max_eval_pairs: int = 2000
     eval_batch_size: int = 32
-    training: DPOTraining = field(default_factory=DPOTraining)
-    resources: DPOResources = field(default_factory=DPOResources)
+    training: DPOConfig = field(default_factory=DPOConfig)
+    # on a small node keep cpus_per_worker * num_workers below the CPU count: Ray Data needs a
+    # budget of its own or the stream into the workers stalls
+    resources: Resources = field(default_factory=_job_resources)
+    shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order)
+    data_cpus: float = 0.5  # CPUs of each shard-validation task and each tokenizer actor
+    tokenizer_actors: int = 1
+    seed: int = 0  # LoRA initialisation, shuffling
+    restart: bool = False  # start the run over even if <output_dir>/<run_name> holds one
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        t, r = self.training, self.resources
+        self.training.validate("DPOJobConfig.training")
+        self.resources.validate("DPOJobConfig.resources")
+        if not self.base_policy:
+            self.sft.validate()
         checks = [
             ("train_data", bool(self.train_data), "must name a shard folder or URI"),
             ("shard_formats", bool(self.shard_formats) and set(self.shard_formats) <= set(SHARD_FORMATS),
@@ -107,13 +88,10 @@ class DPOJobConfig:
             ("max_chars", self.max_chars >= 1, "must be >= 1"),
             ("max_eval_pairs", self.max_eval_pairs >= 1, "must be >= 1"),
             ("eval_batch_size", self.eval_batch_size >= 1, "must be >= 1"),
-            ("training.steps", t.steps >= 1, "must be >= 1"),
-            ("training.beta", t.beta > 0, "must be > 0"),
-            ("training.loss_type", t.loss_type in LOSS_TYPES, f"must be one of {LOSS_TYPES}"),
-            ("training.max_length", t.max_length >= 8, "must be >= 8"),
-            ("training.shuffle_buffer", t.shuffle_buffer >= 0, "must be >= 0"),
-            ("resources.data_cpus", r.data_cpus > 0, "must be > 0"),
-            ("resources.tokenizer_actors", r.tokenizer_actors >= 1, "must be >= 1"),
+            ("user_ids", all(isinstance(u, int) and u >= 0 for u in self.user_ids), "must be ids >= 0"),
+            ("shuffle_buffer", self.shuffle_buffer >= 0, "must be >= 0"),
+            ("data_cpus", self.data_cpus > 0, "must be > 0"),
+            ("tokenizer_actors", self.tokenizer_actors >= 1, "must be >= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:
@@ -167,15 +145,40 @@ def read_rows(cfg: DPOJobConfig, uri: str, quarantine_path: Path) -> tuple[ray.d
     try:
         ds, report = read_preference_shards(
             uri, quarantine_path=str(quarantine_path), max_quarantine_fraction=cfg.max_quarantine_fraction,
-            max_chars=cfg.max_chars, num_cpus=cfg.resources.data_cpus,
+            max_chars=cfg.max_chars, num_cpus=cfg.data_cpus,
             suffixes=tuple(f".{fmt}" for fmt in cfg.shard_formats))
     except FileNotFoundError as err:
-        raise FileNotFoundError(f"{err} (write shards with jobs/simulate.py, or set train_data / "
-                                "test_data)") from None
+        others = [fmt for fmt in SHARD_FORMATS if fmt not in cfg.shard_formats]
+        hint = f"; shard_formats={cfg.shard_formats} were looked for" + (
+            f", read others with --shard_formats {others[0]}" if others else "")
+        raise FileNotFoundError(f"{err}{hint} (write shards with jobs/simulate.py, or set "
+                                "--train_data / --test_data; --test_data '' for no evaluation)") from None
     if cfg.user_ids:
         ds = ds.filter(_is_selected_user, fn_kwargs={"user_ids": list(cfg.user_ids)},
-                       num_cpus=cfg.resources.data_cpus)
+                       num_cpus=cfg.data_cpus)
     return ds, report
+
+
+CHEAP_HASH_BYTES = 64 * 2**20  # shards up to this size are hashed for the run's fingerprint
+
+
+def shards_fingerprint(cfg: DPOJobConfig) -> dict:
+    """What the training data is: each shard's name and size, and its content hash where cheap;
+    plus the row selection. A resumed run must see the same data."""
+    import hashlib
+
+    from raypref.data.pipeline import list_shards
+
+    filesystem, shards = list_shards(cfg.train_data, tuple(f".{fmt}" for fmt in cfg.shard_formats))
+    files = {}
+    for shard, info in zip(shards, filesystem.get_file_info(shards)):
+        entry = {"bytes": info.size}
+        if info.size is not None and info.size <= CHEAP_HASH_BYTES:
+            with filesystem.open_input_stream(shard) as f:
+                entry["sha256"] = hashlib.sha256(f.read()).hexdigest()[:16]
+        files[shard] = entry
+    return {"train_data": cfg.train_data, "shards": files, "user_ids": sorted(cfg.user_ids),
+            "max_chars": cfg.max_chars}
 
 
 def quarantine_metrics(summary: dict, prefix: str = "") -> dict[str, float]:
@@ -219,20 +222,16 @@ def _validation_pass(cfg: DPOJobConfig, out: Path) -> tuple[dict[str, ray.data.D
 def _train(cfg: DPOJobConfig, sft_dir: str, rows: ray.data.Dataset, n_pairs: int,
            run_name: str) -> RunResult:
     """Tokenize the selected rows in Ray Data and train the LoRA on them with the runner."""
-    t, r = cfg.training, cfg.resources
-    tokens = tokenize_pairs(rows, SavedTokenizer(sft_dir), t.max_length, num_actors=r.tokenizer_actors,
-                            num_cpus=r.data_cpus, batch_size=max(t.micro_batch_size, 16),
+    t = cfg.training
+    tokens = tokenize_pairs(rows, SavedTokenizer(sft_dir), t.max_length, num_actors=cfg.tokenizer_actors,
+                            num_cpus=cfg.data_cpus, batch_size=max(t.micro_batch_size, 16),
                             encode=encode_example)  # the policy's own format: as SFT and evaluation
-    spec = ShardDPOSpec(sft_dir=sft_dir, preference=run_name, lora=t.lora, beta=t.beta,
-                        loss_type=t.loss_type, max_length=t.max_length, micro_batch_size=t.micro_batch_size,
-                        grad_accum=t.grad_accum, seed=t.seed, n_pairs=n_pairs, shuffle_buffer=t.shuffle_buffer)
-    runner_cfg = spec.runner_config(
-        lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps, num_workers=r.num_workers,
-        cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu, zero_stage=r.zero_stage, bf16=r.bf16,
-        max_failures=r.max_failures, checkpoint_every=r.checkpoint_every,
-        storage_path=str(Path(cfg.output_dir).expanduser().resolve()), name=run_name, seed=t.seed,
-        log_every=max(1, t.steps // 10))
-    return run(spec, runner_cfg, datasets={"train": tokens}, dataset_config=ExactSplitDataConfig())
+    spec = ShardDPOSpec.from_config(t, sft_dir, [], name=run_name, seed=cfg.seed, n_pairs=n_pairs,
+                                    shuffle_buffer=cfg.shuffle_buffer)
+    runner_cfg = runner_config(t, cfg.resources, name=run_name, seed=cfg.seed,
+                               storage_path=str(Path(cfg.output_dir).expanduser().resolve()))
+    return run(spec, runner_cfg, datasets={"train": tokens}, dataset_config=ExactSplitDataConfig(),
+               data_fingerprint=shards_fingerprint(cfg), restart=cfg.restart)
 
 
 def evaluate_adapter(sft_dir: str, adapter_dir: Path, records: list, beta: float, max_length: int,

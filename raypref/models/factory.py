@@ -29,6 +29,14 @@ class LoraSettings:
     dropout: float = 0.0
     target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])  # GPT-2 names
 
+    def validate(self, where: str = "lora") -> None:
+        checks = [("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
+                  ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
+                  ("target_modules", bool(self.target_modules), "must name at least one module")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+
 
 @dataclass
 class ModelConfig:
@@ -52,6 +60,10 @@ class ModelConfig:
         for name in ("n_layer", "n_embd", "n_head", "n_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name}={getattr(self, name)}: must be >= 1")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"ModelConfig.dropout={self.dropout}: must be in [0, 1)")
+        if self.lora is not None:
+            self.lora.validate("ModelConfig.lora")
 
 
 # ---------------------------------------------------------------- tokenizer and text format

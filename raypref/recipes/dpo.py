@@ -1,9 +1,10 @@
-"""Loop spec: DPO of one Personalized-Soups policy (one preference) as a LoRA on the SFT base.
+"""Recipe: DPO / IPO of one LoRA policy on a saved base — its config (`DPOConfig`) and specs.
 
-The runner pickles the spec to each worker; there it loads the SFT model saved by
-``models.factory.save_pretrained_safetensors``, adds a fresh LoRA, streams tokenized DPO pairs of
-one preference, scores the reference with the adapter disabled (no second copy of the base) and
-exports the adapter as safetensors, ready for ``soups.merge``.
+The runner pickles the spec to each worker; there it loads the base saved by
+``models.factory.save_pretrained_safetensors``, adds a fresh LoRA, feeds tokenized DPO pairs
+(in memory: `DPOSpec`; streamed from Ray Data: `ShardDPOSpec`), scores the reference with the
+adapter disabled (no second copy of the base) and exports the adapter as safetensors, ready for
+``models.merge``. Used by the DPO job (experiments/preference.py) and by Personalized Soups.
 
 Defaults come from the soups probe in PLATFORM-NOTES: LoRA r8, lr 5e-4, beta 0.5 kept the merged
 policies well behaved; lr 2e-3 with beta 0.1 made the "concise" policy degenerate.
@@ -21,10 +22,12 @@ from pathlib import Path
 
 import torch
 
-from raypref.algos.dpo import dpo_loss, implicit_reward_accuracy, sequence_logprobs
+from raypref.algos.dpo import LOSS_TYPES, dpo_loss, implicit_reward_accuracy, sequence_logprobs
 from raypref.data.records import PreferenceRecord
 from raypref.models.factory import LoraSettings, add_lora, encode_example, load_pretrained
-from raypref.train.runner import LoopSpec, RunnerConfig
+from raypref.train.fingerprint import model_identity
+from raypref.train.runner import Optimization
+from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
 
 DEFAULT_LR = 5e-4
 DEFAULT_BETA = 0.5
@@ -86,58 +89,57 @@ def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float,
                     chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
 
 
-@torch.no_grad()
-def evaluate_pairs(model: torch.nn.Module, tokenizer, pairs: Sequence[PreferenceRecord], beta: float,
-                   max_length: int = 128, batch_size: int = 32) -> dict[str, float]:
-    """Implicit-reward accuracy and mean margin of a peft policy on (held-out) pairs."""
-    if not pairs:
-        raise ValueError("evaluate_pairs needs at least one pair")
-    was_training = model.training
-    model.eval()
-    chosen, rejected = [], []
-    try:
-        encoded = encode_pairs(tokenizer, pairs, max_length)
-        for start in range(0, len(encoded), batch_size):
-            batch = collate_pairs(encoded[start : start + batch_size], tokenizer.pad_token_id)
-            _, c, r = dpo_step_outputs(model, batch, beta)
-            chosen.append(c)
-            rejected.append(r)
-    finally:
-        model.train(was_training)
-    c, r = torch.cat(chosen), torch.cat(rejected)
-    return {"reward_accuracy": implicit_reward_accuracy(c, r), "reward_margin": (c - r).mean().item()}
+@dataclass
+class DPOConfig(Optimization):
+    """DPO / IPO of one LoRA policy on a base (defaults: the soups probe of PLATFORM-NOTES)."""
+
+    lr: float = DEFAULT_LR  # PLATFORM-NOTES probe: 2e-3 with beta 0.1 degenerated
+    beta: float = DEFAULT_BETA  # strength of the pull towards the reference
+    loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    max_length: int = 128  # tokens per prompt + response
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
+
+    def validate(self, where: str = "training") -> None:
+        super().validate(where)
+        if self.beta <= 0:
+            raise ValueError(f"{where}.beta={self.beta!r}: must be > 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"{where}.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if self.max_length < 8:
+            raise ValueError(f"{where}.max_length={self.max_length!r}: must be >= 8")
+        self.lora.validate(f"{where}.lora")
 
 
 @dataclass
-class SoupDPOSpec(LoopSpec):
-    """DPO of one preference's LoRA policy on a saved SFT base (picklable; pairs travel with it).
+class DPOSpec(LoopSpec):
+    """DPO of one LoRA policy on a saved base (picklable; in-memory pairs travel with it).
+    The reference is the base itself (adapters off), so no second copy is held."""
 
-    ``micro_batch_size`` pairs per micro-batch (2× sequences); ``grad_accum`` must equal the
-    runner's, so a resume skips the right number of micro-batches: build the runner config with
-    ``runner_config()`` to keep them in step.
-    """
-
-    sft_dir: str
+    base_dir: str
     pairs: list[PreferenceRecord]
-    preference: str = ""
+    name: str = ""  # e.g. the P-Soups preference this policy serves
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     beta: float = DEFAULT_BETA
     loss_type: str = "sigmoid"
     max_length: int = 128
-    micro_batch_size: int = 8
-    grad_accum: int = 1
     seed: int = 0
+
+    @classmethod
+    def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord], name: str = "",
+                    seed: int = 0, **extra) -> "DPOSpec":
+        return cls(base_dir=str(base_dir), pairs=pairs, name=name, lora=cfg.lora, beta=cfg.beta,
+                   loss_type=cfg.loss_type, max_length=cfg.max_length, seed=seed, **extra)
 
     def __post_init__(self) -> None:
         if not self.pairs:
-            raise ValueError(f"SoupDPOSpec({self.preference!r}): no preference pairs")
+            raise ValueError(f"DPOSpec({self.name!r}): no preference pairs")
         self._check_settings()
 
     def _check_settings(self) -> None:
         if self.beta <= 0:
-            raise ValueError(f"SoupDPOSpec.beta={self.beta}: must be > 0")
-        if self.micro_batch_size < 1 or self.grad_accum < 1:
-            raise ValueError("SoupDPOSpec.micro_batch_size and grad_accum must be >= 1")
+            raise ValueError(f"DPOSpec.beta={self.beta}: must be > 0")
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"DPOSpec.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
         self._tokenizer = None  # loaded lazily on each worker, never pickled
 
     def __getstate__(self) -> dict:
@@ -145,41 +147,40 @@ class SoupDPOSpec(LoopSpec):
         state["_tokenizer"] = None
         return state
 
-    def runner_config(self, **overrides) -> RunnerConfig:
-        """A RunnerConfig with this spec's batch settings and the DPO default lr (5e-4)."""
-        base = {"lr": DEFAULT_LR, "micro_batch_size": self.micro_batch_size, "grad_accum": self.grad_accum,
-                "name": f"dpo-{self.preference}" if self.preference else "dpo"}
-        return RunnerConfig(**{**base, **overrides})
-
     def tokenizer(self):
         if self._tokenizer is None:
-            _, self._tokenizer = load_pretrained(self.sft_dir)
+            _, self._tokenizer = load_pretrained(self.base_dir)
         return self._tokenizer
 
-    def build_model(self) -> torch.nn.Module:
-        model, self._tokenizer = load_pretrained(self.sft_dir)
+    def build_model(self, role: str = PRIMARY_ROLE) -> torch.nn.Module:
+        model, self._tokenizer = load_pretrained(self.base_dir)
         return add_lora(model, self.lora)
 
-    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[Batch]:
-        """Endless, deterministic stream of this rank's micro-batches (a new shuffle each epoch)."""
-        shard = self.pairs[rank::world_size]
-        if len(shard) < self.micro_batch_size:
-            raise ValueError(f"rank {rank}/{world_size} holds {len(shard)} pairs, fewer than "
-                             f"micro_batch_size={self.micro_batch_size}")
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "base_dir": model_identity(self.base_dir)}
+
+    def batches(self, ctx: StepContext) -> Iterator[Batch]:
+        """Endless, deterministic stream of this rank's micro-batches (a new shuffle each epoch),
+        starting after the micro-batches of the steps already done."""
+        shard = self.pairs[ctx.rank::ctx.world_size]
+        size = ctx.micro_batch_size
+        if len(shard) < size:
+            raise ValueError(f"rank {ctx.rank}/{ctx.world_size} holds {len(shard)} pairs, fewer than "
+                             f"micro_batch_size={size}")
         tokenizer = self.tokenizer()
         encoded = encode_pairs(tokenizer, shard, self.max_length)
-        per_epoch = len(encoded) // self.micro_batch_size  # the ragged tail is dropped each epoch
-        index = start_step * self.grad_accum  # micro-batches already consumed
+        per_epoch = len(encoded) // size  # the ragged tail is dropped each epoch
+        index = ctx.micro_batches_done
         while True:
             epoch, offset = divmod(index, per_epoch)
             order = list(range(len(encoded)))
             random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            chunk = order[offset * self.micro_batch_size : (offset + 1) * self.micro_batch_size]
+            chunk = order[offset * size : (offset + 1) * size]
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
             index += 1
 
-    def loss(self, model: torch.nn.Module, batch: Batch) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, chosen, rejected = dpo_step_outputs(model, batch, self.beta, self.loss_type)
+    def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type)
         return loss, {
             "reward_accuracy": implicit_reward_accuracy(chosen, rejected),
             "reward_margin": (chosen - rejected).mean().item(),
@@ -187,14 +188,14 @@ class SoupDPOSpec(LoopSpec):
             "reward_rejected": rejected.mean().item(),
         }
 
-    def export(self, model: torch.nn.Module, out_dir: Path) -> None:
+    def export(self, models: dict[str, torch.nn.Module], out_dir: Path) -> None:
         """The adapter (``adapter_model.safetensors`` + config) and which preference / base it belongs to."""
-        model.save_pretrained(out_dir, safe_serialization=True)
+        models[PRIMARY_ROLE].save_pretrained(out_dir, safe_serialization=True)
         (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(self.policy_info(), indent=2))
 
     def policy_info(self) -> dict:
         """What ``export`` writes beside the adapter (``soup_policy.json``)."""
-        return {"preference": self.preference, "sft_dir": str(self.sft_dir), "beta": self.beta,
+        return {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
                 "loss_type": self.loss_type, "lora": dataclasses.asdict(self.lora), "n_pairs": len(self.pairs)}
 
 
@@ -215,13 +216,18 @@ def shard_batch_to_pairs(batch: dict[str, torch.Tensor]) -> Batch:
 
 
 @dataclass
-class ShardDPOSpec(SoupDPOSpec):
+class ShardDPOSpec(DPOSpec):
     """DPO whose pairs stream from a Ray Data shard (``run(..., datasets={dataset: ds})``).
 
     The dataset holds ``data.pipeline.tokenize_pairs`` rows, which must be tokenized in the
-    policy's format (``encode=encode_example``) by the SFT tokenizer. ``pairs`` stays empty;
-    ``n_pairs`` only records how many pairs the dataset held. Batches are not replayed exactly
-    after a resume: a restarted worker begins a new pass over its shard.
+    policy's format (``encode=encode_example``) by the base's tokenizer. ``pairs`` stays empty;
+    ``n_pairs`` only records how many pairs the dataset held.
+
+    Resume: the spec's state (passes begun, micro-batches consumed in the current pass) is saved
+    in every checkpoint; a resumed worker restarts the interrupted pass and skips the
+    micro-batches it had consumed, so it continues at its data position. The skipped rows are the
+    same ones as before exactly when the shard's row order is reproducible (the local shuffle is
+    seeded by the pass; Ray Data's split across several workers may order rows differently).
     """
 
     pairs: list[PreferenceRecord] = field(default_factory=list)
@@ -231,19 +237,32 @@ class ShardDPOSpec(SoupDPOSpec):
 
     def __post_init__(self) -> None:
         self._check_settings()
-        self._tokenizer = None
-        self._passes = 0
+        self._passes = 0  # passes begun over this worker's shard
+        self._consumed = 0  # micro-batches handed out in the current pass
 
-    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[Batch]:
+    def state_dict(self) -> dict:
+        return {"passes": self._passes, "consumed": self._consumed}
+
+    def load_state_dict(self, state: dict) -> None:
+        self._passes, self._consumed = int(state["passes"]), int(state["consumed"])
+
+    def batches(self, ctx: StepContext) -> Iterator[Batch]:
         """One pass over this worker's dataset shard (the runner starts the next pass)."""
         import ray.train
 
-        self._passes += 1
         shard = ray.train.get_dataset_shard(self.dataset)
+        if self._consumed and self._passes:  # resuming inside a pass: replay it up to there
+            skip, self._consumed = self._consumed, 0
+        else:
+            skip, self._passes, self._consumed = 0, self._passes + 1, 0
         shuffle = dict(local_shuffle_buffer_size=self.shuffle_buffer,
                        local_shuffle_seed=self.seed * 1_000_003 + self._passes) if self.shuffle_buffer else {}
-        for batch in shard.iter_torch_batches(batch_size=self.micro_batch_size, **shuffle):
+        for i, batch in enumerate(shard.iter_torch_batches(batch_size=ctx.micro_batch_size, **shuffle)):
+            if i < skip:
+                continue
+            self._consumed = i + 1
             yield shard_batch_to_pairs(batch)
+        self._consumed = 0
 
     def policy_info(self) -> dict:
         return {**super().policy_info(), "n_pairs": self.n_pairs, "dataset": self.dataset}

@@ -1,4 +1,4 @@
-"""SFT warm start: a policy fine-tuned on the simulated world's (prompt, response) corpus.
+"""Recipe: SFT warm start, a policy fine-tuned on the simulated world's (prompt, response) corpus.
 
 `train_sft` caches its output by the hash of its config: the same config returns the saved
 folder at once, any change trains again.
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
@@ -18,15 +18,19 @@ from raypref.algos.sft import response_mask, sft_loss
 from raypref.config import config_hash, to_dict
 from raypref.models.factory import (ModelConfig, add_lora, build_policy, build_tokenizer,
                                     encode_example, write_dir_atomically)
-from raypref.train.runner import LoopSpec, RunnerConfig, run
+from raypref.train.runner import Optimization, Resources, run, runner_config
+from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
 
 METRICS_FILE = "metrics.json"  # per-step training metrics, beside the weights
 CONFIG_FILE = "sft_config.json"
 
 
-def _default_runner() -> RunnerConfig:
-    return RunnerConfig(num_workers=1, zero_stage=0, lr=2e-3, warmup_steps=20, max_steps=300,
-                        micro_batch_size=16, checkpoint_every=100, log_every=25)
+def _default_training() -> Optimization:
+    return Optimization(steps=300, micro_batch_size=16, lr=2e-3, warmup_steps=20)
+
+
+def _default_resources() -> Resources:
+    return Resources(num_workers=1, zero_stage=0, checkpoint_every=100)
 
 
 @dataclass
@@ -34,8 +38,8 @@ class SFTConfig:
     """Supervised warm start on the simulated world. Defaults: tiny GPT-2, ~2 min on 2 cores."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
-    # runner.name and runner.storage_path are set by train_sft (runs live in the cache folder)
-    runner: RunnerConfig = field(default_factory=_default_runner)
+    training: Optimization = field(default_factory=_default_training)
+    resources: Resources = field(default_factory=_default_resources)
     world_seed: int = 0
     difficulty: float = 0.0  # World difficulty in [0, 1]
     corpus_size: int = 4000  # (prompt, response) pairs drawn from the world
@@ -55,15 +59,16 @@ class SFTConfig:
         if self.max_length < 8:
             raise ValueError(f"SFTConfig.max_length={self.max_length}: must be >= 8")
         self.model.validate()
-        self.runner.validate()
+        self.training.validate("training")
+        self.resources.validate("resources")
 
 
 def sft_cache_key(cfg: SFTConfig) -> str:
     """Hash of everything that changes the trained weights (not where they are written)."""
     data = to_dict(cfg)
     data.pop("output_dir")
-    for key in ("name", "storage_path", "log_every"):
-        data["runner"].pop(key)
+    for key in ("max_failures", "checkpoint_every", "eval_every"):  # how it runs, not what it learns
+        data["resources"].pop(key)
     return config_hash(data)
 
 
@@ -72,30 +77,36 @@ class SFTSpec(LoopSpec):
     RNG so a resumed run sees the same batches as an uninterrupted one."""
 
     def __init__(self, model_cfg: ModelConfig, tokenizer, examples: list[tuple[list[int], int]],
-                 micro_batch_size: int, grad_accum: int, seed: int):
-        self.model_cfg, self.tokenizer, self.examples = model_cfg, tokenizer, examples
-        self.micro_batch_size, self.grad_accum, self.seed = micro_batch_size, grad_accum, seed
+                 seed: int, data_key: str = ""):
+        self.model_cfg, self.tokenizer, self.examples, self.seed = model_cfg, tokenizer, examples, seed
+        self.data_key = data_key  # what the examples were drawn from (for the run's fingerprint)
 
-    def build_model(self) -> torch.nn.Module:
+    def build_model(self, role: str = PRIMARY_ROLE) -> torch.nn.Module:
         model = build_policy(self.model_cfg, self.tokenizer)
         return add_lora(model, self.model_cfg.lora) if self.model_cfg.lora else model
 
-    def loss(self, model, batch):
-        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    def fingerprint(self) -> dict:
+        return {"spec": "SFTSpec", "model": to_dict(self.model_cfg), "data": self.data_key,
+                "seed": self.seed, "examples": len(self.examples)}
+
+    def loss(self, batch, ctx: StepContext):
+        logits = ctx.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
         return loss, {"response_tokens": float(batch["response_mask"].sum())}
 
-    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[dict]:
-        shard = self.examples[rank::world_size]
+    def batches(self, ctx: StepContext) -> Iterator[dict]:
+        """Batches drawn with a (seed, rank, step) RNG: a resumed run sees what an uninterrupted one saw."""
+        shard = self.examples[ctx.rank::ctx.world_size]
         if not shard:
-            raise ValueError(f"SFTSpec: no examples for rank {rank} of {world_size}")
-        for step in range(start_step, 10**9):
-            rng = np.random.default_rng([self.seed, rank, step])
-            for _ in range(self.grad_accum):
-                picks = rng.integers(len(shard), size=self.micro_batch_size)
+            raise ValueError(f"SFTSpec: no examples for rank {ctx.rank} of {ctx.world_size}")
+        for step in range(ctx.step - 1, 10**9):
+            rng = np.random.default_rng([self.seed, ctx.rank, step])
+            for _ in range(ctx.grad_accum):
+                picks = rng.integers(len(shard), size=ctx.micro_batch_size)
                 yield collate([shard[i] for i in picks], self.tokenizer.pad_token_id)
 
-    def export(self, model, out_dir: Path) -> None:
+    def export(self, models, out_dir: Path) -> None:
+        model = models[PRIMARY_ROLE]
         if hasattr(model, "merge_and_unload"):  # LoRA: the SFT policy is the merged model
             model = model.merge_and_unload()
         model.save_pretrained(out_dir)
@@ -118,7 +129,7 @@ def sft_output_dir(cfg: SFTConfig) -> Path:
     return Path(cfg.output_dir).expanduser().resolve() / f"sft-{sft_cache_key(cfg)}"
 
 
-def train_sft(cfg: SFTConfig) -> Path:
+def train_sft(cfg: SFTConfig, restart: bool = False) -> Path:
     """Train (or reuse) the SFT policy of cfg; returns the folder with the model (safetensors),
     the tokenizer, metrics.json (one entry per step) and sft_config.json."""
     from raypref.data.world import World
@@ -131,10 +142,12 @@ def train_sft(cfg: SFTConfig) -> Path:
     corpus = world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
     tokenizer = build_tokenizer(cfg.model, world.vocabulary())
     examples = [encode_example(tokenizer, p, r, cfg.max_length) for p, r in corpus]
-    runner_cfg = replace(cfg.runner, name=out.name, storage_path=str(out.parent / "runs"))
-    spec = SFTSpec(cfg.model, tokenizer, examples, runner_cfg.micro_batch_size,
-                   runner_cfg.grad_accum, runner_cfg.seed)
-    result = run(spec, runner_cfg)
+    runner_cfg = runner_config(cfg.training, cfg.resources, name=out.name,
+                               storage_path=str(out.parent / "runs"), seed=cfg.corpus_seed,
+                               log_every=max(1, cfg.training.steps // 12))
+    spec = SFTSpec(cfg.model, tokenizer, examples, seed=cfg.corpus_seed,
+                   data_key=sft_cache_key(cfg))
+    result = run(spec, runner_cfg, restart=restart)
 
     def write(tmp: Path) -> None:
         shutil.copytree(result.export_path, tmp, dirs_exist_ok=True)

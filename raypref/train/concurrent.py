@@ -37,10 +37,10 @@ def _short(exc: BaseException, max_lines: int = 4, max_chars: int = 500) -> str:
 
 
 @ray.remote(num_cpus=0)
-def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
+def _drive(name: str, spec: Any, cfg: RunnerConfig, restart: bool = False) -> RunOutcome:
     start = time.time()
     try:
-        result = run(spec, cfg)
+        result = run(spec, cfg, restart=restart)
         return RunOutcome(name, True, time.time() - start, result=result)
     except Exception as exc:  # report, don't kill the other runs
         return RunOutcome(name, False, time.time() - start, error=_short(exc),
@@ -50,12 +50,12 @@ def _drive(name: str, spec: Any, cfg: RunnerConfig) -> RunOutcome:
 def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
                        on_done: Callable[[RunOutcome], None] | None = None,
                        on_tick: Callable[[list[str]], None] | None = None,
-                       tick_seconds: float = 30.0) -> dict[str, RunOutcome]:
+                       tick_seconds: float = 30.0, restart: bool = False) -> dict[str, RunOutcome]:
     """Start every (spec, runner config) at once; return outcomes keyed by name.
 
     ``on_done`` is called as each run ends; ``on_tick`` every ``tick_seconds`` with the names
-    still running (for progress output)."""
-    pending = {_drive.remote(name, spec, cfg): name for name, (spec, cfg) in jobs.items()}
+    still running (for progress output); ``restart`` starts existing runs over."""
+    pending = {_drive.remote(name, spec, cfg, restart): name for name, (spec, cfg) in jobs.items()}
     outcomes: dict[str, RunOutcome] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=tick_seconds)

@@ -1,32 +1,39 @@
 """The one place that runs a training loop on N workers: Ray Train + DeepSpeed ZeRO.
 
-A job describes *what* to train with a `LoopSpec` (model, loss, batches, export); `run` does
-the rest on every worker: DeepSpeed engine (ZeRO stage 0-3, AdamW, warm-up schedule, clipping),
-checkpoints every `checkpoint_every` steps (DeepSpeed state on every rank + the weights as
-`model.safetensors` from rank 0), resume after a worker failure from the checkpoint Ray hands
-back, and the final export to `<storage_path>/<name>/final`.
+A method describes *what* to train with a `LoopSpec` (train/spec.py); `run` does the rest on
+every worker: one DeepSpeed engine per trainable role (ZeRO 0-3, AdamW with the spec's
+parameter groups, warm-up schedule, clipping), frozen roles beside them, progress every
+`log_every` steps and metrics (evaluation included) reported to Ray between checkpoints,
+checkpoints every `checkpoint_every` steps (DeepSpeed state of each trainable role, the spec's
+state and the RNG states of every worker, trainable weights as safetensors), resume after a
+worker failure from the checkpoint Ray hands back, and the final export to
+`<storage_path>/<name>/final`.
 
-The metrics history travels inside each checkpoint (Ray keeps only metrics reported with a
-checkpoint), so after a resume it holds each step exactly once.
+A run is identified by its fingerprint (train/fingerprint.py): re-running a name with a
+different config, data, base model, code or checkpoint layout refuses to resume.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import pickle
+import random
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
 
+import numpy as np
 import torch
 
-from raypref.models.factory import write_dir_atomically
+from raypref.train import storage
+from raypref.train.fingerprint import check_fingerprint, run_fingerprint
+from raypref.train.spec import LoopSpec, Role, StepContext
 
-CHECKPOINT_TAG = "ds"  # DeepSpeed's sub-folder inside each reported checkpoint
-WEIGHTS_FILE = "model.safetensors"
 HISTORY_FILE = "metrics.json"  # the metrics history, for the driver (rank 0 writes it)
 FINAL_DIR = "final"
+SCHEDULES = ("warmup_decay", "warmup_constant")
 
 
 @dataclass
@@ -37,7 +44,7 @@ class RunnerConfig:
     cpus_per_worker: float = 1.0  # fractions let many small runs share a node
     use_gpu: bool = False
     zero_stage: int = 2  # DeepSpeed ZeRO stage 0-3
-    lr: float = 1e-3
+    lr: float = 1e-3  # peak learning rate (roles and parameter groups may set their own)
     weight_decay: float = 0.0
     warmup_steps: int = 10  # linear from 0 (DeepSpeed's schedule: step 1 runs at lr 0)
     schedule: str = "warmup_decay"  # "warmup_decay" (linear to 0 at max_steps) or "warmup_constant"
@@ -47,12 +54,13 @@ class RunnerConfig:
     grad_clip: float = 1.0
     checkpoint_every: int = 50  # optimizer steps; the last step is always checkpointed
     keep_checkpoints: int = 2
+    eval_every: int = 0  # optimizer steps between spec.evaluate calls; 0 = only at the end
     max_failures: int = 1  # whole-group restarts Ray Train may make
-    storage_path: str = "runs"
-    name: str = "run"  # a run with the same storage_path/name resumes: use unique names
+    storage_path: str = "runs"  # a local folder, a shared filesystem path or a URI (s3://, gs://)
+    name: str = "run"  # a run with the same storage_path/name resumes (if its fingerprint matches)
     seed: int = 0
     bf16: bool = False  # off by default: CPU runs stay in fp32
-    log_every: int = 10  # rank 0 prints progress every this many steps
+    log_every: int = 10  # rank 0 prints progress and reports metrics every this many steps
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -63,51 +71,90 @@ class RunnerConfig:
             ("lr", self.lr > 0, "must be > 0"),
             ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
             ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
-            ("schedule", self.schedule in ("warmup_decay", "warmup_constant"),
-             "must be 'warmup_decay' or 'warmup_constant'"),
+            ("schedule", self.schedule in SCHEDULES, f"must be one of {SCHEDULES}"),
             ("max_steps", self.max_steps >= 1, "must be >= 1"),
             ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
             ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+            ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = no clipping)"),
             ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
             ("keep_checkpoints", self.keep_checkpoints >= 1, "must be >= 1"),
+            ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
+            ("storage_path", bool(self.storage_path), "must name a folder or URI"),
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
+            ("log_every", self.log_every >= 1, "must be >= 1"),
         ]
         for name, ok, rule in checks:
             if not ok:
                 raise ValueError(f"RunnerConfig.{name}={getattr(self, name)!r}: {rule}")
 
 
-class LoopSpec:
-    """What to train. Subclass it; instances are pickled to every worker, keep them small.
+@dataclass
+class Optimization:
+    """The batch and schedule settings every recipe's training config shares (recipe configs
+    subclass it); `runner_config` turns them, with `Resources`, into a RunnerConfig."""
 
-    The model may be a peft model: only parameters with requires_grad go to the optimizer.
-    """
+    steps: int = 200  # optimizer steps
+    micro_batch_size: int = 8  # examples (pairs) per micro-batch per worker
+    grad_accum: int = 1  # micro-batches per optimizer step
+    lr: float = 5e-4  # peak learning rate
+    warmup_steps: int = 10  # linear warm-up from 0
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0  # gradient-norm clipping (0 = none)
 
-    def build_model(self) -> torch.nn.Module:
-        """The model to train; called on every worker after seeding torch with cfg.seed."""
-        raise NotImplementedError
+    def validate(self, where: str = "training") -> None:
+        checks = [("steps", self.steps >= 1, "must be >= 1"),
+                  ("micro_batch_size", self.micro_batch_size >= 1, "must be >= 1"),
+                  ("grad_accum", self.grad_accum >= 1, "must be >= 1"),
+                  ("lr", self.lr > 0, "must be > 0"),
+                  ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
+                  ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
+                  ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = no clipping)")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
 
-    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one micro-batch and scalar metrics (same keys on every rank)."""
-        raise NotImplementedError
 
-    def batches(self, rank: int, world_size: int, start_step: int) -> Iterator[Any]:
-        """Micro-batches of this rank, beginning with the first one of optimizer step
-        `start_step` (= steps already done; > 0 after a resume). Each optimizer step takes
-        `grad_accum` of them. When it runs out the runner calls it again with the same
-        arguments (next epoch), so a finite iterator over a dataset shard is fine.
-        Read `ray.train.get_dataset_shard(name)` here, or generate batches in memory."""
-        raise NotImplementedError
+@dataclass
+class Resources:
+    """Ray resources and fault tolerance of one run."""
 
-    def export(self, model: torch.nn.Module, out_dir: Path) -> None:
-        """Write the trained model to out_dir (rank 0 only; parameters already gathered)."""
-        if hasattr(model, "save_pretrained"):
-            model.save_pretrained(out_dir)
-        else:
-            from safetensors.torch import save_file
+    num_workers: int = 1  # Ray Train workers (one per GPU on a cluster)
+    cpus_per_worker: float = 1.0  # fractions let several small runs share a node
+    use_gpu: bool = False
+    zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (LoRA states are tiny; 2/3 for big bases)
+    bf16: bool = False  # on for GPUs that support it
+    max_failures: int = 1  # restarts from the latest checkpoint before the run fails
+    checkpoint_every: int = 50  # optimizer steps between checkpoints
+    eval_every: int = 0  # optimizer steps between evaluations (0 = only at the end)
 
-            save_model(model, str(out_dir / WEIGHTS_FILE))
+    def validate(self, where: str = "resources") -> None:
+        checks = [("num_workers", self.num_workers >= 1, "must be >= 1"),
+                  ("cpus_per_worker", self.cpus_per_worker > 0, "must be > 0"),
+                  ("zero_stage", self.zero_stage in (0, 1, 2, 3), "must be 0, 1, 2 or 3"),
+                  ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
+                  ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
+                  ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = only at the end)")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+
+
+def runner_config(training: Optimization, resources: Resources, *, name: str, storage_path: str,
+                  seed: int = 0, log_every: int | None = None) -> RunnerConfig:
+    """The one way to build a RunnerConfig from a recipe's training settings and resources."""
+    cfg = RunnerConfig(
+        num_workers=resources.num_workers, cpus_per_worker=resources.cpus_per_worker,
+        use_gpu=resources.use_gpu, zero_stage=resources.zero_stage, bf16=resources.bf16,
+        max_failures=resources.max_failures, checkpoint_every=resources.checkpoint_every,
+        eval_every=resources.eval_every,
+        lr=training.lr, weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
+        max_steps=training.steps, micro_batch_size=training.micro_batch_size,
+        grad_accum=training.grad_accum, grad_clip=training.grad_clip,
+        storage_path=storage_path, name=name, seed=seed,
+        log_every=log_every or max(1, training.steps // 10))
+    cfg.validate()
+    return cfg
 
 
 @dataclass
@@ -116,15 +163,17 @@ class RunResult:
 
     final_step: int
     metrics: list[dict[str, float]] = field(default_factory=list)  # one dict per optimizer step
-    export_path: Path | None = None  # what LoopSpec.export wrote
-    checkpoint_path: Path | None = None  # last reported checkpoint (DeepSpeed state + weights)
+    export_path: Path | str | None = None  # what LoopSpec.export wrote (a str for a URI)
+    checkpoint_path: Path | None = None  # last reported checkpoint (local copy)
 
 
-def deepspeed_config(cfg: RunnerConfig) -> dict:
-    """The DeepSpeed config dict for a RunnerConfig."""
+def deepspeed_config(cfg: RunnerConfig, group_lrs: list[float] | None = None) -> dict:
+    """The DeepSpeed config dict for a RunnerConfig; ``group_lrs`` are the peak rates of the
+    optimizer's parameter groups (default: one group at cfg.lr)."""
+    peak = list(group_lrs) if group_lrs else cfg.lr
     scheduler_params = {
         "warmup_min_lr": 0.0,
-        "warmup_max_lr": cfg.lr,
+        "warmup_max_lr": peak,  # a list: one peak per parameter group
         "warmup_num_steps": max(1, cfg.warmup_steps),  # DeepSpeed rejects 0
         "warmup_type": "linear",
     }
@@ -150,21 +199,27 @@ def deepspeed_config(cfg: RunnerConfig) -> dict:
     }
 
 
-def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
-        dataset_config=None, callbacks: list | None = None) -> RunResult:
+def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset_config=None,
+        data_fingerprint: dict | None = None, restart: bool = False,
+        callbacks: list | None = None) -> RunResult:
     """Train `spec` on cfg.num_workers Ray Train workers; resume the run if it already exists.
 
     `datasets` (name -> ray.data.Dataset) are sharded to the workers for
-    `ray.train.get_dataset_shard(name)`. `callbacks` go to Ray Train's RunConfig (e.g. Tune's
-    `TuneReportCallback` when a sweep trial runs the loop). Raises ray.train.TrainingFailedError when the
-    workers fail more than cfg.max_failures times.
+    `ray.train.get_dataset_shard(name)`; `data_fingerprint` describes them for the run's
+    fingerprint. A run folder made with another fingerprint raises `RunMismatch`, unless
+    `restart` (then the old run is deleted and training starts over). Raises
+    ray.train.TrainingFailedError when the workers fail more than cfg.max_failures times.
+    `callbacks` (ray.train.UserCallback, e.g. Tune's report callback) see every report: the
+    metrics of each `log_every` / `eval_every` step as well as those sent with checkpoints.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     cfg.validate()
-    storage = Path(cfg.storage_path).expanduser().resolve()
-    loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": str(storage)}
+    _check_roles(spec)
+    root = storage.resolve(cfg.storage_path)
+    check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart)
+    loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -172,7 +227,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
                                      resources_per_worker={"CPU": cfg.cpus_per_worker}),
         run_config=RunConfig(
             name=cfg.name,
-            storage_path=str(storage),
+            storage_path=root,  # a URI stays a URI: Ray Train writes checkpoints there
             failure_config=FailureConfig(max_failures=cfg.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=cfg.keep_checkpoints),
             callbacks=callbacks,
@@ -182,21 +237,37 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None,
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     result = trainer.fit()
-    checkpoint_path = Path(result.checkpoint.path) if result.checkpoint else None
-    history = _read_history(checkpoint_path) if checkpoint_path else []
-    export_path = storage / cfg.name / FINAL_DIR
+    history: list[dict[str, float]] = []
+    checkpoint_path = None
+    if result.checkpoint is not None:
+        with result.checkpoint.as_directory() as local:  # downloads from a URI
+            history = _read_history(Path(local))
+            checkpoint_path = Path(local) if not storage.is_uri(root) else None
+    export = storage.join(root, cfg.name, FINAL_DIR)
     return RunResult(
         final_step=int(history[-1]["step"]) if history else 0,
         metrics=history,
-        export_path=export_path if export_path.exists() else None,
+        export_path=(Path(export) if not storage.is_uri(export) else export)
+        if storage.exists(export) else None,
         checkpoint_path=checkpoint_path,
     )
+
+
+def _check_roles(spec: LoopSpec) -> None:
+    roles = spec.roles()
+    if not roles or not any(r.trainable for r in roles.values()):
+        raise ValueError(f"{type(spec).__name__}.roles(): at least one trainable role is needed")
+    for name, role in roles.items():
+        if not isinstance(role, Role):
+            raise TypeError(f"{type(spec).__name__}.roles()[{name!r}]: expected a Role")
+        if role.lr is not None and role.lr <= 0:
+            raise ValueError(f"{type(spec).__name__}.roles()[{name!r}].lr={role.lr}: must be > 0")
 
 
 # ---------------------------------------------------------------- inside each worker
 
 def _train_loop(loop_config: dict) -> None:
-    """Ray Train worker function: build the engine, resume, train, checkpoint, export."""
+    """Ray Train worker function: build the engines, resume, train, checkpoint, export."""
     cfg = RunnerConfig(**loop_config["cfg"])
     spec: LoopSpec = loop_config["spec"]
     if not cfg.use_gpu:
@@ -209,62 +280,118 @@ def _train_loop(loop_config: dict) -> None:
     # Ray Train already made the torch process group (gloo on CPU); DeepSpeed reuses it.
     deepspeed.init_distributed(dist_backend="nccl" if cfg.use_gpu else "gloo")
 
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = spec.build_model()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model,
-        model_parameters=[p for p in model.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg),
-    )
-
+    engines, models = _build_roles(spec, cfg, deepspeed)
+    ctx = StepContext(step=1, max_steps=cfg.max_steps, rank=rank, world_size=world_size,
+                      micro_batch_size=cfg.micro_batch_size, grad_accum=cfg.grad_accum,
+                      seed=cfg.seed, models=models)
+    torch.manual_seed(cfg.seed * 1_000_003 + rank)  # each worker samples its own stream
     history: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as ckpt_dir:
-            _, client_state = engine.load_checkpoint(ckpt_dir, tag=CHECKPOINT_TAG)
-        history = list(client_state["history"])
-    start_step = engine.global_steps  # restored from the checkpoint: optimizer steps done
+            history = _restore(Path(ckpt_dir), engines, spec, rank)
+    start_step = next(iter(engines.values())).global_steps  # optimizer steps already done
     if rank == 0:
-        print(f"[runner] {cfg.name}: starting at step {start_step}/{cfg.max_steps} "
-              f"on {world_size} worker(s), ZeRO-{cfg.zero_stage}", flush=True)
+        print(f"[runner] {cfg.name}: starting at step {start_step}/{cfg.max_steps} on "
+              f"{world_size} worker(s), ZeRO-{cfg.zero_stage}, roles "
+              f"{', '.join(spec.roles())}", flush=True)
 
-    micro_batches = _endless(spec, rank, world_size, start_step)
+    ctx.step = start_step + 1
+    micro_batches = _endless(spec, ctx)
     for step in range(start_step + 1, cfg.max_steps + 1):
+        ctx.step = step
+        lr = next(iter(engines.values())).get_lr()[0]  # this step's rate (the scheduler moves after it)
         sums: dict[str, float] = {}
-        lr = engine.get_lr()[0]  # the rate this step applies (the scheduler moves after it)
         for _ in range(cfg.grad_accum):
-            loss, metrics = spec.loss(engine.module, next(micro_batches))
-            engine.backward(loss)
-            engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
-            for key, value in {"loss": loss.item(), **metrics}.items():
+            losses, metrics = spec.loss(next(micro_batches), ctx)
+            losses = _per_role(losses, engines, spec)
+            for role, engine in engines.items():
+                engine.backward(losses[role])
+            for engine in engines.values():
+                engine.step()  # DeepSpeed steps the optimizer at the accumulation boundary
+            values = {"loss": sum(float(v) for v in losses.values()), **metrics}
+            if len(losses) > 1:
+                values.update({f"loss.{r}": float(v) for r, v in losses.items()})
+            for key, value in values.items():
                 sums[key] = sums.get(key, 0.0) + float(value)
-        metrics = _mean_over_ranks({k: v / cfg.grad_accum for k, v in sums.items()})
-        history.append({"step": step, "lr": lr, **metrics})
-        if rank == 0 and (step % cfg.log_every == 0 or step == cfg.max_steps):
-            print(f"[runner] {cfg.name} step {step}: "
-                  + " ".join(f"{k}={v:.4g}" for k, v in history[-1].items() if k != "step"),
-                  flush=True)
-        if step % cfg.checkpoint_every == 0 or step == cfg.max_steps:
-            _save_and_report(engine, cfg, rank, step, history)
+        row = {"step": step, "lr": lr,
+               **_mean_over_ranks({k: v / cfg.grad_accum for k, v in sums.items()})}
+        last = step == cfg.max_steps
+        if (cfg.eval_every and step % cfg.eval_every == 0) or last:
+            row.update({f"eval.{k}": v for k, v in _evaluate(spec, ctx).items()})
+        history.append(row)
+        if step % cfg.checkpoint_every == 0 or last:
+            _save_and_report(engines, spec, cfg, rank, step, history)
+        elif step % cfg.log_every == 0 or any(k.startswith("eval.") for k in row):
+            ray.train.report(row)  # a barrier on every worker: Tune sees it between checkpoints
+        if rank == 0 and (step % cfg.log_every == 0 or last):
+            print(f"[runner] {cfg.name} step {step}/{cfg.max_steps}: "
+                  + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"), flush=True)
 
-    final_dir = Path(loop_config["storage"]) / cfg.name / FINAL_DIR
-    with _gathered(engine, cfg):
-        if rank == 0:
-            write_dir_atomically(final_dir, lambda tmp: spec.export(engine.module, tmp))
-            print(f"[runner] {cfg.name}: done, exported to {final_dir}", flush=True)
+    _export(spec, engines, models, cfg, rank, loop_config["storage"])
 
 
-def _endless(spec: LoopSpec, rank: int, world_size: int, start_step: int) -> Iterator[Any]:
+def _build_roles(spec: LoopSpec, cfg: RunnerConfig, deepspeed) -> tuple[dict, dict]:
+    """One DeepSpeed engine per trainable role (in declaration order); frozen roles as plain
+    eval-mode modules on the worker's device. Returns (engines, models by role)."""
+    engines, models = {}, {}
+    device = torch.device("cuda", torch.cuda.current_device()) if cfg.use_gpu else torch.device("cpu")
+    for name, role in spec.roles().items():
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        model = spec.build_model(name)
+        if not role.trainable:
+            model.requires_grad_(False)
+            models[name] = model.to(device).eval()
+            continue
+        groups = spec.param_groups(name, model)
+        default_lr = role.lr if role.lr is not None else cfg.lr
+        default_wd = role.weight_decay if role.weight_decay is not None else cfg.weight_decay
+        groups = [{**g, "lr": g.get("lr", default_lr), "weight_decay": g.get("weight_decay", default_wd)}
+                  for g in groups if list(g["params"])]
+        if not groups:
+            raise ValueError(f"{type(spec).__name__}: role {name!r} has no trainable parameters")
+        ds_config = deepspeed_config(cfg, group_lrs=[g["lr"] for g in groups])
+        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        engines[name], models[name] = engine, engine.module
+    # trainable roles first in ctx.models, so ctx.model is the first trainable one
+    models = {**{n: models[n] for n in engines}, **{n: m for n, m in models.items() if n not in engines}}
+    return engines, models
+
+
+def _per_role(losses, engines: dict, spec: LoopSpec) -> dict[str, torch.Tensor]:
+    if isinstance(losses, torch.Tensor):
+        if len(engines) != 1:
+            raise TypeError(f"{type(spec).__name__}.loss returned one tensor; with trainable roles "
+                            f"{list(engines)} it must return {{role: loss}}")
+        return {next(iter(engines)): losses}
+    missing = sorted(set(engines) - set(losses))
+    if missing:
+        raise KeyError(f"{type(spec).__name__}.loss returned no loss for trainable role(s) {missing}")
+    return {role: losses[role] for role in engines}
+
+
+def _endless(spec: LoopSpec, ctx: StepContext) -> Iterator[Any]:
     """spec.batches, restarted whenever it runs out (epochs); errors if it yields nothing."""
-    iterator = spec.batches(rank, world_size, start_step)
     while True:
         produced = False
-        for batch in iterator:
+        for batch in spec.batches(ctx):
             produced = True
             yield batch
         if not produced:
-            raise RuntimeError(f"{type(spec).__name__}.batches(rank={rank}) yielded no batch")
-        iterator = spec.batches(rank, world_size, start_step)
+            raise RuntimeError(f"{type(spec).__name__}.batches(rank={ctx.rank}) yielded no batch")
+
+
+def _evaluate(spec: LoopSpec, ctx: StepContext) -> dict[str, float]:
+    trainable = [m for m in ctx.models.values() if m.training]
+    for m in trainable:
+        m.eval()
+    try:
+        with torch.no_grad():
+            metrics = spec.evaluate(ctx)
+    finally:
+        for m in trainable:
+            m.train()
+    return _mean_over_ranks({k: float(v) for k, v in metrics.items()})
 
 
 def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
@@ -279,37 +406,103 @@ def _mean_over_ranks(metrics: dict[str, float]) -> dict[str, float]:
     return {k: float(v) / dist.get_world_size() for k, v in zip(keys, values)}
 
 
-def _gathered(engine, cfg: RunnerConfig):
+def _gathered(engines: dict, cfg: RunnerConfig):
     """Context in which every parameter is whole (ZeRO-3 partitions them); all ranks enter."""
     if cfg.zero_stage < 3:
         return contextlib.nullcontext()
     import deepspeed
 
-    return deepspeed.zero.GatheredParameters(list(engine.module.parameters()), modifier_rank=None)
+    params = [p for engine in engines.values() for p in engine.module.parameters()]
+    return deepspeed.zero.GatheredParameters(params, modifier_rank=None)
 
 
-def _save_and_report(engine, cfg: RunnerConfig, rank: int, step: int,
+# ---------------------------------------------------------------- checkpoints
+
+def _state_file(rank: int) -> str:
+    return f"worker_state_rank{rank}.pkl"
+
+
+def _rng_state() -> dict:
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+            "python": random.getstate()}
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def _weights_file(role: str, engines: dict) -> str:
+    return "model.safetensors" if len(engines) == 1 else f"{role}.safetensors"
+
+
+def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """The weights a checkpoint stores: every tensor of a fully trained model, only the trained
+    ones of a model with frozen parts (a LoRA's base is rebuilt by build_model, not rewritten)."""
+    trained = {name for name, p in module.named_parameters() if p.requires_grad}
+    frozen = any(not p.requires_grad for p in module.parameters())
+    # copies: ZeRO's flat buffers make tied weights views safetensors refuses
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in module.state_dict().items()
+            if not frozen or k in trained}
+
+
+def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int, step: int,
                      history: list[dict[str, float]]) -> None:
-    """Every rank saves its DeepSpeed state into its own folder; Ray merges the folders."""
+    """Every rank saves its DeepSpeed state, spec state and RNG into its own folder; Ray merges
+    the folders into one checkpoint."""
     import ray.train
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
     with tempfile.TemporaryDirectory(prefix=f"raypref-ckpt-{rank}-") as tmp:
-        engine.save_checkpoint(tmp, tag=CHECKPOINT_TAG, client_state={"history": history})
-        with _gathered(engine, cfg):
+        for role, engine in engines.items():
+            engine.save_checkpoint(tmp, tag=f"ds-{role}", exclude_frozen_parameters=True)
+        worker_state = {"spec": spec.state_dict(), "rng": _rng_state(), "history": history}
+        with open(Path(tmp) / _state_file(rank), "wb") as f:
+            pickle.dump(worker_state, f)
+        with _gathered(engines, cfg):
             if rank == 0:
-                weights = Path(tmp) / WEIGHTS_FILE
-                partial = weights.with_suffix(".tmp")
-                # copies: ZeRO's flat buffers make tied weights views safetensors refuses
-                state = {k: v.detach().to("cpu").clone().contiguous()
-                         for k, v in engine.module.state_dict().items()}
-                save_file(state, str(partial))
-                os.replace(partial, weights)
+                for role, engine in engines.items():
+                    weights = Path(tmp) / _weights_file(role, engines)
+                    partial = weights.with_suffix(".tmp")
+                    save_file(_trainable_state(engine.module), str(partial))
+                    os.replace(partial, weights)
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
-        ray.train.report({"step": step, **history[-1]},
-                         checkpoint=Checkpoint.from_directory(tmp),
+        ray.train.report({**history[-1]}, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[dict[str, float]]:
+    for role, engine in engines.items():
+        # frozen parameters were left out of the checkpoint: build_model made them already
+        engine.load_checkpoint(str(ckpt_dir), tag=f"ds-{role}", load_module_strict=False)
+    state_path = ckpt_dir / _state_file(rank)
+    if not state_path.exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {state_path.name}: it was written "
+                                "with another number of workers")
+    with open(state_path, "rb") as f:
+        worker_state = pickle.load(f)  # written by this run's own workers
+    spec.load_state_dict(worker_state["spec"])
+    _set_rng_state(worker_state["rng"])
+    return list(worker_state["history"])
+
+
+def _export(spec: LoopSpec, engines: dict, models: dict, cfg: RunnerConfig, rank: int,
+            root: str) -> None:
+    from raypref.models.factory import write_dir_atomically
+
+    target = storage.join(root, cfg.name, FINAL_DIR)
+    with _gathered(engines, cfg):
+        if rank != 0:
+            return
+        if storage.is_uri(target):
+            with tempfile.TemporaryDirectory(prefix="raypref-export-") as tmp:
+                spec.export(models, Path(tmp))
+                storage.upload_dir(Path(tmp), target)
+        else:
+            write_dir_atomically(Path(target), lambda tmp: spec.export(models, tmp))
+        print(f"[runner] {cfg.name}: done, exported to {target}", flush=True)
 
 
 def _read_history(checkpoint_dir: Path) -> list[dict[str, float]]:

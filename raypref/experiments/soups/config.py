@@ -4,40 +4,23 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raypref.data.users import psoups_combinations, psoups_profiles
-from raypref.models.factory import LoraSettings
+from raypref.models.merge import METHODS as MERGE_METHODS
+from raypref.recipes import RECIPES
+from raypref.recipes.dpo import DPOConfig
 from raypref.recipes.sft import SFTConfig
+from raypref.train.runner import Resources
 from raypref.experiments.soups.evaluate import EvalConfig
 
-ALGOS = ("dpo",)  # per-preference trainers (soups.run.PER_PREFERENCE_TRAINERS); "ppo" to come
 BASELINES = ("sft", "prompting", "pmorl")
 
 
-@dataclass
-class PreferenceTraining:
-    """How each per-preference policy (and the P-MORL baseline) is trained."""
-
-    pairs_per_preference: int = 1600   # simulated pairs; 10% more are drawn as held-out
-    steps: int = 200                    # optimizer steps per policy
-    micro_batch_size: int = 8           # pairs per step per worker
-    lr: float = 5e-4                    # PLATFORM-NOTES probe: 2e-3 with beta 0.1 degenerated
-    beta: float = 0.5
-    loss_type: str = "sigmoid"          # "sigmoid" (DPO) or "ipo"
-    max_length: int = 128
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
-    warmup_steps: int = 10
+def _soups_training() -> DPOConfig:
+    return DPOConfig(steps=200, micro_batch_size=8, lr=5e-4, beta=0.5, warmup_steps=10)
 
 
-@dataclass
-class PreferenceResources:
-    """Ray resources of *each* per-preference run (all of them run at once)."""
-
-    num_workers: int = 1
-    cpus_per_worker: float = 0.25       # 7 concurrent runs share 2 cores on the default
-    use_gpu: bool = False
-    zero_stage: int = 0                 # LoRA states are tiny; ZeRO-2/3 for big bases
-    bf16: bool = False                  # on for GPUs that support it
-    max_failures: int = 1               # restarts from the latest checkpoint before giving up
-    checkpoint_every: int = 25
+def _soups_resources() -> Resources:
+    # of *each* per-preference run (all of them run at once): 7 runs share 2 cores on the default
+    return Resources(num_workers=1, cpus_per_worker=0.25, zero_stage=0, checkpoint_every=25)
 
 
 @dataclass
@@ -45,6 +28,9 @@ class SoupsConfig:
     """Personalized Soups (seed 002): per-preference policies, trained concurrently, merged post hoc."""
 
     output_dir: str = "outputs/soups"
+    # where the training runs' checkpoints live: "" = <output_dir>/runs; a shared filesystem
+    # path or a URI (s3://bucket/prefix, gs://...) on a cluster, reachable from every node
+    storage_path: str = ""
     seed: int = 0
     algo: str = "dpo"
     preferences: list[str] = field(default_factory=lambda: [p.name for p in psoups_profiles()])
@@ -57,21 +43,37 @@ class SoupsConfig:
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     # real data: {preference: P-Soups preference file or hub dataset}; empty = simulated world
     psoups_files: dict[str, str] = field(default_factory=dict)
+    max_quarantine_fraction: float = 0.05  # of a preference file's rows; more bad rows stop the job
     # the shared base of every policy: "" = warm-start the tiny model on the world (`sft`),
     # else a Hugging Face id or local folder used as is (e.g. an instruction-tuned 7B)
     base_policy: str = ""
     sft: SFTConfig = field(default_factory=SFTConfig)
-    training: PreferenceTraining = field(default_factory=PreferenceTraining)
-    resources: PreferenceResources = field(default_factory=PreferenceResources)
+    pairs_per_preference: int = 1600  # simulated pairs per policy; 10% more are drawn as held-out
+    # how each per-preference policy (and P-MORL) is trained, by the recipe `algo` names
+    training: DPOConfig = field(default_factory=_soups_training)
+    resources: Resources = field(default_factory=_soups_resources)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register_models: bool = True        # merged soups into the MLflow model registry
     # testing the failure path: these runs crash ("once": first attempt only, "always")
     inject_failures: dict[str, str] = field(default_factory=dict)
+    restart: bool = False  # retrain every policy even if runs of this training config exist
 
     def validate(self) -> None:
         known = {p.name for p in psoups_profiles()}
-        if self.algo not in ALGOS:
-            raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {ALGOS}")
+        per_preference = [n for n, r in RECIPES.items() if r.per_preference is not None]
+        if self.algo not in per_preference:
+            raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {per_preference}")
+        self.training.validate("training")
+        self.resources.validate("resources")
+        if not self.base_policy:
+            self.sft.validate()
+        if self.pairs_per_preference < 1:
+            raise ValueError(f"pairs_per_preference={self.pairs_per_preference}: must be >= 1")
+        if self.merge_method not in MERGE_METHODS:
+            raise ValueError(f"merge_method={self.merge_method!r}: must be one of {list(MERGE_METHODS)}")
+        if not 0.0 < self.merge_density <= 1.0:
+            raise ValueError(f"merge_density={self.merge_density}: must be in (0, 1]")
+        self.eval.validate()
         if not self.preferences:
             raise ValueError("preferences: at least one preference is needed")
         unknown = sorted(set(self.preferences) - known)
@@ -88,6 +90,11 @@ class SoupsConfig:
             from raypref.models.merge import validate_weights
 
             validate_weights(self.user_weights, self.preferences)
+        if not 0.0 <= self.max_quarantine_fraction <= 1.0:
+            raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
+        stray = sorted(set(self.psoups_files) - set(self.preferences))
+        if stray:
+            raise ValueError(f"psoups_files: {stray} are not in preferences {self.preferences}")
         if self.psoups_files and "pmorl" in self.baselines:
             raise ValueError("baselines: 'pmorl' labels pairs with the simulated world's judges; "
                              "with psoups_files (real data) drop it or add a reward model")

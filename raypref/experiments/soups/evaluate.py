@@ -29,6 +29,19 @@ class EvalConfig:
     weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
     tie_tolerance: float = 0.05  # judge differences within this are ties (002 §E.1)
 
+    def validate(self) -> None:
+        checks = [("n_prompts", self.n_prompts >= 1, "must be >= 1"),
+                  ("samples_per_prompt", self.samples_per_prompt >= 1, "must be >= 1"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+                  ("temperature", self.temperature > 0, "must be > 0"),
+                  ("batch_size", self.batch_size >= 1, "must be >= 1"),
+                  ("weight_grid", len(self.weight_grid) >= 2 and all(0.0 <= w <= 1.0 for w in self.weight_grid)
+                   and self.weight_grid == sorted(self.weight_grid), "must be >= 2 increasing weights in [0, 1]"),
+                  ("tie_tolerance", self.tie_tolerance >= 0, "must be >= 0")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"eval.{name}={getattr(self, name)!r}: {rule}")
+
 
 def with_weights(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
     """A copy of ``template`` holding ``state`` (every key must match)."""

@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,18 +20,22 @@ import ray
 import torch
 
 from raypref import tracking
-from raypref.data.loaders import load_records
+from raypref.data.loaders import load_validated
 from raypref.data.records import PreferenceRecord
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
-from raypref.models.factory import load_pretrained, save_pretrained_safetensors, write_dir_atomically
-from raypref.train.runner import LoopSpec, RunnerConfig
+from raypref.models.factory import load_pretrained, save_pretrained_safetensors
+from raypref.eval.pairs import evaluate_pairs
+from raypref.recipes import recipe
 from raypref.recipes.sft import train_sft
+from raypref.train import storage
+from raypref.train.faults import FaultInjectingSpec
+from raypref.train.runner import RunnerConfig, runner_config
+from raypref.train.spec import LoopSpec
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.config import SoupsConfig
-from raypref.recipes.dpo import SoupDPOSpec, evaluate_pairs
 from raypref.models.merge import LoraAdapter, merge
-from raypref.train.concurrent import RunOutcome, train_concurrently
+from raypref.train.concurrent import train_concurrently
 from raypref.experiments.soups.preferences import pmorl_pairs, preference_table
 from raypref.experiments.soups.report import write_report
 from raypref.eval.winrate import win_rate_matrix
@@ -61,13 +64,22 @@ def preference_data(cfg: SoupsConfig, world: World
                     ) -> dict[str, tuple[list[PreferenceRecord], list[PreferenceRecord]]]:
     """{preference: (train pairs, held-out pairs)}."""
     data = {}
-    n = cfg.training.pairs_per_preference
+    n = cfg.pairs_per_preference
     for i, name in enumerate(cfg.preferences):
         if cfg.psoups_files:
             if name not in cfg.psoups_files:
                 raise ValueError(f"psoups_files has no file for preference {name!r}; "
                                  f"it has {sorted(cfg.psoups_files)}")
-            records = list(load_records(cfg.psoups_files[name], schema="psoups", preference=name))
+            # every row validated; bad ones quarantined with file and line, too many stop the job
+            records, summary = load_validated(
+                cfg.psoups_files[name], schema="psoups", preference=name,
+                quarantine_path=Path(cfg.output_dir).resolve() / "quarantine" / f"{name}.jsonl",
+                max_quarantine_fraction=cfg.max_quarantine_fraction)
+            _log(f"    {name}: {summary['rows_valid']}/{summary['rows_total']} rows valid, "
+                 f"{summary['rows_quarantined']} quarantined {summary['by_reason']} -> {summary['path']}")
+            if len(records) < 2:
+                raise ValueError(f"psoups_files.{name}={cfg.psoups_files[name]}: {len(records)} valid "
+                                 "pairs, at least 2 are needed (train + held-out)")
             cut = max(1, len(records) // 10)
             data[name] = (records[:-cut], records[-cut:])
         else:
@@ -79,70 +91,21 @@ def preference_data(cfg: SoupsConfig, world: World
 
 # ---------------------------------------------------------------- training
 
-@dataclass
-class FaultInjectingSpec(LoopSpec):
-    """Wraps a spec so its worker process dies at ``at_step`` (tests the retry path for real).
-
-    ``once``: only the first attempt dies (a marker file remembers it); ``always``: every one.
-    """
-
-    inner: LoopSpec
-    mode: str
-    marker: str
-    at_step: int = 3
-
-    def build_model(self):
-        return self.inner.build_model()
-
-    def batches(self, rank, world_size, start_step):
-        self._calls = start_step
-        return self.inner.batches(rank, world_size, start_step)
-
-    def loss(self, model, batch):
-        self._calls = getattr(self, "_calls", 0) + 1
-        if self._calls == self.at_step and (self.mode == "always" or not os.path.exists(self.marker)):
-            Path(self.marker).touch()
-            os._exit(1)  # a hard crash, as an OOM kill or a lost node would look
-        return self.inner.loss(model, batch)
-
-    def export(self, model, out_dir):
-        return self.inner.export(model, out_dir)
-
-
-def dpo_trainer(cfg: SoupsConfig, sft_dir: str, name: str, pairs: list[PreferenceRecord]) -> LoopSpec:
-    """One preference's DPO policy: a LoRA on the shared base (the reference = adapters off)."""
-    t = cfg.training
-    return SoupDPOSpec(sft_dir=str(sft_dir), pairs=pairs, preference=name, lora=t.lora,
-                       beta=t.beta, loss_type=t.loss_type, max_length=t.max_length,
-                       micro_batch_size=t.micro_batch_size, seed=cfg.seed)
-
-
-# The interchangeable per-preference trainer (``--algo``): each builds a runner LoopSpec from
-# one preference's pairs and exports a LoRA adapter the merge code reads. PPO (the paper's
-# choice) plugs in here with its own spec.
-PER_PREFERENCE_TRAINERS = {"dpo": dpo_trainer}
-
-
 def training_jobs(cfg: SoupsConfig, sft_dir: str, data: dict, pmorl: list[PreferenceRecord] | None,
-                  runs_dir: Path) -> dict[str, tuple[LoopSpec, RunnerConfig]]:
+                  runs_dir: str) -> dict[str, tuple[LoopSpec, RunnerConfig]]:
     """{run name: (loop spec, runner config)} for every preference (+ P-MORL)."""
-    t, r = cfg.training, cfg.resources
     sets = {name: train for name, (train, _) in data.items()}
     if pmorl is not None:
         sets[PMORL] = pmorl
-    build = PER_PREFERENCE_TRAINERS[cfg.algo]
+    build = recipe(cfg.algo).per_preference
     jobs = {}
     for name, pairs in sets.items():
-        spec = build(cfg, sft_dir, name, pairs)
-        runner_cfg = RunnerConfig(
-            lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps,
-            micro_batch_size=t.micro_batch_size, num_workers=r.num_workers,
-            cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu, zero_stage=r.zero_stage,
-            max_failures=r.max_failures, checkpoint_every=r.checkpoint_every, bf16=r.bf16,
-            storage_path=str(runs_dir), name=name, seed=cfg.seed, log_every=max(1, t.steps // 4))
+        spec = build(cfg.training, str(sft_dir), name, pairs, cfg.seed)
+        runner_cfg = runner_config(cfg.training, cfg.resources, name=name, storage_path=runs_dir,
+                                   seed=cfg.seed, log_every=max(1, cfg.training.steps // 4))
         if name in cfg.inject_failures:
             spec = FaultInjectingSpec(spec, cfg.inject_failures[name],
-                                      marker=str(runs_dir / f".injected-{name}"))
+                                      marker=str(Path(cfg.output_dir).resolve() / f".injected-{name}"))
         jobs[name] = (spec, runner_cfg)
     return jobs
 
@@ -155,15 +118,26 @@ def training_key(cfg: SoupsConfig) -> str:
 
     d = to_dict(cfg)
     keep = ("seed", "algo", "preferences", "combinations", "baselines", "base_policy",
-            "psoups_files", "sft", "training")
+            "psoups_files", "sft", "training", "pairs_per_preference")
     return "train-" + config_hash({k: d[k] for k in keep})
 
 
-def _last_checkpoint_step(run_dir: Path) -> int:
-    """Step of the newest committed checkpoint of a run (0 before the first)."""
+def _last_checkpoint_step(runs_dir: str, name: str) -> int:
+    """Step of the newest committed checkpoint of a run (0 before the first; '?' for remote storage)."""
+    if storage.is_uri(runs_dir):
+        return "?"
+    run_dir = Path(runs_dir) / name
     steps = [int(p.name.split("_")[-1]) for p in run_dir.glob("checkpoint_*") if p.is_dir()
              and p.name.split("_")[-1].isdigit()]
     return max(steps, default=0)
+
+
+def _local_copy(export_path, local: Path) -> Path:
+    """The exported adapter as a local folder (downloaded when the runs live at a URI)."""
+    if not storage.is_uri(str(export_path)):
+        return Path(export_path)
+    storage.download_dir(str(export_path), local)
+    return local
 
 
 # ---------------------------------------------------------------- merging
@@ -214,7 +188,8 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     started = time.time()
     with tracking.start_run("soups", cfg, out) as run:
         if not ray.is_initialized():
-            ray.init(log_to_driver=False, include_dashboard=False, configure_logging=False)
+            # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
+            ray.init(include_dashboard=False, configure_logging=False)
 
         if cfg.base_policy:
             _log(f"1/6 base policy: {cfg.base_policy}")
@@ -229,15 +204,17 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         pmorl = None
         if "pmorl" in cfg.baselines:
             combos = cfg.combinations
-            n = cfg.training.pairs_per_preference
+            n = cfg.pairs_per_preference
             pmorl = pmorl_pairs(world, combos, n, np.random.default_rng([cfg.seed, 99]))
         counts = {f"pairs.{k}": len(v[0]) for k, v in data.items()}
         tracking.log_metrics(counts)
+        if (out / "quarantine").exists():
+            tracking.log_artifact(out / "quarantine", "quarantine")
 
         names = list(data) + ([PMORL] if pmorl is not None else [])
         _log(f"3/6 training {len(names)} policies concurrently: {', '.join(names)}")
-        runs_dir = out / "runs" / training_key(cfg)
-        if runs_dir.exists():
+        runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
+        if storage.exists(runs_dir):
             _log(f"    resuming the runs in {runs_dir} (same training config)")
         t0 = time.time()
         outcomes = train_concurrently(
@@ -245,11 +222,13 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
             on_done=lambda o: _log(f"    {o.name}: {'done' if o.ok else 'FAILED: ' + o.error} "
                                    f"({o.seconds:.0f} s)"),
             on_tick=lambda running: _log("    " + ", ".join(
-                f"{n} {_last_checkpoint_step(runs_dir / n)}/{cfg.training.steps}"
-                for n in running) + " (steps checkpointed)"))
+                f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.training.steps}"
+                for n in running) + " (steps checkpointed)"),
+            restart=cfg.restart)
         train_seconds = time.time() - t0
         failed = {n: o.error for n, o in outcomes.items() if not o.ok}
-        trained = {n: o.result.export_path for n, o in outcomes.items() if o.ok}
+        trained = {n: _local_copy(o.result.export_path, out / "adapters" / n)
+                   for n, o in outcomes.items() if o.ok}
         for name, o in outcomes.items():
             if o.ok:
                 for row in o.result.metrics:

@@ -1,0 +1,180 @@
+"""One labelling path for every arm of a preference experiment (seed 002 §2).
+
+Every learner (each P-Soups preference, P-MORL's combinations, a later PPO reward) gets its
+pairs the same way: the same candidate pairs (prompts and two responses, drawn from
+``seed`` alone), the same label noise and the same budget ``n``; only *who labels* differs.
+A labeller is any callable ``(prompt, response) -> reward`` (higher is better):
+
+- `preference_labeller(["P1A"])`: one P-Soups preference's judge;
+- `preference_labeller(["P1A", "P2B", "P3A"])`: P-MORL's combination, the mean of the
+  per-preference rewards (002 §2.2);
+- a reward model: ``lambda prompt, response: rm(prompt, response.text)``.
+
+The preference labellers read the *latent* scores, the truth the annotator sees; the text
+shows them only as clearly as the world's difficulty allows. Candidates are independent of
+the labeller, so a pair the labeller cannot order (equal rewards) is decided by a fair coin,
+as a forced-choice annotator would, and counted in `LabelStats`.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Sequence
+
+import numpy as np
+
+from raypref.data.records import UNKNOWN_USER, PreferenceRecord
+from raypref.data.users import psoups_profile
+
+# Judge score ranges, to put attributes on one 0..1 scale before averaging rewards.
+ATTRIBUTE_RANGES = {"verbosity": (0.0, 1.0), "expertise": (0.0, 1.0), "style": (-1.0, 1.0),
+                    "instruction_following": (1.0, 5.0), "honesty": (1.0, 5.0),
+                    "truthfulness": (1.0, 5.0), "helpfulness": (1.0, 5.0),
+                    "sass": (0.0, 1.0), "sarcasm": (0.0, 1.0)}
+# attributes a "contrast" pair sets far apart in its two responses (the P-Soups dimensions)
+CONTRAST_ATTRIBUTES = ("verbosity", "expertise", "style")
+CONSTRUCTIONS = ("contrast", "random")
+
+Labeller = Callable[[str, "object"], float]
+
+
+@dataclass(frozen=True)
+class CandidatePair:
+    prompt: str
+    first: object   # world.Response
+    second: object
+
+
+@dataclass
+class LabelStats:
+    """What labelling did: ``flipped`` by label noise, ``ties`` decided by a coin."""
+    n: int = 0
+    flipped: int = 0
+    ties: int = 0
+
+
+def preference_reward(name: str, scores: dict[str, float]) -> float:
+    """The 0..1 reward P-Soups preference ``name`` gives a response with ``scores``."""
+    profile = psoups_profile(name)
+    lo, hi = ATTRIBUTE_RANGES[profile.attribute]
+    unit = (scores[profile.attribute] - lo) / (hi - lo)
+    return unit if profile.direction > 0 else 1.0 - unit
+
+
+def preference_labeller(names: Sequence[str]) -> Labeller:
+    """Mean reward of the preferences ``names`` over a response's latent scores."""
+    names = list(names)
+    if not names:
+        raise ValueError("preference_labeller: names is empty")
+    for name in names:
+        psoups_profile(name)  # unknown names fail here, not in the middle of labelling
+
+    def label(prompt: str, response) -> float:
+        return float(np.mean([preference_reward(name, response.latent) for name in names]))
+    return label
+
+
+def _streams(seed) -> tuple[np.random.Generator, np.random.Generator]:
+    """Independent candidate and label streams of one seed (int or sequence of ints)."""
+    candidates, labels = np.random.SeedSequence(seed).spawn(2)
+    return np.random.default_rng(candidates), np.random.default_rng(labels)
+
+
+def candidate_pairs(world, n: int, seed, construction: str = "contrast",
+                    split: str = "train") -> list[CandidatePair]:
+    """``n`` unlabelled pairs; the same (world, n, seed, construction, split) gives the same
+    pairs whoever labels them.
+
+    ``contrast``: both responses share every attribute but the P-Soups dimensions, each of
+    which is set far apart with a random side (so any preference, or combination of them,
+    finds the pair decisive, and the other dimensions carry no signal on average);
+    ``random``: two independent responses.
+    """
+    if construction not in CONSTRUCTIONS:
+        raise ValueError(f"construction={construction!r}: use one of {CONSTRUCTIONS}")
+    if n < 0:
+        raise ValueError(f"candidate_pairs: n must be >= 0, got {n}")
+    from raypref.data.world import _clear_pair  # one definition of "clearly apart"
+
+    rng, _ = _streams(seed)
+    pool = world.prompt_pool(split)
+    pairs = []
+    for _ in range(n):
+        prompt = pool[int(rng.integers(len(pool)))]
+        if construction == "random":
+            first, second = world.candidates(prompt, 2, rng)
+        else:
+            shared = world.sample_response(prompt, rng).latent
+            a, b = dict(shared), dict(shared)
+            for attribute in CONTRAST_ATTRIBUTES + tuple(getattr(world, "extra_styles", ())):
+                high, low = _clear_pair(attribute, rng)
+                if rng.random() < 0.5:
+                    high, low = low, high
+                a[attribute], b[attribute] = high, low
+            first = world.sample_response(prompt, rng, a)
+            second = world.sample_response(prompt, rng, b)
+        pairs.append(CandidatePair(prompt, first, second))
+    return pairs
+
+
+def label_pairs(world, pairs: Sequence[CandidatePair], labeller: Labeller, seed, *,
+                instruction: str | None = None, user_id: int = UNKNOWN_USER,
+                user_text: str | None = None, source: str = "world:labelled",
+                stats: LabelStats | None = None) -> list[PreferenceRecord]:
+    """Records of ``pairs`` ordered by ``labeller``, each flipped with probability
+    ``world.label_noise``. The noise and tie draws come from ``seed``'s label stream, two per
+    pair whatever happens, so arms with one seed flip the same pair positions.
+
+    ``instruction`` is written after the prompt (P-MORL's combination text, or a soup's).
+    """
+    return _label(world, pairs, seed, lambda i: (labeller, instruction, user_text), user_id,
+                  source, stats)
+
+
+def combination_labelled_pairs(world, pairs: Sequence[CandidatePair],
+                               combinations: Sequence[Sequence[str]], seed, *,
+                               source: str = "world:pmorl",
+                               stats: LabelStats | None = None) -> list[PreferenceRecord]:
+    """P-MORL's pairs (002 §2.2) from the same candidates as every other arm: pair i goes to
+    combination ``i % len(combinations)``, whose instruction is written after the prompt and
+    whose mean reward labels it; noise and tie draws as in `label_pairs` with ``seed``."""
+    if not combinations:
+        raise ValueError("combination_labelled_pairs: no combinations")
+    arms = [(preference_labeller(combo), world.preference_instruction(list(combo)),
+             "+".join(combo)) for combo in combinations]
+    return _label(world, pairs, seed, lambda i: arms[i % len(arms)], UNKNOWN_USER, source, stats)
+
+
+def _label(world, pairs, seed, arm_of, user_id, source, stats) -> list[PreferenceRecord]:
+    """``arm_of(i)`` -> (labeller, instruction, user_text) of pair i."""
+    _, rng = _streams(seed)
+    records = []
+    for i, pair in enumerate(pairs):
+        noise_draw, tie_draw = rng.random(2)
+        labeller, instruction, user_text = arm_of(i)
+        try:
+            margin = float(labeller(pair.prompt, pair.first)) - float(labeller(pair.prompt, pair.second))
+        except Exception as err:
+            raise RuntimeError(f"label_pairs: the labeller failed on pair {i} "
+                               f"(prompt {pair.prompt!r}): {err}") from err
+        if not np.isfinite(margin):
+            raise ValueError(f"label_pairs: the labeller gave a non-finite reward on pair {i}")
+        tie = bool(margin == 0)
+        first_wins = bool(tie_draw < 0.5) if tie else margin > 0
+        flipped = bool(noise_draw < world.label_noise)
+        if flipped:
+            first_wins = not first_wins
+        chosen, rejected = (pair.first, pair.second) if first_wins else (pair.second, pair.first)
+        if stats is not None:
+            stats.n, stats.flipped, stats.ties = stats.n + 1, stats.flipped + flipped, stats.ties + tie
+        prompt = f"{pair.prompt} {instruction}" if instruction else pair.prompt
+        records.append(PreferenceRecord(prompt, chosen.text, rejected.text, user_id, user_text,
+                                        dict(chosen.latent), dict(rejected.latent), source))
+    return records
+
+
+def labelled_pairs(world, labeller: Labeller, n: int, seed, *, construction: str = "contrast",
+                   split: str = "train", **label_kwargs) -> list[PreferenceRecord]:
+    """`candidate_pairs` then `label_pairs`: ``n`` pairs of ``split`` labelled by ``labeller``."""
+    pairs = candidate_pairs(world, n, seed, construction, split)
+    return label_pairs(world, pairs, labeller, seed, **label_kwargs)
+

@@ -1,0 +1,96 @@
+"""A run's fingerprint: what must be equal for a checkpoint to be resumed.
+
+Stored as ``<storage>/<name>/raypref_fingerprint.json`` when a run starts. A rerun of the same
+name with another fingerprint (config, spec, data, base model, code, or the checkpoint layout:
+workers, ZeRO stage, roles) refuses to resume and names what changed; ``restart`` deletes the
+old run and starts over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+from raypref.train import storage
+
+FINGERPRINT_FILE = "raypref_fingerprint.json"
+# RunnerConfig fields that change what is trained (not where it is written or how it is logged)
+TRAINING_FIELDS = ("lr", "weight_decay", "warmup_steps", "schedule", "max_steps", "micro_batch_size",
+                   "grad_accum", "grad_clip", "seed", "bf16")
+LAYOUT_FIELDS = ("num_workers", "zero_stage")
+
+
+class RunMismatch(RuntimeError):
+    """A run folder holds a run with another fingerprint: resuming it would mix two runs."""
+
+
+def code_version() -> str:
+    """raypref's version and a hash of its source files (a code change is a new run)."""
+    import raypref
+
+    root = Path(raypref.__file__).parent
+    h = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        h.update(str(path.relative_to(root)).encode())
+        h.update(path.read_bytes())
+    return f"{getattr(raypref, '__version__', '0')}+{h.hexdigest()[:12]}"
+
+
+def model_identity(name_or_path: str, revision: str | None = None) -> dict:
+    """A base model's identity: for a local folder its files' names and sizes and the hash of
+    its config; for a hub id, the id and revision."""
+    local = Path(name_or_path).expanduser()
+    if not local.is_dir():
+        return {"id": name_or_path, "revision": revision or "main"}
+    files = {p.name: p.stat().st_size for p in sorted(local.iterdir()) if p.is_file()}
+    config = local / "config.json"
+    return {"path": str(local.resolve()), "files": files,
+            "config_sha256": hashlib.sha256(config.read_bytes()).hexdigest()[:16] if config.exists() else None}
+
+
+def run_fingerprint(spec, cfg, data: dict | None = None) -> dict:
+    config = asdict(cfg)
+    return {
+        "config": {k: config[k] for k in TRAINING_FIELDS},
+        "spec": spec.fingerprint(),
+        "data": data or {},
+        "code": code_version(),
+        "layout": {**{k: config[k] for k in LAYOUT_FIELDS},
+                   "trainable_roles": [n for n, r in spec.roles().items() if r.trainable]},
+    }
+
+
+def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
+    """Dotted names of what differs, with both values (short)."""
+    out = []
+    for key in sorted(set(old) | set(new)):
+        a, b, name = old.get(key), new.get(key), f"{prefix}{key}"
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += differences(a, b, name + ".")
+        elif a != b:
+            out.append(f"{name}: {json.dumps(a, default=str)[:80]} -> {json.dumps(b, default=str)[:80]}")
+    return out
+
+
+def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = False) -> None:
+    """Write the fingerprint of a new run; for an existing run, raise RunMismatch unless equal
+    (or ``restart``: delete the old run first)."""
+    run_dir = storage.join(root, name)
+    path = storage.join(run_dir, FINGERPRINT_FILE)
+    fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
+    if storage.exists(run_dir) and restart:
+        print(f"[runner] {name}: --restart, deleting the old run in {run_dir}", flush=True)
+        storage.delete_dir(run_dir)
+    elif storage.exists(path):
+        changed = differences(json.loads(storage.read_text(path)), fingerprint)
+        if changed:
+            raise RunMismatch(
+                f"run {name!r} in {root} was made with another fingerprint, so it is not resumed; "
+                f"changed: {'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}. "
+                "Use another run name / output folder, or restart it (--restart true).")
+        return
+    elif storage.exists(run_dir) and not storage.is_uri(run_dir) and any(Path(run_dir).iterdir()):
+        raise RunMismatch(f"run {name!r} in {root} has no {FINGERPRINT_FILE} (made by an older "
+                          "raypref?): cannot tell whether it is the same run; restart it (--restart true)")
+    storage.write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))

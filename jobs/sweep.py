@@ -17,13 +17,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raypref.cli import run_job
 from raypref.config import parse_args
 from raypref.sweep.run import SweepConfig, run_sweep
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run_sweep(parse_args(SweepConfig, argv))
+    return run_sweep(parse_args(SweepConfig, argv, description=__doc__))
 
 
 if __name__ == "__main__":
-    main()
+    run_job(main)

@@ -11,9 +11,11 @@ from typing import Any, Callable
 
 import numpy as np
 
+from raypref.eval.pairs import evaluate_pairs
 from raypref.models.factory import LoraSettings, ModelConfig
-from raypref.recipes.dpo import SoupDPOSpec, evaluate_pairs
-from raypref.recipes.sft import SFTConfig, _default_runner
+from raypref.recipes.dpo import DPOConfig, DPOSpec
+from raypref.recipes.sft import SFTConfig
+from raypref.train.runner import Optimization, Resources, runner_config
 
 SWEEP_SPACES = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 
@@ -37,31 +39,19 @@ class SweepJob:
 def _tiny_sft() -> SFTConfig:
     """A small SFT base (1 layer x 64): trains in about a minute, cached by config hash."""
     return SFTConfig(model=ModelConfig(n_layer=1, n_embd=64, n_head=2), corpus_size=1000,
-                     runner=replace(_default_runner(), max_steps=120, log_every=40),
+                     training=Optimization(steps=120, micro_batch_size=16, lr=2e-3, warmup_steps=20),
+                     resources=Resources(num_workers=1, zero_stage=0, checkpoint_every=120),
                      output_dir="outputs/sft")
 
 
-@dataclass
-class DPOTrialTraining:
-    """One DPO trial's optimisation: a LoRA policy on the SFT base."""
-
-    steps: int = 40
-    micro_batch_size: int = 8
-    lr: float = 5e-4
-    warmup_steps: int = 4
-    beta: float = 0.5
-    loss_type: str = "sigmoid"
-    max_length: int = 128
-    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=4, alpha=8))
+def _trial_dpo() -> DPOConfig:
+    """Short trials: 40 steps of 8 pairs, LoRA r4."""
+    return DPOConfig(steps=40, micro_batch_size=8, warmup_steps=4, lora=LoraSettings(r=4, alpha=8))
 
 
-@dataclass
-class DPOTrialResources:
-    num_workers: int = 1
-    cpus_per_worker: float = 1.0
-    use_gpu: bool = False
-    zero_stage: int = 0
-    max_failures: int = 0  # Ray Train restarts inside a trial; Tune's retries come on top
+def _trial_resources() -> Resources:
+    # no Ray Train restarts inside a trial: Tune's retries (SweepConfig.max_failures) do that
+    return Resources(num_workers=1, zero_stage=0, max_failures=0)
 
 
 @dataclass
@@ -76,17 +66,16 @@ class DPOTrialConfig:
     seed: int = 0
     report_every: int = 10  # steps between the metrics Tune (and ASHA) sees
     fail: bool = False  # testing the retry path: the trial raises before training, every attempt
-    training: DPOTrialTraining = field(default_factory=DPOTrialTraining)
-    resources: DPOTrialResources = field(default_factory=DPOTrialResources)
+    training: DPOConfig = field(default_factory=_trial_dpo)
+    resources: Resources = field(default_factory=_trial_resources)
 
     def validate(self) -> None:
         from raypref.data.users import psoups_profile
 
         t = self.training
-        checks = [("training.steps", t.steps >= 1, "must be >= 1"),
-                  ("training.lr", t.lr > 0, "must be > 0"),
-                  ("training.beta", t.beta > 0, "must be > 0"),
-                  ("training.lora.r", t.lora.r >= 1, "must be >= 1"),
+        t.validate("training")
+        self.resources.validate("resources")
+        checks = [("training.grad_accum", t.grad_accum == 1, "must be 1 (held-out scoring counts steps)"),
                   ("pairs", self.pairs >= t.micro_batch_size, "must be >= training.micro_batch_size"),
                   ("heldout_pairs", self.heldout_pairs >= 1, "must be >= 1"),
                   ("report_every", 1 <= self.report_every <= t.steps, "must be in [1, training.steps]")]
@@ -98,29 +87,17 @@ class DPOTrialConfig:
 
 
 @dataclass
-class HeldoutDPOSpec(SoupDPOSpec):
-    """DPO that also scores held-out pairs every `eval_every` steps, adding `heldout_accuracy`
-    and `heldout_margin` to that step's metrics (carried between evaluations, so every step
-    has the same keys). Held-out accuracy does not depend on beta, unlike the DPO loss, so
-    trials with different betas compare fairly. Bridges the runner's between-checkpoint
-    evaluation hook; assumes grad_accum == 1 (one loss call per step)."""
+class HeldoutDPOSpec(DPOSpec):
+    """DPO that scores held-out pairs at every evaluation (`eval.heldout_accuracy`,
+    `eval.heldout_margin`, reported to Ray between checkpoints). Held-out accuracy does not
+    depend on beta, unlike the DPO loss, so trials with different betas compare fairly."""
 
     heldout: list = field(default_factory=list)
-    eval_every: int = 10
 
-    def batches(self, rank, world_size, start_step):
-        self._step = start_step
-        return super().batches(rank, world_size, start_step)
-
-    def loss(self, model, batch):
-        loss, metrics = super().loss(model, batch)
-        self._step += 1
-        if self._step % self.eval_every == 0 or not hasattr(self, "_heldout"):
-            scores = evaluate_pairs(model, self.tokenizer(), self.heldout, self.beta,
-                                    max_length=self.max_length)
-            self._heldout = {"heldout_accuracy": scores["reward_accuracy"],
-                             "heldout_margin": scores["reward_margin"]}
-        return loss, {**metrics, **self._heldout}
+    def evaluate(self, ctx) -> dict[str, float]:
+        scores = evaluate_pairs(ctx.model, self.tokenizer(), self.heldout, self.beta,
+                                max_length=self.max_length)
+        return {"heldout_accuracy": scores["reward_accuracy"], "heldout_margin": scores["reward_margin"]}
 
 
 def _dpo_prepare(cfg: DPOTrialConfig, sweep_dir: Path) -> dict:
@@ -141,7 +118,6 @@ def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Pa
 
     from raypref.train.runner import FINAL_DIR, HISTORY_FILE, run
 
-    t, r = cfg.training, cfg.resources
     if cfg.fail:
         raise RuntimeError("DPOTrialConfig.fail=true: this trial fails on purpose")
     runs = sweep_dir / "runs"
@@ -149,16 +125,13 @@ def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Pa
     if done.exists():  # finished before the sweep was interrupted, not yet recorded by Tune
         tune.report(json.loads(done.read_text())[-1])
         return
-    spec = HeldoutDPOSpec(
-        sft_dir=shared["sft_dir"], pairs=shared["pairs"], preference=cfg.preference, lora=t.lora,
-        beta=t.beta, loss_type=t.loss_type, max_length=t.max_length,
-        micro_batch_size=t.micro_batch_size, seed=cfg.seed, heldout=shared["heldout"],
-        eval_every=cfg.report_every)
-    runner_cfg = spec.runner_config(
-        lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps, num_workers=r.num_workers,
-        cpus_per_worker=r.cpus_per_worker, use_gpu=r.use_gpu, zero_stage=r.zero_stage,
-        max_failures=r.max_failures, checkpoint_every=cfg.report_every, keep_checkpoints=1,
-        storage_path=str(runs), name=trial_name, seed=cfg.seed, log_every=cfg.report_every)
+    spec = HeldoutDPOSpec.from_config(cfg.training, shared["sft_dir"], shared["pairs"],
+                                      name=cfg.preference, seed=cfg.seed, heldout=shared["heldout"])
+    # evaluated and reported every report_every steps; one checkpoint, at the end
+    resources = replace(cfg.resources, eval_every=cfg.report_every,
+                        checkpoint_every=cfg.training.steps)
+    runner_cfg = runner_config(cfg.training, resources, name=trial_name, storage_path=str(runs),
+                               seed=cfg.seed, log_every=cfg.report_every)
     result = run(spec, runner_cfg, callbacks=[TuneReportCallback()])
     if result.export_path is not None:  # the history beside the model: the summary reads it
         (result.export_path / HISTORY_FILE).write_text(json.dumps(result.metrics))
@@ -187,7 +160,7 @@ class SoupsTrialConfig:
     # "" = train them once per sweep (into <sweep>/adapters/, reused when resumed)
     adapters_dir: str = ""
     adapter_pairs: int = 256
-    adapter_training: DPOTrialTraining = field(default_factory=DPOTrialTraining)
+    adapter_training: DPOConfig = field(default_factory=_trial_dpo)
     weights: dict[str, float] = field(default_factory=dict)  # searched; {} = uniform
     target: dict[str, float] = field(default_factory=lambda: {"P1A": 0.6, "P2A": 0.3, "P3B": 0.1})
     merge_method: str = "exact_lora"
@@ -235,20 +208,17 @@ def _soups_prepare(cfg: SoupsTrialConfig, sweep_dir: Path) -> dict:
         final = sweep_dir / "adapters" / name / FINAL_DIR
         if not (final / "adapter_config.json").exists():
             pairs = world.pairs_for_preference(name, cfg.adapter_pairs, np.random.default_rng([cfg.seed, i]))
-            spec = SoupDPOSpec(sft_dir=str(sft_dir), pairs=pairs, preference=name, lora=t.lora, beta=t.beta,
-                               max_length=t.max_length, micro_batch_size=t.micro_batch_size, seed=cfg.seed)
+            spec = DPOSpec.from_config(t, str(sft_dir), pairs, name=name, seed=cfg.seed)
             print(f"[sweep] training the {name} adapter ({t.steps} steps)", flush=True)
-            run(spec, spec.runner_config(lr=t.lr, max_steps=t.steps, warmup_steps=t.warmup_steps,
-                                         zero_stage=0, checkpoint_every=t.steps, name=name,
-                                         storage_path=str(sweep_dir / "adapters"), seed=cfg.seed,
-                                         log_every=t.steps))
+            run(spec, runner_config(t, Resources(zero_stage=0, checkpoint_every=t.steps), name=name,
+                                    storage_path=str(sweep_dir / "adapters"), seed=cfg.seed))
         adapters[name] = str(final)
     return {"sft_dir": str(sft_dir), "adapters": adapters}
 
 
 def target_score(target: dict[str, float], scores: dict[str, float]) -> float:
     """The target user's 0..1 reward of one judged text: its preferences' rewards, weighted."""
-    from raypref.experiments.soups.preferences import preference_reward
+    from raypref.data.labelling import preference_reward
 
     total = sum(target.values())
     return sum(w * preference_reward(p, scores) for p, w in target.items()) / total
@@ -285,7 +255,7 @@ JOBS: dict[str, SweepJob] = {
         max_t=lambda cfg: cfg.n_prompts, prepare=_soups_prepare, trial=_soups_trial,
         default_space=SWEEP_SPACES / "soups.yaml"),
     "dpo": SweepJob(
-        name="dpo", config=DPOTrialConfig, metric="heldout_accuracy", mode="max", time_attr="step",
+        name="dpo", config=DPOTrialConfig, metric="eval.heldout_accuracy", mode="max", time_attr="step",
         max_t=lambda cfg: cfg.training.steps, prepare=_dpo_prepare, trial=_dpo_trial,
         default_space=SWEEP_SPACES / "dpo.yaml"),
 }

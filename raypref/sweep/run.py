@@ -34,10 +34,10 @@ class SweepConfig:
     job: str = "dpo"  # see raypref.sweep.jobs.JOBS
     space: str = ""  # YAML search space; "" = configs/sweeps/<job>.yaml
     name: str = ""  # "" = "<job>-default"; an existing sweep of this name is resumed
-    storage_path: str = "outputs/sweeps"  # local folder, shared filesystem or URI of the cluster
+    storage_path: str = "outputs/sweeps"  # a local folder, or a filesystem every node mounts
     num_samples: int = 8  # trials
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs hold
-    seed: int = 0  # Optuna's TPE sampler (and every trial's training seed via the job config)
+    seed: int = 0  # the Optuna TPE sampler's seed (training seeds: job_config.seed)
     startup_trials: int = 4  # random trials before TPE models the results
     scheduler: str = "asha"  # "asha" or "fifo" (no early stopping)
     grace_period: int = 10  # ASHA: time_attr units (steps) every trial gets

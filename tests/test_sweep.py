@@ -78,7 +78,7 @@ def test_a_sweep_with_a_bad_space_file_fails_before_ray_starts(tmp_path):
 
 
 def test_built_in_spaces_are_valid():
-    for job in ("dpo",):
+    for job in ("dpo", "soups"):
         sweep = plan(SweepConfig(job=job))
         assert sweep.space.params, job
 
@@ -114,6 +114,19 @@ def test_simplex_weights_lie_on_the_simplex_above_the_floor():
     assert simplex_weights({"a": 1.0, "b": 1.0}) == {"a": 0.5, "b": 0.5}
 
 
+def test_soups_space_must_name_the_jobs_adapters_and_target_scores_in_0_1():
+    from raypref.sweep.jobs import SoupsTrialConfig, target_score
+
+    with pytest.raises(SpaceError, match="P2B"):
+        parse_space({"weights": {"distribution": "simplex", "keys": ["P1A", "P2B"]}}, SoupsTrialConfig)
+    with pytest.raises(ValueError, match="target.*have no adapter"):
+        SoupsTrialConfig(target={"P1B": 1.0}).validate()
+    scores = {"expertise": 0.0, "verbosity": 1.0, "style": 0.0}
+    # P1A wants low expertise (reward 1), P2A low verbosity (reward 0)
+    assert target_score({"P1A": 1.0}, scores) == pytest.approx(1.0)
+    assert target_score({"P1A": 0.5, "P2A": 0.5}, scores) == pytest.approx(0.5)
+
+
 def test_trial_status_and_names():
     assert trial_status("TERMINATED", {"step": 40}, "step", 40) == DONE
     assert trial_status("TERMINATED", {"step": 10}, "step", 40) == STOPPED
@@ -136,7 +149,7 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
 def _tiny_job(tmp_path: Path, steps: int) -> dict:
     """The DPO trial config of the tests: the cached tiny SFT base, a few steps."""
     return {"sft": {"output_dir": str(ROOT / "outputs" / "sft")},  # shared cache across tests
-            "training": {"steps": steps}, "report_every": steps // 2, "pairs": 64}
+            "training": {"steps": steps}, "report_every": steps // 2, "pairs": 64, "heldout_pairs": 32}
 
 
 def _sweep_args(tmp_path, name, space, steps, samples, extra=()):

@@ -163,7 +163,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tuner = tune.Tuner.restore(experiment, trainable, resume_unfinished=True,
                                    resume_errored=False, restart_errored=False)
         # the restored run config is the pickled one: give it this process's callbacks
-        tuner._local_tuner.get_run_config().callbacks = callbacks
+        if tuner._local_tuner is not None:  # (None only in Ray Client mode)
+            tuner._local_tuner.get_run_config().callbacks = callbacks
     else:
         tuner = tune.Tuner(
             trainable,
@@ -180,11 +181,15 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 name=sweep.path.name, storage_path=str(sweep.path.parent),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=callbacks, verbose=0))
-    tuner.fit()
-    trials = tune.ExperimentAnalysis(experiment).trials
-    rows = trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
-                      sweep.max_t, lambda t: model_path(sweep.path, t))
-    return write_summary(sweep, rows, parent_id, time.time() - started)
+    try:
+        tuner.fit()
+        trials = tune.ExperimentAnalysis(experiment).trials
+        rows = trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
+                          sweep.max_t, lambda t: model_path(sweep.path, t))
+        return write_summary(sweep, rows, parent_id, time.time() - started)
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(parent_id, "FAILED")
+        raise
 
 
 def _start_ray(attempts: int = 3) -> None:

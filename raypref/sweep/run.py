@@ -136,7 +136,6 @@ def run_sweep(cfg: SweepConfig) -> dict:
     import mlflow
     import ray
     from ray import tune
-    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     sweep = plan(cfg)
     started = time.time()
@@ -150,13 +149,32 @@ def run_sweep(cfg: SweepConfig) -> dict:
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "
           f"{sweep.job.metric} ({sweep.job.mode}), scheduler {cfg.scheduler}; folder {sweep.path}",
           flush=True)
-    shared = sweep.job.prepare(sweep.base_config, sweep.path)
-    trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, shared=shared),
-                                    {"CPU": cfg.trial_cpus})
-    callbacks = [ProgressTable(sweep.space, sweep.job.metric, sweep.job.time_attr, sweep.max_t,
-                               cfg.progress_every_s),
-                 MLflowTrials(mlflow.get_tracking_uri(), parent_id, sweep.space, sweep.job.time_attr,
-                              sweep.max_t)]
+    try:
+        shared = sweep.job.prepare(sweep.base_config, sweep.path)
+        trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, shared=shared),
+                                        {"CPU": cfg.trial_cpus})
+        callbacks = [ProgressTable(sweep.space, sweep.job.metric, sweep.job.time_attr, sweep.max_t,
+                                   cfg.progress_every_s),
+                     MLflowTrials(mlflow.get_tracking_uri(), parent_id, sweep.space, sweep.job.time_attr,
+                                  sweep.max_t)]
+        experiment = str(sweep.path)
+        tuner = _tuner(sweep, trainable, callbacks)
+        tuner.fit()
+        trials = tune.ExperimentAnalysis(experiment).trials
+        rows = trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
+                          sweep.max_t, lambda t: model_path(sweep.path, t))
+        return write_summary(sweep, rows, parent_id, time.time() - started)
+    except BaseException:
+        mlflow.MlflowClient().set_terminated(parent_id, "FAILED")
+        raise
+
+
+def _tuner(sweep: Sweep, trainable, callbacks: list):
+    """A new Tuner, or the sweep's own restored when its folder holds Tune state."""
+    from ray import tune
+    from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
+
+    cfg = sweep.cfg
     experiment = str(sweep.path)
     if tune.Tuner.can_restore(experiment):
         print(f"[sweep] resuming {experiment}: finished trials are kept", flush=True)
@@ -181,18 +199,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
                 name=sweep.path.name, storage_path=str(sweep.path.parent),
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=callbacks, verbose=0))
-    try:
-        tuner.fit()
-        trials = tune.ExperimentAnalysis(experiment).trials
-        rows = trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
-                          sweep.max_t, lambda t: model_path(sweep.path, t))
-        return write_summary(sweep, rows, parent_id, time.time() - started)
-    except BaseException:
-        mlflow.MlflowClient().set_terminated(parent_id, "FAILED")
-        raise
+    return tuner
 
 
-def _start_ray(attempts: int = 3) -> None:
+def _start_ray(attempts: int = 5) -> None:
     """A local Ray (or the cluster of RAY_ADDRESS). Ray waits a fixed 30 s for its raylet: on
     an overloaded machine that can run out, so try again before giving up."""
     import ray

@@ -246,3 +246,41 @@ def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_p
     assert "trial_001" not in rerun and after["trial_001"] == before["trial_001"]
     ended_before = {"trial_001"}
     assert rerun == set(after) - ended_before  # every trial that had not ended, and only those
+
+
+@pytest.mark.slow
+def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(tmp_path, monkeypatch):
+    """No training: a tiny base, two random LoRA adapters; the trial merges them with the
+    trial's weights and reports the target user's judged score after every chunk of prompts."""
+    import torch
+    from ray import tune
+
+    from raypref.data.world import World
+    from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy,
+                                        build_tokenizer, save_pretrained_safetensors)
+    from raypref.sweep.jobs import SoupsTrialConfig, _soups_trial
+
+    model_cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2)
+    tokenizer = build_tokenizer(model_cfg, World(0, 0.0).vocabulary())
+    torch.manual_seed(0)
+    base_dir = save_pretrained_safetensors(build_policy(model_cfg, tokenizer), tokenizer, tmp_path / "base")
+    adapters = {}
+    for i, pref in enumerate(("P1A", "P2A")):
+        torch.manual_seed(i + 1)
+        peft_model = add_lora(build_policy(model_cfg, tokenizer), LoraSettings(r=2, alpha=4))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)  # a non-zero update to merge
+        peft_model.save_pretrained(tmp_path / pref)
+        adapters[pref] = str(tmp_path / pref)
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
+    cfg = SoupsTrialConfig(preferences=["P1A", "P2A"], target={"P1A": 1.0}, weights={"P1A": 0.7, "P2A": 0.3},
+                           n_prompts=6, report_every=3, max_new_tokens=8)
+    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    assert [r["prompts"] for r in reports] == [3, 6]
+    assert all(0.0 <= r["user_score"] <= 1.0 for r in reports)
+    again = []
+    monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
+    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    assert again == reports  # seeded: a trial's score is reproducible

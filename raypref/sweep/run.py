@@ -143,7 +143,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # loses at most that much record of ended trials; trials last minutes, saving is cheap
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not ray.is_initialized():
-        _start_ray()
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
     parent_id = _parent_run(sweep)
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "
@@ -200,22 +200,6 @@ def _tuner(sweep: Sweep, trainable, callbacks: list):
                 failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                 callbacks=callbacks, verbose=0))
     return tuner
-
-
-def _start_ray(attempts: int = 5) -> None:
-    """A local Ray (or the cluster of RAY_ADDRESS). Ray waits a fixed 30 s for its raylet: on
-    an overloaded machine that can run out, so try again before giving up."""
-    import ray
-
-    for attempt in range(1, attempts + 1):
-        try:
-            ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
-            return
-        except Exception as err:  # Ray raises a bare Exception for the start-up timeout
-            if "timed out during startup" not in str(err) or attempt == attempts:
-                raise
-            print(f"[sweep] Ray start-up timed out (attempt {attempt}/{attempts}); retrying", flush=True)
-            ray.shutdown()
 
 
 def _searcher(sweep: Sweep, max_concurrent: int):

@@ -223,11 +223,14 @@ def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_p
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                              text=True, start_new_session=True)
     try:
-        deadline = time.time() + 900
+        deadline, seen = time.time() + 900, []
         for line in first.stdout:
+            seen.append(line)
             if "1/" in line and "trials ended" in line:
                 break
             assert time.time() < deadline, "the first trial did not end in time"
+        else:
+            pytest.fail("the sweep ended before its first trial did:\n" + "".join(seen[-40:]))
         time.sleep(8)  # Tune saves its experiment state every 3 s (TUNE_GLOBAL_CHECKPOINT_S)
     finally:
         os.killpg(first.pid, signal.SIGKILL)

@@ -1,0 +1,289 @@
+"""Sweeps: search spaces checked before any trial, Optuna sampling, status and summary; a real
+sweep of DPO trials with ASHA, MLflow child runs, a failing trial and resume after a kill."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from raypref.sweep.jobs import DPOTrialConfig
+from raypref.sweep.report import DONE, FAILED, STOPPED, trial_name, trial_status
+from raypref.sweep.run import SweepConfig, plan
+from raypref.sweep.space import SpaceError, parse_space, simplex_weights
+
+ROOT = Path(__file__).resolve().parents[1]
+GOOD = {"training.beta": {"distribution": "loguniform", "low": 0.05, "high": 1.0},
+        "training.lora.r": {"distribution": "choice", "values": [2, 4]}}
+
+
+def _space(params):
+    return parse_space(params, DPOTrialConfig, source="space.yaml")
+
+
+@pytest.mark.parametrize("params, message", [
+    ({"training.betta": {"distribution": "uniform", "low": 0.1, "high": 1}}, "unknown parameter"),
+    ({"nope.beta": {"distribution": "uniform", "low": 0.1, "high": 1}}, "has no field 'nope'"),
+    ({"training.beta": {"distribution": "uniform", "low": 1.0, "high": 1.0}}, "empty range"),
+    ({"training.beta": {"distribution": "uniform", "low": 2.0, "high": 1.0}}, "low=2.0 >= high=1.0"),
+    ({"training.lora.r": {"distribution": "choice", "values": []}}, "empty range"),
+    ({"training.beta": {"distribution": "gaussian", "low": 0, "high": 1}}, "unknown distribution 'gaussian'"),
+    ({"training.beta": {"distribution": "loguniform", "low": 0.0, "high": 1}}, "needs low > 0"),
+    ({"training.beta": {"distribution": "uniform", "low": 0.0, "high": 1}}, "must be > 0"),  # validate()
+    ({"training.lora.r": {"distribution": "uniform", "low": 1, "high": 8}}, "is an integer"),
+    ({"training.lora.r": {"distribution": "choice", "values": ["big"]}}, "expected an integer"),
+    ({"training.beta": {"distribution": "uniform", "low": 0.1, "high": 1, "step": 2}}, "takes"),
+    ({"pairs": {"distribution": "simplex", "keys": ["a", "b"], "min": -0.1}}, "negative ratio"),
+    ({"training.lr": {"distribution": "uniform", "low": "fast", "high": 1}}, "finite number"),
+])
+def test_invalid_spaces_fail_naming_the_parameter(params, message):
+    with pytest.raises(SpaceError, match=message) as err:
+        _space(params)
+    assert "space.yaml" in str(err.value) and repr(next(iter(params))) in str(err.value)
+
+
+def test_negative_ratio_in_a_ratio_field_is_refused():
+    from dataclasses import dataclass, field
+
+    @dataclass
+    class Sampling:
+        mix_ratio: float = 1.0
+        weights: dict[str, float] = field(default_factory=dict)
+
+    with pytest.raises(SpaceError, match="negative ratio -1"):
+        parse_space({"mix_ratio": {"distribution": "uniform", "low": -1, "high": 2}}, Sampling)
+    with pytest.raises(SpaceError, match="negative ratio"):
+        parse_space({"weights": {"distribution": "choice", "values": [{"a": 1.0, "b": -0.5}]}}, Sampling)
+    space = parse_space({"weights": {"distribution": "simplex", "keys": ["a", "b", "c"], "min": 0.1}},
+                        Sampling)
+    assert space.params[0].keys == ("a", "b", "c")
+
+
+def test_a_sweep_with_a_bad_space_file_fails_before_ray_starts(tmp_path):
+    import ray
+
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"params": {"training.lr": {"distribution": "uniform",
+                                                              "low": -1.0, "high": -2.0}}}))
+    with pytest.raises(SpaceError, match="bad.yaml.*training.lr.*low=-1.0 >= high=-2.0"):
+        plan(SweepConfig(space=str(bad), storage_path=str(tmp_path)))
+    assert not ray.is_initialized()
+
+
+def test_built_in_spaces_are_valid():
+    for job in ("dpo", "soups"):
+        sweep = plan(SweepConfig(job=job))
+        assert sweep.space.params, job
+
+
+def test_optuna_samples_are_seeded_and_build_valid_configs():
+    space = _space({**GOOD, "training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}})
+
+    def draws(seed):
+        study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=seed, n_startup_trials=2))
+        out = []
+        for i in range(5):
+            trial = study.ask()
+            space.suggest(trial)
+            study.tell(trial, float(i % 3))
+            out.append(space.resolve(trial.params))
+        return out
+
+    first, again, other = draws(3), draws(3), draws(4)
+    assert first == again and first != other
+    base = DPOTrialConfig()
+    from raypref.config import to_dict
+
+    for values in first:
+        cfg = space.apply(DPOTrialConfig, to_dict(base), {**values, "training.lora.r": 1})
+        assert cfg.training.lora.r == 4 and 0.05 <= cfg.training.beta <= 1.0  # index 1 -> 4
+        assert 1e-4 <= cfg.training.lr <= 1e-2
+
+
+def test_simplex_weights_lie_on_the_simplex_above_the_floor():
+    weights = simplex_weights({"a": 0.9, "b": 0.2, "c": 1e-9}, floor=0.1)
+    assert abs(sum(weights.values()) - 1) < 1e-12
+    assert min(weights.values()) >= 0.1 and weights["c"] > weights["b"] > weights["a"]
+    assert simplex_weights({"a": 1.0, "b": 1.0}) == {"a": 0.5, "b": 0.5}
+
+
+def test_soups_space_must_name_the_jobs_adapters_and_target_scores_in_0_1():
+    from raypref.sweep.jobs import SoupsTrialConfig, target_score
+
+    with pytest.raises(SpaceError, match="P2B"):
+        parse_space({"weights": {"distribution": "simplex", "keys": ["P1A", "P2B"]}}, SoupsTrialConfig)
+    with pytest.raises(ValueError, match="target.*have no adapter"):
+        SoupsTrialConfig(target={"P1B": 1.0}).validate()
+    scores = {"expertise": 0.0, "verbosity": 1.0, "style": 0.0}
+    # P1A wants low expertise (reward 1), P2A low verbosity (reward 0)
+    assert target_score({"P1A": 1.0}, scores) == pytest.approx(1.0)
+    assert target_score({"P1A": 0.5, "P2A": 0.5}, scores) == pytest.approx(0.5)
+
+
+def test_trial_status_and_names():
+    assert trial_status("TERMINATED", {"step": 40}, "step", 40) == DONE
+    assert trial_status("TERMINATED", {"step": 10}, "step", 40) == STOPPED
+    assert trial_status("TERMINATED", {}, "step", 40) == FAILED
+    assert trial_status("ERROR", {"step": 40}, "step", 40) == FAILED
+    assert trial_status("RUNNING", {"step": 5}, "step", 40) == "running"
+
+    class Trial:
+        experiment_tag = "7_training_beta=0.3,training_lr=0.001"
+
+    assert trial_name(Trial()) == "trial_007"
+
+
+# ---------------------------------------------------------------- real sweeps (Ray Tune + Ray Train)
+
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
+       "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+def _tiny_job(tmp_path: Path, steps: int) -> dict:
+    """The DPO trial config of the tests: the cached tiny SFT base, a few steps."""
+    return {"sft": {"output_dir": str(ROOT / "outputs" / "sft")},  # shared cache across tests
+            "training": {"steps": steps}, "report_every": steps // 2, "pairs": 64, "heldout_pairs": 32}
+
+
+def _sweep_args(tmp_path, name, space, steps, samples, extra=()):
+    space_file = tmp_path / f"{name}.yaml"
+    space_file.write_text(yaml.safe_dump({"params": space}))
+    return ["--name", name, "--storage_path", str(tmp_path / "sweeps"), "--space", str(space_file),
+            "--num_samples", str(samples), "--grace_period", str(steps // 2),
+            "--progress_every_s", "5", "--job_config", json.dumps(_tiny_job(tmp_path, steps)),
+            *extra]
+
+
+def _attempts(sweep_dir: Path) -> dict[str, list[str]]:
+    return {p.stem: p.read_text().split() for p in sorted((sweep_dir / "attempts").glob("*.txt"))}
+
+
+@pytest.mark.slow
+def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
+    """3 DPO trials, seeded (1) so one draws fail=true and the others not: the failing one is tried 1 + max_failures times,
+    recorded as failed, and the sweep finishes the others; MLflow holds a child per trial."""
+    import mlflow
+
+    space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
+             "fail": {"distribution": "choice", "values": [False, True]}}
+    args = _sweep_args(tmp_path, "retry", space, steps=4, samples=3,
+                       extra=["--max_failures", "1", "--seed", "1", "--scheduler", "fifo"])
+    out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], env=ENV,
+                         capture_output=True, text=True, timeout=1200)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    sweep_dir = tmp_path / "sweeps" / "retry"
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert len(rows) == 3
+    failing = {n for n, r in rows.items() if r["params"]["fail"]}
+    assert failing and failing != set(rows), "seed 1 should draw both outcomes"
+    attempts = _attempts(sweep_dir)
+    for name, row in rows.items():
+        if name in failing:
+            assert row["status"] == FAILED and "fails on purpose" in row["error"]
+            assert len(attempts[name]) == 2  # first try + max_failures=1 retry
+        else:
+            assert row["status"] == DONE and len(attempts[name]) == 1
+            assert (Path(row["model_path"]) / "adapter_model.safetensors").exists()
+    assert summary["best"]["trial"] not in failing
+    best_config = yaml.safe_load((sweep_dir / "best_config.yaml").read_text())
+    assert best_config["config"]["training"]["lr"] == pytest.approx(summary["best"]["params"]["training.lr"])
+    state = json.loads((sweep_dir / "sweep.json").read_text())
+    client = mlflow.MlflowClient(state["tracking_uri"])
+    children = client.search_runs(
+        [client.get_run(state["mlflow_parent_run_id"]).info.experiment_id],
+        f"tags.mlflow.parentRunId = '{state['mlflow_parent_run_id']}'")
+    by_trial = {r.info.run_name: r for r in children}
+    assert set(by_trial) == set(rows)
+    for name, run in by_trial.items():
+        assert run.data.tags["raypref.status"] == rows[name]["status"]
+        assert run.info.status == ("FAILED" if name in failing else "FINISHED")
+    done = next(n for n in rows if n not in failing)
+    history = client.get_metric_history(by_trial[done].info.run_id, "loss")
+    assert [m.step for m in history] == [2, 4]  # every report, at its step
+    artifacts = {a.path for a in client.list_artifacts(state["mlflow_parent_run_id"])}
+    assert {"summary.json", "best_config.yaml", "plots"} <= artifacts
+
+
+@pytest.mark.slow
+def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_path):
+    """Kill the sweep's process (SIGKILL, no clean-up) once its first trial has ended; the rerun
+    with the same name restores the sweep and runs only the trials that had not ended."""
+    space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}
+    args = _sweep_args(tmp_path, "resume", space, steps=4, samples=3, extra=["--scheduler", "fifo"])
+    cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), *args]
+    sweep_dir = tmp_path / "sweeps" / "resume"
+    first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                             text=True, start_new_session=True)
+    try:
+        deadline, seen = time.time() + 900, []
+        for line in first.stdout:
+            seen.append(line)
+            if "1/" in line and "trials ended" in line:
+                break
+            assert time.time() < deadline, "the first trial did not end in time"
+        else:
+            pytest.fail("the sweep ended before its first trial did:\n" + "".join(seen[-40:]))
+        time.sleep(8)  # Tune saves its experiment state every 3 s (TUNE_GLOBAL_CHECKPOINT_S)
+    finally:
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+    before = _attempts(sweep_dir)
+    assert "trial_001" in before and not (sweep_dir / "summary.json").exists()
+    first_cluster = before["trial_001"][0]
+
+    second = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=1200)
+    assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
+    assert "resuming" in second.stdout
+    summary = json.loads((sweep_dir / "summary.json").read_text())
+    assert summary["trials"] == 3 and summary["counts"][DONE] == 3
+    after = _attempts(sweep_dir)
+    rerun = {name for name, nodes in after.items() if any(n != first_cluster for n in nodes)}
+    assert "trial_001" not in rerun and after["trial_001"] == before["trial_001"]
+    ended_before = {"trial_001"}
+    assert rerun == set(after) - ended_before  # every trial that had not ended, and only those
+
+
+@pytest.mark.slow
+def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(tmp_path, monkeypatch):
+    """No training: a tiny base, two random LoRA adapters; the trial merges them with the
+    trial's weights and reports the target user's judged score after every chunk of prompts."""
+    import torch
+    from ray import tune
+
+    from raypref.data.world import World
+    from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy,
+                                        build_tokenizer, save_pretrained_safetensors)
+    from raypref.sweep.jobs import SoupsTrialConfig, _soups_trial
+
+    model_cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2)
+    tokenizer = build_tokenizer(model_cfg, World(0, 0.0).vocabulary())
+    torch.manual_seed(0)
+    base_dir = save_pretrained_safetensors(build_policy(model_cfg, tokenizer), tokenizer, tmp_path / "base")
+    adapters = {}
+    for i, pref in enumerate(("P1A", "P2A")):
+        torch.manual_seed(i + 1)
+        peft_model = add_lora(build_policy(model_cfg, tokenizer), LoraSettings(r=2, alpha=4))
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                torch.nn.init.normal_(param, std=0.5)  # a non-zero update to merge
+        peft_model.save_pretrained(tmp_path / pref)
+        adapters[pref] = str(tmp_path / pref)
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
+    cfg = SoupsTrialConfig(preferences=["P1A", "P2A"], target={"P1A": 1.0}, weights={"P1A": 0.7, "P2A": 0.3},
+                           n_prompts=6, report_every=3, max_new_tokens=8)
+    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    assert [r["prompts"] for r in reports] == [3, 6]
+    assert all(0.0 <= r["user_score"] <= 1.0 for r in reports)
+    again = []
+    monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
+    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    assert again == reports  # seeded: a trial's score is reproducible

@@ -76,9 +76,9 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
         user_weights={"P2A": 0.7, "P3A": 0.3},
         sft=sft,
         pairs_per_preference=48,
-        training=DPOConfig(steps=6, micro_batch_size=8, warmup_steps=1),
+        training=DPOConfig(steps=12, micro_batch_size=8, warmup_steps=2, lr=2e-3),
         resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
-        eval=ev.EvalConfig(n_prompts=6, max_new_tokens=24, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
+        eval=ev.EvalConfig(n_prompts=8, max_new_tokens=40, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
         **overrides)
 
 

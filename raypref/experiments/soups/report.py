@@ -79,7 +79,9 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
         lines += [f"- **{name}**: {cause}" for name, cause in failed.items()]
         lines += ["", "Left out of every win rate and table (a soup without one of its "
                   "preferences is not that combination): "
-                  + (", ".join("+".join(combo) for combo in excluded) or "none") + ".",
+                  + (", ".join("+".join(combo) for combo in excluded) or "none") + "."
+                  + (" P-MORL is left out too (a seed of it failed)."
+                     if any(n.startswith("P-MORL-") for n in failed) else ""),
                   "A rerun with the same config retrains only the failed runs.", ""]
 
     lines += ["## General quality (002 Fig. 2)", "",

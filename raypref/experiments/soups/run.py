@@ -135,6 +135,9 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
             _log("1/6 SFT base policy (cached by config hash)")
             sft_dir = str(train_sft(cfg.sft))
         world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+        # the judge and the prompts first: a bad judge id or prompts file fails before training
+        scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
+        prompts = ev.eval_prompts(cfg.eval, world)
 
         _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
         if cfg.psoups_files:
@@ -182,8 +185,6 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
                     for t, d in zip(trained, data)]
 
         _log("5/6 merging soups and judging generations")
-        scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
-        prompts = ev.eval_prompts(cfg.eval, world)
         seeds = [_evaluate_seed(cfg, k, sft_dir, trained[k], scorer, world, prompts, prefs,
                                 combos, with_pmorl) for k in range(cfg.seeds)]
         table = scorer.table(cfg.preferences)

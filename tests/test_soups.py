@@ -298,7 +298,7 @@ def test_compare_pools_seeds_with_intervals_tables_and_quality_lines():
         sft = rng.uniform(0.2, 0.4, 10)
         per_seed.append({"P-Soups": {combo: _rows(sft + 0.3, quality=0.5)},
                          "SFT": {combo: _rows(sft)},
-                         "Prompting": {combo: _rows(sft + rng.normal(0, 0.2, 10))}})
+                         "Prompting": {combo: _rows(sft + 0.3 + rng.normal(0, 0.2, 10))}})
     sft_rows = [m["SFT"][combo] for m in per_seed]
     c = compare(per_seed, sft_rows, table, n_prompts=5, samples_per_prompt=2, tol=0.05,
                 margin=0.1, n_boot=300)

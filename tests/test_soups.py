@@ -66,20 +66,22 @@ def sft_cache(tmp_path_factory) -> Path:
 
 
 def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
-    sft = SFTConfig(corpus_size=300, output_dir=str(sft_cache),
-                    training=Optimization(steps=30, micro_batch_size=16, lr=2e-3, warmup_steps=5),
-                    resources=Resources(checkpoint_every=30, zero_stage=0))
+    # enough SFT for world-like text: the behaviour check reads the judges of generations
+    sft = SFTConfig(corpus_size=1000, output_dir=str(sft_cache),
+                    training=Optimization(steps=200, micro_batch_size=16, lr=2e-3, warmup_steps=10),
+                    resources=Resources(checkpoint_every=200, zero_stage=0))
+    settings = dict(preferences=["P2A", "P2B", "P3A", "P3B"],
+                    combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
+                    user_weights={"P2A": 0.7, "P3A": 0.3})
+    settings.update(overrides)
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
-        preferences=["P2A", "P2B", "P3A", "P3B"],
-        combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
-        user_weights={"P2A": 0.7, "P3A": 0.3},
         sft=sft,
         pairs_per_preference=48,
         training=DPOConfig(steps=12, micro_batch_size=8, warmup_steps=2, lr=2e-3),
         resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
         eval=ev.EvalConfig(n_prompts=8, max_new_tokens=40, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
-        **overrides)
+        **settings)
 
 
 @pytest.mark.slow
@@ -359,3 +361,18 @@ def test_the_7b_config_is_judged_by_a_real_lm_on_a_shared_prompts_file():
     cfg.eval.judge_model = ""
     with pytest.raises(ValueError, match="eval.judge_model"):
         cfg.validate()
+
+
+def test_arm_names_become_mlflow_metric_names():
+    from raypref.experiments.soups.compare import Comparison
+    from raypref.experiments.soups.run import _log_summary_metrics, metric_name
+    from raypref.eval.intervals import Interval
+
+    assert metric_name("P-Soups+instr") == "P-Soups_instr"
+    assert metric_name("P-Soups (A/B avg)") == "P-Soups_A_B_avg"
+    c = Comparison(quality={"SFT": 0.8, "P-Soups (A/B avg)": 0.7},
+                   intervals={("P-Soups", "P-Soups+instr"): Interval(0.6, 0.5, 0.7, 0.95, 6, 4, 0)})
+    with mlflow.start_run() as run:
+        _log_summary_metrics(c, {})
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert metrics["quality.P-Soups_A_B_avg"] == 0.7 and metrics["win_rate.P-Soups_instr.low"] == 0.5

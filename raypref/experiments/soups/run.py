@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -181,8 +182,8 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
             _log(f"    leaving out {'+'.join(combo)}: a preference of it failed to train")
 
         _log("4/6 held-out implicit-reward accuracy of each policy")
-        accuracy = [{p: _heldout_accuracy(cfg, sft_dir, t[p], d.held_out[p]) for p in prefs}
-                    for t, d in zip(trained, data)]
+        accuracy = [{p: _heldout_accuracy(cfg, sft_dir, t[p], d.held_out[p], run_name(p, k))
+                     for p in prefs} for k, (t, d) in enumerate(zip(trained, data))]
 
         _log("5/6 merging soups and judging generations")
         seeds = [_evaluate_seed(cfg, k, sft_dir, trained[k], scorer, world, prompts, prefs,
@@ -218,14 +219,14 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     return result
 
 
-def _heldout_accuracy(cfg, sft_dir, adapter: Path, pairs) -> dict[str, float]:
+def _heldout_accuracy(cfg, sft_dir, adapter: Path, pairs, name: str) -> dict[str, float]:
     from peft import PeftModel
 
     base, tokenizer = load_pretrained(sft_dir)
     model = PeftModel.from_pretrained(base, str(adapter))
     result = evaluate_pairs(model, tokenizer, pairs, cfg.training.beta,
                             max_length=cfg.training.max_length)
-    _log(f"    {adapter.name}: held-out reward accuracy {result['reward_accuracy']:.3f}")
+    _log(f"    {name}: held-out reward accuracy {result['reward_accuracy']:.3f}")
     return result
 
 
@@ -304,11 +305,18 @@ def _weight_sweep(cfg, souper, scorer, generate, prefs, k) -> dict:
     return sweep
 
 
+def metric_name(arm: str) -> str:
+    """An arm's name as MLflow accepts it in a metric key: "P-Soups+instr" -> "P-Soups_instr",
+    "P-Soups (A/B avg)" -> "P-Soups_A_B_avg"."""
+    return re.sub(r"_+", "_", re.sub(r"[^A-Za-z0-9_.-]", "_", arm)).strip("_")
+
+
 def _log_summary_metrics(comparison, sweep) -> None:
     tracking.log_metrics({f"sweep.{dim}.monotonic": float(row["monotonic"]) for dim, row in sweep.items()})
-    tracking.log_metrics({f"quality.{name}": q for name, q in comparison.quality.items()})
+    tracking.log_metrics({f"quality.{metric_name(name)}": q for name, q in comparison.quality.items()})
     for (a, b), interval in comparison.intervals.items():
         if a == SOUPS and interval.estimate is not None:
+            b = metric_name(b)
             tracking.log_metrics({f"win_rate.{b}": interval.estimate,
                                   f"win_rate.{b}.low": interval.low,
                                   f"win_rate.{b}.high": interval.high})

@@ -22,7 +22,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"\nreport: {result.report_path}")
     print(f"mlflow: run {result.run_id} in {result.tracking_uri}")
     if result.failed:
-        print(f"failed preferences (left out of the soups): {sorted(result.failed)}")
+        print(f"failed runs: {sorted(result.failed)}; combinations left out of the comparison: "
+              f"{result.excluded or 'none'} (a rerun retrains only the failed runs)")
 
 
 if __name__ == "__main__":

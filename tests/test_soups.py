@@ -1,4 +1,4 @@
-"""Personalized Soups job: config checks, sweep weights, P-MORL pairs, and the job end to end."""
+"""Personalized Soups job: config checks, one labelling path, comparisons, failures, and the job end to end."""
 import json
 from pathlib import Path
 
@@ -13,8 +13,7 @@ from raypref.train.runner import Optimization, Resources
 from raypref.recipes.sft import SFTConfig
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.config import SoupsConfig
-from raypref.experiments.soups.preferences import pmorl_pairs, preference_reward
-from raypref.experiments.soups.run import run_soups, soup_name
+from raypref.experiments.soups.run import run_soups, soup_name, usable_combinations
 
 ALL = ["P1A", "P1B", "P2A", "P2B", "P3A", "P3B"]
 
@@ -43,39 +42,16 @@ def test_soup_names_state_weights_in_mlflow_safe_form():
     assert "." not in name
 
 
-def test_preference_reward_follows_direction():
-    world = World(seed=0)
-    rng = np.random.default_rng(0)
-    prompt = world.prompts(1)[0]
-    short = world.sample_response(prompt, rng, {"verbosity": 0.0}).text
-    long = world.sample_response(prompt, rng, {"verbosity": 1.0}).text
-    s_short, s_long = world.judge(short, prompt), world.judge(long, prompt)
-    assert preference_reward("P2B", s_long) > preference_reward("P2B", s_short)
-    assert preference_reward("P2A", s_short) > preference_reward("P2A", s_long)
-    assert psoups_profile("P2A").attribute == "verbosity"
-
-
-def test_pmorl_pairs_are_labelled_by_mean_reward_with_instruction_in_prompt():
-    world = World(seed=0)
-    combos = [["P1A", "P2A", "P3A"], ["P1B", "P2B", "P3B"]]
-    pairs = pmorl_pairs(world, combos, 40, np.random.default_rng(1))
-    assert len(pairs) == 40
-    for rec in pairs:
-        combo = rec.user_text.split("+")
-        assert combo in combos
-        assert rec.prompt.endswith(world.preference_instruction(combo))
-        bare = rec.prompt[: -len(world.preference_instruction(combo))].strip()
-        mean = [np.mean([preference_reward(p, world.judge(t, bare)) for p in combo])
-                for t in (rec.chosen, rec.rejected)]
-        assert mean[0] > mean[1]
-
-
 @pytest.mark.parametrize("change, message", [
     ({"preferences": ["P9Z"]}, "unknown"),
     ({"combinations": [["P1A", "P2A"]], "preferences": ["P1A"]}, "not in preferences"),
     ({"algo": "ppo"}, "available per-preference trainers"),
     ({"inject_failures": {"P1A": "sometimes"}}, "once"),
-    ({"psoups_files": {"P1A": "x.json"}}, "pmorl"),
+    ({"psoups_files": {"P1A": "x.json"}, "eval": ev.EvalConfig(judge_model="tiny")}, "pmorl"),
+    ({"psoups_files": {"P1A": "x.json"}, "baselines": ["sft"]}, "eval.judge_model"),
+    ({"base_policy": "some/model", "eval": ev.EvalConfig(judge_model="tiny")}, "eval.prompts_file"),
+    ({"seeds": 0}, "seeds=0"),
+    ({"eval": ev.EvalConfig(arms=["instructed", "nope"])}, "eval.arms"),
 ])
 def test_config_errors_name_the_problem(change, message):
     cfg = SoupsConfig(**change)
@@ -83,72 +59,134 @@ def test_config_errors_name_the_problem(change, message):
         cfg.validate()
 
 
-def tiny_config(tmp_path: Path, **overrides) -> SoupsConfig:
-    sft = SFTConfig(corpus_size=300, output_dir=str(tmp_path / "sft"),
-                    training=Optimization(steps=30, micro_batch_size=16, lr=2e-3, warmup_steps=5),
-                    resources=Resources(checkpoint_every=30, zero_stage=0))
+@pytest.fixture(scope="module")
+def sft_cache(tmp_path_factory) -> Path:
+    """One SFT cache for the module's job tests (the SFT is cached by config hash)."""
+    return tmp_path_factory.mktemp("sft")
+
+
+def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
+    # enough SFT for world-like text: the behaviour check reads the judges of generations
+    sft = SFTConfig(corpus_size=1000, output_dir=str(sft_cache),
+                    training=Optimization(steps=200, micro_batch_size=16, lr=2e-3, warmup_steps=10),
+                    resources=Resources(checkpoint_every=200, zero_stage=0))
+    settings = dict(preferences=["P2A", "P2B", "P3A", "P3B"],
+                    combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
+                    user_weights={"P2A": 0.7, "P3A": 0.3})
+    settings.update(overrides)
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
-        preferences=["P2A", "P2B", "P3A", "P3B"],
-        combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
-        user_weights={"P2A": 0.7, "P3A": 0.3},
         sft=sft,
         pairs_per_preference=48,
-        training=DPOConfig(steps=6, micro_batch_size=8, warmup_steps=1),
+        training=DPOConfig(steps=12, micro_batch_size=8, warmup_steps=2, lr=2e-3),
         resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
-        eval=ev.EvalConfig(n_prompts=6, max_new_tokens=24, weight_grid=[0.0, 0.5, 1.0]),
-        **overrides)
+        eval=ev.EvalConfig(n_prompts=8, max_new_tokens=40, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
+        **settings)
 
 
 @pytest.mark.slow
-def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, ray_local):
+def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sft_cache, ray_local):
     # P2B's worker dies once (Ray Train restarts it from its checkpoint); P3B's dies on every
-    # attempt, so it is reported and the soups are built from the others.
-    cfg = tiny_config(tmp_path, inject_failures={"P2B": "once", "P3B": "always"})
+    # attempt, so it is reported, and P2B+P3B is left out of every comparison.
+    cfg = tiny_config(tmp_path, sft_cache, inject_failures={"P2B": "once", "P3B": "always"})
     result = run_soups(cfg)
 
-    assert set(result.failed) == {"P3B"}
-    assert "failed" in result.failed["P3B"].lower()
-    assert (Path(cfg.output_dir) / ".injected-P2B").exists(), "the injected crash of P2B never happened"
+    assert set(result.failed) == {"P3B-s0"}
+    cause = result.failed["P3B-s0"]
+    assert "Error" in cause.split(":")[0], cause
+    assert (Path(cfg.output_dir) / ".injected-P2B-s0").exists(), "the injected crash of P2B never happened"
+    assert result.excluded == ["P2B+P3B"]
 
     report = result.report_path.read_text()
-    assert "P3B" in report.split("## Failed runs")[1].split("##")[0]
+    failures_section = report.split("## Failed runs")[1].split("\n## ")[0]
+    assert f"**P3B-s0**: {cause}" in failures_section and "P2B+P3B" in failures_section
     failures = json.loads((Path(cfg.output_dir) / "failures.json").read_text())
-    assert set(failures) == {"P3B"}
+    assert set(failures) == {"P3B-s0"} and failures["P3B-s0"]["cause"] == cause
 
     names = result.win_rates["names"]
-    assert names == ["P-Soups", "SFT", "Prompting", "P-MORL"]
+    assert names == ["P-Soups", "P-Soups+instr", "P-Soups (A/B avg)", "SFT", "Prompting", "P-MORL"]
     rates = np.array(result.win_rates["rates"], dtype=float)
-    assert rates.shape == (4, 4) and np.isnan(np.diag(rates)).all()
+    assert rates.shape == (6, 6) and np.isnan(np.diag(rates)).all()
+    # the left-out combination is in no table: only AA (P2A+P3A) is a column of the W/L/T table
+    wlt = report.split("## P-Soups per combination")[1].split("\n## ")[0]
+    assert "| battle | AA | all | win rate |" in wlt and "BB" not in wlt
+    assert "## Criteria-wise win rate of P-Soups" in report
+    assert result.win_rates["intervals"]["P-Soups vs P-MORL"].count("[") == 1
+    assert set(result.quality) >= set(names) and all(0 <= q <= 1 for q in result.quality.values())
+    assert "## General quality" in report
 
-    # P2B+P3B loses P3B: its soup is renormalized onto P2B alone and named for what it is
     merged = Path(cfg.output_dir) / "merged"
     saved = sorted(p.name for p in merged.iterdir())
-    assert saved == ["psoups-P2A_0p500-P3A_0p500", "psoups-P2A_0p700-P3A_0p300",
-                     "psoups-P2B_1p000"]
+    assert saved == ["psoups-P2A_0p500-P3A_0p500", "psoups-P2A_0p700-P3A_0p300"]
     for name in saved:
         assert (merged / name / "model.safetensors").exists()
-        weights = json.loads((merged / name / "soup_weights.json").read_text())
-        assert sum(weights.values()) == pytest.approx(1.0)
     registered = {m.name for m in mlflow.MlflowClient().search_registered_models()}
     assert set(saved) <= registered
 
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
     assert run.data.metrics["failed_runs"] == 1
-    assert "heldout_reward_accuracy.P2A" in run.data.metrics
-    assert set(result.sweep) == {"informativeness"}
-    assert len(result.sweep["informativeness"]["scores"]) == 3
-    assert (result.report_path.parent / "sweep.png").exists()
-    assert (result.report_path.parent / "win_rates.png").exists()
+    children = mlflow.search_runs(experiment_ids=[run.info.experiment_id], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{result.run_id}'")
+    by_name = {c.info.run_name: c for c in children}
+    assert set(by_name) == {"policy P2A seed 0", "policy P2B seed 0", "policy P3A seed 0",
+                            "policy P3B seed 0", "baseline P-MORL seed 0", "baseline SFT seed 0",
+                            "baseline Prompting seed 0"}
+    p2a = by_name["policy P2A seed 0"]
+    assert p2a.data.params["preference"] == "P2A" and "heldout.reward_accuracy" in p2a.data.metrics
+    assert len(mlflow.MlflowClient().get_metric_history(p2a.info.run_id, "loss")) == cfg.training.steps
+    assert mlflow.artifacts.list_artifacts(run_id=p2a.info.run_id, artifact_path="adapter")
+    assert by_name["policy P3B seed 0"].info.status == "FAILED"
+    assert by_name["policy P3B seed 0"].data.tags["raypref.failure"] == cause
+    assert "eval.quality" in by_name["baseline SFT seed 0"].data.metrics
+
+    # behaviour: on held-out prompts P2B alone (w=1) is wordier than SFT, P2A alone (w=0) terser
+    sweep = result.sweep["informativeness"]
+    assert sweep["attribute"] == "verbosity" and len(sweep["scores"]) == 3
+    assert sweep["scores"][-1] > result.sft_scores["verbosity"] > sweep["scores"][0], \
+        (sweep["scores"], result.sft_scores["verbosity"])
+
+    # a rerun retrains only the failed run: the finished ones are reused without Ray Train
+    from raypref.data.world import World
+    from raypref.experiments.soups.preferences import simulated_data
+    from raypref.experiments.soups.training import train_policies, training_jobs, training_key
+    from raypref.recipes.sft import train_sft
+
+    cfg.inject_failures = {}
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    jobs = training_jobs(cfg, str(train_sft(cfg.sft)), [simulated_data(cfg, world, cfg.seed)],
+                         str(Path(cfg.output_dir).resolve() / "runs" / training_key(cfg)))
+    outcomes, reused = train_policies(jobs)
+    assert reused == ["P-MORL-s0", "P2A-s0", "P2B-s0", "P3A-s0"]
+    assert outcomes["P3B-s0"].ok and outcomes["P3B-s0"].result.final_step == cfg.training.steps
+    assert outcomes["P2A-s0"].result.metrics[-1]["step"] == cfg.training.steps
 
 
-def test_failed_preferences_drop_out_of_a_soup_by_renormalizing():
-    from raypref.experiments.soups.run import over_trained
+@pytest.mark.slow
+def test_real_data_is_judged_by_the_lm_judge_on_the_prompts_file(tmp_path, sft_cache, ray_local):
+    """The real-data path end to end: a P-Soups file trains the policy, the (tiny) LM judge
+    scores every response by preference name on the user's prompts."""
+    fixture = Path(__file__).parent / "fixtures" / "P1A.json"
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("what is a cell ?\nwhat is a star ?\n")
+    cfg = tiny_config(tmp_path, sft_cache, preferences=["P1A"], combinations=[["P1A"]],
+                      baselines=["sft", "prompting"], psoups_files={"P1A": str(fixture)},
+                      max_quarantine_fraction=0.5, register_models=False)
+    cfg.user_weights = {}
+    cfg.training.steps = 2
+    cfg.eval = ev.EvalConfig(judge_model="tiny", prompts_file=str(prompts), arms=[],
+                             max_new_tokens=8, samples_per_prompt=1, n_boot=50)
+    result = run_soups(cfg)
+    assert result.win_rates["names"] == ["P-Soups", "SFT", "Prompting"]
+    assert set(result.sft_scores) == {"P1A", "quality"}  # the judge's keys, not the world's
+    assert 1.0 <= result.sft_scores["P1A"] <= 5.0
+    report = result.report_path.read_text()
+    assert "LM judge `tiny` in scoring mode" in report and "2 held-out prompts" in report
 
-    assert over_trained({"P1A": 0.5, "P2B": 0.25, "P3A": 0.25}, ["P1A", "P3A"]) == \
-        pytest.approx({"P1A": 2 / 3, "P3A": 1 / 3})
-    assert over_trained({"P1A": 1.0}, ["P2A"]) == {}
+
+def test_a_combination_with_a_failed_preference_is_left_out_whole():
+    kept, excluded = usable_combinations([["P2A", "P3A"], ["P2B", "P3B"]], ["P2A", "P2B", "P3A"])
+    assert kept == [("P2A", "P3A")] and excluded == [("P2B", "P3B")]
 
 
 def test_user_weights_are_validated_before_any_training():
@@ -161,7 +199,7 @@ def test_user_weights_are_validated_before_any_training():
 
 
 def test_training_key_ignores_evaluation_but_not_training():
-    from raypref.experiments.soups.run import training_key
+    from raypref.experiments.soups.training import training_key
 
     base = SoupsConfig()
     other_eval = SoupsConfig()
@@ -177,17 +215,164 @@ def test_real_preference_files_are_validated_and_quarantined(tmp_path):
     line; over the limit the job stops before any training."""
     from raypref.data.quarantine import QuarantineExceeded
     from raypref.data.world import World
-    from raypref.experiments.soups.run import preference_data
+    from raypref.experiments.soups.preferences import file_data
 
     fixture = Path(__file__).parent / "fixtures" / "P1A.json"  # 3 rows, one with a blank response
     cfg = SoupsConfig(output_dir=str(tmp_path), preferences=["P1A"], combinations=[["P1A"]],
                       baselines=["sft"], psoups_files={"P1A": str(fixture)}, max_quarantine_fraction=0.5)
-    data = preference_data(cfg, World(0))
-    train, held_out = data["P1A"]
+    data = file_data(cfg)
+    train, held_out = data.train["P1A"], data.held_out["P1A"]
     assert len(train) + len(held_out) == 2
     entries = [json.loads(line) for line in (tmp_path / "quarantine" / "P1A.jsonl").read_text().splitlines()]
     assert len(entries) == 1 and entries[0]["reason"] == "empty_text"
 
     cfg.max_quarantine_fraction = 0.2  # 1 of 3 rows is bad: over the limit
     with pytest.raises(QuarantineExceeded, match="P1A"):
-        preference_data(cfg, World(0))
+        file_data(cfg)
+
+
+def test_every_arm_labels_the_same_candidates_and_held_out_pairs_use_test_prompts():
+    from raypref.experiments.soups.preferences import simulated_data
+
+    world = World(seed=0)
+    cfg = SoupsConfig(preferences=["P2A", "P2B", "P3A"], combinations=[["P2A", "P3A"], ["P2B", "P3A"]],
+                      pairs_per_preference=30)
+    data = simulated_data(cfg, world, seed=3)
+    p2a, p2b, pmorl = data.train["P2A"], data.train["P2B"], data.pmorl
+    assert len(p2a) == len(p2b) == len(pmorl) == 30
+    for i, (a, b, m) in enumerate(zip(p2a, p2b, pmorl)):
+        assert a.prompt == b.prompt and {a.chosen, a.rejected} == {b.chosen, b.rejected}
+        combo = cfg.combinations[i % 2]
+        assert m.prompt == f"{a.prompt} {world.preference_instruction(combo)}"
+        assert {m.chosen, m.rejected} == {a.chosen, a.rejected} and m.user_text == "+".join(combo)
+    # opposite preferences of one dimension order (almost) every shared pair oppositely
+    opposite = np.mean([a.chosen == b.rejected for a, b in zip(p2a, p2b)])
+    assert opposite > 0.7
+    test_prompts = set(world.prompt_pool("test"))
+    assert data.held_out["P2A"] and all(r.prompt in test_prompts for r in data.held_out["P2A"])
+    assert not test_prompts & {r.prompt for r in p2a}
+    other_seed = simulated_data(cfg, world, seed=4)
+    assert [r.prompt for r in other_seed.train["P2A"]] != [r.prompt for r in p2a]
+
+
+def test_training_jobs_are_separate_runs_per_seed_with_their_own_seed(tmp_path):
+    from raypref.experiments.soups.preferences import simulated_data
+    from raypref.experiments.soups.training import training_jobs
+
+    cfg = SoupsConfig(seed=5, seeds=2, preferences=["P2A", "P2B"], combinations=[["P2A"], ["P2B"]],
+                      pairs_per_preference=8, output_dir=str(tmp_path))
+    world = World(seed=0)
+    data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
+    jobs = training_jobs(cfg, str(tmp_path / "sft"), data, str(tmp_path / "runs"))
+    assert sorted(jobs) == ["P-MORL-s0", "P-MORL-s1", "P2A-s0", "P2A-s1", "P2B-s0", "P2B-s1"]
+    for name, (spec, runner_cfg) in jobs.items():
+        k = int(name[-1])
+        assert runner_cfg.name == name and runner_cfg.seed == spec.seed == 5 + k
+    assert jobs["P2A-s0"][0].pairs != jobs["P2A-s1"][0].pairs
+
+
+def test_cause_line_keeps_the_whole_final_exception():
+    from raypref.train.concurrent import RunOutcome
+    from raypref.experiments.soups.training import cause_line
+
+    long = "x" * 700
+    details = ("Traceback (most recent call last):\n  File \"a.py\", line 1, in f\n    g()\n"
+               "ValueError: inner\n\nThe above exception was the direct cause of the following exception:\n\n"
+               "Traceback (most recent call last):\n  File \"b.py\", line 2, in h\n    raise X\n"
+               f"ray.train.TrainingFailedError: Training failed.\n[Rank 0] worker died: {long}\n")
+    outcome = RunOutcome("P1A-s0", False, 1.0, error="cut"[:500], details=details)
+    assert cause_line(outcome) == f"ray.train.TrainingFailedError: Training failed. | [Rank 0] worker died: {long}"
+    assert cause_line(RunOutcome("x", False, 0.0, error="driver died")) == "driver died"
+
+
+def _rows(values, quality=0.8):
+    return [{"verbosity": v, "quality": quality} for v in values]
+
+
+def test_compare_pools_seeds_with_intervals_tables_and_quality_lines():
+    from raypref.experiments.soups.compare import compare
+
+    table = {"P2B": ("verbosity", 1)}
+    combo = ("P2B",)
+    rng = np.random.default_rng(0)
+    per_seed = []
+    for k in range(2):
+        sft = rng.uniform(0.2, 0.4, 10)
+        per_seed.append({"P-Soups": {combo: _rows(sft + 0.3, quality=0.5)},
+                         "SFT": {combo: _rows(sft)},
+                         "Prompting": {combo: _rows(sft + 0.3 + rng.normal(0, 0.2, 10))}})
+    sft_rows = [m["SFT"][combo] for m in per_seed]
+    c = compare(per_seed, sft_rows, table, n_prompts=5, samples_per_prompt=2, tol=0.05,
+                margin=0.1, n_boot=300)
+    soups_vs_sft = c.intervals[("P-Soups", "SFT")]
+    assert soups_vs_sft.estimate == 1.0 and soups_vs_sft.wins == 20
+    prompting = c.intervals[("P-Soups", "Prompting")]
+    assert prompting.low <= prompting.estimate <= prompting.high and prompting.low < prompting.high
+    assert c.averages["P-Soups"] == pytest.approx(np.mean([1.0, prompting.estimate]))
+    assert [r.battle for r in c.wlt] == ["P-Soups vs SFT", "P-Soups vs Prompting"]
+    assert c.wlt[0].cells == {"B": (20, 0, 0)}
+    assert c.criteria["SFT"] == {"P2B": 1.0}
+    assert c.quality["P-Soups"] == pytest.approx(0.5) and c.quality["SFT"] == pytest.approx(0.8)
+    assert c.quality_vs_sft["P-Soups"] == 0.0
+    assert len(c.quality_lines) == 1 and c.quality_lines[0].startswith("P-Soups: quality 0.500")
+
+
+def test_a_sweep_is_monotone_only_if_quality_holds_along_it():
+    from raypref.experiments.soups.compare import sweep_over_seeds
+
+    def seed(scores, quality):
+        return {"style": {"attribute": "style", "raised_by": "P3A", "lowered_by": "P3B",
+                          "weights": [0, 0.5, 1], "scores": scores, "quality": quality}}
+    holds = sweep_over_seeds([seed([0.1, 0.2, 0.3], [0.8, 0.8, 0.78]),
+                              seed([0.1, 0.25, 0.4], [0.8, 0.79, 0.8])], 0.8, 0.05)["style"]
+    assert holds["monotonic"] and holds["scores"] == pytest.approx([0.1, 0.225, 0.35])
+    degenerate = sweep_over_seeds([seed([0.1, 0.2, 0.3], [0.8, 0.7, 0.5])], 0.8, 0.05)["style"]
+    assert degenerate["rises"] and not degenerate["quality_holds"] and not degenerate["monotonic"]
+
+
+def test_scorers_add_quality_and_the_lm_judge_scores_by_preference_name():
+    world = World(seed=0)
+    prompt = world.prompts(1, split="test")[0]
+    text = world.sample_response(prompt, np.random.default_rng(0)).text
+    world_scores = ev.make_scorer(ev.EvalConfig(), world, ["P2A"]).score([text], [prompt])[0]
+    assert world_scores["quality"] == world.quality(text, prompt) and "verbosity" in world_scores
+
+    judge = ev.make_scorer(ev.EvalConfig(judge_model="tiny"), world, ["P2A", "P3B"])
+    assert isinstance(judge, ev.JudgeScorer) and judge.texts["P2A"] == psoup_instruction("P2A")
+    rows = judge.score([text, text + " more words"], [prompt, prompt])
+    assert [sorted(r) for r in rows] == [["P2A", "P3B", "quality"]] * 2
+    for row in rows:
+        assert 1.0 <= row["P2A"] <= 5.0 and 0.0 <= row["quality"] <= 1.0
+    assert judge.table(["P2A"]) == {"P2A": ("P2A", 1)} and judge.sweep_key("P2B") == "P2B"
+
+
+def psoup_instruction(name):
+    return psoups_profile(name).instruction
+
+
+def test_the_7b_config_is_judged_by_a_real_lm_on_a_shared_prompts_file():
+    from raypref.config import from_dict, load_yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = from_dict(SoupsConfig, load_yaml(repo / "configs" / "soups-7b-8gpu.yaml"))
+    cfg.validate()
+    assert cfg.eval.judge_model not in ("", "tiny")
+    assert cfg.eval.prompts_file.startswith("/mnt/shared/")
+    cfg.eval.judge_model = ""
+    with pytest.raises(ValueError, match="eval.judge_model"):
+        cfg.validate()
+
+
+def test_arm_names_become_mlflow_metric_names():
+    from raypref.experiments.soups.compare import Comparison
+    from raypref.experiments.soups.run import _log_summary_metrics, metric_name
+    from raypref.eval.intervals import Interval
+
+    assert metric_name("P-Soups+instr") == "P-Soups_instr"
+    assert metric_name("P-Soups (A/B avg)") == "P-Soups_A_B_avg"
+    c = Comparison(quality={"SFT": 0.8, "P-Soups (A/B avg)": 0.7},
+                   intervals={("P-Soups", "P-Soups+instr"): Interval(0.6, 0.5, 0.7, 0.95, 6, 4, 0)})
+    with mlflow.start_run() as run:
+        _log_summary_metrics(c, {})
+    metrics = mlflow.get_run(run.info.run_id).data.metrics
+    assert metrics["quality.P-Soups_A_B_avg"] == 0.7 and metrics["win_rate.P-Soups_instr.low"] == 0.5

@@ -4,12 +4,12 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raypref.data.users import psoups_combinations, psoups_profiles
+from raypref.experiments.soups.evaluate import EvalConfig
 from raypref.models.merge import METHODS as MERGE_METHODS
 from raypref.recipes import RECIPES
 from raypref.recipes.dpo import DPOConfig
 from raypref.recipes.sft import SFTConfig
 from raypref.train.runner import Resources
-from raypref.experiments.soups.evaluate import EvalConfig
 
 BASELINES = ("sft", "prompting", "pmorl")
 
@@ -32,6 +32,9 @@ class SoupsConfig:
     # path or a URI (s3://bucket/prefix, gs://...) on a cluster, reachable from every node
     storage_path: str = ""
     seed: int = 0
+    # training seeds: seed s (0..seeds-1) uses seed + s for its pairs, LoRA init and sampling;
+    # its runs are named <preference>-s<s>; win rates carry bootstrap intervals over seeds
+    seeds: int = 1
     algo: str = "dpo"
     preferences: list[str] = field(default_factory=lambda: [p.name for p in psoups_profiles()])
     # soups to build and compare; default: the 8 combinations of 002 Table 4 (uniform weights)
@@ -74,6 +77,15 @@ class SoupsConfig:
         if not 0.0 < self.merge_density <= 1.0:
             raise ValueError(f"merge_density={self.merge_density}: must be in (0, 1]")
         self.eval.validate()
+        if self.seeds < 1:
+            raise ValueError(f"seeds={self.seeds}: must be >= 1")
+        if (self.psoups_files or self.base_policy) and not self.eval.judge_model:
+            raise ValueError("eval.judge_model: with real data (psoups_files or base_policy) the "
+                             "simulated world's judges cannot score the policies; name a judge "
+                             "LM (a Hugging Face id or folder, or 'tiny' for a smoke test)")
+        if self.base_policy and not self.eval.prompts_file:
+            raise ValueError("eval.prompts_file: a Hugging Face base_policy needs real "
+                             "evaluation prompts (.txt or .jsonl), not the world's word lists")
         if not self.preferences:
             raise ValueError("preferences: at least one preference is needed")
         unknown = sorted(set(self.preferences) - known)

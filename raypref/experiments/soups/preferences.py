@@ -1,62 +1,90 @@
-"""Preferences as judges see them, and the Prompted-MORL training pairs (seed 002 §2.2).
+"""Each training seed's preference pairs, from one labelling path for every arm (seed 002 §2).
 
-A P-Soups preference reads one judge attribute in one direction (P2A: less verbosity is
-better). Its *reward* of a text is that judge score, signed and put on a common 0..1 scale so
-that the rewards of different preferences can be averaged, as P-MORL does.
+Simulated world: one set of candidate pairs per seed (train-split prompts) and one of
+held-out pairs (test-split prompts); each P-Soups preference labels the same candidates, and
+P-MORL labels them too, pair i by combination i % k with its instruction in the prompt. The
+arms differ only in who labels. Real data: each preference's P-Soups file, validated.
 """
 from __future__ import annotations
 
-import numpy as np
+from dataclasses import dataclass, field
+from pathlib import Path
 
+from raypref.data.labelling import (
+    LabelStats,
+    candidate_pairs,
+    combination_labelled_pairs,
+    label_pairs,
+    preference_labeller,
+)
+from raypref.data.loaders import load_validated
 from raypref.data.records import PreferenceRecord
-from raypref.data.users import psoups_profile
+from raypref.data.users import psoups_profile, psoups_profiles
 
-# Judge score ranges, to put attributes on one 0..1 scale before averaging rewards.
-_ATTRIBUTE_RANGE = {"style": (-1.0, 1.0)}
+
+@dataclass
+class SeedData:
+    """The pairs of one training seed."""
+    train: dict[str, list[PreferenceRecord]]
+    held_out: dict[str, list[PreferenceRecord]]
+    pmorl: list[PreferenceRecord] | None = None
+    stats: dict[str, LabelStats] = field(default_factory=dict)
 
 
 def preference_table(names: list[str]) -> dict[str, tuple[str, int]]:
-    """{preference: (judge attribute, +1 / -1)} for the win-rate code."""
-    table = {}
-    for name in names:
-        profile = psoups_profile(name)
-        table[name] = (profile.attribute, int(profile.direction))
-    return table
+    """{preference: (world judge attribute, +1 / -1)} for the win-rate code."""
+    return {name: (psoups_profile(name).attribute, int(psoups_profile(name).direction))
+            for name in names}
 
 
-def preference_reward(name: str, scores: dict[str, float]) -> float:
-    """The 0..1 reward preference ``name`` gives a text with judge ``scores``."""
-    profile = psoups_profile(name)
-    lo, hi = _ATTRIBUTE_RANGE.get(profile.attribute, (0.0, 1.0))
-    unit = (scores[profile.attribute] - lo) / (hi - lo)
-    return unit if profile.direction > 0 else 1.0 - unit
+def _user_id(name: str) -> int:
+    """A preference's user id, stable whatever subset of preferences a config trains."""
+    return 1 + [p.name for p in psoups_profiles(extended=True)].index(name)
 
 
-def pmorl_pairs(world, combinations: list[list[str]], n: int, rng: np.random.Generator,
-                min_margin: float = 0.05) -> list[PreferenceRecord]:
-    """P-MORL pairs: the combination written in the prompt; the chosen response is the one
-    with the higher *mean* of the combination's per-preference rewards (002 §2.2)."""
-    records: list[PreferenceRecord] = []
-    prompts = world.prompts(max(n, 1), split="train")
-    attempts = 0
-    while len(records) < n:
-        attempts += 1
-        if attempts > 20 * n + 100:
-            raise RuntimeError(f"pmorl_pairs: only {len(records)} of {n} pairs cleared the "
-                               f"margin {min_margin} after {attempts} attempts")
-        combo = combinations[int(rng.integers(len(combinations)))]
-        prompt = prompts[int(rng.integers(len(prompts)))]
-        first, second = world.candidates(prompt, 2, rng)
-        rewards = []
-        for response in (first, second):
-            scores = world.judge(response.text, prompt)
-            rewards.append(float(np.mean([preference_reward(p, scores) for p in combo])))
-        if abs(rewards[0] - rewards[1]) < min_margin:
-            continue  # a near-tie teaches nothing and is mostly judge noise
-        chosen, rejected = (first, second) if rewards[0] > rewards[1] else (second, first)
-        records.append(PreferenceRecord(
-            prompt=f"{prompt} {world.preference_instruction(combo)}",
-            chosen=chosen.text, rejected=rejected.text, user_text="+".join(combo),
-            chosen_scores=dict(chosen.latent), rejected_scores=dict(rejected.latent),
-            source="pmorl"))
-    return records
+def simulated_data(cfg, world, seed: int) -> SeedData:
+    """Pairs of every preference (and P-MORL) of one seed from the same candidates."""
+    n = cfg.pairs_per_preference
+    train_pairs = candidate_pairs(world, n, [seed, 0])
+    held_pairs = candidate_pairs(world, max(1, n // 10), [seed, 1], split="test")
+    data = SeedData({}, {})
+    for name in cfg.preferences:
+        labeller = preference_labeller([name])
+        kwargs = dict(user_id=_user_id(name), user_text=psoups_profile(name).instruction,
+                      source=f"world:psoups:{name}")
+        data.stats[name] = LabelStats()
+        data.train[name] = label_pairs(world, train_pairs, labeller, [seed, 0],
+                                       stats=data.stats[name], **kwargs)
+        data.held_out[name] = label_pairs(world, held_pairs, labeller, [seed, 1], **kwargs)
+    if "pmorl" in cfg.baselines:
+        data.stats["P-MORL"] = LabelStats()
+        data.pmorl = combination_labelled_pairs(world, train_pairs, cfg.combinations, [seed, 0],
+                                                stats=data.stats["P-MORL"])
+    return data
+
+
+def file_data(cfg, log=print) -> SeedData:
+    """Pairs of every preference from its P-Soups file: every row validated, bad rows
+    quarantined with file and line, too many stop the job; the last 10% are held out."""
+    data = SeedData({}, {})
+    for name in cfg.preferences:
+        if name not in cfg.psoups_files:
+            raise ValueError(f"psoups_files has no file for preference {name!r}; "
+                             f"it has {sorted(cfg.psoups_files)}")
+        records, summary = load_validated(
+            cfg.psoups_files[name], schema="psoups", preference=name,
+            quarantine_path=Path(cfg.output_dir).resolve() / "quarantine" / f"{name}.jsonl",
+            max_quarantine_fraction=cfg.max_quarantine_fraction)
+        log(f"    {name}: {summary['rows_valid']}/{summary['rows_total']} rows valid, "
+            f"{summary['rows_quarantined']} quarantined {summary['by_reason']} -> {summary['path']}")
+        if len(records) < 2:
+            raise ValueError(f"psoups_files.{name}={cfg.psoups_files[name]}: {len(records)} valid "
+                             "pairs, at least 2 are needed (train + held-out)")
+        cut = max(1, len(records) // 10)
+        data.train[name], data.held_out[name] = records[:-cut], records[-cut:]
+    return data
+
+
+def preference_data(cfg, world, seed: int, log=print) -> SeedData:
+    """One seed's pairs: from the P-Soups files when the config names them, else simulated."""
+    return file_data(cfg, log) if cfg.psoups_files else simulated_data(cfg, world, seed)

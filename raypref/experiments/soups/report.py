@@ -7,8 +7,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+
+from raypref.eval.tables import wlt_markdown
 
 
 def plot_sweep(sweep: dict, path: Path) -> Path:
@@ -45,74 +47,126 @@ def plot_win_rates(names: list[str], rates: np.ndarray, path: Path) -> Path:
     return path
 
 
-def write_report(out: Path, *, cfg, sweep: dict, win_names: list[str], win_rates: np.ndarray,
-                 win_details: dict, accuracy: dict, failed: dict[str, str],
-                 registered: list[str], timings: dict[str, float],
+def _pct(x) -> str:
+    return "n/a" if x is None else f"{100 * x:.1f}%"
+
+
+def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict],
+                 failed: dict[str, str], excluded: list, reused: list[str],
+                 registered: list[str], n_prompts: int, timings: dict[str, float],
                  samples: dict[str, list[str]]) -> Path:
     """Write report.md + plots + results.json; return the report path."""
     folder = Path(out) / "report"
     folder.mkdir(parents=True, exist_ok=True)
+    c = comparison
+    judge = (f"LM judge `{cfg.eval.judge_model}` in scoring mode" if cfg.eval.judge_model
+             else "the simulated world's judges")
     lines = ["# Personalized Soups report", ""]
     lines += [f"Method: seed 002 (P-Soups), per-preference trainer `{cfg.algo}`, merge "
               f"`{cfg.merge_method}`; {len(cfg.preferences)} preferences, "
-              f"{len(cfg.combinations)} combinations, {cfg.eval.n_prompts} held-out prompts × "
-              f"{cfg.eval.samples_per_prompt} samples.",
+              f"{len(cfg.combinations)} combinations, {cfg.seeds} training seed(s), "
+              f"{n_prompts} held-out prompts × {cfg.eval.samples_per_prompt} samples, "
+              f"judged by {judge}.",
               f"Training (all policies at once): {timings['train_seconds']:.0f} s; "
               f"whole job: {timings['total_seconds']:.0f} s.", ""]
-    if cfg.psoups_files:
-        lines += ["**Caution:** the policies were trained on real P-Soups files, but the prompts "
-                  "and judges below are the simulated world's; treat the scores as a smoke check, "
-                  "not a result.", ""]
-    if failed:
-        lines += ["## Failed runs (merged and evaluated without them)", ""]
-        lines += [f"- **{name}**: {error}" for name, error in failed.items()] + [""]
+    if cfg.eval.judge_model == "tiny":
+        lines += ["**Caution:** the tiny judge is an untrained model: its scores check the "
+                  "machinery, they are not a result.", ""]
+    if reused:
+        lines += [f"Reused finished runs (not retrained): {', '.join(reused)}.", ""]
+    if failed or excluded:
+        lines += ["## Failed runs and the combinations left out", ""]
+        lines += [f"- **{name}**: {cause}" for name, cause in failed.items()]
+        lines += ["", "Left out of every win rate and table (a soup without one of its "
+                  "preferences is not that combination): "
+                  + (", ".join("+".join(combo) for combo in excluded) or "none") + "."
+                  + (" P-MORL is left out too (a seed of it failed)."
+                     if any(n.startswith("P-MORL-") for n in failed) else ""),
+                  "A rerun with the same config retrains only the failed runs.", ""]
+
+    lines += ["## General quality (002 Fig. 2)", "",
+              "Mean quality judge score per arm (0..1) and its quality win rate over SFT.", "",
+              "| arm | mean quality | quality win rate vs SFT |", "|---|---|---|"]
+    lines += [f"| {name} | {q:.3f} | {_pct(c.quality_vs_sft.get(name))} |"
+              for name, q in c.quality.items()]
+    lines += [""] + ([f"- **quality drop**: {line}" for line in c.quality_lines] or
+                     [f"No arm falls below SFT's quality by more than {cfg.eval.quality_margin:g}."])
+    lines += [""]
 
     lines += ["## Merge weight vs judged attribute", "",
               "Each dimension's share moves from the preference lowering its attribute (0) to "
-              "the one raising it (1); the other dimensions stay at 50/50.", "",
+              "the one raising it (1); the other dimensions stay at 50/50. Means over seeds. "
+              "Monotone = the attribute rises at every step AND quality stays within "
+              f"{cfg.eval.quality_margin:g} of SFT's ({c.quality['SFT']:.3f}).", "",
               "| dimension | attribute | " + " | ".join(f"w={w:g}" for w in cfg.eval.weight_grid)
-              + " | monotonic |",
-              "|---|---|" + "---|" * (len(cfg.eval.weight_grid) + 1)]
+              + " | quality along the sweep | rises | quality holds | monotone |",
+              "|---|---|" + "---|" * (len(cfg.eval.weight_grid) + 4)]
     for dim, row in sweep.items():
         lines.append(f"| {dim} | {row['attribute']} | "
                      + " | ".join(f"{v:.3f}" for v in row["scores"])
+                     + " | " + ", ".join(f"{q:.3f}" for q in row["quality"])
+                     + f" | {'yes' if row['rises'] else 'no'} | {'yes' if row['quality_holds'] else 'no'}"
                      + f" | {'yes' if row['monotonic'] else 'NO'} |")
     if sweep:
         plot_sweep(sweep, folder / "sweep.png")
         lines += ["", "![weight sweep](sweep.png)", ""]
 
-    lines += ["## Aggregated win rates (002 §E.1, ties excluded)", "",
-              "| row vs column | " + " | ".join(win_names) + " |",
-              "|---|" + "---|" * len(win_names)]
-    for i, row_name in enumerate(win_names):
-        cells = []
-        for j, col_name in enumerate(win_names):
-            if i == j:
-                cells.append("–")
-                continue
-            d = win_details[(row_name, col_name)]
-            rate = "n/a" if d.rate is None else f"{100 * d.rate:.1f}%"
-            cells.append(f"{rate} ({d.wins}/{d.losses}/{d.ties})")
-        lines.append(f"| {row_name} | " + " | ".join(cells) + " |")
-    lines += ["", "Cells: win rate (wins/losses/ties).", ""]
-    plot_win_rates(win_names, win_rates, folder / "win_rates.png")
-    lines += ["![win rates](win_rates.png)", ""]
+    if c.names:
+        lines += ["## Aggregated win rates (002 §E.1, ties excluded)", "",
+                  "Cells: win rate of the row over the column in % with its bootstrap "
+                  f"{100 * next(iter(c.intervals.values())).level:.0f}% interval over prompts "
+                  "and seeds, then wins/losses/ties; Avg.: the row's mean win rate over the "
+                  "other columns (002 Table 2).", "",
+                  "| row vs column | " + " | ".join(c.names) + " | Avg. |",
+                  "|---|" + "---|" * (len(c.names) + 1)]
+        for row_name in c.names:
+            cells = []
+            for col_name in c.names:
+                if row_name == col_name:
+                    cells.append("–")
+                    continue
+                i = c.intervals[(row_name, col_name)]
+                cells.append(f"{i.text()} ({i.wins}/{i.losses}/{i.ties})")
+            lines.append(f"| {row_name} | " + " | ".join(cells) + f" | {_pct(c.averages[row_name])} |")
+        plot_win_rates(c.names, c.rates, folder / "win_rates.png")
+        lines += ["", "![win rates](win_rates.png)", ""]
+        if c.wlt:
+            lines += ["## P-Soups per combination (002 Table 6: W/L/T)", "", wlt_markdown(c.wlt), ""]
+        if c.criteria:
+            prefs = sorted({p for rates in c.criteria.values() for p in rates})
+            lines += ["## Criteria-wise win rate of P-Soups (002 §E.3)", "",
+                      "Per preference: the mean, over the combinations containing it, of "
+                      "P-Soups' win rate on that preference's criterion alone.", "",
+                      "| P-Soups vs | " + " | ".join(prefs) + " |", "|---|" + "---|" * len(prefs)]
+            lines += [f"| {name} | " + " | ".join(_pct(rates.get(p)) for p in prefs) + " |"
+                      for name, rates in c.criteria.items()]
+            lines += [""]
+    else:
+        lines += ["## Aggregated win rates", "", "No combination was left to compare.", ""]
 
     lines += ["## Held-out implicit-reward accuracy per preference", "",
-              "| preference | accuracy | mean margin |", "|---|---|---|"]
-    lines += [f"| {k} | {v['reward_accuracy']:.3f} | {v['reward_margin']:.3f} |"
-              for k, v in accuracy.items()]
-    lines += ["", "## Merged models", ""]
+              "| preference | accuracy (mean over seeds) | per seed | mean margin |", "|---|---|---|---|"]
+    for pref in accuracy[0] if accuracy else []:
+        accs = [a[pref]["reward_accuracy"] for a in accuracy]
+        margins = [a[pref]["reward_margin"] for a in accuracy]
+        lines.append(f"| {pref} | {np.mean(accs):.3f} | {', '.join(f'{x:.3f}' for x in accs)} "
+                     f"| {np.mean(margins):.3f} |")
+    lines += ["", "## Merged models (seed 0)", ""]
     registry = " and registered in the MLflow model registry" if cfg.register_models else ""
     lines += [f"- `{name}`: safetensors in `merged/{name}`{registry}" for name in registered]
-    lines += ["", "## Sample generations", ""]
+    lines += ["", "## Sample generations (seed 0)", ""]
     for name, texts in samples.items():
         lines.append(f"**{name}**")
         lines += [f"> {t}" for t in texts] + [""]
     path = folder / "report.md"
     path.write_text("\n".join(lines) + "\n")
     (folder / "results.json").write_text(json.dumps({
-        "sweep": sweep, "win_rates": {"names": win_names, "rates": np.where(
-            np.isnan(win_rates), None, win_rates).tolist()},
-        "accuracy": accuracy, "failed": failed, "timings": timings}, indent=2, default=str))
+        "sweep": sweep,
+        "win_rates": {f"{a} vs {b}": {"estimate": i.estimate, "low": i.low, "high": i.high,
+                                      "wins": i.wins, "losses": i.losses, "ties": i.ties}
+                      for (a, b), i in c.intervals.items()},
+        "average_win_rates": c.averages, "criteria": c.criteria, "quality": c.quality,
+        "quality_vs_sft": c.quality_vs_sft, "quality_drops": c.quality_lines,
+        "accuracy": accuracy, "failed": failed, "excluded": ["+".join(x) for x in excluded],
+        "reused": reused, "timings": timings}, indent=2, default=str))
     return path

@@ -1,0 +1,91 @@
+"""From judged scores of every seed to the numbers of the report (pure: no models, no files).
+
+Win rates pooled over seeds with bootstrap intervals over prompts and seeds (002 Table 2 with
+intervals), each method's average win rate, the per-combination W/L/T table of P-Soups against
+every other arm (002 Table 6), the criteria-wise win rate (002 §E.3), mean general quality per
+arm against SFT's (002 Fig. 2), and the weight sweep averaged over seeds with its quality.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from raypref.eval.intervals import Interval, prompt_groups, win_rate_intervals
+from raypref.eval.quality import quality_drops, quality_holds, quality_win_rate
+from raypref.eval.tables import (
+    WLTRow,
+    average_win_rates,
+    concat_seeds,
+    criteria_win_rates,
+    wlt_rows,
+)
+from raypref.eval.winrate import WinRate, win_rate_matrix
+from raypref.experiments.soups.evaluate import is_monotonic
+
+SOUPS = "P-Soups"
+
+
+@dataclass
+class Comparison:
+    names: list[str] = field(default_factory=list)
+    rates: np.ndarray = field(default_factory=lambda: np.zeros((0, 0)))
+    details: dict[tuple[str, str], WinRate] = field(default_factory=dict)
+    intervals: dict[tuple[str, str], Interval] = field(default_factory=dict)
+    averages: dict[str, float | None] = field(default_factory=dict)
+    wlt: list[WLTRow] = field(default_factory=list)
+    criteria: dict[str, dict[str, float | None]] = field(default_factory=dict)
+    quality: dict[str, float] = field(default_factory=dict)          # mean per arm (+ "SFT")
+    quality_vs_sft: dict[str, float | None] = field(default_factory=dict)  # quality win rate
+    quality_lines: list[str] = field(default_factory=list)
+
+
+def compare(methods_per_seed: list[dict], sft_per_seed: list[list[dict]], table: dict,
+            n_prompts: int, samples_per_prompt: int, *, tol: float, margin: float,
+            n_boot: int = 2000, seed: int = 0) -> Comparison:
+    """``methods_per_seed[k]``: {method: {combination: scores per row}} of seed k (every seed
+    the same methods and combinations); ``sft_per_seed[k]``: SFT's scores of seed k on the bare
+    prompts, the quality reference whether or not SFT is an arm."""
+    out = Comparison()
+    sft_rows = [row for rows in sft_per_seed for row in rows]
+    out.quality["SFT"] = float(np.mean([r["quality"] for r in sft_rows]))
+    if not methods_per_seed or not methods_per_seed[0] or \
+            not next(iter(methods_per_seed[0].values())):
+        return out  # no combination left to compare (every one had a failed preference)
+    names = list(methods_per_seed[0])
+    pooled = {name: concat_seeds([m[name] for m in methods_per_seed]) for name in names}
+    out.names, out.rates, out.details = win_rate_matrix(pooled, table, tol)
+    out.intervals = win_rate_intervals(
+        methods_per_seed, table, prompt_groups(n_prompts, samples_per_prompt), tol=tol,
+        n_boot=n_boot, seed=seed)
+    out.averages = average_win_rates(out.names, out.rates)
+    others = [n for n in names if n != SOUPS]
+    if SOUPS in names:
+        out.wlt = wlt_rows(out.details, [(SOUPS, n) for n in others])
+        out.criteria = {n: criteria_win_rates(pooled[SOUPS], pooled[n], table, tol)
+                        for n in others if not n.startswith(SOUPS)}
+    sft_by_combo = {c: [row for rows in sft_per_seed for row in rows] for c in pooled[names[0]]}
+    for name in names:
+        out.quality[name] = float(np.mean([r["quality"] for rows in pooled[name].values()
+                                           for r in rows]))
+        if name != "SFT":
+            out.quality_vs_sft[name] = quality_win_rate(pooled[name], sft_by_combo, tol).rate
+    out.quality_lines = quality_drops(out.quality, "SFT", margin)
+    return out
+
+
+def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float) -> dict:
+    """The weight sweep of every dimension averaged over seeds; "monotonic" only when the
+    attribute rises strictly with the weight AND quality holds along it (within ``margin``
+    of SFT's)."""
+    out = {}
+    for dim, first in per_seed[0].items():
+        scores = np.mean([s[dim]["scores"] for s in per_seed], axis=0).tolist()
+        quality = np.mean([s[dim]["quality"] for s in per_seed], axis=0).tolist()
+        rises = is_monotonic(scores, increasing=True)
+        holds = quality_holds(quality, sft_quality, margin)
+        out[dim] = {**{k: first[k] for k in ("attribute", "raised_by", "lowered_by", "weights")},
+                    "scores": scores, "quality": quality, "rises": rises,
+                    "quality_holds": holds, "monotonic": rises and holds,
+                    "per_seed": [s[dim]["scores"] for s in per_seed]}
+    return out

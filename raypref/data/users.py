@@ -155,3 +155,9 @@ def psoups_combinations(extended: bool = False) -> list[list[str]]:
     ``extended``: the 16 of 002 §B.2 (style also C = sassy, D = sarcastic)."""
     styles = "ABCD" if extended else "AB"
     return [[f"P1{a}", f"P2{b}", f"P3{c}"] for a in "AB" for b in "AB" for c in styles]
+
+
+def preference_table(names: list[str]) -> dict[str, tuple[str, int]]:
+    """{preference: (world judge attribute, +1 / -1)} for the win-rate code."""
+    return {name: (psoups_profile(name).attribute, int(psoups_profile(name).direction))
+            for name in names}

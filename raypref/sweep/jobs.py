@@ -228,7 +228,7 @@ def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir
     from ray import tune
 
     from raypref.data.world import World
-    from raypref.experiments.soups.evaluate import EvalConfig, judged_generations, with_weights
+    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations, with_weights
     from raypref.models.factory import load_pretrained
     from raypref.models.merge import LoraAdapter, merge
 
@@ -240,11 +240,11 @@ def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir
     model = with_weights(base, state)
     world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
     prompts = world.prompts(cfg.n_prompts, split="test")
-    eval_cfg = EvalConfig(samples_per_prompt=1, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
+    eval_cfg = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     rewards: list[float] = []
     for start in range(0, len(prompts), cfg.report_every):
         chunk = prompts[start:start + cfg.report_every]
-        _, scores = judged_generations(world, model, tokenizer, chunk, replace(eval_cfg, seed=cfg.seed + start))
+        _, scores = judged_generations(WorldScorer(world), model, tokenizer, chunk, replace(eval_cfg, seed=cfg.seed + start))
         rewards += [target_score(cfg.target, s) for s in scores]
         tune.report({"prompts": len(rewards), "user_score": float(np.mean(rewards))})
 

@@ -5,20 +5,16 @@ plain numbers, so the report and the tests can use it the same way.
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
 
 from raypref.data.users import psoups_profile
-from raypref.models.factory import generate
+from raypref.eval.generation import (JudgeScorer, Scores, WorldScorer, judged_generations,  # noqa: F401
+                                     mean_scores, with_weights)
 
-Scores = dict[str, float]
 # extra P-Soups arms -> the name they carry in the tables
 SOUP_ARMS = {"instructed": "P-Soups+instr", "ab_avg": "P-Soups (A/B avg)"}
-QUALITY_TEXT = ("Generate/Choose a response that answers the question correctly, stays on "
-                "topic and is well written, without repetition.")
 
 
 @dataclass
@@ -62,65 +58,6 @@ class EvalConfig:
                 raise ValueError(f"eval.{name}={getattr(self, name)!r}: {rule}")
 
 
-def with_weights(template: torch.nn.Module, state: dict[str, torch.Tensor]) -> torch.nn.Module:
-    """A copy of ``template`` holding ``state`` (every key must match)."""
-    model = copy.deepcopy(template)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # GPT-2 ties lm_head to the input embedding: a state dict may carry either name.
-    missing = [k for k in missing if k != "lm_head.weight"]
-    if missing or unexpected:
-        raise ValueError(f"merged state does not fit the model: missing {missing[:3]}, "
-                         f"unexpected {unexpected[:3]}")
-    return model.eval()
-
-
-class WorldScorer:
-    """The simulated world's attribute judges, plus its general-quality judge."""
-
-    def __init__(self, world):
-        self.world = world
-
-    def table(self, preferences: list[str]) -> dict[str, tuple[str, int]]:
-        from raypref.experiments.soups.preferences import preference_table
-        return preference_table(preferences)
-
-    def sweep_key(self, preference: str) -> str:
-        """The score a dimension's sweep reads: the attribute its raising preference raises."""
-        return psoups_profile(preference).attribute
-
-    def score(self, texts: list[str], prompts: list[str]) -> list[Scores]:
-        return [{**self.world.judge(t, p), "quality": self.world.quality(t, p)}
-                for t, p in zip(texts, prompts)]
-
-
-class JudgeScorer:
-    """A causal LM judge in scoring mode: each response rated alone against each preference's
-    text (key: the preference name, 1..5) and against a general-quality text (key "quality",
-    put on 0..1 like the world's quality)."""
-
-    def __init__(self, judge, preference_texts: dict[str, str]):
-        self.judge, self.texts = judge, dict(preference_texts)
-
-    def table(self, preferences: list[str]) -> dict[str, tuple[str, int]]:
-        from raypref.eval.llm_judge import preference_table
-        return preference_table(preferences)
-
-    def sweep_key(self, preference: str) -> str:
-        return preference
-
-    def score(self, texts: list[str], prompts: list[str]) -> list[Scores]:
-        keys = list(self.texts) + ["quality"]
-        questions = {**self.texts, "quality": QUALITY_TEXT}
-        items = [(questions[k], p, t) for t, p in zip(texts, prompts) for k in keys]
-        ratings = self.judge.rate(items)
-        out = []
-        for i in range(len(texts)):
-            row = dict(zip(keys, ratings[i * len(keys):(i + 1) * len(keys)]))
-            row["quality"] = (row["quality"] - 1.0) / 4.0
-            out.append(row)
-        return out
-
-
 def make_scorer(cfg: EvalConfig, world, preferences: list[str]):
     """The world's judges, or the LM judge of ``cfg.judge_model`` over ``preferences``
     (Table-4 texts for a real judge, word-level ones the tiny judge's vocabulary knows)."""
@@ -150,30 +87,6 @@ def instruction_text(world, combo, hf_base: bool) -> str:
     if hf_base:
         return " ".join(psoups_profile(n).prompt for n in combo)
     return world.preference_instruction(list(combo))
-
-
-def judged_generations(scorer, model, tokenizer, prompts: list[str], cfg: EvalConfig,
-                       instruction: str | None = None) -> tuple[list[str], list[Scores]]:
-    """Generate ``samples_per_prompt`` responses per prompt (the instruction, if any, written
-    after the prompt) and score each on the *bare* prompt.
-
-    Every method sees the same prompts and seeds, so comparisons between methods are paired.
-    Returns texts and scores in the order prompt 0..n-1 for sample 0, then for sample 1, ...
-    """
-    texts: list[str] = []
-    shown = [f"{p} {instruction}" if instruction else p for p in prompts]
-    for sample in range(cfg.samples_per_prompt):
-        for start in range(0, len(shown), cfg.batch_size):
-            texts += generate(model, tokenizer, shown[start:start + cfg.batch_size],
-                              max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
-                              temperature=cfg.temperature,
-                              seed=cfg.seed + 100_003 * sample + start)
-    return texts, scorer.score(texts, list(prompts) * cfg.samples_per_prompt)
-
-
-def mean_scores(scores: list[Scores]) -> Scores:
-    keys = scores[0].keys() if scores else []
-    return {k: float(np.mean([s[k] for s in scores])) for k in keys}
 
 
 # ---------------------------------------------------------------- merge-weight sweeps

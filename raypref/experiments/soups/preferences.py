@@ -19,7 +19,7 @@ from raypref.data.labelling import (
 )
 from raypref.data.loaders import load_validated
 from raypref.data.records import PreferenceRecord
-from raypref.data.users import psoups_profile, psoups_profiles
+from raypref.data.users import preference_table, psoups_profile, psoups_profiles  # noqa: F401
 
 
 @dataclass
@@ -29,12 +29,6 @@ class SeedData:
     held_out: dict[str, list[PreferenceRecord]]
     pmorl: list[PreferenceRecord] | None = None
     stats: dict[str, LabelStats] = field(default_factory=dict)
-
-
-def preference_table(names: list[str]) -> dict[str, tuple[str, int]]:
-    """{preference: (world judge attribute, +1 / -1)} for the win-rate code."""
-    return {name: (psoups_profile(name).attribute, int(psoups_profile(name).direction))
-            for name in names}
 
 
 def _user_id(name: str) -> int:

@@ -41,7 +41,7 @@ from raypref.experiments.soups.training import (
     training_key,
 )
 from raypref.models.factory import load_pretrained, save_pretrained_safetensors
-from raypref.models.merge import LoraAdapter, merge
+from raypref.models.merge import LoraAdapter, soup_model
 from raypref.recipes.sft import train_sft
 from raypref.train import storage
 
@@ -106,16 +106,14 @@ class Souper:
         self.cfg = cfg
         self.base_model, self.tokenizer = load_pretrained(sft_dir)
         self.base_model.eval()
-        self.base_state = {k: v.detach().clone() for k, v in self.base_model.state_dict().items()}
         self.adapters = {name: LoraAdapter.from_dir(path) for name, path in adapters.items()}
 
     def model(self, weights: dict[str, float], method: str | None = None) -> torch.nn.Module:
         """The soup Σ wᵢ πᵢ by ``method`` (default: the config's merge method)."""
-        method = method or self.cfg.merge_method
-        base = self.base_model if method in ("ties", "dare_ties", "dare_linear") else self.base_state
-        state = merge(method, weights, base=base, adapters={k: self.adapters[k] for k in weights},
-                      density=self.cfg.merge_density)
-        return ev.with_weights(self.base_model, state)
+        # the base module itself (not a clone of its state): tied weights and each module's type
+        # stay visible to the merge, so an adapter on a tied embedding also updates the head
+        return soup_model(method or self.cfg.merge_method, self.base_model, weights,
+                          adapters={k: self.adapters[k] for k in weights}, density=self.cfg.merge_density)
 
 
 # ---------------------------------------------------------------- the job

@@ -228,16 +228,15 @@ def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir
     from ray import tune
 
     from raypref.data.world import World
-    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations, with_weights
+    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations
     from raypref.models.factory import load_pretrained
-    from raypref.models.merge import LoraAdapter, merge
+    from raypref.models.merge import LoraAdapter, soup_model
 
     weights = cfg.weights or {p: 1.0 / len(cfg.preferences) for p in cfg.preferences}
     base, tokenizer = load_pretrained(shared["sft_dir"])
-    peft_based = cfg.merge_method in ("ties", "dare_ties", "dare_linear")  # these take the module
-    state = merge(cfg.merge_method, weights, base=base if peft_based else base.state_dict(),
-                  adapters={p: LoraAdapter.from_dir(shared["adapters"][p]) for p in weights})
-    model = with_weights(base, state)
+    # merged from the base module: each module's orientation and tied weights are visible
+    model = soup_model(cfg.merge_method, base, weights,
+                       adapters={p: LoraAdapter.from_dir(shared["adapters"][p]) for p in weights})
     world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
     prompts = world.prompts(cfg.n_prompts, split="test")
     eval_cfg = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)

@@ -110,15 +110,14 @@ def test_ppo_through_runner_raises_world_judge_reward(ray_local, tiny_base, tmp_
 
 @pytest.mark.slow
 def test_pdpo_job_through_runner_reports_accuracies_and_reloads(ray_local, tiny_base, tmp_path):
-    """jobs/pdpo.py with a cluster user model and the IPO loss for a few steps: the accuracies
+    """The P-DPO job with a cluster user model and the IPO loss for a few steps: the accuracies
     come from the spec's evaluation through the runner, and the exported adapter + user model
     reload into a model that reproduces that evaluation."""
     from peft import PeftModel
 
-    from jobs.pdpo import main
     from raypref.config import parse_args
     from raypref.data.world import World
-    from raypref.experiments.policy import PDPOJobConfig, length_conflict_data
+    from raypref.experiments.policy import PDPOJobConfig, length_conflict_data, train_pdpo
     from raypref.models.factory import load_pretrained
     from raypref.models.user_model import PersonalizedLM, UserModel
     from raypref.recipes.pdpo import PDPOSpec
@@ -128,7 +127,7 @@ def test_pdpo_job_through_runner_reports_accuracies_and_reloads(ray_local, tiny_
             "--unseen_annotators", "1", "--pairs_per_user", "8", "--eval_pairs_per_user", "3",
             "--training.steps", "4", "--training.micro_batch_size", "4", "--training.warmup_steps", "1",
             "--resources.checkpoint_every", "4", "--resources.eval_every", "2", "--max_length", "96"]
-    result = main(argv)
+    result = train_pdpo(parse_args(PDPOJobConfig, argv))  # what jobs/pdpo.py runs
     s = result.summary
     assert s["steps"] == 4 and s["loss"] == "ipo"
     assert set(s["per_user"]) == {1, 2, 3, 4} and all(0.0 <= a <= 1.0 for a in s["per_user"].values())

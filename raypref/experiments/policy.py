@@ -226,7 +226,7 @@ def length_conflict_data(cfg: PDPOJobConfig, world: World) -> tuple[list, list, 
     rng = np.random.default_rng([cfg.population_seed, 1])
     train = simulate_population(world, "length_conflict", seen, cfg.pairs_per_user, rng)
     held_out = simulate_population(world, "length_conflict", users, cfg.eval_pairs_per_user, rng, split="test")
-    return train, held_out, {u.user_id: u.name for u in users}
+    return train, held_out, {u.user_id: u.group for u in users}
 
 
 def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from typing import Callable
 
 from raypref.recipes.dpo import DPOConfig, DPOSpec
+from raypref.recipes.ppo import PPOConfig, preference_policy as _ppo_policy
 from raypref.recipes.reward import RewardConfig
 from raypref.recipes.sft import SFTConfig
 
@@ -31,6 +32,8 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in (
     Recipe("sft", SFTConfig),
     Recipe("dpo", DPOConfig, per_preference=_dpo_policy),  # loss_type "sigmoid" (DPO) or "ipo"
     Recipe("reward", RewardConfig),  # reward models: bt / multi_objective / vae (jobs/reward.py)
+    # reward: the preference's attribute judged by the simulated world; prompts: the pairs'
+    Recipe("ppo", PPOConfig, per_preference=_ppo_policy),
 )}
 
 

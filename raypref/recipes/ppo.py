@@ -13,9 +13,13 @@ resumed run continues inside the same rollout.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
+import json
 import random
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -38,7 +42,11 @@ from raypref.models.factory import (
     generate_ids,
     load_pretrained,
 )
-from raypref.train.spec import LoopSpec, Role, StepContext
+from raypref.train.fingerprint import model_identity
+from raypref.train.runner import Optimization
+from raypref.train.spec import LoopSpec, Role, StepContext, save_module
+
+POLICY_INFO_FILE = "soup_policy.json"  # the same file DPO policies carry (recipes/dpo.py)
 
 Buffer = dict[str, torch.Tensor]
 
@@ -105,6 +113,51 @@ def pack(tokenizer, prompts: Sequence[str], responses: Sequence[list[int]], max_
 
 
 @dataclass
+class PPOConfig(Optimization):
+    """PPO of one LoRA policy against a reward source. One optimizer step takes one micro-batch
+    of a rollout; a rollout feeds ppo_epochs * rollout_size / micro_batch_size steps."""
+
+    steps: int = 48
+    micro_batch_size: int = 8
+    lr: float = 3e-3  # actor (LoRA) and critic
+    warmup_steps: int = 2
+    rollout_size: int = 16  # prompts per PPO iteration (per worker)
+    ppo_epochs: int = 2  # passes over each rollout
+    max_new_tokens: int = 48
+    max_length: int = 128  # tokens per prompt + response
+    temperature: float = 1.0  # sampling temperature of the rollouts
+    gamma: float = 1.0
+    lam: float = 0.95  # GAE lambda
+    clip_range: float = 0.2
+    value_clip_range: float = 0.2
+    kl_coef: float = 0.05  # initial KL-penalty coefficient
+    kl_target: float = 6.0  # per-response KL the adaptive controller aims for; 0 = fixed kl_coef
+    kl_horizon: int = 10_000
+    normalize_rewards: bool = True  # divide scores by their running std
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
+
+    def validate(self, where: str = "training") -> None:
+        super().validate(where)
+        checks = [("rollout_size", self.rollout_size >= self.micro_batch_size,
+                   f"must be >= micro_batch_size={self.micro_batch_size}"),
+                  ("ppo_epochs", self.ppo_epochs >= 1, "must be >= 1"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+                  ("max_length", self.max_length >= 8, "must be >= 8"),
+                  ("temperature", self.temperature > 0, "must be > 0"),
+                  ("gamma", 0 < self.gamma <= 1, "must be in (0, 1]"),
+                  ("lam", 0 <= self.lam <= 1, "must be in [0, 1]"),
+                  ("clip_range", self.clip_range > 0, "must be > 0"),
+                  ("value_clip_range", self.value_clip_range > 0, "must be > 0"),
+                  ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
+                  ("kl_target", self.kl_target >= 0, "must be >= 0 (0 = fixed kl_coef)"),
+                  ("kl_horizon", self.kl_horizon >= 1, "must be >= 1")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+        self.lora.validate(f"{where}.lora")
+
+
+@dataclass
 class PPOSpec(LoopSpec):
     """PPO on prompts with a frozen reward module built by ``reward_factory()`` (picklable)."""
 
@@ -126,6 +179,16 @@ class PPOSpec(LoopSpec):
     kl_horizon: int = 10_000
     normalize_rewards: bool = True  # divide scores by their running std
     critic_lr: float | None = None
+    name: str = ""  # e.g. the P-Soups preference this policy serves
+
+    @classmethod
+    def from_config(cls, cfg: PPOConfig, sft_dir: str, prompts: list[str], reward_factory, name: str = "",
+                    **extra) -> "PPOSpec":
+        settings = {f.name: getattr(cfg, f.name) for f in dataclasses.fields(cfg)
+                    if f.name in {g.name for g in dataclasses.fields(cls)}}
+        settings["kl_target"] = cfg.kl_target or None
+        return cls(sft_dir=str(sft_dir), prompts=list(prompts), reward_factory=reward_factory, name=name,
+                   **{**settings, **extra})
 
     def __post_init__(self) -> None:
         if not self.prompts:
@@ -143,6 +206,24 @@ class PPOSpec(LoopSpec):
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokenizer": None}
+
+    def fingerprint(self) -> dict:
+        return {**super().fingerprint(), "sft_dir": model_identity(self.sft_dir)}
+
+    def export(self, models: dict[str, nn.Module], out_dir: Path) -> None:
+        """The actor's LoRA adapter at the top (as a DPO policy's, so soups can merge it), the
+        critic in ``critic/``, and ``soup_policy.json``."""
+        models["actor"].save_pretrained(out_dir, safe_serialization=True)
+        (Path(out_dir) / "critic").mkdir(parents=True, exist_ok=True)
+        save_module(models["critic"], Path(out_dir) / "critic")
+        (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(self.policy_info(), indent=2))
+
+    def policy_info(self) -> dict:
+        reward = self.reward_factory
+        return {"preference": self.name, "sft_dir": str(self.sft_dir), "algo": "ppo",
+                "reward": repr(reward.args) if isinstance(reward, functools.partial) else repr(reward),
+                "kl_coef": self.kl_coef, "kl_target": self.kl_target, "lora": dataclasses.asdict(self.lora),
+                "n_prompts": len(self.prompts)}
 
     def roles(self) -> dict[str, Role]:
         return {"actor": Role(), "critic": Role(lr=self.critic_lr),
@@ -246,3 +327,24 @@ class PPOSpec(LoopSpec):
         self.buffer, self.position, self.rollouts = state["buffer"], state["position"], state["rollouts"]
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.moments.load_state_dict(state["moments"])
+
+
+def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: Sequence, seed: int,
+                      world_seed: int = 0) -> PPOSpec:
+    """One P-Soups preference's PPO policy (the `per_preference` builder of the recipe registry):
+    reward = direction · the world's judge of the preference's attribute, on the pairs' prompts.
+
+    ``cfg`` is a PPOConfig, or any recipe config sharing its fields (e.g. the soups job's
+    DPOConfig): fields PPOConfig has and ``cfg`` lacks keep PPOConfig's defaults."""
+    from raypref.data.users import psoups_profile
+
+    profile = psoups_profile(preference)  # an unknown name (e.g. a P-MORL run) is an error naming it
+    if not isinstance(cfg, PPOConfig):
+        shared = {f.name for f in dataclasses.fields(PPOConfig)} & {f.name for f in dataclasses.fields(cfg)}
+        cfg = PPOConfig(**{name: getattr(cfg, name) for name in shared})
+    cfg.validate("training")
+    prompts = list(dict.fromkeys(rec.prompt for rec in pairs))
+    if not prompts:
+        raise ValueError(f"PPO policy {preference!r}: no pairs to take prompts from")
+    reward = functools.partial(WorldJudgeReward, {profile.attribute: profile.direction}, world_seed)
+    return PPOSpec.from_config(cfg, base_dir, prompts, reward, name=preference)

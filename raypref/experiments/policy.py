@@ -1,0 +1,265 @@
+"""Policy optimization jobs on the simulated world: PPO (``jobs/ppo.py``) and P-DPO (``jobs/pdpo.py``).
+
+PPO of one policy against a P-Soups preference's world judge:
+
+1. the SFT base (cached by config hash) or a given base policy;
+2. PPO through the Ray Train + DeepSpeed runner (actor + critic trainable, reference + reward
+   frozen), checkpoints and resume by run name;
+3. the judged reward of the base and of the trained policy on held-out prompts (same sampling);
+4. summary.json + MLflow metrics (per step: reward, KL, losses) and the summary artifact.
+
+P-DPO / P-IPO on the length-conflict population: per-user accuracy, Accuracy-top / generic and
+the minority ("shorter") group's accuracy from the spec's evaluation at the last step.
+"""
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from raypref import tracking
+from raypref.data.users import psoups_profile
+from raypref.data.world import World
+from raypref.models.factory import LoraSettings, generate, load_pretrained
+from raypref.models.user_model import UserModelConfig
+from raypref.recipes.pdpo import PDPOSpec
+from raypref.recipes.ppo import PPOConfig, WorldJudgeReward, preference_policy
+from raypref.recipes.sft import SFTConfig, train_sft
+from raypref.train.runner import Optimization, Resources, run, runner_config
+
+SUMMARY_FILE = "summary.json"
+
+
+def _ppo_resources() -> Resources:
+    return Resources(num_workers=1, cpus_per_worker=1.0, zero_stage=0, checkpoint_every=16)
+
+
+@dataclass
+class PPOJobConfig:
+    """PPO of a LoRA policy whose reward is one P-Soups preference judged by the simulated world."""
+
+    preference: str = "P3A"  # P1A..P3B (P3C/P3D need the extra-styles world): its attribute is the reward
+    output_dir: str = "outputs/ppo"  # the run's files go to <output_dir>/<run_name>/
+    run_name: str = ""  # "" = ppo-<preference>; an existing name resumes that run
+    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    n_prompts: int = 256  # training prompts drawn from the world
+    eval_prompts: int = 32  # held-out prompts judged before and after
+    training: PPOConfig = field(default_factory=PPOConfig)
+    resources: Resources = field(default_factory=_ppo_resources)
+    seed: int = 0
+    restart: bool = False  # start the run over even if <output_dir>/<run_name> holds one
+
+    def validate(self) -> None:
+        psoups_profile(self.preference)  # an unknown name raises, listing the known ones
+        self.training.validate("PPOJobConfig.training")
+        self.resources.validate("PPOJobConfig.resources")
+        if not self.base_policy:
+            self.sft.validate()
+        for name, ok, rule in [("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
+                               ("n_prompts", self.n_prompts >= 1, "must be >= 1"),
+                               ("eval_prompts", self.eval_prompts >= 1, "must be >= 1")]:
+            if not ok:
+                raise ValueError(f"PPOJobConfig.{name}={getattr(self, name)!r}: {rule}")
+
+
+@dataclass
+class PPOJobResult:
+    output_dir: Path  # <output_dir>/<run_name>
+    policy_dir: Path  # the actor's LoRA adapter (+ critic/, soup_policy.json)
+    summary: dict
+    run_id: str
+    tracking_uri: str
+
+
+def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prompts: list[str],
+                  max_new_tokens: int, seed: int) -> float:
+    """Mean reward of sampled responses (temperature 1, fixed seed: base and policy alike)."""
+    responses = generate(model, tokenizer, prompts, max_new_tokens, greedy=False, seed=seed)
+    return float(reward.score(prompts, responses).mean())
+
+
+def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
+    from peft import PeftModel
+
+    cfg.validate()
+    name = cfg.run_name or f"ppo-{cfg.preference}"
+    out = Path(cfg.output_dir).expanduser().resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    with tracking.start_run("ppo", cfg, out, run_name=name) as mlrun:
+        started = time.time()
+        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
+        print(f"[ppo] base policy: {sft_dir}", flush=True)
+        prompts = world.prompts(cfg.n_prompts)
+        spec = preference_policy(cfg.training, sft_dir, cfg.preference,
+                                 [_Prompt(p) for p in prompts], cfg.seed, world_seed=cfg.sft.world_seed)
+        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
+                                   seed=cfg.seed, log_every=max(1, cfg.training.steps // 8))
+        result = run(spec, runner_cfg, restart=cfg.restart)
+        tracking.log_step_metrics(result.metrics)
+        train_seconds = time.time() - started
+
+        reward = spec.reward_factory()
+        held_out = world.prompts(cfg.eval_prompts, split="test")
+        base, tokenizer = load_pretrained(sft_dir)
+        before = judged_reward(world, reward, base.eval(), tokenizer, held_out,
+                               cfg.training.max_new_tokens, cfg.seed)
+        policy = PeftModel.from_pretrained(load_pretrained(sft_dir)[0], str(result.export_path)).eval()
+        after = judged_reward(world, reward, policy, tokenizer, held_out, cfg.training.max_new_tokens, cfg.seed)
+        rows = result.metrics
+        k = max(1, len(rows) // 4)
+        summary = {
+            "preference": cfg.preference, "reward": spec.policy_info()["reward"],
+            "steps": result.final_step, "train_seconds": round(train_seconds, 1),
+            "train_reward_first_quarter": sum(r["reward/score"] for r in rows[:k]) / k,
+            "train_reward_last_quarter": sum(r["reward/score"] for r in rows[-k:]) / k,
+            "kl_per_response_last": rows[-1]["kl/per_response"] if rows else None,
+            "heldout_reward_base": before, "heldout_reward_policy": after,
+            "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        tracking.log_metrics({"heldout_reward_base": before, "heldout_reward_policy": after})
+        tracking.log_dict(summary, SUMMARY_FILE)
+        return PPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id,
+                            tracking.tracking_uri(out))
+
+
+@dataclass(frozen=True)
+class _Prompt:
+    """A prompt in the shape the per-preference builder reads prompts from (records' .prompt)."""
+
+    prompt: str
+
+
+# ---------------------------------------------------------------- P-DPO on the length conflict
+
+USER_MODELS = ("none", "individual", "cluster")
+LOSSES = {"dpo": "sigmoid", "ipo": "ipo"}
+
+
+def _pdpo_training() -> Optimization:
+    return Optimization(steps=150, micro_batch_size=8, lr=5e-4, warmup_steps=10)
+
+
+def _pdpo_resources() -> Resources:
+    return Resources(num_workers=1, cpus_per_worker=1.0, zero_stage=0, checkpoint_every=50, eval_every=50)
+
+
+@dataclass
+class PDPOJobConfig:
+    """P-DPO / P-IPO (seed 004) on the simulated length conflict: 70% of annotators prefer longer
+    responses, 30% shorter; a few more annotators are held out to measure the generic user."""
+
+    user_model: str = "individual"  # none (vanilla DPO) | individual (e_0 + o_i) | cluster (V·w_i)
+    loss: str = "dpo"  # dpo | ipo
+    alpha: float = 0.5  # weight of the user term; 1 - alpha goes to the generic user 0
+    n_tokens: int = 10  # T_u: user tokens in the soft prompt
+    n_clusters: int = 5  # K, for user_model=cluster
+    beta: float = 0.5
+    use_user_text: bool = False  # also feed each pair's user text (none in the length conflict)
+    user_lr: float = 0.0  # the user model's own peak rate; 0 = training.lr
+    n_annotators: int = 10  # seen in training (004 §5.1: 10)
+    unseen_annotators: int = 3  # drawn with the same 70/30 split, never trained on
+    pairs_per_user: int = 64
+    eval_pairs_per_user: int = 16  # held-out prompts (the world's test split)
+    population_seed: int = 0
+    output_dir: str = "outputs/pdpo"
+    run_name: str = ""  # "" = pdpo-<user_model>-<loss>; an existing name resumes that run
+    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    max_length: int = 160
+    lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
+    training: Optimization = field(default_factory=_pdpo_training)
+    resources: Resources = field(default_factory=_pdpo_resources)
+    seed: int = 0
+    restart: bool = False
+
+    def validate(self) -> None:
+        self.training.validate("PDPOJobConfig.training")
+        self.resources.validate("PDPOJobConfig.resources")
+        self.lora.validate("PDPOJobConfig.lora")
+        if not self.base_policy:
+            self.sft.validate()
+        checks = [("user_model", self.user_model in USER_MODELS, f"must be one of {USER_MODELS}"),
+                  ("loss", self.loss in LOSSES, f"must be one of {tuple(LOSSES)}"),
+                  ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
+                  ("n_tokens", self.n_tokens >= 1, "must be >= 1"),
+                  ("n_clusters", self.n_clusters >= 1, "must be >= 1"),
+                  ("beta", self.beta > 0, "must be > 0"),
+                  ("user_lr", self.user_lr >= 0, "must be >= 0 (0 = training.lr)"),
+                  ("n_annotators", self.n_annotators >= 2, "must be >= 2"),
+                  ("unseen_annotators", self.unseen_annotators >= 0, "must be >= 0"),
+                  ("pairs_per_user", self.pairs_per_user >= 1, "must be >= 1"),
+                  ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
+                  ("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
+                  ("max_length", self.max_length >= 8, "must be >= 8")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"PDPOJobConfig.{name}={getattr(self, name)!r}: {rule}")
+
+    def user_model_config(self) -> UserModelConfig | None:
+        if self.user_model == "none":
+            return None
+        return UserModelConfig(kind=self.user_model, n_tokens=self.n_tokens, n_clusters=self.n_clusters)
+
+
+@dataclass
+class PDPOJobResult:
+    output_dir: Path
+    policy_dir: Path  # adapter + user_model.safetensors + pdpo_policy.json
+    summary: dict
+    run_id: str
+    tracking_uri: str
+
+
+def length_conflict_data(cfg: PDPOJobConfig, world: World) -> tuple[list, list, dict[int, str]]:
+    """(train pairs of the seen annotators, held-out pairs of seen + unseen annotators, groups)."""
+    import numpy as np
+
+    from raypref.data.simulate import simulate_population
+    from raypref.data.users import length_conflict
+
+    users = length_conflict(cfg.n_annotators + cfg.unseen_annotators, seed=cfg.population_seed)
+    seen = users[:cfg.n_annotators]
+    rng = np.random.default_rng([cfg.population_seed, 1])
+    train = simulate_population(world, "length_conflict", seen, cfg.pairs_per_user, rng)
+    held_out = simulate_population(world, "length_conflict", users, cfg.eval_pairs_per_user, rng, split="test")
+    return train, held_out, {u.user_id: u.group for u in users}
+
+
+def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
+    cfg.validate()
+    name = cfg.run_name or f"pdpo-{cfg.user_model}-{cfg.loss}"
+    out = Path(cfg.output_dir).expanduser().resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    with tracking.start_run("pdpo", cfg, out, run_name=name) as mlrun:
+        started = time.time()
+        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
+        train, held_out, groups = length_conflict_data(cfg, world)
+        print(f"[pdpo] {len(train)} train pairs from {cfg.n_annotators} annotators, {len(held_out)} held-out "
+              f"pairs (+{cfg.unseen_annotators} unseen annotators); base {sft_dir}", flush=True)
+        spec = PDPOSpec(sft_dir, train, held_out, user_model=cfg.user_model_config(), alpha=cfg.alpha,
+                        beta=cfg.beta, loss_type=LOSSES[cfg.loss], use_user_text=cfg.use_user_text,
+                        lora=cfg.lora, user_lr=cfg.user_lr or None, groups=groups, max_length=cfg.max_length)
+        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
+                                   seed=cfg.seed)
+        result = run(spec, runner_cfg, restart=cfg.restart)
+        tracking.log_step_metrics(result.metrics)
+        final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
+        seen = set(spec.seen_users)
+        summary = {
+            "user_model": cfg.user_model, "loss": cfg.loss, "alpha": spec.alpha, "steps": result.final_step,
+            "train_seconds": round(time.time() - started, 1),
+            "accuracy_top": final.get("acc/top"), "accuracy_generic": final.get("acc/generic"),
+            "accuracy_minority": final.get("acc/group_shorter"),
+            "accuracy_majority": final.get("acc/group_longer"),
+            "per_user": {u: final[f"acc/user_{u}"] for u in sorted(seen) if f"acc/user_{u}" in final},
+            "groups": {u: g for u, g in groups.items()},
+            "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
+        }
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        tracking.log_dict(summary, SUMMARY_FILE)
+        return PDPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))

@@ -1,0 +1,146 @@
+"""Policy-optimization specs through the Ray Train + DeepSpeed runner (PPO, P-DPO)."""
+from __future__ import annotations
+
+import functools
+import json
+
+import pytest
+import torch
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory):
+    """An untrained one-layer GPT-2 over the world's vocabulary, saved as a base folder."""
+    from raypref.data.world import World
+    from raypref.models.factory import (ModelConfig, build_policy, build_tokenizer,
+                                        save_pretrained_safetensors)
+
+    tokenizer = build_tokenizer(ModelConfig(), World(seed=0).vocabulary())
+    torch.manual_seed(0)
+    model = build_policy(ModelConfig(n_layer=1, n_embd=32, n_head=2), tokenizer)
+    return str(save_pretrained_safetensors(model, tokenizer, tmp_path_factory.mktemp("base") / "base"))
+
+
+def test_ppo_is_a_per_preference_recipe_for_soups(tiny_base):
+    """`--algo ppo` passes the soups config's check; each preference's spec takes its reward from
+    the preference's world judge and its prompts from the pairs; P-MORL has no single judge."""
+    from raypref.data.records import PreferenceRecord
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.recipes import recipe
+    from raypref.recipes.dpo import DPOConfig
+    from raypref.recipes.ppo import PPOSpec
+
+    SoupsConfig(algo="ppo").validate()
+    training = DPOConfig(steps=7, micro_batch_size=4, max_length=96)
+    pairs = [PreferenceRecord(p, "a b", "c", 2) for p in ("q one", "q two", "q one")]
+    spec = recipe("ppo").per_preference(training, tiny_base, "P2A", pairs, 0)
+    assert isinstance(spec, PPOSpec) and spec.name == "P2A"
+    assert spec.prompts == ["q one", "q two"] and spec.max_length == 96 and spec.lora == training.lora
+    reward = spec.build_model("reward")
+    assert reward.weights == {"verbosity": -1.0}  # P2A: concise
+    with pytest.raises(ValueError, match="P-MORL"):
+        recipe("ppo").per_preference(training, tiny_base, "P-MORL", pairs, 0)
+    with pytest.raises(ValueError, match="training.rollout_size"):
+        recipe("ppo").per_preference(DPOConfig(micro_batch_size=32), tiny_base, "P2A", pairs, 0)
+
+
+def test_ppo_export_is_a_soups_policy(tiny_base, tmp_path):
+    """The actor's adapter at the top (where soups load and merge it), the critic beside it."""
+    from peft import PeftModel
+
+    from raypref.models.factory import load_pretrained
+    from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+
+    spec = PPOSpec(tiny_base, ["q"], functools.partial(WorldJudgeReward, {"style": 1.0}), name="P3A")
+    torch.manual_seed(0)
+    models = {role: spec.build_model(role) for role in ("actor", "critic")}
+    with torch.no_grad():
+        for name, p in models["actor"].named_parameters():
+            if "lora_B" in name:
+                p.normal_()
+    spec.export(models, tmp_path)
+    info = json.loads((tmp_path / "soup_policy.json").read_text())
+    assert info["preference"] == "P3A" and info["sft_dir"] == tiny_base and "style" in info["reward"]
+    assert (tmp_path / "critic" / "model.safetensors").exists()
+    reloaded = PeftModel.from_pretrained(load_pretrained(tiny_base)[0], str(tmp_path))
+    ids = torch.tensor([[1, 2, 3]])
+    models["actor"].eval()
+    assert torch.allclose(reloaded(input_ids=ids).logits, models["actor"](input_ids=ids).logits)
+
+
+def test_job_configs_name_bad_fields():
+    from raypref.experiments.policy import PDPOJobConfig, PPOJobConfig
+
+    with pytest.raises(ValueError, match="user_model"):
+        PDPOJobConfig(user_model="both").validate()
+    with pytest.raises(ValueError, match="PDPOJobConfig.loss"):
+        PDPOJobConfig(loss="kto").validate()
+    with pytest.raises(ValueError, match="P9Z"):
+        PPOJobConfig(preference="P9Z").validate()
+
+
+@pytest.mark.slow
+def test_ppo_through_runner_with_world_judge_reward(ray_local, tiny_base, tmp_path):
+    """P3A (friendly style) judged by the world, through Ray Train + DeepSpeed: four roles (actor
+    and critic as engines, reference and reward frozen), reward and KL to the reference in every
+    step's metrics, KL 0 on the first rollout (the LoRA starts as the reference) and > 0 once the
+    actor moved, and the soups-style export.
+    NOT checked here: that the reward rises (on this untrained tiny base it did not within 40
+    steps; see the branch report)."""
+    from raypref.data.world import World
+    from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+    from raypref.train.runner import RunnerConfig, run
+
+    spec = PPOSpec(tiny_base, World(seed=0).prompts(32), functools.partial(WorldJudgeReward, {"style": 1.0}),
+                   rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.01, kl_target=None)
+    cfg = RunnerConfig(num_workers=1, zero_stage=0, lr=2e-2, warmup_steps=1, schedule="warmup_constant",
+                       max_steps=8, micro_batch_size=16, checkpoint_every=8, log_every=4,
+                       storage_path=str(tmp_path), name="ppo")
+    result = run(spec, cfg)
+    rows = result.metrics
+    assert len(rows) == 8 and {"reward/score", "kl/per_response", "kl/coef", "loss.actor", "loss.critic"} <= set(rows[0])
+    assert abs(rows[0]["kl/per_response"]) < 1e-5 and rows[0]["policy/approx_kl"] < 1e-8
+    assert rows[-1]["kl/per_response"] != 0.0 and rows[-1]["policy/approx_kl"] > 0.0
+    # the actor's adapter at the top (soups merge it like a DPO policy's), the critic beside it
+    assert (result.export_path / "adapter_model.safetensors").exists()
+    assert (result.export_path / "critic" / "model.safetensors").exists()
+    assert json.loads((result.export_path / "soup_policy.json").read_text())["algo"] == "ppo"
+
+
+@pytest.mark.slow
+def test_pdpo_job_through_runner_reports_accuracies_and_reloads(ray_local, tiny_base, tmp_path):
+    """The P-DPO job with a cluster user model and the IPO loss for a few steps: the accuracies
+    come from the spec's evaluation through the runner, and the exported adapter + user model
+    reload into a model that reproduces that evaluation."""
+    from peft import PeftModel
+
+    from raypref.config import parse_args
+    from raypref.data.world import World
+    from raypref.experiments.policy import PDPOJobConfig, length_conflict_data, train_pdpo
+    from raypref.models.factory import load_pretrained
+    from raypref.models.user_model import PersonalizedLM, UserModel
+    from raypref.recipes.pdpo import PDPOSpec
+
+    argv = ["--base_policy", tiny_base, "--output_dir", str(tmp_path), "--user_model", "cluster",
+            "--n_clusters", "2", "--n_tokens", "2", "--loss", "ipo", "--n_annotators", "4",
+            "--unseen_annotators", "1", "--pairs_per_user", "8", "--eval_pairs_per_user", "3",
+            "--training.steps", "4", "--training.micro_batch_size", "4", "--training.warmup_steps", "1",
+            "--resources.checkpoint_every", "4", "--resources.eval_every", "2", "--max_length", "96"]
+    result = train_pdpo(parse_args(PDPOJobConfig, argv))  # what jobs/pdpo.py runs
+    s = result.summary
+    assert s["steps"] == 4 and s["loss"] == "ipo"
+    assert set(s["per_user"]) == {1, 2, 3, 4} and all(0.0 <= a <= 1.0 for a in s["per_user"].values())
+    assert s["accuracy_top"] is not None and s["accuracy_generic"] is not None  # user 5 is unseen
+    assert s["accuracy_minority"] is not None and s["accuracy_majority"] is not None
+
+    users = UserModel.load(result.policy_dir)
+    assert users.users == [1, 2, 3, 4]
+    base, _ = load_pretrained(tiny_base)
+    reloaded = PersonalizedLM(PeftModel.from_pretrained(base, str(result.policy_dir)), users)
+    cfg = parse_args(PDPOJobConfig, argv)
+    train, held_out, groups = length_conflict_data(cfg, World(seed=cfg.sft.world_seed))
+    spec = PDPOSpec(tiny_base, train, held_out, user_model=cfg.user_model_config(), groups=groups,
+                    max_length=96, loss_type="ipo")
+    report = spec.evaluate_pairs(reloaded, held_out)
+    assert report["acc/top"] == pytest.approx(s["accuracy_top"])
+    assert report["acc/generic"] == pytest.approx(s["accuracy_generic"])

@@ -352,10 +352,28 @@ def _build_roles(spec: LoopSpec, cfg: RunnerConfig, deepspeed) -> tuple[dict, di
             raise ValueError(f"{type(spec).__name__}: role {name!r} has no trainable parameters")
         ds_config = deepspeed_config(cfg, group_lrs=[g["lr"] for g in groups])
         engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_config)
+        _exclude_tied_frozen(engine)
         engines[name], models[name] = engine, engine.module
     # trainable roles first in ctx.models, so ctx.model is the first trainable one
     models = {**{n: models[n] for n in engines}, **{n: m for n, m in models.items() if n not in engines}}
     return engines, models
+
+
+def _exclude_tied_frozen(engine) -> None:
+    """DeepSpeed's exclude_frozen_parameters looks frozen parameters up by their first name only,
+    so a tied alias (GPT-2's lm_head.weight = the frozen wte) of a LoRA's base is still written
+    at every checkpoint. Drop every name a frozen parameter has."""
+    original = engine.module_state_dict
+
+    def module_state_dict(*args, exclude_frozen_parameters=False, **kwargs):
+        state = original(*args, exclude_frozen_parameters=exclude_frozen_parameters, **kwargs)
+        if exclude_frozen_parameters and state is not None:
+            for name, param in engine.module.named_parameters(remove_duplicate=False):
+                if not param.requires_grad:
+                    state.pop(name, None)
+        return state
+
+    engine.module_state_dict = module_state_dict
 
 
 def _per_role(losses, engines: dict, spec: LoopSpec) -> dict[str, torch.Tensor]:

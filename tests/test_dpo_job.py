@@ -249,7 +249,7 @@ def test_too_many_bad_rows_fail_the_job_before_any_training(ray_local, tmp_path)
     assert runs[0].data.metrics["rows_quarantined"] == 4
     assert "quarantine/quarantine.jsonl" in artifact_paths(runs[0].info.run_id, "quarantine")
     assert not sft_output_dir(cfg.sft).exists()  # not even the SFT base was trained
-    assert not any((tmp_path / "dpo" / "p1a").glob("checkpoint_*"))
+    assert not any((tmp_path / "dpo" / "p1a").rglob("checkpoint_*"))
 
 
 def test_missing_shards_say_which_formats_were_looked_for_and_how_to_ask_for_others(ray_local, tmp_path):

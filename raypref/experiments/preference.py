@@ -228,8 +228,10 @@ def _train(cfg: DPOJobConfig, sft_dir: str, rows: ray.data.Dataset, n_pairs: int
                             encode=encode_example)  # the policy's own format: as SFT and evaluation
     spec = ShardDPOSpec.from_config(t, sft_dir, [], name=run_name, seed=cfg.seed, n_pairs=n_pairs,
                                     shuffle_buffer=cfg.shuffle_buffer)
-    runner_cfg = runner_config(t, cfg.resources, name=run_name, seed=cfg.seed,
-                               storage_path=str(Path(cfg.output_dir).expanduser().resolve()))
+    # the Ray Train run lives in <output_dir>/<run_name>/train, apart from the job's own files
+    # (quarantine, summary), so --restart starts training over without deleting them
+    runner_cfg = runner_config(t, cfg.resources, name="train", seed=cfg.seed,
+                               storage_path=str(Path(cfg.output_dir).expanduser().resolve() / run_name))
     return run(spec, runner_cfg, datasets={"train": tokens}, dataset_config=ExactSplitDataConfig(),
                data_fingerprint=shards_fingerprint(cfg), restart=cfg.restart)
 

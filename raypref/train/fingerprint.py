@@ -90,7 +90,7 @@ def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = F
                 f"changed: {'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}. "
                 "Use another run name / output folder, or restart it (--restart true).")
         return
-    elif storage.exists(run_dir) and not storage.is_uri(run_dir) and any(Path(run_dir).iterdir()):
+    elif storage.exists(run_dir) and not storage.is_uri(run_dir) and any(Path(run_dir).glob("checkpoint_*")):
         raise RunMismatch(f"run {name!r} in {root} has no {FINGERPRINT_FILE} (made by an older "
                           "raypref?): cannot tell whether it is the same run; restart it (--restart true)")
     storage.write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))

@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import requests
-import torch
 
 from raypref.models.factory import generate_ids, load_pretrained
 from raypref.models.merge import LoraAdapter, merge_lora_exact

@@ -220,7 +220,6 @@ def test_real_preference_files_are_validated_and_quarantined(tmp_path):
     """The soups job's real-data path: bad rows of a P-Soups file are quarantined with their
     line; over the limit the job stops before any training."""
     from raypref.data.quarantine import QuarantineExceeded
-    from raypref.data.world import World
     from raypref.experiments.soups.preferences import file_data
 
     fixture = Path(__file__).parent / "fixtures" / "P1A.json"  # 3 rows, one with a blank response

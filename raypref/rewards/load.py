@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 from typing import Sequence
 
-import torch
 
 from raypref.data.records import PreferenceRecord
 from raypref.data.world import ASPECTS

@@ -48,6 +48,20 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int) 
     return out
 
 
+def epoch_chunks(n: int, size: int, start: int, seed: int) -> Iterator[list[int]]:
+    """Endless index chunks of ``size`` over ``n`` items, reshuffled each epoch by (seed, epoch),
+    starting at micro-batch ``start`` (so a resumed run continues where it stopped); the ragged
+    tail of each epoch is dropped."""
+    per_epoch = n // size
+    index = start
+    while True:
+        epoch, offset = divmod(index, per_epoch)
+        order = list(range(n))
+        random.Random(seed * 1_000_003 + epoch).shuffle(order)
+        yield order[offset * size:(offset + 1) * size]
+        index += 1
+
+
 def collate_pairs(encoded: Sequence[tuple], pad_id: int) -> Batch:
     """Right-padded batch ``[chosen..., rejected...]`` so policy and reference each need one forward."""
     seqs = [(e[0], e[1]) for e in encoded] + [(e[2], e[3]) for e in encoded]
@@ -169,15 +183,8 @@ class DPOSpec(LoopSpec):
                              f"micro_batch_size={size}")
         tokenizer = self.tokenizer()
         encoded = encode_pairs(tokenizer, shard, self.max_length)
-        per_epoch = len(encoded) // size  # the ragged tail is dropped each epoch
-        index = ctx.micro_batches_done
-        while True:
-            epoch, offset = divmod(index, per_epoch)
-            order = list(range(len(encoded)))
-            random.Random(self.seed * 1_000_003 + epoch).shuffle(order)
-            chunk = order[offset * size : (offset + 1) * size]
+        for chunk in epoch_chunks(len(encoded), size, ctx.micro_batches_done, self.seed):
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
-            index += 1
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type)

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import random
 from collections import defaultdict
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -29,7 +28,7 @@ from raypref.algos.pdpo import PDPOOutput, pdpo_loss, response_logprobs
 from raypref.data.records import UNKNOWN_USER, PreferenceRecord
 from raypref.models.factory import LoraSettings, add_lora, load_pretrained
 from raypref.models.user_model import PersonalizedLM, UserModel, UserModelConfig
-from raypref.recipes.dpo import collate_pairs, encode_pairs
+from raypref.recipes.dpo import collate_pairs, encode_pairs, epoch_chunks
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
 
 INFO_FILE = "pdpo_policy.json"
@@ -169,16 +168,9 @@ class PDPOSpec(LoopSpec):
                              f"micro_batch_size={size}")
         tokenizer = self.tokenizer()
         encoded = encode_pairs(tokenizer, shard, self.max_length)
-        per_epoch = len(shard) // size  # the ragged tail is dropped each epoch
-        index = ctx.micro_batches_done
-        while True:
-            epoch, offset = divmod(index, per_epoch)
-            order = list(range(len(shard)))
-            random.Random(ctx.seed * 1_000_003 + epoch).shuffle(order)
-            chunk = order[offset * size:(offset + 1) * size]
+        for chunk in epoch_chunks(len(shard), size, ctx.micro_batches_done, ctx.seed):
             yield collate_user_pairs(tokenizer, [shard[i] for i in chunk], [encoded[i] for i in chunk],
                                      self.use_user_text)
-            index += 1
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         out = pdpo_step(ctx.models[PRIMARY_ROLE], batch, self.beta, self.alpha, self.loss_type)

@@ -45,7 +45,7 @@ def test_soup_names_state_weights_in_mlflow_safe_form():
 @pytest.mark.parametrize("change, message", [
     ({"preferences": ["P9Z"]}, "unknown"),
     ({"combinations": [["P1A", "P2A"]], "preferences": ["P1A"]}, "not in preferences"),
-    ({"algo": "ppo"}, "available per-preference trainers"),
+    ({"algo": "reward"}, "available per-preference trainers"),
     ({"inject_failures": {"P1A": "sometimes"}}, "once"),
     ({"psoups_files": {"P1A": "x.json"}, "eval": ev.EvalConfig(judge_model="tiny")}, "pmorl"),
     ({"psoups_files": {"P1A": "x.json"}, "baselines": ["sft"]}, "eval.judge_model"),

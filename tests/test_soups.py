@@ -80,13 +80,12 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
         pairs_per_preference=48,
         training=DPOConfig(steps=12, micro_batch_size=8, warmup_steps=2, lr=2e-3),
         resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
-        eval=ev.EvalConfig(n_prompts=8, max_new_tokens=40, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
+        # max_new_tokens stays at its default (128): the world's verbosity judge reads 0 below
+        # ~60 words, so shorter cuts score every arm 0 (make_scorer refuses them)
+        eval=ev.EvalConfig(n_prompts=8, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
         **settings)
 
 
-@pytest.mark.xfail(strict=False,
-    reason="issue 7 wiring: this end-to-end run has not passed on the final code yet (it failed in "
-           "the last full-suite run, cause not yet diagnosed; see the issue 7 note); it still runs but does not gate CI")
 @pytest.mark.slow
 def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sft_cache, ray_local):
     # P2B's worker dies once (Ray Train restarts it from its checkpoint); P3B's dies on every
@@ -165,9 +164,6 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sf
     assert outcomes["P2A-s0"].result.metrics[-1]["step"] == cfg.training.steps
 
 
-@pytest.mark.xfail(strict=False,
-    reason="issue 7 wiring: this end-to-end run has not passed on the final code yet (it failed in "
-           "the last full-suite run, cause not yet diagnosed; see the issue 7 note); it still runs but does not gate CI")
 @pytest.mark.slow
 def test_real_data_is_judged_by_the_lm_judge_on_the_prompts_file(tmp_path, sft_cache, ray_local):
     """The real-data path end to end: a P-Soups file trains the policy, the (tiny) LM judge
@@ -180,6 +176,7 @@ def test_real_data_is_judged_by_the_lm_judge_on_the_prompts_file(tmp_path, sft_c
                       max_quarantine_fraction=0.5, register_models=False)
     cfg.user_weights = {}
     cfg.training.steps = 2
+    cfg.training.micro_batch_size = 1  # the fixture's 2 valid rows: 1 trains, 1 is held out
     cfg.eval = ev.EvalConfig(judge_model="tiny", prompts_file=str(prompts), arms=[],
                              max_new_tokens=8, samples_per_prompt=1, n_boot=50)
     result = run_soups(cfg)
@@ -224,7 +221,8 @@ def test_real_preference_files_are_validated_and_quarantined(tmp_path):
 
     fixture = Path(__file__).parent / "fixtures" / "P1A.json"  # 3 rows, one with a blank response
     cfg = SoupsConfig(output_dir=str(tmp_path), preferences=["P1A"], combinations=[["P1A"]],
-                      baselines=["sft"], psoups_files={"P1A": str(fixture)}, max_quarantine_fraction=0.5)
+                      baselines=["sft"], psoups_files={"P1A": str(fixture)}, max_quarantine_fraction=0.5,
+                      training=DPOConfig(micro_batch_size=1))
     data = file_data(cfg)
     train, held_out = data.train["P1A"], data.held_out["P1A"]
     assert len(train) + len(held_out) == 2
@@ -234,6 +232,25 @@ def test_real_preference_files_are_validated_and_quarantined(tmp_path):
     cfg.max_quarantine_fraction = 0.2  # 1 of 3 rows is bad: over the limit
     with pytest.raises(QuarantineExceeded, match="P1A"):
         file_data(cfg)
+
+    # too few training pairs for one micro-batch: refused here, naming the file and the setting
+    cfg.max_quarantine_fraction = 0.5
+    cfg.training.micro_batch_size = 2
+    with pytest.raises(ValueError, match=r"psoups_files.P1A=.*1 training pairs.*micro_batch_size=2"):
+        file_data(cfg)
+
+
+def test_simulated_pairs_and_generations_must_fit_the_training_and_the_judges():
+    with pytest.raises(ValueError, match="pairs_per_preference=4: fewer than one step"):
+        SoupsConfig(pairs_per_preference=4).validate()
+    world = World(seed=0)
+    low, high = world.verbosity_words()
+    assert 20 < low < high <= 128  # the default max_new_tokens can reach verbosity 1
+    short = ev.EvalConfig(max_new_tokens=int(low))
+    with pytest.raises(ValueError, match=r"eval.max_new_tokens=\d+: the world's verbosity judge"):
+        ev.make_scorer(short, world, ["P2A", "P3A"])
+    ev.make_scorer(short, world, ["P1A", "P3A"])  # no verbosity preference: nothing to cut
+    ev.make_scorer(ev.EvalConfig(), world, ["P2A"])
 
 
 def test_every_arm_labels_the_same_candidates_and_held_out_pairs_use_test_prompts():

@@ -309,6 +309,10 @@ class World:
                     shift += 1 if truth else -1
         return _clip(3.0 + shift, 1.0, 5.0)
 
+    def verbosity_words(self) -> tuple[float, float]:
+        """Word counts at which the verbosity judge reads 0 and 1 (it is clipped outside)."""
+        return self._words_at_min, self._words_at_min + self._words_span
+
     def _calibrate_verbosity(self) -> None:
         """Word counts of typical 1- and 6-sentence responses anchor the verbosity judge."""
         rng = np.random.default_rng(12345)

@@ -70,8 +70,11 @@ class SoupsConfig:
         self.resources.validate("resources")
         if not self.base_policy:
             self.sft.validate()
-        if self.pairs_per_preference < 1:
-            raise ValueError(f"pairs_per_preference={self.pairs_per_preference}: must be >= 1")
+        per_step = self.training.micro_batch_size * self.resources.num_workers
+        if not self.psoups_files and self.pairs_per_preference < per_step:
+            raise ValueError(f"pairs_per_preference={self.pairs_per_preference}: fewer than one "
+                             f"step's pairs (training.micro_batch_size={self.training.micro_batch_size}"
+                             f" x resources.num_workers={self.resources.num_workers})")
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"merge_method={self.merge_method!r}: must be one of {list(MERGE_METHODS)}")
         if not 0.0 < self.merge_density <= 1.0:

@@ -62,6 +62,13 @@ def make_scorer(cfg: EvalConfig, world, preferences: list[str]):
     """The world's judges, or the LM judge of ``cfg.judge_model`` over ``preferences``
     (Table-4 texts for a real judge, word-level ones the tiny judge's vocabulary knows)."""
     if not cfg.judge_model:
+        low, high = world.verbosity_words()
+        verbosity = [n for n in preferences if psoups_profile(n).attribute == "verbosity"]
+        # the world's text is one token per word: a cut below `low` words scores 0 on every arm
+        if verbosity and cfg.max_new_tokens <= low:
+            raise ValueError(f"eval.max_new_tokens={cfg.max_new_tokens}: the world's verbosity "
+                             f"judge (of {verbosity}) reads 0 up to {low:.0f} words and 1 from "
+                             f"{high:.0f}; responses cut this short all score 0 (use >= {high:.0f})")
         return WorldScorer(world)
     from raypref.eval.llm_judge import JudgeConfig, ScoringJudge
 

@@ -76,6 +76,13 @@ def file_data(cfg, log=print) -> SeedData:
                              "pairs, at least 2 are needed (train + held-out)")
         cut = max(1, len(records) // 10)
         data.train[name], data.held_out[name] = records[:-cut], records[-cut:]
+        # each worker needs a whole micro-batch: say so here, not from inside a training run
+        per_step = cfg.training.micro_batch_size * cfg.resources.num_workers
+        if len(data.train[name]) < per_step:
+            raise ValueError(f"psoups_files.{name}={cfg.psoups_files[name]}: {len(data.train[name])} "
+                             f"training pairs (after {cut} held out), fewer than one step's "
+                             f"training.micro_batch_size={cfg.training.micro_batch_size} x "
+                             f"resources.num_workers={cfg.resources.num_workers}")
     return data
 
 

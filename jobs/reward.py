@@ -1,7 +1,8 @@
 """Train a reward model on the simulated world's users and report per-user accuracy.
 
-    python jobs/reward.py --method bt|multi_objective|vae [--sampling adaptive]
+    python jobs/reward.py --method bt|multi_objective|user_model|vae [--sampling adaptive]
         [--contrastive 0.5] [--gradient pcgrad|mgda] [--data.population cluster]
+        [--alpha 0.5 --conditioning head|soft_prompt --user_model.kind individual|cluster]
         [--data.difficulty 0.5] [--training.steps 200] [--freeze_query_encoder true] ...
 
 Defaults: the two-user conflict (001 §3.5.1) at world difficulty 0.5, the offline MiniLM

@@ -26,14 +26,13 @@ from raypref.algos.gradients import flat_grad, mgda_direction, pcgrad_direction
 from raypref.algos.reward import bt_loss, multi_objective_mse, pair_accuracy, rescale, scalarize
 from raypref.algos.vae import kl_to_standard_normal
 from raypref.data.sampling import AdaptiveSampler, DemonstrationSampler, UniformSampler
-from raypref.data.world import ASPECTS
 from raypref.models.reward import (CONDITIONINGS, EncoderConfig, MultiObjectiveRewardModel,
                                    PersonalizedRewardModel, ScalarRewardModel, VAEConfig,
                                    VAERewardModel, build_frozen_encoder, build_text_encoder)
 from raypref.models.user_model import UserModel, UserModelConfig
-from raypref.recipes.reward_data import (RewardDataConfig, UserPairs, aspect_targets,
-                                         build_pairs, demo_embeddings, load_embeddings,
-                                         pair_embeddings)
+from raypref.recipes.reward_data import (RATINGS, WORLD, RewardDataConfig, UserPairs,
+                                         attribute_targets, build_pairs, demo_embeddings,
+                                         load_embeddings, pair_embeddings)
 from raypref.rewards.load import CONFIG_FILE
 from raypref.train.runner import Optimization
 from raypref.train.spec import LoopSpec, Role, StepContext, save_module
@@ -44,7 +43,6 @@ GRADIENTS = ("sum", "pcgrad", "mgda")
 ROLE = "reward"
 LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (001 fig. 15)
 LATENT_DRAWS = 20  # demonstration sets per user embedded at each evaluation
-ASPECT_RANGE = (1.0, 5.0)  # the world's aspect scale, rescaled to 0-100 for regression
 
 
 @dataclass
@@ -104,6 +102,9 @@ class RewardConfig:
         if self.method == "multi_objective" and self.gradient != "sum":
             raise ValueError("RewardConfig.gradient: multi_objective regresses attribute scores; "
                              "per-user gradient surgery applies to bt and vae")
+        if self.data.source != WORLD and self.method != "multi_objective":
+            raise ValueError(f"RewardConfig.data.source={self.data.source!r}: real fine-grained "
+                             f"ratings train the multi_objective method, not {self.method!r}")
         if self.method == "user_model":
             self.user_model.validate()
             if self.conditioning == "head" and self.user_model.n_tokens != 1:
@@ -195,7 +196,8 @@ class RewardSpec(LoopSpec):
 
     def batches(self, ctx: StepContext) -> Iterator[dict]:
         sampler = self._batch_sampler(ctx.rank, ctx.grad_accum)
-        demo_sampler = self._demo_sampler(self.seed * 1000 + ctx.rank)
+        vae = self.cfg.method == "vae"  # only the VAE reads demonstrations
+        demo_sampler = self._demo_sampler(self.seed * 1000 + ctx.rank) if vae else None
         n_train = sum(len(up.train) for up in self.pairs.values())
         tokenizer_model = ctx.models[ROLE]
         for micro in range(ctx.micro_batches_done, ctx.max_steps * ctx.grad_accum):
@@ -228,9 +230,11 @@ class RewardSpec(LoopSpec):
             batch["chosen"] = encoder.tokenize(prompts, [r.chosen for r in records])
             batch["rejected"] = encoder.tokenize(prompts, [r.rejected for r in records])
         if self.cfg.method == "multi_objective":
+            attributes, scale, _ = RATINGS[self.cfg.data.ratings]
             for side in ("chosen", "rejected"):
-                scores = torch.tensor([aspect_targets(getattr(r, f"{side}_scores")) for r in records])
-                batch[f"{side}_targets"] = rescale(scores, *ASPECT_RANGE)
+                scores = torch.tensor([attribute_targets(getattr(r, f"{side}_scores"), attributes)
+                                       for r in records])
+                batch[f"{side}_targets"] = rescale(scores, *scale)
         return batch
 
     def loss(self, batch: dict, ctx: StepContext):
@@ -239,8 +243,10 @@ class RewardSpec(LoopSpec):
         out = self._forward(model, batch)
         metrics = {"acc": float(pair_accuracy(out["r_chosen"], out["r_rejected"]).mean())}
         if self.cfg.method == "multi_objective":
-            loss = 0.5 * (multi_objective_mse(out["pred_chosen"], batch["chosen_targets"])
-                          + multi_objective_mse(out["pred_rejected"], batch["rejected_targets"]))
+            loss = 0.5 * sum(  # unrated attributes (NaN, e.g. UltraFeedback's "N/A") masked
+                multi_objective_mse(out[f"pred_{side}"], batch[f"{side}_targets"].nan_to_num(),
+                                    mask=~batch[f"{side}_targets"].isnan())
+                for side in ("chosen", "rejected"))
             return loss, {**metrics, "mse": float(loss.detach())}
         per_pair = -torch.nn.functional.logsigmoid(out["r_chosen"] - out["r_rejected"])
         if self.cfg.method == "user_model" and self.cfg.alpha < 1:
@@ -323,14 +329,15 @@ class RewardSpec(LoopSpec):
         return out
 
     def _user_weights(self) -> dict[int, torch.Tensor]:
-        return {uid: torch.tensor([up.user.weights.get(a, 0.0) for a in ASPECTS])
+        attributes = RATINGS[self.cfg.data.ratings][0]
+        return {uid: torch.tensor([up.user.weights.get(a, 0.0) for a in attributes])
                 for uid, up in self.pairs.items()}
 
     def evaluate(self, ctx: StepContext) -> dict[str, float]:
         """Per-user accuracy on the user's test pairs (VAE: fixed demonstrations per query,
         z = mu; multi-objective: scalarized by the user's true weights)."""
         model = ctx.models[ROLE]
-        demo_sampler = self._demo_sampler(seed=10_000 + self.seed)
+        demo_sampler = self._demo_sampler(seed=10_000 + self.seed) if self.cfg.method == "vae" else None
         accs = {}
         for uid, up in self.pairs.items():
             test = up.test[:self.cfg.eval_pairs_per_user]
@@ -375,6 +382,8 @@ class RewardSpec(LoopSpec):
         config = dataclasses.asdict(self.cfg)
         if self.cfg.method == "user_model":  # the seen users, in index order, to rebuild it
             config["users"] = list(models[ROLE].user_model.users)
+        if self.cfg.method == "multi_objective":
+            config["attributes"] = list(models[ROLE].attributes)
         (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         if self._latents:
             from safetensors.torch import save_file
@@ -392,7 +401,7 @@ def build_reward_model(cfg: RewardConfig, users: list[int] | None = None) -> tor
     if cfg.method == "bt":
         return ScalarRewardModel(encoder)
     if cfg.method == "multi_objective":
-        return MultiObjectiveRewardModel(encoder, ASPECTS)
+        return MultiObjectiveRewardModel(encoder, RATINGS[cfg.data.ratings][0])
     if cfg.method == "user_model":
         if not users:
             raise ValueError("build_reward_model: a user_model RM needs its seen user ids")

@@ -39,7 +39,7 @@ def load_reward_function(path: str | Path, *, user_weights: dict[int, Sequence[f
     if method == "bt":
         model = ScalarRewardModel(encoder)
     elif method == "multi_objective":
-        model = MultiObjectiveRewardModel(encoder, ASPECTS)
+        model = MultiObjectiveRewardModel(encoder, cfg.get("attributes", ASPECTS))
     elif method == "user_model":
         users = UserModel(UserModelConfig(**cfg["user_model"]), encoder.hidden_size, cfg["users"])
         model = PersonalizedRewardModel(encoder, users, cfg["conditioning"])

@@ -133,6 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(RewardJobConfig, argv)
     if cfg.method == "few_shot":
         return run_few_shot(cfg)
+    return train(cfg)[0]
+
+
+def train(cfg: RewardJobConfig) -> tuple[dict, list[dict]]:
+    """One reward model trained, tracked and registered: (final eval metrics, history)."""
     recipe = recipe_config(cfg)
     recipe.validate()
     cfg.resources.validate()
@@ -161,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
     print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
     print(f"[reward] model: {result.export_path}")
-    return final
+    return final, result.metrics
 
 
 if __name__ == "__main__":

@@ -1,7 +1,8 @@
 """Train a reward model on the simulated world's users and report per-user accuracy.
 
-    python jobs/reward.py --method bt|multi_objective|vae [--sampling adaptive]
+    python jobs/reward.py --method bt|multi_objective|user_model|vae|few_shot [--sampling adaptive]
         [--contrastive 0.5] [--gradient pcgrad|mgda] [--data.population cluster]
+        [--alpha 0.5 --conditioning head|soft_prompt --user_model.kind individual|cluster]
         [--data.difficulty 0.5] [--training.steps 200] [--freeze_query_encoder true] ...
 
 Defaults: the two-user conflict (001 §3.5.1) at world difficulty 0.5, the offline MiniLM
@@ -9,6 +10,10 @@ encoder (fine-tuned), Ray Train + DeepSpeed on one worker. The VAE's frozen demo
 embeddings are computed once per data config and cached under output_dir. Per-user accuracy
 of every evaluation goes to MLflow with a curve plot; the model (safetensors + its config)
 is registered there.
+
+``--method few_shot`` trains nothing: it evaluates few-shot prompting of a causal LM
+(``--few_shot.model.name_or_path``, the untrained tiny GPT-2 by default) with greedy
+information-gain vs random demonstrations (001 §3.3, `eval.few_shot`).
 """
 from __future__ import annotations
 
@@ -19,6 +24,7 @@ from pathlib import Path
 
 from raypref import tracking
 from raypref.config import config_hash, parse_args
+from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings)
 from raypref.recipes.reward_data import population
@@ -30,6 +36,15 @@ class RewardJobConfig(RewardConfig):
     resources: Resources = field(default_factory=lambda: Resources(eval_every=25))
     output_dir: str = "outputs/reward"
     seed: int = 0
+    few_shot: FewShotConfig = field(default_factory=FewShotConfig)  # --method few_shot only
+
+    def validate(self) -> None:
+        if self.method != "few_shot":
+            return super().validate()
+        self.data.validate()
+        self.few_shot.validate()
+        if self.eval_pairs_per_user < 1:
+            raise ValueError(f"eval_pairs_per_user={self.eval_pairs_per_user}: must be >= 1")
 
 
 def recipe_config(cfg: RewardJobConfig) -> RewardConfig:
@@ -103,8 +118,26 @@ def plot_latent_tsne(latents_file: Path, users: dict[int, str], path: Path) -> P
     return path
 
 
+def run_few_shot(cfg: RewardJobConfig) -> dict:
+    """001 §3.3: no training; per-user accuracy of greedy vs random few-shot prompts."""
+    name = f"reward-few_shot-{config_hash(cfg)}"
+    with tracking.start_run("reward", cfg, Path(cfg.output_dir), run_name=name):
+        final = evaluate_few_shot(cfg.few_shot, cfg.data, cfg.eval_pairs_per_user)
+        tracking.log_metrics(final)
+        tracking.log_dict({"final": final}, "reward_summary.json")
+    print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
+    return final
+
+
 def main(argv: list[str] | None = None) -> dict:
     cfg = parse_args(RewardJobConfig, argv)
+    if cfg.method == "few_shot":
+        return run_few_shot(cfg)
+    return train(cfg)[0]
+
+
+def train(cfg: RewardJobConfig) -> tuple[dict, list[dict]]:
+    """One reward model trained, tracked and registered: (final eval metrics, history)."""
     recipe = recipe_config(cfg)
     recipe.validate()
     cfg.resources.validate()
@@ -133,7 +166,7 @@ def main(argv: list[str] | None = None) -> dict:
             tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
     print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
     print(f"[reward] model: {result.export_path}")
-    return final
+    return final, result.metrics
 
 
 if __name__ == "__main__":

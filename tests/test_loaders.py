@@ -188,7 +188,30 @@ def test_load_validated_returns_records_and_summary(tmp_path):
 def test_schema_registry_names_the_known_schemas():
     assert get_schema("prism").hub_config == "conversations" and get_schema("prism").uses_user_map
     assert not get_schema("ultrafeedback").uses_user_map
-    with pytest.raises(ValueError, match=r"unknown schema 'hh'; known: \['prism', 'psoups', 'summarize_from_feedback', "
+    with pytest.raises(ValueError, match=r"unknown schema 'hh'; known: \['helpsteer', 'prism', 'psoups', 'summarize_from_feedback', "
                                          r"'ultrafeedback', 'ultrafeedback_binarized'\]"):
         get_schema("hh")
 
+
+
+def test_helpsteer_pairs_responses_of_one_prompt(tmp_path):
+    records, entries = load("helpsteer.jsonl", "helpsteer", tmp_path)
+    tides = [r for r in records if r.prompt == "Why are there tides?"]
+    assert len(tides) == 3  # three responses: every pair once
+    assert {(r.chosen[:8], r.rejected[:8]) for r in tides} == {
+        ("The moon", "Because "), ("Tides co", "Because "), ("The moon", "Tides co")}
+    best = next(r for r in tides if r.rejected.startswith("Tides"))
+    assert best.chosen_scores == {"helpfulness": 4.0, "correctness": 4.0, "coherence": 4.0,
+                                  "complexity": 1.0, "verbosity": 1.0}
+    assert best.rejected_scores["verbosity"] == 2.0 and best.source == "helpsteer"
+    add = [r for r in records if r.prompt == "Add 2 and 2."]
+    assert [(r.chosen, r.rejected) for r in add] == [("4", "Two plus two is four.")]
+    assert len(records) == 10
+    assert [e["reason"] for e in sorted(entries, key=lambda e: e["line"])] == ["tie", "unmappable"]
+    assert "helpfulness=5" in next(e["detail"] for e in entries if e["reason"] == "unmappable")
+    # weights decide: verbosity alone prefers the longer colour answer
+    records, _ = load("helpsteer.jsonl", "helpsteer", tmp_path, weights={"verbosity": 1.0})
+    colour = [r for r in records if r.prompt == "Name a color."]
+    assert [r.chosen for r in colour] == ["Blue is a color of the sky and the sea."]
+    with pytest.raises(ValueError, match="unknown attribute.*'length'"):
+        load("helpsteer.jsonl", "helpsteer", tmp_path, weights={"length": 1.0})

@@ -38,6 +38,9 @@ def test_config_errors_name_the_field():
 
 
 @pytest.mark.parametrize("kw", [dict(method="bt"), dict(method="multi_objective"),
+                                dict(method="user_model", gradient="pcgrad"),
+                                dict(method="user_model", conditioning="soft_prompt",
+                                     freeze_query_encoder=False),
                                 dict(method="vae", sampling="adaptive", contrastive=0.5),
                                 dict(method="vae", freeze_query_encoder=False)])
 def test_spec_steps_and_evaluates_per_user(kw):

@@ -244,6 +244,56 @@ def ultrafeedback(*, weights: dict[str, float] | None = None, user_id: int = UNK
     return map_row
 
 
+HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity", "verbosity")
+HELPSTEER_QUALITY = {"helpfulness": 1.0, "correctness": 1.0, "coherence": 1.0}
+
+
+def helpsteer(*, weights: dict[str, float] | None = None, user_id: int = UNKNOWN_USER,
+              user_text: str | None = None) -> MapRow:
+    """nvidia/HelpSteer: one row per response (`prompt`, `response`, and the five attributes
+    rated 0-4). The dataset lists a prompt's responses on consecutive rows, so the mapper
+    keeps the run of rows of the current prompt and pairs each new response with every
+    earlier one: chosen = the higher `w·ratings` (weights default to equal on helpfulness,
+    correctness and coherence; complexity and verbosity are styles, not quality). Every
+    pair carries all five ratings as scores; a row with a missing or out-of-range rating
+    is quarantined, and so is a pair of equal utility (a tie).
+    """
+    weights = dict(weights or HELPSTEER_QUALITY)
+    unknown = sorted(set(weights) - set(HELPSTEER_ATTRIBUTES))
+    if unknown:
+        raise ValueError(f"helpsteer: weights name unknown attribute(s) {unknown}; "
+                         f"known: {HELPSTEER_ATTRIBUTES}")
+    run: list[tuple[str, dict[str, float]]] = []  # (response, ratings) of the current prompt
+    current: list = [None]
+
+    def map_row(row: dict):
+        ratings = {}
+        for name in HELPSTEER_ATTRIBUTES:
+            value = row.get(name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 4:
+                yield InvalidRecord("unmappable", f"{name}={value!r}: HelpSteer ratings are 0-4")
+                return
+            ratings[name] = float(value)
+        prompt, response = row.get("prompt"), row.get("response")
+        if prompt != current[0]:
+            current[0] = prompt
+            run.clear()
+        utility = sum(w * ratings[a] for a, w in weights.items())
+        for earlier, earlier_ratings in run:
+            other = sum(w * earlier_ratings[a] for a, w in weights.items())
+            if other == utility:
+                yield InvalidRecord("tie", f"two responses of one prompt both have utility {utility}")
+                continue
+            (chosen, cs), (rejected, rs) = sorted(
+                [(response, ratings), (earlier, earlier_ratings)],
+                key=lambda item: -sum(w * item[1][a] for a, w in weights.items()))
+            yield PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, user_id=user_id,
+                                   user_text=user_text, chosen_scores=dict(cs),
+                                   rejected_scores=dict(rs), source="helpsteer")
+        run.append((response, ratings))
+    return map_row
+
+
 def _last_assistant_text(messages, field: str) -> str:
     if not isinstance(messages, list) or not messages or not isinstance(messages[-1], dict):
         raise InvalidRecord("unmappable", f"{field!r} is not a non-empty list of messages")
@@ -428,6 +478,7 @@ def _psoups_file_options(source: str) -> dict:
 SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
     Schema("ultrafeedback", ultrafeedback),
     Schema("ultrafeedback_binarized", ultrafeedback_binarized),
+    Schema("helpsteer", helpsteer),
     Schema("psoups", psoups, uses_user_map=True, source_options=_psoups_file_options),
     Schema("summarize_from_feedback", summarize_from_feedback, uses_user_map=True, hub_config="comparisons"),
     Schema("prism", prism, uses_user_map=True, hub_config="conversations"),

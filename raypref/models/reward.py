@@ -248,3 +248,56 @@ class VAERewardModel(nn.Module):
         z, mu, logvar = self.user_latent(demo_chosen, demo_rejected, mask, generator=generator)
         return (self.reward(chosen["input_ids"], chosen["attention_mask"], z),
                 self.reward(rejected["input_ids"], rejected["attention_mask"], z), mu, logvar)
+
+
+CONDITIONINGS = ("head", "soft_prompt")
+
+
+class PersonalizedRewardModel(nn.Module):
+    """004 §F.2: a personalized RM r(x, y, u) over a P-RLHF user model (`models.user_model`).
+
+    * ``head``: e_u (T_u = 1, dimension = the encoder's hidden size) is the linear head,
+      r = <e_u, h(x, y)> + b with h the pooled last hidden state; works on cached embeddings.
+    * ``soft_prompt``: e_u (T_u tokens) is prepended to the backbone's input embeddings; a
+      shared linear head reads the pooled last hidden state.
+
+    User ids are the user model's indices: 0 is the generic user u_0.
+    """
+
+    def __init__(self, encoder: TextEncoder, user_model, conditioning: str):
+        super().__init__()
+        if conditioning not in CONDITIONINGS:
+            raise ValueError(f"PersonalizedRewardModel: conditioning={conditioning!r}, "
+                             f"expected one of {CONDITIONINGS}")
+        if user_model.embed_dim != encoder.hidden_size:
+            raise ValueError(f"PersonalizedRewardModel: user embeddings have dimension "
+                             f"{user_model.embed_dim}, the encoder {encoder.hidden_size}")
+        if conditioning == "head" and user_model.cfg.n_tokens != 1:
+            raise ValueError(f"PersonalizedRewardModel: a linear-head user embedding is one "
+                             f"vector (n_tokens=1), got n_tokens={user_model.cfg.n_tokens}")
+        self.encoder, self.user_model, self.conditioning = encoder, user_model, conditioning
+        if conditioning == "head":  # the user vector is the head; one shared bias
+            self.bias = nn.Parameter(torch.zeros(1))
+        else:  # a shared head on the user-conditioned hidden states
+            self.head = nn.Linear(encoder.hidden_size, 1)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                user_index: torch.Tensor) -> torch.Tensor:
+        if self.conditioning == "head":
+            return self.score_embedding(self.encoder(input_ids, attention_mask), user_index)
+        prefix = self.user_model(user_index)  # [B, T_u, d]
+        backbone = self.encoder.backbone
+        embeds = torch.cat([prefix.to(backbone.dtype),
+                            backbone.get_input_embeddings()(input_ids)], dim=1)
+        mask = torch.cat([attention_mask.new_ones(prefix.shape[:2]), attention_mask], dim=1)
+        hidden = backbone(inputs_embeds=embeds, attention_mask=mask).last_hidden_state
+        weight = mask.unsqueeze(-1).to(hidden.dtype)
+        return self.head((hidden * weight).sum(1) / weight.sum(1)).squeeze(-1)
+
+    def score_embedding(self, emb: torch.Tensor, user_index: torch.Tensor) -> torch.Tensor:
+        """Linear-head rewards [B] from pooled embeddings [B, hidden] (cached when frozen)."""
+        if self.conditioning != "head":
+            raise ValueError("PersonalizedRewardModel.score_embedding: a soft-prompt user "
+                             "embedding must pass through the backbone; use forward")
+        head = self.user_model(user_index)[:, 0]  # [B, hidden]
+        return (emb * head.to(emb.dtype)).sum(-1) + self.bias

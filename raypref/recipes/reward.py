@@ -1,5 +1,6 @@
 """Recipe: reward models on per-user preference pairs — Bradley-Terry (unconditional),
-multi-objective regression (003 §2.1) and the VAE conditional RM (001 §3.4) with adaptive
+multi-objective regression (003 §2.1), the personalized RM over a P-RLHF user model (004 §F.2:
+α·BT(user) + (1−α)·BT(generic user 0)) and the VAE conditional RM (001 §3.4) with adaptive
 sampling (001 §4.2.2), a contrastive term on latent means (001 eq. 12) and MGDA / PCGrad over
 per-user objectives (001 §4.3). `RewardConfig` + `RewardSpec`, trained by `train.runner.run`;
 `evaluate` gives per-user test accuracy.
@@ -25,24 +26,23 @@ from raypref.algos.gradients import flat_grad, mgda_direction, pcgrad_direction
 from raypref.algos.reward import bt_loss, multi_objective_mse, pair_accuracy, rescale, scalarize
 from raypref.algos.vae import kl_to_standard_normal
 from raypref.data.sampling import AdaptiveSampler, DemonstrationSampler, UniformSampler
-from raypref.data.world import ASPECTS
-from raypref.models.reward import (EncoderConfig, MultiObjectiveRewardModel, ScalarRewardModel,
-                                   VAEConfig, VAERewardModel, build_frozen_encoder,
-                                   build_text_encoder)
-from raypref.recipes.reward_data import (RewardDataConfig, UserPairs, aspect_targets,
-                                         build_pairs, demo_embeddings, load_embeddings,
-                                         pair_embeddings)
+from raypref.models.reward import (CONDITIONINGS, EncoderConfig, MultiObjectiveRewardModel,
+                                   PersonalizedRewardModel, ScalarRewardModel, VAEConfig,
+                                   VAERewardModel, build_frozen_encoder, build_text_encoder)
+from raypref.models.user_model import UserModel, UserModelConfig
+from raypref.recipes.reward_data import (RATINGS, WORLD, RewardDataConfig, UserPairs,
+                                         attribute_targets, build_pairs, demo_embeddings,
+                                         load_embeddings, pair_embeddings)
 from raypref.rewards.load import CONFIG_FILE
 from raypref.train.runner import Optimization
 from raypref.train.spec import LoopSpec, Role, StepContext, save_module
 
-METHODS = ("bt", "multi_objective", "vae")
+METHODS = ("bt", "multi_objective", "user_model", "vae")
 SAMPLINGS = ("uniform", "adaptive")
 GRADIENTS = ("sum", "pcgrad", "mgda")
 ROLE = "reward"
 LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (001 fig. 15)
 LATENT_DRAWS = 20  # demonstration sets per user embedded at each evaluation
-ASPECT_RANGE = (1.0, 5.0)  # the world's aspect scale, rescaled to 0-100 for regression
 
 
 @dataclass
@@ -57,13 +57,18 @@ class RewardTraining(Optimization):
 
 @dataclass
 class RewardConfig:
-    method: str = "vae"                          # bt | multi_objective | vae
+    method: str = "vae"                          # bt | multi_objective | user_model | vae
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(max_length=160))
     # frozen: the query encoder is the frozen demonstration encoder and every pair's
     # embeddings are computed once, so a step trains the heads only (fast on CPU); the
     # issue's acceptance setting fine-tunes it (False)
     freeze_query_encoder: bool = False
     vae: VAEConfig = field(default_factory=VAEConfig)
+    # user_model (004 §F.2): individual e_0 + o_i or cluster V·w_i embeddings, used as the
+    # linear head (n_tokens must be 1) or as a soft prompt of n_tokens tokens
+    user_model: UserModelConfig = field(default_factory=lambda: UserModelConfig(n_tokens=1))
+    conditioning: str = "head"                   # head | soft_prompt
+    alpha: float = 0.5                           # weight of the user term; 1 - alpha: generic
     beta: float = 1e-3                           # KL weight (001 eq. 8: 0 or small)
     sampling: str = "uniform"                    # uniform | adaptive
     adaptive_ratio: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # N_A:N_B:N_C
@@ -80,6 +85,9 @@ class RewardConfig:
                   ("sampling", self.sampling in SAMPLINGS, f"expected one of {SAMPLINGS}"),
                   ("gradient", self.gradient in GRADIENTS, f"expected one of {GRADIENTS}"),
                   ("beta", self.beta >= 0, "must be >= 0"),
+                  ("conditioning", self.conditioning in CONDITIONINGS,
+                   f"expected one of {CONDITIONINGS}"),
+                  ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
                   ("contrastive", self.contrastive >= 0, "must be >= 0"),
                   ("phase_steps", self.phase_steps >= 0, "must be >= 0"),
                   ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
@@ -94,6 +102,18 @@ class RewardConfig:
         if self.method == "multi_objective" and self.gradient != "sum":
             raise ValueError("RewardConfig.gradient: multi_objective regresses attribute scores; "
                              "per-user gradient surgery applies to bt and vae")
+        if self.data.source != WORLD and self.method != "multi_objective":
+            raise ValueError(f"RewardConfig.data.source={self.data.source!r}: real fine-grained "
+                             f"ratings train the multi_objective method, not {self.method!r}")
+        if self.method == "user_model":
+            self.user_model.validate()
+            if self.conditioning == "head" and self.user_model.n_tokens != 1:
+                raise ValueError(f"RewardConfig.user_model.n_tokens={self.user_model.n_tokens}: "
+                                 "a linear-head user embedding is one vector (n_tokens=1)")
+            if self.conditioning == "soft_prompt" and self.freeze_query_encoder:
+                raise ValueError("RewardConfig.conditioning='soft_prompt' passes the user tokens "
+                                 "through the encoder: it cannot use freeze_query_encoder=true "
+                                 "(cached embeddings)")
         self.encoder.validate()
         self.vae.validate()
         self.data.validate()
@@ -172,11 +192,12 @@ class RewardSpec(LoopSpec):
         return {ROLE: Role()}
 
     def build_model(self, role: str = ROLE) -> torch.nn.Module:
-        return build_reward_model(self.cfg)
+        return build_reward_model(self.cfg, users=sorted(self.pairs))
 
     def batches(self, ctx: StepContext) -> Iterator[dict]:
         sampler = self._batch_sampler(ctx.rank, ctx.grad_accum)
-        demo_sampler = self._demo_sampler(self.seed * 1000 + ctx.rank)
+        vae = self.cfg.method == "vae"  # only the VAE reads demonstrations
+        demo_sampler = self._demo_sampler(self.seed * 1000 + ctx.rank) if vae else None
         n_train = sum(len(up.train) for up in self.pairs.values())
         tokenizer_model = ctx.models[ROLE]
         for micro in range(ctx.micro_batches_done, ctx.max_steps * ctx.grad_accum):
@@ -209,9 +230,11 @@ class RewardSpec(LoopSpec):
             batch["chosen"] = encoder.tokenize(prompts, [r.chosen for r in records])
             batch["rejected"] = encoder.tokenize(prompts, [r.rejected for r in records])
         if self.cfg.method == "multi_objective":
+            attributes, scale, _ = RATINGS[self.cfg.data.ratings]
             for side in ("chosen", "rejected"):
-                scores = torch.tensor([aspect_targets(getattr(r, f"{side}_scores")) for r in records])
-                batch[f"{side}_targets"] = rescale(scores, *ASPECT_RANGE)
+                scores = torch.tensor([attribute_targets(getattr(r, f"{side}_scores"), attributes)
+                                       for r in records])
+                batch[f"{side}_targets"] = rescale(scores, *scale)
         return batch
 
     def loss(self, batch: dict, ctx: StepContext):
@@ -220,10 +243,19 @@ class RewardSpec(LoopSpec):
         out = self._forward(model, batch)
         metrics = {"acc": float(pair_accuracy(out["r_chosen"], out["r_rejected"]).mean())}
         if self.cfg.method == "multi_objective":
-            loss = 0.5 * (multi_objective_mse(out["pred_chosen"], batch["chosen_targets"])
-                          + multi_objective_mse(out["pred_rejected"], batch["rejected_targets"]))
+            loss = 0.5 * sum(  # unrated attributes (NaN, e.g. UltraFeedback's "N/A") masked
+                multi_objective_mse(out[f"pred_{side}"], batch[f"{side}_targets"].nan_to_num(),
+                                    mask=~batch[f"{side}_targets"].isnan())
+                for side in ("chosen", "rejected"))
             return loss, {**metrics, "mse": float(loss.detach())}
         per_pair = -torch.nn.functional.logsigmoid(out["r_chosen"] - out["r_rejected"])
+        if self.cfg.method == "user_model" and self.cfg.alpha < 1:
+            # 004 §F.2 (algos.reward.personalized_bt_loss) kept per pair, so that gradient
+            # surgery can split it by user
+            generic = -torch.nn.functional.logsigmoid(out["generic_chosen"] - out["generic_rejected"])
+            per_pair = self.cfg.alpha * per_pair + (1 - self.cfg.alpha) * generic
+            metrics["generic_acc"] = float(pair_accuracy(out["generic_chosen"],
+                                                         out["generic_rejected"]).mean())
         if self.cfg.method == "vae":
             kl = kl_to_standard_normal(out["mu"], out["logvar"])
             per_pair = per_pair + self.cfg.beta * kl
@@ -268,6 +300,8 @@ class RewardSpec(LoopSpec):
                 pc, pr = model(**batch["chosen"]), model(**batch["rejected"])
         if self.cfg.method == "bt":
             return {"r_chosen": pc, "r_rejected": pr}
+        if self.cfg.method == "user_model":
+            return self._forward_user_model(model, batch, cached)
         if self.cfg.method == "multi_objective":
             w = torch.stack([self._user_weights()[int(u)] for u in batch["user_ids"]]).to(pc.device)
             return {"pred_chosen": pc, "pred_rejected": pr,
@@ -282,15 +316,28 @@ class RewardSpec(LoopSpec):
                 "r_rejected": model.reward_from_embedding(batch["rejected_emb"], z),
                 "mu": mu, "logvar": logvar}
 
+    def _forward_user_model(self, model: PersonalizedRewardModel, batch: dict, cached: bool) -> dict:
+        """Rewards under each pair's user and under the generic user 0 (skipped at alpha = 1,
+        where the generic term has no weight)."""
+        index = model.user_model.index(batch["user_ids"].tolist()).to(batch["user_ids"].device)
+        want_generic = self.cfg.alpha < 1.0
+        out = {}
+        for tag, users in (("r", index), ("generic", torch.zeros_like(index)))[:1 + want_generic]:
+            for side in ("chosen", "rejected"):
+                out[f"{tag}_{side}"] = (model.score_embedding(batch[f"{side}_emb"], users) if cached
+                                        else model(**batch[side], user_index=users))
+        return out
+
     def _user_weights(self) -> dict[int, torch.Tensor]:
-        return {uid: torch.tensor([up.user.weights.get(a, 0.0) for a in ASPECTS])
+        attributes = RATINGS[self.cfg.data.ratings][0]
+        return {uid: torch.tensor([up.user.weights.get(a, 0.0) for a in attributes])
                 for uid, up in self.pairs.items()}
 
     def evaluate(self, ctx: StepContext) -> dict[str, float]:
         """Per-user accuracy on the user's test pairs (VAE: fixed demonstrations per query,
         z = mu; multi-objective: scalarized by the user's true weights)."""
         model = ctx.models[ROLE]
-        demo_sampler = self._demo_sampler(seed=10_000 + self.seed)
+        demo_sampler = self._demo_sampler(seed=10_000 + self.seed) if self.cfg.method == "vae" else None
         accs = {}
         for uid, up in self.pairs.items():
             test = up.test[:self.cfg.eval_pairs_per_user]
@@ -332,7 +379,12 @@ class RewardSpec(LoopSpec):
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)
         save_module(models[ROLE], out_dir)
-        (out_dir / CONFIG_FILE).write_text(json.dumps(dataclasses.asdict(self.cfg), indent=1))
+        config = dataclasses.asdict(self.cfg)
+        if self.cfg.method == "user_model":  # the seen users, in index order, to rebuild it
+            config["users"] = list(models[ROLE].user_model.users)
+        if self.cfg.method == "multi_objective":
+            config["attributes"] = list(models[ROLE].attributes)
+        (out_dir / CONFIG_FILE).write_text(json.dumps(config, indent=1))
         if self._latents:
             from safetensors.torch import save_file
             save_file({k: v.contiguous() for k, v in self._latents.items()},
@@ -341,14 +393,20 @@ class RewardSpec(LoopSpec):
 
 # ---------------------------------------------------------------- building models
 
-def build_reward_model(cfg: RewardConfig) -> torch.nn.Module:
+def build_reward_model(cfg: RewardConfig, users: list[int] | None = None) -> torch.nn.Module:
+    """``users``: the seen user ids of a user_model RM (index i+1 each; 0 is generic)."""
     # frozen: the very encoder whose embeddings the spec caches, so the exported model
     # scores raw text exactly as training saw it
     encoder = build_demo_encoder(cfg) if cfg.freeze_query_encoder else build_text_encoder(cfg.encoder)
     if cfg.method == "bt":
         return ScalarRewardModel(encoder)
     if cfg.method == "multi_objective":
-        return MultiObjectiveRewardModel(encoder, ASPECTS)
+        return MultiObjectiveRewardModel(encoder, RATINGS[cfg.data.ratings][0])
+    if cfg.method == "user_model":
+        if not users:
+            raise ValueError("build_reward_model: a user_model RM needs its seen user ids")
+        user_model = UserModel(cfg.user_model, encoder.hidden_size, list(users))
+        return PersonalizedRewardModel(encoder, user_model, cfg.conditioning)
     return VAERewardModel(encoder, demo_dim=encoder.hidden_size, cfg=cfg.vae)
 
 

@@ -4,6 +4,11 @@ world, each user's demonstration pool, and the pool's frozen embeddings (compute
 Populations: "two_user_conflict" (001 §3.5.1: helpfulness-only vs honesty-only, pairs both
 users order alike dropped) or "cluster" (001 §3.3.1's Dirichlet cluster users; ``n_users``
 taken round-robin over the three clusters).
+
+Real fine-grained ratings instead (multi-objective regression, 003 §2.1): ``source`` a local
+file or folder read with the loader ``schema`` (helpsteer | ultrafeedback), validated with a
+quarantine; its pairs belong to one user (id 1) whose weights are the loader's quality
+weights, shuffled by ``world_seed`` and split into test and train pairs.
 """
 from __future__ import annotations
 
@@ -13,11 +18,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from raypref.data.loaders import HELPSTEER_ATTRIBUTES, HELPSTEER_QUALITY, ULTRAFEEDBACK_ASPECTS
 from raypref.data.records import PreferenceRecord
 from raypref.data.users import User, two_user_conflict, ultrafeedback_cluster
 from raypref.data.world import ASPECTS, World
 
 POPULATIONS = ("two_user_conflict", "cluster")
+WORLD = "world"
+# attributes a multi-objective RM regresses, their rating scale (rescaled to 0-100), and the
+# weights of the user a real source's pairs belong to
+RATINGS = {WORLD: (ASPECTS, (1.0, 5.0), None),
+           "ultrafeedback": (ULTRAFEEDBACK_ASPECTS, (1.0, 5.0),
+                             {a: 1.0 for a in ULTRAFEEDBACK_ASPECTS}),
+           "helpsteer": (HELPSTEER_ATTRIBUTES, (0.0, 4.0), HELPSTEER_QUALITY)}
 
 
 @dataclass
@@ -31,8 +44,18 @@ class RewardDataConfig:
     test_pairs_per_user: int = 100
     demo_pool: int = 100          # the first demo_pool train pairs of a user are its pool
     n_demos: int = 8              # demonstrations per query (001 Table 1: 8 of 100)
+    source: str = WORLD           # "world" (simulated users) or a local file / folder of ratings
+    schema: str = "helpsteer"     # loader schema of a real source: helpsteer | ultrafeedback
+    max_quarantine_fraction: float = 0.5  # real source: HelpSteer has many equal-quality ties
+
+    @property
+    def ratings(self) -> str:
+        return WORLD if self.source == WORLD else self.schema
 
     def validate(self) -> None:
+        if self.source != WORLD and self.schema not in set(RATINGS) - {WORLD}:
+            raise ValueError(f"data.schema={self.schema!r}: a real source needs one of "
+                             f"{sorted(set(RATINGS) - {WORLD})}")
         if self.population not in POPULATIONS:
             raise ValueError(f"data.population={self.population!r}: expected one of {POPULATIONS}")
         if self.population == "cluster" and not 2 <= self.n_users <= 99:
@@ -74,6 +97,8 @@ class UserPairs:
 def build_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
     """Deterministic in cfg: the same pairs on every worker and in every rerun."""
     cfg.validate()
+    if cfg.source != WORLD:
+        return real_pairs(cfg)
     world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
     users = population(cfg)
     other = {u.user_id: (users[1 - i] if cfg.population == "two_user_conflict" else None)
@@ -87,9 +112,35 @@ def build_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
     return out
 
 
-def aspect_targets(record_scores: dict[str, float]) -> list[float]:
-    """The four aspect scores of a response (1-5), in ASPECTS order, for regression."""
-    return [record_scores[a] for a in ASPECTS]
+def real_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
+    """One user's pairs from a real ratings file (quarantined rows go to a temp file)."""
+    import hashlib
+    import tempfile
+
+    from raypref.data.loaders import load_validated
+
+    if not Path(cfg.source).exists():
+        raise FileNotFoundError(f"data.source={cfg.source!r}: no such file or folder")
+    _, _, weights = RATINGS[cfg.schema]
+    key = hashlib.sha256(f"{Path(cfg.source).resolve()}:{cfg.schema}".encode()).hexdigest()[:12]
+    quarantine = Path(tempfile.gettempdir()) / "raypref-quarantine" / f"{cfg.schema}-{key}.jsonl"
+    quarantine.parent.mkdir(parents=True, exist_ok=True)
+    records, _ = load_validated(cfg.source, schema=cfg.schema, quarantine_path=quarantine,
+                                max_quarantine_fraction=cfg.max_quarantine_fraction,
+                                weights=weights, user_id=1)
+    if len(records) <= cfg.test_pairs_per_user:
+        raise ValueError(f"data.source={cfg.source!r}: {len(records)} valid pairs, need more "
+                         f"than data.test_pairs_per_user={cfg.test_pairs_per_user}")
+    order = np.random.default_rng(cfg.world_seed).permutation(len(records))
+    shuffled = [records[i] for i in order]
+    test, train = shuffled[:cfg.test_pairs_per_user], shuffled[cfg.test_pairs_per_user:]
+    user = User(1, dict(weights), None, cfg.schema)
+    return {1: UserPairs(user, train[:cfg.train_pairs_per_user], test)}
+
+
+def attribute_targets(record_scores: dict[str, float], attributes) -> list[float]:
+    """A response's ratings in ``attributes`` order, NaN where unrated, for regression."""
+    return [float(record_scores.get(a, float("nan"))) for a in attributes]
 
 
 def pair_embeddings(records: list[PreferenceRecord], encoder) -> torch.Tensor:

@@ -7,6 +7,7 @@ a clear error for a user it cannot serve; none returns a score for a different u
 """
 from __future__ import annotations
 
+import numbers
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Sequence
@@ -43,11 +44,24 @@ class UserRef:
         if len(given) != 1:
             raise ValueError(f"UserRef: give exactly one of user_id, weights, demonstrations; "
                              f"got {given or 'none'}")
+        # checked here, not only in the constructors below, so no path builds a bad UserRef
+        uid = self.user_id
+        if uid is not None and (isinstance(uid, bool) or not isinstance(uid, int) or uid < 0):
+            raise ValueError(f"UserRef.user_id must be an int >= 0, got {uid!r}")
+        if self.weights is not None and (
+                not self.weights or not all(isinstance(w, numbers.Real) and not isinstance(w, bool)
+                                            and np.isfinite(w)
+                                            for w in self.weights)):
+            raise ValueError(f"UserRef.weights must be non-empty and finite, got {self.weights!r}")
+        if self.demonstrations is not None:
+            if not self.demonstrations:
+                raise ValueError("UserRef.demonstrations: the demonstration set is empty")
+            bad = [type(d).__name__ for d in self.demonstrations if not isinstance(d, PreferenceRecord)]
+            if bad:
+                raise ValueError(f"UserRef.demonstrations must be PreferenceRecords, got {bad[:3]}")
 
     @classmethod
     def by_id(cls, user_id: int) -> "UserRef":
-        if isinstance(user_id, bool) or not isinstance(user_id, int) or user_id < 0:
-            raise ValueError(f"UserRef.by_id: user_id must be an int >= 0, got {user_id!r}")
         return cls(user_id=user_id)
 
     @classmethod
@@ -56,15 +70,10 @@ class UserRef:
 
     @classmethod
     def by_weights(cls, weights: Sequence[float]) -> "UserRef":
-        values = tuple(float(w) for w in weights)
-        if not values or not all(torch.isfinite(torch.tensor(values))):
-            raise ValueError(f"UserRef.by_weights: weights must be non-empty and finite, got {weights!r}")
-        return cls(weights=values)
+        return cls(weights=tuple(float(w) for w in weights))
 
     @classmethod
     def by_demonstrations(cls, records: Sequence[PreferenceRecord]) -> "UserRef":
-        if not records:
-            raise ValueError("UserRef.by_demonstrations: the demonstration set is empty")
         return cls(demonstrations=tuple(records))
 
     @property

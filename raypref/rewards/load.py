@@ -9,11 +9,12 @@ from typing import Sequence
 
 from raypref.data.records import PreferenceRecord
 from raypref.data.world import ASPECTS
-from raypref.models.reward import (EncoderConfig, MultiObjectiveRewardModel, ScalarRewardModel,
-                                   VAEConfig, VAERewardModel, build_frozen_encoder,
-                                   build_text_encoder)
+from raypref.models.reward import (EncoderConfig, MultiObjectiveRewardModel,
+                                   PersonalizedRewardModel, ScalarRewardModel, VAEConfig,
+                                   VAERewardModel, build_frozen_encoder, build_text_encoder)
+from raypref.models.user_model import UserModel, UserModelConfig
 from raypref.rewards.base import RewardFunction
-from raypref.rewards.models import BTReward, MultiObjectiveReward, VAEReward
+from raypref.rewards.models import BTReward, MultiObjectiveReward, PersonalizedReward, VAEReward
 
 CONFIG_FILE, WEIGHTS_FILE = "reward_config.json", "model.safetensors"
 
@@ -23,7 +24,7 @@ def load_reward_function(path: str | Path, *, user_weights: dict[int, Sequence[f
                          fallback_to_generic: bool = False) -> RewardFunction:
     """The reward function of a trained model folder. ``user_weights`` (multi-objective) and
     ``user_demos`` (vae) register users by id; ``fallback_to_generic`` lets the unconditional
-    BT model score any user as the generic one."""
+    BT model, and a user-model RM for ids it has not seen, score a user as the generic one."""
     from safetensors.torch import load_file
 
     folder = Path(path)
@@ -38,7 +39,10 @@ def load_reward_function(path: str | Path, *, user_weights: dict[int, Sequence[f
     if method == "bt":
         model = ScalarRewardModel(encoder)
     elif method == "multi_objective":
-        model = MultiObjectiveRewardModel(encoder, ASPECTS)
+        model = MultiObjectiveRewardModel(encoder, cfg.get("attributes", ASPECTS))
+    elif method == "user_model":
+        users = UserModel(UserModelConfig(**cfg["user_model"]), encoder.hidden_size, cfg["users"])
+        model = PersonalizedRewardModel(encoder, users, cfg["conditioning"])
     elif method == "vae":
         model = VAERewardModel(encoder, encoder.hidden_size, VAEConfig(**cfg["vae"]))
     else:
@@ -50,6 +54,8 @@ def load_reward_function(path: str | Path, *, user_weights: dict[int, Sequence[f
     model.eval().requires_grad_(False)
     if method == "bt":
         return BTReward(model, fallback_to_generic=fallback_to_generic)
+    if method == "user_model":
+        return PersonalizedReward(model, fallback_to_generic=fallback_to_generic)
     if method == "multi_objective":
         return MultiObjectiveReward(model, user_weights)
     return VAEReward(model, build_frozen_encoder(encoder_cfg), cfg["data"]["n_demos"], user_demos)

@@ -5,6 +5,10 @@
 * `MultiObjectiveReward`: scalarizes its per-attribute outputs with the user's weights
   (a vector, an id looked up in ``user_weights``, uniform for the generic user, or fitted
   to demonstrations by BT likelihood on the predicted attribute differences).
+* `PersonalizedReward` (004 §F.2): the user's learned embedding e_u by id; the generic user
+  (id 0) gets e_0. An id the user model has not seen raises, or, only when built with
+  ``fallback_to_generic=True``, is scored as the generic user (P-RLHF's rule for unseen
+  users). Weight vectors and demonstrations are not understood and raise.
 * `VAEReward`: infers z from demonstrations (at least the N it was trained with): given
   ones, or the first N of a registered user's pool. The generic user gets the prior mean
   z = 0. Weight vectors are not understood by a VAE RM and raise.
@@ -16,8 +20,8 @@ from typing import Sequence
 import torch
 
 from raypref.data.records import PreferenceRecord
-from raypref.models.reward import (MultiObjectiveRewardModel, ScalarRewardModel, TextEncoder,
-                                   VAERewardModel, embed_frozen)
+from raypref.models.reward import (MultiObjectiveRewardModel, PersonalizedRewardModel,
+                                   ScalarRewardModel, TextEncoder, VAERewardModel, embed_frozen)
 from raypref.rewards.base import (RewardFunction, UnknownUserError, UnsupportedUserError,
                                   UserRef, fit_weights)
 
@@ -96,6 +100,36 @@ class MultiObjectiveReward(RewardFunction):
 
     def _score(self, prompts, responses, user):
         return self.attribute_scores(prompts, responses) @ self.weights_for(user)
+
+
+class PersonalizedReward(RewardFunction):
+    def __init__(self, model: PersonalizedRewardModel, fallback_to_generic: bool = False):
+        self.model, self.fallback_to_generic = model, fallback_to_generic
+
+    def user_index(self, user: UserRef) -> int:
+        if user.demonstrations is not None:
+            raise UnsupportedUserError("PersonalizedReward: a user-model RM knows users by id; "
+                                       "it does not read demonstrations")
+        seen = self.model.user_model.users
+        if user.user_id not in seen and not user.is_generic and not self.fallback_to_generic:
+            raise UnknownUserError(f"PersonalizedReward: unknown user id {user.user_id}; known: "
+                                   f"{sorted(seen)} and 0 (generic); build it with "
+                                   "fallback_to_generic=True to score unseen users as generic")
+        return int(self.model.user_model.index([user.user_id])[0])
+
+    def _score(self, prompts, responses, user):
+        index = self.user_index(user)
+
+        def run():
+            out = []
+            for i in range(0, len(prompts), _CHUNK):
+                tokens = _encode(self.model.encoder, self.model, prompts[i:i + _CHUNK],
+                                 responses[i:i + _CHUNK])
+                users = torch.full((tokens["input_ids"].shape[0],), index, dtype=torch.long,
+                                   device=_device(self.model))
+                out.append(self.model(**tokens, user_index=users))
+            return torch.cat(out) if out else torch.zeros(0)
+        return _in_eval(self.model, run)
 
 
 class VAEReward(RewardFunction):

@@ -1,0 +1,50 @@
+"""The comparison table's arithmetic (001 Tables 2-4) on known histories."""
+import sys
+from pathlib import Path
+
+import pytest
+
+from raypref.experiments.reward_comparison import (ARMS, format_table, steps_to_fraction,
+                                                   summarize)
+
+
+def _history(accs, worst=0.4, every=10):
+    rows = []
+    for i, acc in enumerate(accs, start=1):
+        rows.append({"step": i * every - 5, "loss": 1.0})  # a log-only row: no evaluation
+        rows.append({"step": i * every, "eval.acc.mean": acc, "eval.acc.min": worst})
+    return rows
+
+
+def test_steps_to_95_percent_of_final():
+    curve = [(10, 0.5), (20, 0.7), (30, 0.86), (40, 0.9)]
+    assert steps_to_fraction(curve) == 30  # 0.86 >= 0.95 * 0.9 = 0.855; 0.7 is not
+    assert steps_to_fraction([(10, 0.5)]) == 10
+    with pytest.raises(ValueError, match="no evaluation"):
+        steps_to_fraction([])
+
+
+def test_summary_rows():
+    runs = {"BT": [_history([0.5, 0.52]), _history([0.5, 0.48])],
+            "VAE": [_history([0.6, 0.9, 0.9]), _history([0.5, 0.55, 0.59]), _history([0.7, 0.8, 0.95])]}
+    rows = summarize(runs, {"BT": [10.0, 12.0], "VAE": [30.0, 30.0, 33.0]})
+    bt, vae = rows
+    assert bt["acc_mean"] == pytest.approx(0.5) and bt["acc_std"] == pytest.approx(0.02 ** 0.5 * 0.2)
+    assert bt["converged"] == 0 and bt["runs"] == 2 and bt["seconds_per_run"] == 11.0
+    assert vae["converged"] == 2  # 0.9 and 0.95 pass 0.6; 0.59 does not
+    assert vae["steps95_mean"] == pytest.approx((20 + 30 + 30) / 3)  # .9>=.855; .55<.5605; .8<.9025
+    table = format_table(rows)
+    assert "| VAE | 0.813 ± 0.195 | 2/3 | 27 ± 6 | 0.400 | 31 |" in table
+
+
+def test_arm_configs_set_every_knob(tmp_path):
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from jobs.reward_compare import RewardCompareConfig, arm_config
+
+    base = RewardCompareConfig(contrastive=0.5, gradient="mgda", output_dir=str(tmp_path))
+    bt = arm_config(base, "BT", 4)
+    assert (bt.method, bt.contrastive, bt.gradient, bt.seed) == ("bt", 0.0, "sum", 4)
+    assert arm_config(base, "VAE+PCGrad", 0).gradient == "pcgrad"
+    assert set(ARMS) == {"BT", "VAE", "VAE+adaptive", "VAE+contrastive", "VAE+PCGrad"}
+    with pytest.raises(ValueError, match="arms=\\['GPT'\\]"):
+        RewardCompareConfig(arms=["GPT"]).validate()

@@ -38,10 +38,56 @@ def test_ppo_is_a_per_preference_recipe_for_soups(tiny_base):
     assert spec.prompts == ["q one", "q two"] and spec.max_length == 96 and spec.lora == training.lora
     reward = spec.build_model("reward")
     assert reward.weights == {"verbosity": -1.0}  # P2A: concise
-    with pytest.raises(ValueError, match="P-MORL"):
-        recipe("ppo").per_preference(training, tiny_base, "P-MORL", pairs, 0)
+    with pytest.raises(ValueError, match="P-MORL: 3 pairs name no combination"):
+        recipe("ppo").per_preference(training, tiny_base, "P-MORL", pairs, 0)  # P-MORL pairs carry it
     with pytest.raises(ValueError, match="training.rollout_size"):
         recipe("ppo").per_preference(DPOConfig(micro_batch_size=32), tiny_base, "P2A", pairs, 0)
+
+
+def test_soups_ppo_section_trains_each_policy_when_algo_is_ppo():
+    """`--algo ppo` trains with the soups config's `ppo` section (a PPOConfig), the DPO `training`
+    section otherwise; the runs' key follows the section in use; bad PPO fields name `ppo.`."""
+    from raypref.config import parse_args
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.training import training_key
+    from raypref.recipes.dpo import DPOConfig
+    from raypref.recipes.ppo import PPOConfig
+
+    cfg = parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.kl_coef", "0.2", "--ppo.steps", "12"])
+    assert isinstance(cfg.policy_training, PPOConfig) and cfg.policy_training.kl_coef == 0.2
+    assert isinstance(SoupsConfig().policy_training, DPOConfig)
+    assert training_key(cfg) != training_key(parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.steps", "12"]))
+    # a PPO field does not move the DPO runs
+    assert training_key(SoupsConfig()) == training_key(parse_args(SoupsConfig, ["--ppo.kl_coef", "0.2"]))
+    with pytest.raises(ValueError, match="ppo.rollout_size"):
+        parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.micro_batch_size", "32"])
+    parse_args(SoupsConfig, ["--ppo.micro_batch_size", "32"])  # not in use with algo=dpo: not checked
+
+
+def test_ppo_pmorl_reward_follows_each_prompts_combination(tiny_base):
+    """P-MORL under PPO: each pair's prompt names a combination (user_text) and is rewarded by that
+    combination's mean preference, so the same friendly response scores high for P3A, low for P3B."""
+    import numpy as np
+
+    from raypref.data.records import PreferenceRecord
+    from raypref.data.world import World
+    from raypref.recipes import recipe
+    from raypref.recipes.ppo import PMORL, PPOConfig, combination_weights
+
+    assert combination_weights(["P1A", "P2B", "P3A"]) == pytest.approx(
+        {"expertise": -1 / 3, "verbosity": 1 / 3, "style": 1 / 6})
+    world = World(seed=0)
+    friendly = next(r for r in world.sft_corpus(200, np.random.default_rng(0))
+                    if world.judge(r[1])["style"] > 0.4)[1]
+    pairs = [PreferenceRecord("q a", "x", "y", user_text="P1A+P2A+P3A"),
+             PreferenceRecord("q b", "x", "y", user_text="P1A+P2A+P3B")]
+    spec = recipe("ppo").per_preference(PPOConfig(), tiny_base, PMORL, pairs, 0)
+    reward = spec.build_model("reward")
+    high, low = reward.score(["q a", "q b"], [friendly, friendly]).tolist()
+    assert high - low == pytest.approx(2 * world.judge(friendly)["style"] / 6)
+    with pytest.raises(ValueError, match="no weights for prompt 'q c'"):
+        reward.score(["q c"], [friendly])
+    assert "per-prompt weights (2 prompts)" in spec.policy_info()["reward"]
 
 
 def test_ppo_export_is_a_soups_policy(tiny_base, tmp_path):

@@ -5,9 +5,10 @@
 One iteration = one rollout (generate with the actor, score with the world judge, then the
 log-prob / value / GAE passes that build the buffer) + the optimizer steps it feeds
 (ppo_epochs x rollout_size / micro_batch_size micro-batches: actor + critic forward, backward,
-AdamW). Uses PPOConfig's defaults; without --base, a fresh tiny GPT-2 over the world's
-vocabulary (the default SFT model's shape). Prints each phase's seconds and share of the
-iteration: generation's share is the figure to beat.
+AdamW). Uses PPOConfig's defaults; without --base, the default world's SFT warm start (what
+jobs/ppo.py trains from; reused from outputs/sft when cached, else trained first, ~2 min), with
+--base fresh an untrained tiny GPT-2 of the same shape (its responses run to max length).
+Prints each phase's seconds and share of the iteration: generation's share is the figure to beat.
 """
 from __future__ import annotations
 
@@ -47,7 +48,8 @@ class Timer:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--base", default="", help="a saved base policy folder ('' = fresh tiny GPT-2)")
+    parser.add_argument("--base", default="", help="a saved base policy folder ('' = the SFT warm start, "
+                        "'fresh' = an untrained tiny GPT-2)")
     parser.add_argument("--iterations", type=int, default=3)
     parser.add_argument("--preference", default="P3A")
     args = parser.parse_args()
@@ -56,6 +58,10 @@ def main() -> None:
     world = World(seed=0)
     base = args.base
     if not base:
+        from raypref.recipes.sft import SFTConfig, train_sft
+
+        base = str(train_sft(SFTConfig()))
+    elif base == "fresh":
         tokenizer = build_tokenizer(ModelConfig(), world.vocabulary())
         torch.manual_seed(0)
         base = str(save_pretrained_safetensors(build_policy(ModelConfig(), tokenizer), tokenizer,

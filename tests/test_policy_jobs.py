@@ -38,10 +38,56 @@ def test_ppo_is_a_per_preference_recipe_for_soups(tiny_base):
     assert spec.prompts == ["q one", "q two"] and spec.max_length == 96 and spec.lora == training.lora
     reward = spec.build_model("reward")
     assert reward.weights == {"verbosity": -1.0}  # P2A: concise
-    with pytest.raises(ValueError, match="P-MORL"):
-        recipe("ppo").per_preference(training, tiny_base, "P-MORL", pairs, 0)
+    with pytest.raises(ValueError, match="P-MORL: 3 pairs name no combination"):
+        recipe("ppo").per_preference(training, tiny_base, "P-MORL", pairs, 0)  # P-MORL pairs carry it
     with pytest.raises(ValueError, match="training.rollout_size"):
         recipe("ppo").per_preference(DPOConfig(micro_batch_size=32), tiny_base, "P2A", pairs, 0)
+
+
+def test_soups_ppo_section_trains_each_policy_when_algo_is_ppo():
+    """`--algo ppo` trains with the soups config's `ppo` section (a PPOConfig), the DPO `training`
+    section otherwise; the runs' key follows the section in use; bad PPO fields name `ppo.`."""
+    from raypref.config import parse_args
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.training import training_key
+    from raypref.recipes.dpo import DPOConfig
+    from raypref.recipes.ppo import PPOConfig
+
+    cfg = parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.kl_coef", "0.2", "--ppo.steps", "12"])
+    assert isinstance(cfg.policy_training, PPOConfig) and cfg.policy_training.kl_coef == 0.2
+    assert isinstance(SoupsConfig().policy_training, DPOConfig)
+    assert training_key(cfg) != training_key(parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.steps", "12"]))
+    # a PPO field does not move the DPO runs
+    assert training_key(SoupsConfig()) == training_key(parse_args(SoupsConfig, ["--ppo.kl_coef", "0.2"]))
+    with pytest.raises(ValueError, match="ppo.rollout_size"):
+        parse_args(SoupsConfig, ["--algo", "ppo", "--ppo.micro_batch_size", "32"])
+    parse_args(SoupsConfig, ["--ppo.micro_batch_size", "32"])  # not in use with algo=dpo: not checked
+
+
+def test_ppo_pmorl_reward_follows_each_prompts_combination(tiny_base):
+    """P-MORL under PPO: each pair's prompt names a combination (user_text) and is rewarded by that
+    combination's mean preference, so the same friendly response scores high for P3A, low for P3B."""
+    import numpy as np
+
+    from raypref.data.records import PreferenceRecord
+    from raypref.data.world import World
+    from raypref.recipes import recipe
+    from raypref.recipes.ppo import PMORL, PPOConfig, combination_weights
+
+    assert combination_weights(["P1A", "P2B", "P3A"]) == pytest.approx(
+        {"expertise": -1 / 3, "verbosity": 1 / 3, "style": 1 / 6})
+    world = World(seed=0)
+    friendly = next(r for r in world.sft_corpus(200, np.random.default_rng(0))
+                    if world.judge(r[1])["style"] > 0.4)[1]
+    pairs = [PreferenceRecord("q a", "x", "y", user_text="P1A+P2A+P3A"),
+             PreferenceRecord("q b", "x", "y", user_text="P1A+P2A+P3B")]
+    spec = recipe("ppo").per_preference(PPOConfig(), tiny_base, PMORL, pairs, 0)
+    reward = spec.build_model("reward")
+    high, low = reward.score(["q a", "q b"], [friendly, friendly]).tolist()
+    assert high - low == pytest.approx(2 * world.judge(friendly)["style"] / 6)
+    with pytest.raises(ValueError, match="no weights for prompt 'q c'"):
+        reward.score(["q c"], [friendly])
+    assert "per-prompt weights (2 prompts)" in spec.policy_info()["reward"]
 
 
 def test_ppo_export_is_a_soups_policy(tiny_base, tmp_path):
@@ -79,28 +125,60 @@ def test_job_configs_name_bad_fields():
         PPOJobConfig(preference="P9Z").validate()
 
 
+@pytest.fixture(scope="module")
+def warm_base(tmp_path_factory):
+    """The tiny policy warm-started on the world's corpus for 150 steps (in-process, seconds): PPO
+    needs a base that already writes the world's openers and closers to move their mix (on an
+    untrained base the style reward did not rise)."""
+    import numpy as np
+
+    from raypref.algos.sft import sft_loss
+    from raypref.data.world import World
+    from raypref.models.factory import (ModelConfig, build_policy, build_tokenizer, encode_example,
+                                        save_pretrained_safetensors)
+    from raypref.recipes.sft import collate
+
+    world = World(seed=0)
+    tokenizer = build_tokenizer(ModelConfig(), world.vocabulary())
+    torch.manual_seed(0)
+    model = build_policy(ModelConfig(n_layer=1, n_embd=64, n_head=2), tokenizer)
+    examples = [encode_example(tokenizer, p, r, 128) for p, r in world.sft_corpus(1000, np.random.default_rng(0))]
+    optimizer, rng = torch.optim.AdamW(model.parameters(), lr=3e-3), np.random.default_rng(0)
+    for _ in range(150):
+        batch = collate([examples[i] for i in rng.integers(len(examples), size=16)], tokenizer.pad_token_id)
+        logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return str(save_pretrained_safetensors(model, tokenizer, tmp_path_factory.mktemp("warm") / "base"))
+
+
 @pytest.mark.slow
-def test_ppo_through_runner_with_world_judge_reward(ray_local, tiny_base, tmp_path):
+def test_ppo_through_runner_raises_the_world_judge_reward(ray_local, warm_base, tmp_path):
     """P3A (friendly style) judged by the world, through Ray Train + DeepSpeed: four roles (actor
-    and critic as engines, reference and reward frozen), reward and KL to the reference in every
-    step's metrics, KL 0 on the first rollout (the LoRA starts as the reference) and > 0 once the
-    actor moved, and the soups-style export.
-    NOT checked here: that the reward rises (on this untrained tiny base it did not within 40
-    steps; see the branch report)."""
+    and critic as engines, reference and reward frozen); the mean reward of the last two rollouts
+    beats the first two's by a clear margin (measured: about -0.1 -> +0.3 in process), KL to the
+    reference is 0 on the first rollout (the LoRA starts as the reference) and grows as the actor
+    moves; the soups-style export."""
     from raypref.data.world import World
     from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
     from raypref.train.runner import RunnerConfig, run
 
-    spec = PPOSpec(tiny_base, World(seed=0).prompts(32), functools.partial(WorldJudgeReward, {"style": 1.0}),
-                   rollout_size=16, ppo_epochs=2, max_new_tokens=8, kl_coef=0.01, kl_target=None)
-    cfg = RunnerConfig(num_workers=1, zero_stage=0, lr=2e-2, warmup_steps=1, schedule="warmup_constant",
-                       max_steps=8, micro_batch_size=16, checkpoint_every=8, log_every=4,
+    spec = PPOSpec(warm_base, World(seed=0).prompts(64), functools.partial(WorldJudgeReward, {"style": 1.0}),
+                   rollout_size=16, ppo_epochs=2, max_new_tokens=32)
+    cfg = RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=2, schedule="warmup_constant",
+                       max_steps=32, micro_batch_size=8, checkpoint_every=32, log_every=8,
                        storage_path=str(tmp_path), name="ppo")
     result = run(spec, cfg)
     rows = result.metrics
-    assert len(rows) == 8 and {"reward/score", "kl/per_response", "kl/coef", "loss.actor", "loss.critic"} <= set(rows[0])
+    assert len(rows) == 32 and {"reward/score", "kl/per_response", "kl/coef", "loss.actor", "loss.critic"} <= set(rows[0])
+    # a rollout feeds 4 steps (2 epochs x 16 / 8): the first and last 8 steps are two rollouts each
+    first = sum(r["reward/score"] for r in rows[:8]) / 8
+    last = sum(r["reward/score"] for r in rows[-8:]) / 8
+    assert last > first + 0.15, (first, last)
     assert abs(rows[0]["kl/per_response"]) < 1e-5 and rows[0]["policy/approx_kl"] < 1e-8
-    assert rows[-1]["kl/per_response"] != 0.0 and rows[-1]["policy/approx_kl"] > 0.0
+    assert rows[-1]["kl/per_response"] > 0.5  # per response, summed over its tokens
     # the actor's adapter at the top (soups merge it like a DPO policy's), the critic beside it
     assert (result.export_path / "adapter_model.safetensors").exists()
     assert (result.export_path / "critic" / "model.safetensors").exists()
@@ -144,3 +222,29 @@ def test_pdpo_job_through_runner_reports_accuracies_and_reloads(ray_local, tiny_
     report = spec.evaluate_pairs(reloaded, held_out)
     assert report["acc/top"] == pytest.approx(s["accuracy_top"])
     assert report["acc/generic"] == pytest.approx(s["accuracy_generic"])
+
+
+@pytest.mark.slow
+def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, tmp_path):
+    """jobs/rsf.py's library entry on a tiny base for two short iterations: the base gains the
+    direction prompt's tokens, training runs through the runner, and the sweep reports length and
+    both objectives per direction for the base and the trained policy."""
+    from raypref.config import parse_args
+    from raypref.experiments.policy import RSFJobConfig, train_rsf
+    from raypref.models.factory import load_pretrained
+    from raypref.recipes.rsf import spelled_direction
+
+    argv = ["--base_policy", tiny_base, "--output_dir", str(tmp_path), "--n_samples", "2",
+            "--directions_per_prompt", "1", "--prompts_per_iteration", "2", "--steps_per_iteration", "2",
+            "--training.steps", "4", "--training.micro_batch_size", "2", "--training.warmup_steps", "1",
+            "--resources.checkpoint_every", "4", "--max_new_tokens", "6", "--n_prompts", "8",
+            "--n_original", "20", "--eval_directions", "2", "--eval_prompts", "2"]
+    s = train_rsf(parse_args(RSFJobConfig, argv)).summary  # what jobs/rsf.py runs
+    assert s["steps"] == 4 and s["iterations"] == 2
+    for label in ("base", "policy"):
+        rows = s["sweep"][label]
+        assert [r["direction"] for r in rows] == [[1.0, 0.0], [0.7071, -0.7071]]
+        assert all({"length", "helpfulness", "verbosity", "v_dot_r"} <= set(r) for r in rows)
+    _, tokenizer = load_pretrained(s["policy_dir"])
+    ids = tokenizer(spelled_direction([0.8, -0.6], ["helpfulness", "verbosity"]))["input_ids"]
+    assert tokenizer.unk_token_id not in ids  # the policy's tokenizer reads the direction

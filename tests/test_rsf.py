@@ -103,3 +103,37 @@ def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
     # resumed at the start of iteration 2: the same dataset is sampled again (seeded generation)
     fresh = _spec(sft_dir)
     assert torch.equal(next(fresh.batches(_ctx(fresh, step=3)))["input_ids"], third["input_ids"])
+
+
+def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(sft_dir):
+    """The tiny tokenizer has no digits: 003's system prompt would read as <unk>s. Spelled token by
+    token and with the missing words added (embeddings grown), every token is known and two
+    directions give different ids."""
+    from raypref.models.factory import extend_vocabulary, load_pretrained
+    from raypref.recipes.rsf import spelled_direction
+
+    model, tokenizer = load_pretrained(sft_dir)
+    objectives = ["helpfulness", "verbosity"]
+    a, b = spelled_direction([0.8, -0.6], objectives), spelled_direction([0.97, -0.24], objectives)
+    assert "helpfulness * 0 . 8 - verbosity * 0 . 6" in a
+    assert tokenizer.unk_token_id in tokenizer(a)["input_ids"]  # before: digits are unknown
+    n = len(tokenizer)
+    added = extend_vocabulary(model, tokenizer, sorted(set(a.split()) | set(b.split()) | set("0123456789")))
+    assert "8" in added and "you" not in added  # only what was missing
+    assert len(tokenizer) == n + len(added) == model.get_input_embeddings().weight.shape[0]
+    ids_a, ids_b = tokenizer(a)["input_ids"], tokenizer(b)["input_ids"]
+    assert tokenizer.unk_token_id not in ids_a + ids_b and ids_a != ids_b
+    assert extend_vocabulary(model, tokenizer, ["8"]) == []
+    model(input_ids=torch.tensor([ids_a]))  # the grown embeddings take the new ids
+
+
+def test_world_objectives_are_on_one_scale():
+    from raypref.data.world import World
+    from raypref.recipes.rsf import WorldObjectives
+
+    reward = WorldObjectives(["helpfulness", "verbosity"])
+    prompt = World(seed=0).prompts(1)[0]
+    short, long = reward.score_objectives([prompt, prompt], ["ok .", " ".join(["the answer"] * 60)])
+    assert ((0 <= short) & (short <= 1)).all() and long[1] > short[1]  # verbosity grows with length
+    with pytest.raises(ValueError, match="charm"):
+        WorldObjectives(["charm", "verbosity"])

@@ -77,6 +77,13 @@ def direction_system_prompt(direction: Sequence[float], objectives: Sequence[str
     return f"You are a helpful assistant. Your response should maximize weighted rating = {rating}"
 
 
+def spelled(text: str) -> str:
+    """``text`` with every digit and operator (``0-9 . * + - =``) as its own whitespace-separated
+    token, so a word-level tokenizer can read the numbers of a direction system prompt."""
+    out = "".join(f" {c} " if c.isdigit() or c in ".*+-=" else c for c in text)
+    return " ".join(out.split())
+
+
 def prompt_half(prompts: Sequence, iteration: int) -> list:
     """The half of the prompts used at ``iteration`` (1-based): odd iterations take the first
     half, even ones the second, so each iteration samples prompts the last policy never saw."""

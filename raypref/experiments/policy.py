@@ -18,6 +18,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from raypref import tracking
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
@@ -263,3 +265,153 @@ def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
         tracking.log_dict(summary, SUMMARY_FILE)
         return PDPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))
+
+
+# ---------------------------------------------------------------- DPA rejection sampling
+
+def _rsf_training() -> Optimization:
+    return Optimization(steps=90, micro_batch_size=8, lr=5e-4, warmup_steps=5)
+
+
+def _rsf_resources() -> Resources:
+    return Resources(num_workers=1, cpus_per_worker=1.0, zero_stage=0, checkpoint_every=30)
+
+
+@dataclass
+class RSFJobConfig:
+    """DPA (seed 003): rejection-sampling fine-tuning on directions v over two objectives judged by
+    the simulated world, with v written in the system prompt; then the direction sweep."""
+
+    objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
+    n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (003: 16)
+    directions_per_prompt: int = 4  # 003: 5
+    prompts_per_iteration: int = 24
+    steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
+    replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
+    max_new_tokens: int = 64
+    max_length: int = 192
+    n_prompts: int = 256  # training prompts (two halves, alternating by iteration)
+    n_original: int = 1000  # original pairs to replay from (the world's SFT corpus)
+    eval_directions: int = 4  # evenly spaced from (1, 0) to (√2/2, −√2/2)
+    eval_prompts: int = 32  # held-out prompts per direction
+    output_dir: str = "outputs/rsf"
+    run_name: str = "rsf"  # an existing name resumes that run
+    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
+    sft: SFTConfig = field(default_factory=SFTConfig)
+    training: Optimization = field(default_factory=_rsf_training)
+    resources: Resources = field(default_factory=_rsf_resources)
+    seed: int = 0
+    restart: bool = False
+
+    def validate(self) -> None:
+        from raypref.data.labelling import ATTRIBUTE_RANGES
+
+        self.training.validate("RSFJobConfig.training")
+        self.resources.validate("RSFJobConfig.resources")
+        if not self.base_policy:
+            self.sft.validate()
+        checks = [("objectives", len(self.objectives) == 2 and set(self.objectives) <= set(ATTRIBUTE_RANGES),
+                   f"must be two judged attributes of {sorted(ATTRIBUTE_RANGES)}"),
+                  ("n_samples", self.n_samples >= 2, "must be >= 2"),
+                  ("directions_per_prompt", self.directions_per_prompt >= 1, "must be >= 1"),
+                  ("prompts_per_iteration", self.prompts_per_iteration >= 1, "must be >= 1"),
+                  ("steps_per_iteration", self.steps_per_iteration >= 1, "must be >= 1"),
+                  ("replay_fraction", 0.0 <= self.replay_fraction < 1.0, "must be in [0, 1)"),
+                  ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
+                  ("n_prompts", self.n_prompts >= 2, "must be >= 2 (two halves)"),
+                  ("n_original", self.n_original >= 1, "must be >= 1"),
+                  ("eval_directions", self.eval_directions >= 2, "must be >= 2"),
+                  ("eval_prompts", self.eval_prompts >= 1, "must be >= 1"),
+                  ("run_name", bool(self.run_name) and "/" not in self.run_name, "must be a folder name")]
+        for name, ok, rule in checks:
+            if not ok:
+                raise ValueError(f"RSFJobConfig.{name}={getattr(self, name)!r}: {rule}")
+
+
+@dataclass
+class RSFJobResult:
+    output_dir: Path
+    policy_dir: Path
+    summary: dict
+    run_id: str
+    tracking_uri: str
+
+
+def direction_sweep(model, tokenizer, world: World, objectives: list[str], directions, prompts: list[str],
+                    max_new_tokens: int, seed: int) -> list[dict]:
+    """Per direction: mean response length (words) and mean judged objectives on ``prompts``, each
+    prompt preceded by the direction's system prompt (the same sampling seed for every direction)."""
+    from raypref.recipes.rsf import WorldObjectives, spelled_direction
+
+    judge = WorldObjectives(objectives, world.seed)
+    rows = []
+    for v in directions:
+        v = [round(float(x), 4) for x in v]
+        queries = [f"{spelled_direction(v, objectives)} {p}" for p in prompts]
+        responses = generate(model, tokenizer, queries, max_new_tokens, greedy=False, seed=seed)
+        raw = [world.judge(r, p) for p, r in zip(prompts, responses)]
+        rows.append({"direction": v, "length": sum(len(r.split()) for r in responses) / len(responses),
+                     **{o: sum(s[o] for s in raw) / len(raw) for o in objectives},
+                     "v_dot_r": float((judge.score_objectives(prompts, responses) @ torch.tensor(v)).mean())})
+    return rows
+
+
+def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
+    import functools
+    import math
+
+    import numpy as np
+
+    from raypref.algos.dpa import directions_between
+    from raypref.models.factory import extend_vocabulary, save_pretrained_safetensors
+    from raypref.recipes.rsf import RSFSpec, WorldObjectives, spelled_direction
+
+    cfg.validate()
+    out = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
+    out.mkdir(parents=True, exist_ok=True)
+    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    with tracking.start_run("rsf", cfg, out, run_name=cfg.run_name) as mlrun:
+        started = time.time()
+        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
+        # v is written with digits: give a word-level tokenizer the tokens of the system prompt
+        torch.manual_seed(cfg.seed)  # the new embedding rows are drawn around the mean one
+        model, tokenizer = load_pretrained(sft_dir)
+        words = {w for v in ([1.0, -0.5], [0.25, 0.75]) for w in spelled_direction(v, cfg.objectives).split()}
+        added = extend_vocabulary(model, tokenizer, sorted(words | set("0123456789")))
+        base_dir = out / "base" if added else Path(sft_dir)  # written once: a resumed run reuses it
+        if added and not (base_dir / "config.json").exists():
+            save_pretrained_safetensors(model, tokenizer, base_dir)
+        print(f"[rsf] base {sft_dir}; {len(added)} tokens added for the direction prompt", flush=True)
+        rng = np.random.default_rng([cfg.seed, 3])
+        spec = RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
+                       functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed),
+                       objectives=list(cfg.objectives),
+                       direction_text=functools.partial(spelled_direction, objectives=list(cfg.objectives)),
+                       n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,
+                       prompts_per_iteration=cfg.prompts_per_iteration,
+                       steps_per_iteration=cfg.steps_per_iteration, replay_fraction=cfg.replay_fraction,
+                       max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
+        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
+                                   seed=cfg.seed, log_every=max(1, cfg.steps_per_iteration // 2))
+        result = run(spec, runner_cfg, restart=cfg.restart)
+        tracking.log_step_metrics(result.metrics)
+        train_seconds = time.time() - started
+
+        directions = directions_between((1.0, 0.0), (math.sqrt(0.5), -math.sqrt(0.5)), cfg.eval_directions)
+        held_out = world.prompts(cfg.eval_prompts, split="test")
+        sweeps = {}
+        for label, folder in (("base", base_dir), ("policy", result.export_path)):
+            policy, policy_tokenizer = load_pretrained(folder)
+            sweeps[label] = direction_sweep(policy.eval(), policy_tokenizer, world, list(cfg.objectives),
+                                            directions, held_out, cfg.max_new_tokens, cfg.seed)
+        lengths = [row["length"] for row in sweeps["policy"]]
+        summary = {"objectives": list(cfg.objectives), "steps": result.final_step,
+                   "iterations": math.ceil(result.final_step / cfg.steps_per_iteration),
+                   "train_seconds": round(train_seconds, 1), "sweep": sweeps,
+                   "length_monotone_decreasing": all(a > b for a, b in zip(lengths, lengths[1:])),
+                   "policy_dir": str(result.export_path), "base_policy": str(sft_dir)}
+        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        tracking.log_dict(summary, SUMMARY_FILE)
+        for label, rows in sweeps.items():
+            tracking.log_metrics({f"{label}.length.d{i}": row["length"] for i, row in enumerate(rows)})
+        return RSFJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))

@@ -202,6 +202,21 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
+def extend_vocabulary(model, tokenizer, words) -> list[str]:
+    """Add the ``words`` the tokenizer lacks (e.g. digits, for a direction written in a system
+    prompt: the tiny word-level tokenizer has none) and grow the model's embeddings to match;
+    new rows start at the mean embedding. Returns the words added."""
+    known = tokenizer.get_vocab()
+    missing = [w for w in dict.fromkeys(words) if w not in known]
+    bad = [w for w in missing if not w or w.split() != [w]]
+    if bad:
+        raise ValueError(f"extend_vocabulary: words must be single whitespace-free tokens, got {bad[:5]!r}")
+    if missing:
+        tokenizer.add_tokens(missing)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+    return missing
+
+
 # ---------------------------------------------------------------- saving
 
 def write_dir_atomically(target: Path, write: Callable[[Path], object]) -> Path:

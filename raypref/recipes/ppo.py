@@ -52,20 +52,31 @@ Buffer = dict[str, torch.Tensor]
 
 
 class WorldJudgeReward(nn.Module):
-    """Reward = Σ_a weight_a · judge_a(response) from the simulated world's attribute judges."""
+    """Reward = Σ_a weight_a · judge_a(response) from the simulated world's attribute judges; with
+    ``per_prompt``, each prompt has its own weights (P-MORL: those of the combination it names)."""
 
-    def __init__(self, weights: dict[str, float], world_seed: int = 0):
+    def __init__(self, weights: dict[str, float], world_seed: int = 0,
+                 per_prompt: dict[str, dict[str, float]] | None = None):
         super().__init__()
         from raypref.data.world import ATTRIBUTES, World
 
-        unknown = sorted(set(weights) - set(ATTRIBUTES))
-        if not weights or unknown:
-            raise ValueError(f"WorldJudgeReward: weights {weights} must name attributes of {ATTRIBUTES}")
-        self.weights, self.world = dict(weights), World(seed=world_seed)
+        for w in ([weights] if per_prompt is None else per_prompt.values()):
+            unknown = sorted(set(w) - set(ATTRIBUTES))
+            if not w or unknown:
+                raise ValueError(f"WorldJudgeReward: weights {w} must name attributes of {ATTRIBUTES}")
+        self.weights, self.per_prompt, self.world = dict(weights), per_prompt, World(seed=world_seed)
+
+    def _weights(self, prompt: str) -> dict[str, float]:
+        if self.per_prompt is None:
+            return self.weights
+        if prompt not in self.per_prompt:
+            raise ValueError(f"WorldJudgeReward: no weights for prompt {prompt!r} (per_prompt has "
+                             f"{len(self.per_prompt)} prompts)")
+        return self.per_prompt[prompt]
 
     def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        judged = [self.world.judge(r, p) for p, r in zip(prompts, responses)]
-        return torch.tensor([sum(w * s[a] for a, w in self.weights.items()) for s in judged])
+        judged = [(self._weights(p), self.world.judge(r, p)) for p, r in zip(prompts, responses)]
+        return torch.tensor([sum(w * s[a] for a, w in weights.items()) for weights, s in judged])
 
 
 class ValueModel(nn.Module):
@@ -123,8 +134,10 @@ class PPOConfig(Optimization):
     warmup_steps: int = 2
     rollout_size: int = 16  # prompts per PPO iteration (per worker)
     ppo_epochs: int = 2  # passes over each rollout
-    max_new_tokens: int = 48
-    max_length: int = 128  # tokens per prompt + response
+    # the world's verbosity judge reads 0 below ~62 words (its most concise level's mean): a
+    # shorter cap gives P2A / P2B a constant reward (seen: 48 tokens, no signal at all)
+    max_new_tokens: int = 128
+    max_length: int = 192  # tokens per prompt + response
     temperature: float = 1.0  # sampling temperature of the rollouts
     gamma: float = 1.0
     lam: float = 0.95  # GAE lambda
@@ -167,8 +180,8 @@ class PPOSpec(LoopSpec):
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     rollout_size: int = 16  # prompts per PPO iteration (per worker)
     ppo_epochs: int = 2
-    max_new_tokens: int = 48
-    max_length: int = 128
+    max_new_tokens: int = 128
+    max_length: int = 192
     temperature: float = 1.0
     gamma: float = 1.0
     lam: float = 0.95
@@ -220,8 +233,12 @@ class PPOSpec(LoopSpec):
 
     def policy_info(self) -> dict:
         reward = self.reward_factory
+        if isinstance(reward, functools.partial):
+            per_prompt = reward.args[2] if len(reward.args) > 2 else None
+            reward = (f"world judges, per-prompt weights ({len(per_prompt)} prompts)" if per_prompt
+                      else repr(reward.args))
         return {"preference": self.name, "sft_dir": str(self.sft_dir), "algo": "ppo",
-                "reward": repr(reward.args) if isinstance(reward, functools.partial) else repr(reward),
+                "reward": reward if isinstance(reward, str) else repr(reward),
                 "kl_coef": self.kl_coef, "kl_target": self.kl_target, "lora": dataclasses.asdict(self.lora),
                 "n_prompts": len(self.prompts)}
 
@@ -329,16 +346,34 @@ class PPOSpec(LoopSpec):
         self.moments.load_state_dict(state["moments"])
 
 
+PMORL = "P-MORL"  # the soups job's Prompted-MORL baseline run (experiments/soups/training.PMORL)
+
+
+def combination_weights(names: Sequence[str]) -> dict[str, float]:
+    """Judge weights whose sum ranks responses as the mean of the preferences ``names`` does
+    (data.labelling.preference_labeller): direction / attribute range / number of preferences."""
+    from raypref.data.labelling import ATTRIBUTE_RANGES
+    from raypref.data.users import psoups_profile
+
+    weights: dict[str, float] = {}
+    for name in names:
+        profile = psoups_profile(name)
+        lo, hi = ATTRIBUTE_RANGES[profile.attribute]
+        weights[profile.attribute] = weights.get(profile.attribute, 0.0) + profile.direction / (hi - lo) / len(names)
+    return weights
+
+
 def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: Sequence, seed: int,
                       world_seed: int = 0) -> PPOSpec:
     """One P-Soups preference's PPO policy (the `per_preference` builder of the recipe registry):
     reward = direction · the world's judge of the preference's attribute, on the pairs' prompts.
+    For P-MORL, each pair's prompt names a combination (its ``user_text``, "P1A+P2B+P3A") and is
+    rewarded by that combination's mean preference.
 
-    ``cfg`` is a PPOConfig, or any recipe config sharing its fields (e.g. the soups job's
-    DPOConfig): fields PPOConfig has and ``cfg`` lacks keep PPOConfig's defaults."""
+    ``cfg`` is a PPOConfig, or any recipe config sharing its fields (e.g. a DPOConfig): fields
+    PPOConfig has and ``cfg`` lacks keep PPOConfig's defaults."""
     from raypref.data.users import psoups_profile
 
-    profile = psoups_profile(preference)  # an unknown name (e.g. a P-MORL run) is an error naming it
     if not isinstance(cfg, PPOConfig):
         shared = {f.name for f in dataclasses.fields(PPOConfig)} & {f.name for f in dataclasses.fields(cfg)}
         cfg = PPOConfig(**{name: getattr(cfg, name) for name in shared})
@@ -346,5 +381,14 @@ def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: 
     prompts = list(dict.fromkeys(rec.prompt for rec in pairs))
     if not prompts:
         raise ValueError(f"PPO policy {preference!r}: no pairs to take prompts from")
-    reward = functools.partial(WorldJudgeReward, {profile.attribute: profile.direction}, world_seed)
+    if preference == PMORL:
+        unnamed = [rec.prompt for rec in pairs if not rec.user_text]
+        if unnamed:
+            raise ValueError(f"PPO policy {PMORL}: {len(unnamed)} pairs name no combination in user_text, "
+                             f"e.g. prompt {unnamed[0]!r}")
+        per_prompt = {rec.prompt: combination_weights(rec.user_text.split("+")) for rec in pairs}
+        reward = functools.partial(WorldJudgeReward, {}, world_seed, per_prompt)
+    else:
+        profile = psoups_profile(preference)  # an unknown name is an error naming it
+        reward = functools.partial(WorldJudgeReward, {profile.attribute: profile.direction}, world_seed)
     return PPOSpec.from_config(cfg, base_dir, prompts, reward, name=preference)

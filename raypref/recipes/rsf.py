@@ -17,6 +17,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -27,12 +28,40 @@ from raypref.algos.dpa import (
     direction_system_prompt,
     prompt_half,
     sample_directions,
+    spelled,
     with_replay,
 )
 from raypref.algos.sft import sft_loss
 from raypref.models.factory import encode_example, generate_ids, load_pretrained
 from raypref.recipes.sft import collate
-from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext
+from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext, save_module
+
+
+class WorldObjectives(torch.nn.Module):
+    """The simulated world's judges as a multi-objective reward: ``score_objectives`` gives each
+    objective on a 0..1 scale (data.labelling.ATTRIBUTE_RANGES), so v·r weighs them alike."""
+
+    def __init__(self, objectives: list[str], world_seed: int = 0):
+        super().__init__()
+        from raypref.data.labelling import ATTRIBUTE_RANGES
+        from raypref.data.world import World
+
+        unknown = [o for o in objectives if o not in ATTRIBUTE_RANGES]
+        if not objectives or unknown:
+            raise ValueError(f"WorldObjectives: objectives {objectives} must name judged attributes "
+                             f"{sorted(ATTRIBUTE_RANGES)}")
+        self.objectives, self.world = list(objectives), World(seed=world_seed)
+        self.ranges = [ATTRIBUTE_RANGES[o] for o in objectives]
+
+    def score_objectives(self, prompts, responses) -> torch.Tensor:
+        judged = [self.world.judge(r, p) for p, r in zip(prompts, responses)]
+        return torch.tensor([[(s[o] - lo) / (hi - lo) for o, (lo, hi) in zip(self.objectives, self.ranges)]
+                             for s in judged])
+
+
+def spelled_direction(direction, objectives) -> str:
+    """003's system prompt with its numbers spelled token by token (for word-level tokenizers)."""
+    return spelled(direction_system_prompt(direction, objectives))
 
 
 @dataclass
@@ -134,6 +163,11 @@ class RSFSpec(LoopSpec):
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
         return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {"rsf/iteration": float(self.iteration)}
+
+    def export(self, models: dict[str, torch.nn.Module], out_dir) -> None:
+        """The policy with its tokenizer (it may carry added tokens): a folder load_pretrained reads."""
+        save_module(models[PRIMARY_ROLE], Path(out_dir))
+        self.tokenizer().save_pretrained(out_dir)
 
     def state_dict(self) -> dict:
         return {"iteration": self.iteration, "examples": list(self.examples)}

@@ -8,6 +8,7 @@ from raypref.experiments.soups.evaluate import EvalConfig
 from raypref.models.merge import METHODS as MERGE_METHODS
 from raypref.recipes import RECIPES
 from raypref.recipes.dpo import DPOConfig
+from raypref.recipes.ppo import PPOConfig
 from raypref.recipes.sft import SFTConfig
 from raypref.train.runner import Resources
 
@@ -52,8 +53,10 @@ class SoupsConfig:
     base_policy: str = ""
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs_per_preference: int = 1600  # simulated pairs per policy; 10% more are drawn as held-out
-    # how each per-preference policy (and P-MORL) is trained, by the recipe `algo` names
+    # how each per-preference policy (and P-MORL) is trained when algo=dpo
     training: DPOConfig = field(default_factory=_soups_training)
+    # how each per-preference policy is trained when algo=ppo (its reward: the preference's judge)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
     resources: Resources = field(default_factory=_soups_resources)
     eval: EvalConfig = field(default_factory=EvalConfig)
     register_models: bool = True        # merged soups into the MLflow model registry
@@ -61,12 +64,17 @@ class SoupsConfig:
     inject_failures: dict[str, str] = field(default_factory=dict)
     restart: bool = False  # retrain every policy even if runs of this training config exist
 
+    @property
+    def policy_training(self) -> DPOConfig | PPOConfig:
+        """The training section of the chosen algo: `ppo` for PPO, `training` otherwise."""
+        return self.ppo if self.algo == "ppo" else self.training
+
     def validate(self) -> None:
         known = {p.name for p in psoups_profiles()}
         per_preference = [n for n, r in RECIPES.items() if r.per_preference is not None]
         if self.algo not in per_preference:
             raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {per_preference}")
-        self.training.validate("training")
+        self.policy_training.validate("ppo" if self.algo == "ppo" else "training")
         self.resources.validate("resources")
         if not self.base_policy:
             self.sft.validate()

@@ -155,7 +155,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         t0 = time.time()
         outcomes, reused = train_policies(
             jobs, cfg.restart, _log, on_tick=lambda running: _log("    " + ", ".join(
-                f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.training.steps}"
+                f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.policy_training.steps}"
                 for n in running) + " (steps checkpointed)"))
         train_seconds = time.time() - t0
         failed = {n: cause_line(o) for n, o in outcomes.items() if not o.ok}
@@ -334,7 +334,7 @@ def _log_children(cfg, data, outcomes, reused, failed, accuracy, seeds, trained)
             with tracking.child_run(label, kind="baseline" if is_baseline else "policy",
                                     params={"preference": policy, "seed": cfg.seed + k, "run": name,
                                             "algo": cfg.algo, "pairs": len(pairs),
-                                            "reused": name in reused, "training": to_dict(cfg.training)},
+                                            "reused": name in reused, "training": to_dict(cfg.policy_training)},
                                     tags={"raypref.seed": str(k)}) as child:
                 if outcome.ok:
                     tracking.log_step_metrics(outcome.result.metrics)

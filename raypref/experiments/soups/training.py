@@ -31,8 +31,9 @@ def training_key(cfg) -> str:
 
     d = to_dict(cfg)
     keep = ("seed", "algo", "preferences", "combinations", "baselines", "base_policy",
-            "psoups_files", "sft", "training", "pairs_per_preference")
-    return "train-" + config_hash({**{k: d[k] for k in keep}, "code": code_version()})
+            "psoups_files", "sft", "pairs_per_preference")
+    return "train-" + config_hash({**{k: d[k] for k in keep}, "training": to_dict(cfg.policy_training),
+                                   "code": code_version()})
 
 
 def training_jobs(cfg, sft_dir: str, data: list, runs_dir: str) -> dict[str, tuple]:
@@ -47,9 +48,10 @@ def training_jobs(cfg, sft_dir: str, data: list, runs_dir: str) -> dict[str, tup
             sets[PMORL] = seed_data.pmorl
         for policy, pairs in sets.items():
             name = run_name(policy, k)
-            spec = build(cfg.training, str(sft_dir), policy, pairs, seed)
-            runner_cfg = runner_config(cfg.training, cfg.resources, name=name, storage_path=runs_dir,
-                                       seed=seed, log_every=max(1, cfg.training.steps // 4))
+            training = cfg.policy_training
+            spec = build(training, str(sft_dir), policy, pairs, seed)
+            runner_cfg = runner_config(training, cfg.resources, name=name, storage_path=runs_dir,
+                                       seed=seed, log_every=max(1, training.steps // 4))
             mode = cfg.inject_failures.get(policy)
             if mode:
                 spec = FaultInjectingSpec(spec, mode, marker=str(

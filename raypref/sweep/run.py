@@ -145,7 +145,10 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # loses at most that much record of ended trials; trials last minutes, saving is cheap
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # with the dashboard: Ray Train's placement-group cleaner asks the state API whether a
+        # trial's training controller still lives; without it, the workers' CPUs of every trial
+        # ASHA stops are never released and later trials wait for them forever
+        ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
     parent_id = _parent_run(sweep)
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "

@@ -39,8 +39,7 @@ def main() -> None:
 
     import ray
 
-    # the dashboard's state API lets Ray Train free the CPUs of trials ASHA stops (sweep/run.py)
-    ray.init(num_cpus=2, include_dashboard=True, log_to_driver=False, configure_logging=False)
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
     stamp = time.strftime("%Y%m%d-%H%M%S")
     job_config = {"training": {"steps": args.steps}, "report_every": args.report_every} \
         if args.job == "dpo" else {}

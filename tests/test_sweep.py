@@ -204,25 +204,24 @@ def _attempts(sweep_dir: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
-    """2 DPO trials at once, seeded (3) so one draws fail=true and the other not: the failing
-    one is tried 1 + max_failures times, recorded as failed, and the sweep finishes the other;
-    MLflow holds a child per trial."""
+    """3 DPO trials, seeded (1) so one draws fail=true and the others not: the failing one is
+    tried 1 + max_failures times, recorded as failed, and the sweep finishes the others; MLflow
+    holds a child per trial."""
     import mlflow
 
     space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
              "fail": {"distribution": "choice", "values": [False, True]}}
-    args = _sweep_args(tmp_path, "retry", space, steps=4, samples=2,
-                       extra=["--max_failures", "1", "--seed", "3", "--scheduler", "fifo",
-                              "--max_concurrent", "2"])
+    args = _sweep_args(tmp_path, "retry", space, steps=4, samples=3,
+                       extra=["--max_failures", "1", "--seed", "1", "--scheduler", "fifo"])
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], env=ENV,
                          capture_output=True, text=True, timeout=1200)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     sweep_dir = tmp_path / "sweeps" / "retry"
     summary = json.loads((sweep_dir / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
-    assert len(rows) == 2
+    assert len(rows) == 3
     failing = {n for n, r in rows.items() if r["params"]["fail"]}
-    assert failing and failing != set(rows), "seed 3 should draw both outcomes"
+    assert failing and failing != set(rows), "seed 1 should draw both outcomes"
     attempts = _attempts(sweep_dir)
     for name, row in rows.items():
         if name in failing:

@@ -52,10 +52,8 @@ def _trial_dpo() -> DPOConfig:
 
 
 def _trial_resources() -> Resources:
-    # no Ray Train restarts inside a trial: Tune's retries (SweepConfig.max_failures) do that;
-    # half a CPU: a tiny model's worker spends most of a short trial starting up, so two
-    # trials share the 2 cores of the embedded default (configs/sweep-gpu.yaml sets its own)
-    return Resources(num_workers=1, cpus_per_worker=0.5, zero_stage=0, max_failures=0)
+    # no Ray Train restarts inside a trial: Tune's retries (SweepConfig.max_failures) do that
+    return Resources(num_workers=1, zero_stage=0, max_failures=0)
 
 
 @dataclass

@@ -43,9 +43,7 @@ class SweepConfig:
     grace_period: int = 10  # ASHA: time_attr units (steps) every trial gets
     reduction_factor: float = 2.0  # ASHA: keep the best 1/rf at each rung
     max_failures: int = 1  # retries of a failing trial before it is recorded as failed
-    # the trial's own process, which mostly waits on its training workers (they come on top):
-    # with the embedded default's half-CPU worker, two trials run at once on 2 cores
-    trial_cpus: float = 0.5
+    trial_cpus: float = 1.0  # the trial's own process (its training workers come on top)
     time_budget_s: float = 0.0  # stop starting / running trials after this; 0 = no limit
     progress_every_s: float = 60.0  # most seconds between progress tables (also on any change)
     job_config: dict[str, Any] = field(default_factory=dict)  # overrides of the job's config
@@ -145,10 +143,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # loses at most that much record of ended trials; trials last minutes, saving is cheap
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not ray.is_initialized():
-        # with the dashboard: Ray Train's placement-group cleaner asks the state API whether a
-        # trial's training controller still lives; without it, the workers' CPUs of every trial
-        # ASHA stops are never released and later trials wait for them forever
-        ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
     parent_id = _parent_run(sweep)
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "

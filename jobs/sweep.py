@@ -3,6 +3,7 @@
     python jobs/sweep.py                                  # the default: 8 DPO trials, ASHA
     python jobs/sweep.py --job dpo --space my_space.yaml --name lr-beta --num_samples 32
     python jobs/sweep.py --job soups                      # merge weights on the simplex
+    python jobs/sweep.py --job reward                     # VAE RM: sampling ratio, phase, KL beta, ...
     ray job submit -- python jobs/sweep.py --config configs/sweep-gpu.yaml
 
 Rerunning a sweep with the same --name continues it: finished trials are kept. Prints a live

@@ -79,9 +79,45 @@ def test_a_sweep_with_a_bad_space_file_fails_before_ray_starts(tmp_path, monkeyp
 
 
 def test_built_in_spaces_are_valid():
-    for job in ("dpo", "soups"):
+    for job in ("dpo", "soups", "reward"):
         sweep = plan(SweepConfig(job=job))
         assert sweep.space.params, job
+
+
+def test_vae_rm_space_samples_seed_001s_knobs_into_the_reward_recipe():
+    """Every draw of configs/sweeps/vae_rm.yaml builds a valid VAE RM trial whose adaptive
+    sampler runs with the drawn ratio and phase length; a negative ratio is refused."""
+    from raypref.recipes.reward import RewardSpec
+    from raypref.sweep.jobs import RewardTrialConfig, _recipe
+
+    sweep = plan(SweepConfig(job="reward"))
+    assert sweep.space.source.endswith("vae_rm.yaml") and sweep.job.metric == "eval.acc.mean"
+    assert [p.path for p in sweep.space.params] == ["adaptive_ratio", "phase_steps", "beta",
+                                                     "contrastive", "training.lr"]
+    ratios = [list(v) for v in sweep.space.params[0].values]
+    study = optuna.create_study(sampler=optuna.samplers.TPESampler(seed=0, n_startup_trials=2))
+    drawn = []
+    for i in range(6):
+        trial = study.ask()
+        sweep.space.suggest(trial)
+        study.tell(trial, 0.5 + 0.01 * i)
+        cfg = sweep.space.apply(RewardTrialConfig, sweep.base, trial.params)
+        cfg.validate()
+        recipe = _recipe(cfg)
+        assert recipe.method == "vae" and recipe.sampling == "adaptive"
+        assert recipe.adaptive_ratio in ratios and recipe.phase_steps in (10, 20, 30, 40, 50)
+        assert 1e-4 <= recipe.beta <= 0.1 and 0 <= recipe.contrastive <= 1
+        assert 3e-5 <= recipe.training.lr <= 1e-3
+        drawn.append((tuple(recipe.adaptive_ratio), recipe.phase_steps))
+    assert len(set(drawn)) > 1
+    sampler = RewardSpec(recipe)._batch_sampler(rank=0, grad_accum=1)
+    assert sampler.ratio == tuple(recipe.adaptive_ratio) and sampler.phase_steps == recipe.phase_steps
+    with pytest.raises(SpaceError, match="adaptive_ratio.*negative ratio -1"):
+        parse_space({"adaptive_ratio": {"distribution": "choice", "values": [[1.0, -1.0, 2.0]]}},
+                    RewardTrialConfig, source="vae.yaml")
+    with pytest.raises(SpaceError, match="phase_steps.*must be >= 0"):
+        parse_space({"phase_steps": {"distribution": "int", "low": -10, "high": 10}},
+                    RewardTrialConfig, source="vae.yaml")
 
 
 def test_optuna_samples_are_seeded_and_build_valid_configs():
@@ -168,8 +204,9 @@ def _attempts(sweep_dir: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
-    """3 DPO trials, seeded (1) so one draws fail=true and the others not: the failing one is tried 1 + max_failures times,
-    recorded as failed, and the sweep finishes the others; MLflow holds a child per trial."""
+    """3 DPO trials, seeded (1) so one draws fail=true and the others not: the failing one is
+    tried 1 + max_failures times, recorded as failed, and the sweep finishes the others; MLflow
+    holds a child per trial."""
     import mlflow
 
     space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
@@ -216,9 +253,11 @@ def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
 @pytest.mark.slow
 def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_path):
     """Kill the sweep's process (SIGKILL, no clean-up) once its first trial has ended; the rerun
-    with the same name restores the sweep and runs only the trials that had not ended."""
+    with the same name restores the sweep and runs only the trial that had not ended (one trial
+    at a time, so exactly one has ended when the kill comes)."""
     space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2}}
-    args = _sweep_args(tmp_path, "resume", space, steps=4, samples=3, extra=["--scheduler", "fifo"])
+    args = _sweep_args(tmp_path, "resume", space, steps=4, samples=2,
+                       extra=["--scheduler", "fifo", "--max_concurrent", "1"])
     cmd = [sys.executable, str(ROOT / "jobs" / "sweep.py"), *args]
     sweep_dir = tmp_path / "sweeps" / "resume"
     first = subprocess.Popen(cmd, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
@@ -244,12 +283,11 @@ def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_p
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     assert "resuming" in second.stdout
     summary = json.loads((sweep_dir / "summary.json").read_text())
-    assert summary["trials"] == 3 and summary["counts"][DONE] == 3
+    assert summary["trials"] == 2 and summary["counts"][DONE] == 2
     after = _attempts(sweep_dir)
     rerun = {name for name, nodes in after.items() if any(n != first_cluster for n in nodes)}
     assert "trial_001" not in rerun and after["trial_001"] == before["trial_001"]
-    ended_before = {"trial_001"}
-    assert rerun == set(after) - ended_before  # every trial that had not ended, and only those
+    assert rerun == set(after) - {"trial_001"} == {"trial_002"}  # the one that had not ended
 
 
 @pytest.mark.slow

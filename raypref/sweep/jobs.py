@@ -5,7 +5,7 @@ driver) and how to run one trial (inside a Tune trial: a real training run repor
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -14,6 +14,8 @@ import numpy as np
 from raypref.eval.pairs import evaluate_pairs
 from raypref.models.factory import LoraSettings, ModelConfig
 from raypref.recipes.dpo import DPOConfig, DPOSpec
+from raypref.recipes.reward import (RewardConfig, RewardSpec, RewardTraining,
+                                    precompute_demo_embeddings)
 from raypref.recipes.sft import SFTConfig
 from raypref.train.runner import Optimization, Resources, runner_config
 
@@ -112,26 +114,31 @@ def _dpo_prepare(cfg: DPOTrialConfig, sweep_dir: Path) -> dict:
 
 
 def _dpo_trial(cfg: DPOTrialConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
-    """Train one LoRA through the runner; its reports reach Tune via TuneReportCallback."""
+    if cfg.fail:
+        raise RuntimeError("DPOTrialConfig.fail=true: this trial fails on purpose")
+    spec = HeldoutDPOSpec.from_config(cfg.training, shared["sft_dir"], shared["pairs"],
+                                      name=cfg.preference, seed=cfg.seed, heldout=shared["heldout"])
+    _train_trial(spec, cfg.training, cfg.resources, cfg.report_every, cfg.seed, trial_name, sweep_dir)
+
+
+def _train_trial(spec, training, resources: Resources, report_every: int, seed: int,
+                 trial_name: str, sweep_dir: Path) -> None:
+    """Train one trial's model through the runner (Ray Train); its evaluations reach Tune via
+    TuneReportCallback every `report_every` steps. The model lands in `model_path`."""
     from ray import tune
     from ray.tune.integration.ray_train import TuneReportCallback
 
     from raypref.train.runner import FINAL_DIR, HISTORY_FILE, run
 
-    if cfg.fail:
-        raise RuntimeError("DPOTrialConfig.fail=true: this trial fails on purpose")
     runs = sweep_dir / "runs"
     done = runs / trial_name / FINAL_DIR / HISTORY_FILE
     if done.exists():  # finished before the sweep was interrupted, not yet recorded by Tune
         tune.report(json.loads(done.read_text())[-1])
         return
-    spec = HeldoutDPOSpec.from_config(cfg.training, shared["sft_dir"], shared["pairs"],
-                                      name=cfg.preference, seed=cfg.seed, heldout=shared["heldout"])
     # evaluated and reported every report_every steps; one checkpoint, at the end
-    resources = replace(cfg.resources, eval_every=cfg.report_every,
-                        checkpoint_every=cfg.training.steps)
-    runner_cfg = runner_config(cfg.training, resources, name=trial_name, storage_path=str(runs),
-                               seed=cfg.seed, log_every=cfg.report_every)
+    resources = replace(resources, eval_every=report_every, checkpoint_every=training.steps)
+    runner_cfg = runner_config(training, resources, name=trial_name, storage_path=str(runs),
+                               seed=seed, log_every=report_every)
     result = run(spec, runner_cfg, callbacks=[TuneReportCallback()])
     if result.export_path is not None:  # the history beside the model: the summary reads it
         (result.export_path / HISTORY_FILE).write_text(json.dumps(result.metrics))
@@ -248,6 +255,59 @@ def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir
         tune.report({"prompts": len(rewards), "user_score": float(np.mean(rewards))})
 
 
+# ---------------------------------------------------------------- reward models (VAE RM, seed 001)
+
+
+def _trial_reward_training() -> RewardTraining:
+    """Short trials: 100 steps of 8 pairs (001 Table 1 trains 200 at lr 1e-4)."""
+    return RewardTraining(steps=100, warmup_steps=3)
+
+
+@dataclass
+class RewardTrialConfig(RewardConfig):
+    """A reward-model trial (`raypref.recipes.reward`): by default the VAE conditional RM with
+    adaptive sampling on 001's two-user conflict, scored by the users' mean test accuracy.
+    The query encoder is frozen (the heads train on cached MiniLM embeddings: seconds per trial
+    on CPU); set `freeze_query_encoder: false` to fine-tune it as 001 does (a GPU sweep)."""
+
+    method: str = "vae"
+    sampling: str = "adaptive"
+    freeze_query_encoder: bool = True
+    contrastive: float = 0.5
+    seed: int = 0
+    report_every: int = 20  # steps between the per-user accuracies Tune (and ASHA) sees
+    training: RewardTraining = field(default_factory=_trial_reward_training)
+    resources: Resources = field(default_factory=_trial_resources)
+
+    def validate(self) -> None:
+        super().validate()
+        self.resources.validate("resources")
+        if not 1 <= self.report_every <= self.training.steps:
+            raise ValueError(f"RewardTrialConfig.report_every={self.report_every}: must be in "
+                             f"[1, training.steps={self.training.steps}]")
+
+
+def _recipe(cfg: RewardTrialConfig) -> RewardConfig:
+    return RewardConfig(**{f.name: getattr(cfg, f.name) for f in fields(RewardConfig)})
+
+
+def _reward_prepare(cfg: RewardTrialConfig, sweep_dir: Path) -> dict:
+    """The VAE's frozen demonstration embeddings, once per sweep (a frozen query encoder
+    embeds every pair, the pool included, on the trial's worker instead)."""
+    if cfg.method != "vae" or cfg.freeze_query_encoder:
+        return {"demo_embeddings_path": None}
+    path = sweep_dir / "cache" / "demo_embeddings.safetensors"
+    if not path.exists():
+        print(f"[sweep] embedding the demonstration pools once -> {path}", flush=True)
+        precompute_demo_embeddings(_recipe(cfg), path)
+    return {"demo_embeddings_path": str(path)}
+
+
+def _reward_trial(cfg: RewardTrialConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
+    spec = RewardSpec(_recipe(cfg), demo_embeddings_path=shared["demo_embeddings_path"], seed=cfg.seed)
+    _train_trial(spec, cfg.training, cfg.resources, cfg.report_every, cfg.seed, trial_name, sweep_dir)
+
+
 JOBS: dict[str, SweepJob] = {
     "soups": SweepJob(
         name="soups", config=SoupsTrialConfig, metric="user_score", mode="max", time_attr="prompts",
@@ -257,6 +317,10 @@ JOBS: dict[str, SweepJob] = {
         name="dpo", config=DPOTrialConfig, metric="eval.heldout_accuracy", mode="max", time_attr="step",
         max_t=lambda cfg: cfg.training.steps, prepare=_dpo_prepare, trial=_dpo_trial,
         default_space=SWEEP_SPACES / "dpo.yaml"),
+    "reward": SweepJob(
+        name="reward", config=RewardTrialConfig, metric="eval.acc.mean", mode="max", time_attr="step",
+        max_t=lambda cfg: cfg.training.steps, prepare=_reward_prepare, trial=_reward_trial,
+        default_space=SWEEP_SPACES / "vae_rm.yaml"),
 }
 
 

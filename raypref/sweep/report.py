@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -104,25 +105,23 @@ def format_table(rows: list[TrialRow], metric: str, time_attr: str) -> str:
 
 
 class ProgressTable(Callback):
-    """Prints the trial table every `every_s` seconds and whenever a trial ends."""
+    """Prints the trial table whenever a trial starts, reports a new step or ends, and at
+    least every `every_s` seconds (a heartbeat while trials start up)."""
 
-    def __init__(self, space, metric: str, time_attr: str, max_t: int, every_s: float = 20.0):
+    def __init__(self, space, metric: str, time_attr: str, max_t: int, every_s: float = 60.0):
         self.space, self.metric, self.time_attr, self.max_t = space, metric, time_attr, max_t
         self.every_s = every_s
         self._last = 0.0
-        self._changed = False
-
-    def on_trial_complete(self, iteration, trials, trial, **info):
-        self._changed = True
-
-    def on_trial_error(self, iteration, trials, trial, **info):
-        self._changed = True
+        self._shown: list = []
 
     def on_step_end(self, iteration, trials, **info):
+        if not trials:
+            return
+        rows = trial_rows(trials, self.space, self.metric, self.time_attr, self.max_t)
+        shown = [(r.name, r.status, r.step) for r in rows]
         now = time.time()
-        if trials and (self._changed or now - self._last >= self.every_s):
-            self._changed, self._last = False, now
-            rows = trial_rows(trials, self.space, self.metric, self.time_attr, self.max_t)
+        if shown != self._shown or now - self._last >= self.every_s:
+            self._shown, self._last = shown, now
             done = sum(r.status in (DONE, STOPPED, FAILED) for r in rows)
             print(f"[sweep {time.strftime('%H:%M:%S')}] {done}/{len(rows)} trials ended\n"
                   + format_table(rows, self.metric, self.time_attr), flush=True)
@@ -268,6 +267,7 @@ def plots(sweep, rows: list[TrialRow]) -> list[Path]:
     if not scored:
         return []
     optuna.logging.set_verbosity(optuna.logging.WARNING)
+    warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)  # its matplotlib plots
     study = optuna.create_study(direction="minimize" if sweep.job.mode == "min" else "maximize")
     distributions = sweep.space.optuna_distributions()
     for row in scored:

@@ -32,7 +32,7 @@ class SweepConfig:
     """A hyperparameter sweep of one raypref job (`python jobs/sweep.py --help`)."""
 
     job: str = "dpo"  # see raypref.sweep.jobs.JOBS
-    space: str = ""  # YAML search space; "" = configs/sweeps/<job>.yaml
+    space: str = ""  # YAML search space; "" = the job's own in configs/sweeps/ (reward: vae_rm.yaml)
     name: str = ""  # "" = "<job>-default"; an existing sweep of this name is resumed
     storage_path: str = "outputs/sweeps"  # a local folder, or a filesystem every node mounts
     num_samples: int = 8  # trials
@@ -45,7 +45,7 @@ class SweepConfig:
     max_failures: int = 1  # retries of a failing trial before it is recorded as failed
     trial_cpus: float = 1.0  # the trial's own process (its training workers come on top)
     time_budget_s: float = 0.0  # stop starting / running trials after this; 0 = no limit
-    progress_every_s: float = 20.0  # seconds between progress tables
+    progress_every_s: float = 60.0  # most seconds between progress tables (also on any change)
     job_config: dict[str, Any] = field(default_factory=dict)  # overrides of the job's config
 
     def validate(self) -> None:

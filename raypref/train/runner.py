@@ -217,6 +217,9 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
 
     cfg.validate()
     _check_roles(spec)
+    # Ray Train gives a worker group 60 s to start, then starts it over; on a busy small machine
+    # importing torch + DeepSpeed in a new worker can take longer, and every retry starts over
+    os.environ.setdefault("RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S", "600")
     root = storage.resolve(cfg.storage_path)
     check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart)
     loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root}

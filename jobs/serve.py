@@ -8,9 +8,10 @@
          -d '{"prompt": "tell me about rivers", "preferences": {"P1A": 0.5, "P2A": 0.5}}'
 
 The config file is a Ray Serve config (``serve run configs/serve.yaml`` works too); flags
-override its app args and HTTP options. Ctrl-C shuts Serve down cleanly.
+override its app args and HTTP options. Ctrl-C or SIGTERM shuts Serve down cleanly.
 """
 import argparse
+import signal
 import sys
 import time
 
@@ -76,9 +77,14 @@ def main(argv: list[str] | None = None) -> None:
     serve.run(SoupsServer.options(**deployment).bind(server_args.model_dump()), name="soups", route_prefix="/")
     print(f"serving {policies.preferences} of {policies.run_dir} (version {policies.version}) "
           f"at http://{host}:{port}  (OpenAPI: /docs, /openapi.json); Ctrl-C to stop", flush=True)
+    # Ctrl-C (even where a launcher started us with SIGINT ignored) and SIGTERM (docker stop, k8s,
+    # systemd) both end in the clean shutdown below. Short sleeps: Ray's threads may take the
+    # signal, and Python runs the handler only when the main thread next runs bytecode.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:

@@ -88,17 +88,20 @@ def peft_linear(peft_model, weights: dict[str, float]) -> Callable[[], object]:
     return run
 
 
-def time_medians(fns: list[Callable[[], object]], repeats: int) -> list[float]:
-    """Median seconds of each fn; the fns take turns so background load hits them alike."""
+def time_medians(fns: list[Callable[[], object]], repeats: int) -> tuple[list[float], list[float]]:
+    """Median wall seconds and median process CPU seconds of each fn; the fns take turns so
+    background load hits them alike (CPU time is the load-robust figure on a shared machine)."""
     for fn in fns:
         fn()  # warm-up (allocator, lazy imports)
-    times: list[list[float]] = [[] for _ in fns]
+    wall: list[list[float]] = [[] for _ in fns]
+    cpu: list[list[float]] = [[] for _ in fns]
     for _ in range(repeats):
-        for fn, acc in zip(fns, times):
-            start = time.perf_counter()
+        for fn, w, c in zip(fns, wall, cpu):
+            start, start_cpu = time.perf_counter(), time.process_time()
             fn()
-            acc.append(time.perf_counter() - start)
-    return [statistics.median(t) for t in times]
+            w.append(time.perf_counter() - start)
+            c.append(time.process_time() - start_cpu)
+    return [statistics.median(t) for t in wall], [statistics.median(t) for t in cpu]
 
 
 def main() -> None:
@@ -145,17 +148,23 @@ def main() -> None:
           f"median of {args.repeats}")
     print(f"check: max |exact_lora - Σ w·peft merge_adapter| = {err:.2e} (asserted < 1e-5; soup moved "
           f"the base by up to {moved:.2e})")
-    seconds = time_medians([fn for _, fn, _ in cases], args.repeats)
-    rate = {name: read / s for (name, _, read), s in zip(cases, seconds)}
-    clone_bw, copy_bw = rate["copy: clone"], rate["copy: copy_ into buffer"]
-    print(f"{'method':<26}{'median s':>10}{'MiB read':>10}{'GB/s':>8}{'/ clone bw':>12}{'/ copy_ bw':>12}")
-    for (name, _, read), s in zip(cases, seconds):
-        print(f"{name:<26}{s:>10.4f}{read / 2**20:>10.1f}{rate[name] / 1e9:>8.2f}"
-              f"{rate[name] / clone_bw:>12.2f}{rate[name] / copy_bw:>12.2f}")
-    best = max(rate["exact_lora fresh"], rate["exact_lora into buffer"])
-    print(f"exact soup reads at {best / clone_bw:.2f}x the clone bandwidth ({clone_bw / 1e9:.2f} GB/s) and "
-          f"{best / copy_bw:.2f}x the copy-into-buffer bandwidth ({copy_bw / 1e9:.2f} GB/s) of this run")
-
+    seconds, cpu_seconds = time_medians([fn for _, fn, _ in cases], args.repeats)
+    for clock, secs in (("wall", seconds), ("CPU", cpu_seconds)):
+        rate = {name: read / s for (name, _, read), s in zip(cases, secs)}
+        clone_bw, copy_bw = rate["copy: clone"], rate["copy: copy_ into buffer"]
+        print(f"{clock + ' time':<26}{'median s':>10}{'MiB read':>10}{'GB/s':>8}{'/ clone bw':>12}{'/ copy_ bw':>12}")
+        for (name, _, read), s in zip(cases, secs):
+            print(f"{name:<26}{s:>10.4f}{read / 2**20:>10.1f}{rate[name] / 1e9:>8.2f}"
+                  f"{rate[name] / clone_bw:>12.2f}{rate[name] / copy_bw:>12.2f}")
+        best = max(rate["exact_lora fresh"], rate["exact_lora into buffer"])
+        print(f"{clock}: exact soup reads at {best / clone_bw:.2f}x the clone bandwidth ({clone_bw / 1e9:.2f} GB/s) "
+              f"and {best / copy_bw:.2f}x the copy-into-buffer bandwidth ({copy_bw / 1e9:.2f} GB/s) of this run")
+    # the low-rank products: 2 * rows * cols * (sum of ranks) FLOPs per targeted weight, whatever the bytes
+    flops = sum(2 * t.numel() * args.rank * args.k for k, t in base_state.items()
+                if any(f".{m}.weight" in k for m in TARGETS))
+    into = cpu_seconds[[name for name, _, _ in cases].index("exact_lora into buffer")]
+    print(f"low-rank products: {flops / 1e9:.2f} GFLOP; at the into-buffer CPU time that is "
+          f"{flops / into / 1e9:.1f} GFLOP/s with the copy included")
 
 if __name__ == "__main__":
     main()

@@ -2,13 +2,16 @@
 
     python jobs/serve.py --config configs/serve.yaml [--output-dir outputs/soups] [--port 8000]
     python jobs/serve.py --demo outputs/serve-demo     # builds a tiny random run first, then serves it
+    python jobs/serve.py --mlflow-run <run id> --tracking-uri sqlite:///outputs/soups/mlflow.db
+    python jobs/serve.py --registered-model 'soup_0.5/1' --tracking-uri sqlite:///outputs/soups/mlflow.db
     curl -s 127.0.0.1:8000/v1/generate -H 'content-type: application/json' \\
          -d '{"prompt": "tell me about rivers", "preferences": {"P1A": 0.5, "P2A": 0.5}}'
 
 The config file is a Ray Serve config (``serve run configs/serve.yaml`` works too); flags
-override its app args and HTTP options. Ctrl-C shuts Serve down cleanly.
+override its app args and HTTP options. Ctrl-C or SIGTERM shuts Serve down cleanly.
 """
 import argparse
+import signal
 import sys
 import time
 
@@ -31,6 +34,9 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
     p.add_argument("--output-dir", help="the soups run to serve (overrides the config's args.output_dir)")
+    p.add_argument("--mlflow-run", help="or: the soups job's MLflow run id (its output folder tag)")
+    p.add_argument("--registered-model", help="or: a registered soup, name/version or name@alias (its source run)")
+    p.add_argument("--tracking-uri", help="MLflow store for --mlflow-run / --registered-model")
     p.add_argument("--demo", metavar="DIR", help="build a tiny soups run with random adapters in DIR and serve it")
     p.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
     p.add_argument("--port", type=int)
@@ -44,6 +50,12 @@ def main(argv: list[str] | None = None) -> None:
         app_args["output_dir"] = str(build_demo_run(args.demo))
     if args.output_dir:
         app_args["output_dir"] = args.output_dir
+    for flag, field in (("mlflow_run", "mlflow_run_id"), ("registered_model", "registered_model")):
+        if getattr(args, flag):  # replaces the config's output folder
+            app_args.pop("output_dir", None)
+            app_args[field] = getattr(args, flag)
+    if args.tracking_uri:
+        app_args["tracking_uri"] = args.tracking_uri
     if args.num_replicas:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = args.num_replicas
@@ -55,19 +67,24 @@ def main(argv: list[str] | None = None) -> None:
     from raypref.serve.app import SoupsServer, ServerArgs
     from raypref.serve.policies import PolicyDiscoveryError, find_policies
 
-    server_args = ServerArgs.model_validate(app_args)
     try:
-        policies = find_policies(server_args.output_dir, server_args.training_key, server_args.preferences)
-    except PolicyDiscoveryError as e:
+        server_args = ServerArgs.model_validate(app_args)
+        policies = find_policies(server_args.resolved_output_dir(), server_args.training_key, server_args.preferences)
+    except (ValueError, PolicyDiscoveryError) as e:  # pydantic's ValidationError is a ValueError
         raise SystemExit(f"serve: {e}") from None
     ray.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(SoupsServer.options(**deployment).bind(server_args.model_dump()), name="soups", route_prefix="/")
     print(f"serving {policies.preferences} of {policies.run_dir} (version {policies.version}) "
           f"at http://{host}:{port}  (OpenAPI: /docs, /openapi.json); Ctrl-C to stop", flush=True)
+    # Ctrl-C (even where a launcher started us with SIGINT ignored) and SIGTERM (docker stop, k8s,
+    # systemd) both end in the clean shutdown below. Short sleeps: Ray's threads may take the
+    # signal, and Python runs the handler only when the main thread next runs bytecode.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
     try:
         while True:
-            time.sleep(3600)
+            time.sleep(0.5)
     except KeyboardInterrupt:
         print("shutting down", flush=True)
     finally:

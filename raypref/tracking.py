@@ -20,6 +20,7 @@ import mlflow
 from raypref.config import flatten, to_dict
 
 _MAX_PARAM_LEN = 6000  # MLflow rejects longer param values
+OUTPUT_DIR_TAG = "raypref.output_dir"  # set by start_run: where a job wrote its outputs
 
 
 def tracking_uri(output_dir: str | Path) -> str:
@@ -44,7 +45,7 @@ def start_run(job: str, config: Any, output_dir: str | Path,
         log_params(cfg)
         mlflow.log_dict(cfg, "config.json")
         mlflow.set_tag("raypref.job", job)
-        mlflow.set_tag("raypref.output_dir", str(Path(output_dir).resolve()))
+        mlflow.set_tag(OUTPUT_DIR_TAG, str(Path(output_dir).resolve()))
         yield run
     except BaseException:
         mlflow.end_run(status="FAILED")
@@ -144,3 +145,35 @@ def register_model_dir(path: str | Path, name: str, tags: dict[str, str] | None 
         raise
     mlflow.finalize_logged_model(model.model_id, "READY")
     return mlflow.register_model(f"models:/{model.model_id}", name)
+
+
+
+def run_output_dir(tracking: str, run_id: str | None = None, registered_model: str | None = None) -> Path:
+    """The output folder of a job's MLflow run, given the run id or a registered model version
+    (``name/version`` or ``name@alias``) whose source run it is (the soups job registers its
+    merged soups from inside its run). Raises ``LookupError`` naming what is missing."""
+    if (run_id is None) == (registered_model is None):
+        raise ValueError("give exactly one of run_id, registered_model")
+    client = mlflow.MlflowClient(tracking_uri=tracking)
+    if registered_model is not None:
+        name, sep, ref = registered_model.partition("@") if "@" in registered_model \
+            else registered_model.rpartition("/")
+        if not name or not ref:
+            raise LookupError(f"registered model {registered_model!r}: expected 'name/version' or 'name@alias'")
+        try:
+            version = (client.get_model_version_by_alias(name, ref) if sep == "@"
+                       else client.get_model_version(name, ref))
+        except mlflow.exceptions.MlflowException as e:
+            raise LookupError(f"registered model {registered_model!r} not found in {tracking}: {e.message}") from None
+        run_id = version.run_id
+        if not run_id:
+            raise LookupError(f"registered model {registered_model!r} has no source run in {tracking}")
+    try:
+        run = client.get_run(run_id)
+    except mlflow.exceptions.MlflowException as e:
+        raise LookupError(f"MLflow run {run_id!r} not found in {tracking}: {e.message}") from None
+    out = run.data.tags.get(OUTPUT_DIR_TAG)
+    if not out:
+        raise LookupError(f"MLflow run {run_id!r} in {tracking} has no {OUTPUT_DIR_TAG!r} tag "
+                          "(not a raypref job's run?)")
+    return Path(out)

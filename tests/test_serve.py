@@ -26,7 +26,10 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def soups_run(tmp_path_factory):
-    return build_demo_run(tmp_path_factory.mktemp("soups"))
+    """Two runs in one output folder: the default (train-demo) and another, served multiplexed."""
+    out = build_demo_run(tmp_path_factory.mktemp("soups"))
+    build_demo_run(out, preferences=("P1A", "P4B"), seed=1, training_key="train-other")
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +38,7 @@ def server(ray_local, soups_run):
 
     from raypref.serve.app import serve_soups
 
-    url = serve_soups({"output_dir": str(soups_run), "max_new_tokens": 16, "max_prompt_tokens": 40,
+    url = serve_soups({"output_dir": str(soups_run), "training_key": "train-demo", "max_new_tokens": 16, "max_prompt_tokens": 40,
                        "cache_size": 2, "hot_after": 3, "torch_threads": 1}, port=_free_port())
     deadline = time.time() + 120
     while time.time() < deadline:
@@ -64,8 +67,43 @@ def test_binds_loopback_and_describes_itself(server):
     assert {"/v1/generate", "/v1/preferences", "/healthz"} <= set(schema["paths"])
 
 
+def _offline_greedy(policies, weights, n):
+    base, tokenizer = load_pretrained(policies.base_dir)
+    adapters = {k: LoraAdapter.from_dir(p) for k, p in policies.adapters.items()}
+    merged = copy.deepcopy(base)
+    merged.load_state_dict(merge_lora_exact(base, adapters, {k: weights.get(k, 0.0) for k in adapters}))
+    return generate_ids(merged, tokenizer, [PROMPT], max_new_tokens=n, greedy=True)[0]
+
+
+def test_several_runs_are_served_through_model_multiplexing(server, soups_run):
+    from raypref.serve.app import MODEL_ID_HEADER
+
+    other = {MODEL_ID_HEADER: "train-other"}
+    prefs = requests.get(f"{server}/v1/preferences", headers=other, timeout=60).json()
+    assert prefs["preferences"] == ["P1A", "P4B"] and prefs["model_version"].startswith("train-other/")
+    w_other, w_demo = {"P1A": 0.3, "P4B": 0.7}, {"P1A": 0.3, "P2A": 0.7}
+    jobs = [(other, w_other), ({}, w_demo), (other, w_other), ({MODEL_ID_HEADER: "train-demo"}, w_demo)]
+    with ThreadPoolExecutor(len(jobs)) as pool:  # both runs at once: Serve splits batches by run
+        answers = list(pool.map(lambda j: requests.post(
+            f"{server}/v1/generate", json={"prompt": PROMPT, "preferences": j[1], "max_new_tokens": 8},
+            headers=j[0], timeout=120), jobs))
+    assert all(r.status_code == 200 for r in answers), [r.text for r in answers]
+    for (headers, weights), r in zip(jobs, answers):
+        run = headers.get(MODEL_ID_HEADER, "train-demo")
+        assert r.json()["model_version"].startswith(f"{run}/")
+        assert r.json()["token_ids"] == _offline_greedy(find_policies(soups_run, run), weights, 8), run
+    assert answers[0].json()["token_ids"] != answers[1].json()["token_ids"]
+    # a preference of the other run is unknown to the default one
+    r = _post(server, {"prompt": PROMPT, "preferences": {"P4B": 1.0}})
+    assert r.status_code == 422 and "P4B" in r.text
+    for bad in ("train-nope", "../soups"):
+        r = requests.get(f"{server}/v1/preferences", headers={MODEL_ID_HEADER: bad}, timeout=60)
+        assert r.status_code == 404, (bad, r.text)
+        assert r.json()["detail"][0]["loc"] == ["header", MODEL_ID_HEADER], r.text
+
+
 def test_greedy_tokens_equal_the_offline_merged_model(server, soups_run):
-    policies = find_policies(soups_run)
+    policies = find_policies(soups_run, "train-demo")
     base, tokenizer = load_pretrained(policies.base_dir)
     adapters = {n: LoraAdapter.from_dir(p) for n, p in policies.adapters.items()}
     cases = [{"P1A": 1.0}, {"P1A": 0.5, "P2A": 0.5}, {"P1A": 0.2, "P2A": 0.3, "P3A": 0.5},

@@ -17,12 +17,14 @@ DEMO_PREFERENCES = ("P1A", "P2A", "P3A")
 
 def build_demo_run(out_dir: str | Path, preferences: tuple[str, ...] = DEMO_PREFERENCES, n_layer: int = 2,
                    n_embd: int = 32, r: int = 4, target_modules: tuple[str, ...] = ("c_attn", "c_proj", "c_fc"),
-                   seed: int = 0, scale: float = 0.3) -> Path:
-    """Write ``out_dir/sft`` (base) and ``out_dir/runs/train-demo/<pref>/final`` (adapters); returns out_dir."""
+                   seed: int = 0, scale: float = 0.3, training_key: str = "train-demo") -> Path:
+    """Write ``out_dir/sft`` (base) and ``out_dir/runs/<training_key>/<pref>/final`` (adapters); returns
+    out_dir. ``seed`` draws the adapters; the base is the same for every seed, so several runs
+    (training keys) can share one output folder, as the soups job's runs do."""
     from raypref.data.world import World
 
     out = Path(out_dir)
-    torch.manual_seed(seed)
+    torch.manual_seed(0)
     cfg = ModelConfig(n_layer=n_layer, n_embd=n_embd, n_head=4, n_positions=128)
     tokenizer = build_tokenizer(cfg, World(seed=0).vocabulary())
     base = build_policy(cfg, tokenizer).eval()
@@ -36,7 +38,7 @@ def build_demo_run(out_dir: str | Path, preferences: tuple[str, ...] = DEMO_PREF
             for pname, p in policy.named_parameters():
                 if "lora_" in pname:  # random A and B: a trained adapter has non-zero B
                     p.copy_(torch.randn(p.shape, generator=gen) * scale)
-        final = out / "runs" / "train-demo" / name / FINAL_DIR
+        final = out / "runs" / training_key / name / FINAL_DIR
         policy.save_pretrained(final, safe_serialization=True)
         (final / POLICY_INFO_FILE).write_text(json.dumps({"preference": name, "sft_dir": str(sft_dir.resolve())}))
     return out

@@ -51,6 +51,8 @@ def find_policies(output_dir: str | Path, training_key: str | None = None,
     if not runs.is_dir():
         raise PolicyDiscoveryError(f"{out} is not a soups output folder: it has no runs/ folder")
     if training_key:
+        if training_key in (".", "..") or Path(training_key).name != training_key:
+            raise PolicyDiscoveryError(f"run name {training_key!r} is not a folder name under {runs}")
         run_dir = runs / training_key
         if not run_dir.is_dir():
             have = sorted(p.name for p in runs.iterdir() if p.is_dir())

@@ -61,3 +61,34 @@ def test_new_preferences_label_the_shared_pairs_on_their_own_attribute(world):
         records = world.labelled_pairs(preference_labeller([name]), 80, 1)
         for r in records:
             assert world.judge(r.chosen)[attribute] > world.judge(r.rejected)[attribute]
+
+
+def test_the_sixteen_combination_soups_config_reaches_the_world_and_the_sweeps():
+    """configs/soups-16.yaml (002 §B.2): the SFT world gets the extra styles, P3C/P3D label
+    the shared candidates on their own attribute, and style's sweep stays P3A vs P3B."""
+    from pathlib import Path
+
+    from raypref.config import from_dict, load_yaml
+    from raypref.experiments.soups import evaluate as ev
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.preferences import simulated_data
+    from raypref.recipes.sft import SFTConfig, sft_cache_key, sft_world
+
+    cfg = from_dict(SoupsConfig, load_yaml(Path(__file__).parents[1] / "configs" / "soups-16.yaml"))
+    cfg.validate()
+    assert sorted(map(tuple, cfg.combinations)) == sorted(map(tuple, psoups_combinations(extended=True)))
+    world = sft_world(cfg.sft)
+    assert world.extra_styles == ("sass", "sarcasm") and "sweetie" in world.vocabulary()
+    # the plain world's SFT cache key is unchanged by the new field; the extended one differs
+    assert sft_cache_key(SFTConfig()) != sft_cache_key(cfg.sft)
+
+    assert ev.dimensions_of(cfg.preferences)["style"] == ("P3A", "P3B")
+    cfg.preferences, cfg.combinations = ["P3A", "P3C", "P3D"], [["P3C"], ["P3D"]]
+    cfg.pairs_per_preference = 40
+    data = simulated_data(cfg, world, seed=0)
+    for name, attribute in (("P3C", "sass"), ("P3D", "sarcasm")):
+        pairs = data.train[name]
+        assert np.mean([world.judge(r.chosen)[attribute] > world.judge(r.rejected)[attribute]
+                        for r in pairs]) > 0.9
+    with pytest.raises(ValueError, match="sft.extra_styles"):
+        SoupsConfig(preferences=["P3A", "P3C"], combinations=[["P3C"]]).validate()

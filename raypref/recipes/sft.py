@@ -42,6 +42,8 @@ class SFTConfig:
     resources: Resources = field(default_factory=_default_resources)
     world_seed: int = 0
     difficulty: float = 0.0  # World difficulty in [0, 1]
+    # the sassy / sarcastic styles (P3C / P3D, 002 §B.2) in the world, its corpus and vocabulary
+    extra_styles: bool = False
     corpus_size: int = 4000  # (prompt, response) pairs drawn from the world
     corpus_seed: int = 0
     max_length: int = 192  # tokens per example (prompt + response + eos)
@@ -63,10 +65,19 @@ class SFTConfig:
         self.resources.validate("resources")
 
 
+def sft_world(cfg: SFTConfig):
+    """The simulated world the SFT corpus is drawn from (and that judges its policies)."""
+    from raypref.data.world import World
+
+    return World(seed=cfg.world_seed, difficulty=cfg.difficulty, extra_styles=cfg.extra_styles)
+
+
 def sft_cache_key(cfg: SFTConfig) -> str:
     """Hash of everything that changes the trained weights (not where they are written)."""
     data = to_dict(cfg)
     data.pop("output_dir")
+    if not data["extra_styles"]:  # keeps the keys (and caches) of the six-preference world
+        data.pop("extra_styles")
     for key in ("max_failures", "checkpoint_every", "eval_every"):  # how it runs, not what it learns
         data["resources"].pop(key)
     return config_hash(data)
@@ -132,13 +143,11 @@ def sft_output_dir(cfg: SFTConfig) -> Path:
 def train_sft(cfg: SFTConfig, restart: bool = False) -> Path:
     """Train (or reuse) the SFT policy of cfg; returns the folder with the model (safetensors),
     the tokenizer, metrics.json (one entry per step) and sft_config.json."""
-    from raypref.data.world import World
-
     cfg.validate()
     out = sft_output_dir(cfg)
     if (out / CONFIG_FILE).exists():
         return out  # written last by the atomic swap: the folder is complete
-    world = World(seed=cfg.world_seed, difficulty=cfg.difficulty)
+    world = sft_world(cfg)
     corpus = world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
     tokenizer = build_tokenizer(cfg.model, world.vocabulary())
     examples = [encode_example(tokenizer, p, r, cfg.max_length) for p, r in corpus]

@@ -70,7 +70,7 @@ class SoupsConfig:
         return self.ppo if self.algo == "ppo" else self.training
 
     def validate(self) -> None:
-        known = {p.name for p in psoups_profiles()}
+        known = {p.name for p in psoups_profiles(extended=True)}
         per_preference = [n for n, r in RECIPES.items() if r.per_preference is not None]
         if self.algo not in per_preference:
             raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {per_preference}")
@@ -102,6 +102,10 @@ class SoupsConfig:
         unknown = sorted(set(self.preferences) - known)
         if unknown:
             raise ValueError(f"preferences: unknown {unknown}; known: {sorted(known)}")
+        extra = sorted(set(self.preferences) - {p.name for p in psoups_profiles()})
+        if extra and not self.psoups_files and not self.sft.extra_styles:
+            raise ValueError(f"preferences: {extra} (002 §B.2) need the world's extra styles: "
+                             "set sft.extra_styles=true (configs/soups-16.yaml)")
         for i, combo in enumerate(self.combinations):
             missing = sorted(set(combo) - set(self.preferences))
             if missing:

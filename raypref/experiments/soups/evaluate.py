@@ -101,11 +101,13 @@ def instruction_text(world, combo, hf_base: bool) -> str:
 def dimensions_of(preferences: list[str]) -> dict[str, tuple[str, str]]:
     """{dimension: (preference raising its attribute, preference lowering it)} for every
     dimension both of whose preferences are in the set."""
-    by_dim: dict[str, dict[int, str]] = {}
+    # grouped by attribute too: P3C (sass) and P3D (sarcasm) share style's dimension but
+    # not its attribute, and have no opposite, so style's sweep stays P3A vs P3B
+    by_attr: dict[tuple[str, str], dict[int, str]] = {}
     for name in preferences:
         profile = psoups_profile(name)
-        by_dim.setdefault(profile.dimension, {})[int(profile.direction)] = name
-    return {dim: (d[1], d[-1]) for dim, d in by_dim.items() if 1 in d and -1 in d}
+        by_attr.setdefault((profile.dimension, profile.attribute), {})[int(profile.direction)] = name
+    return {dim: (d[1], d[-1]) for (dim, _), d in by_attr.items() if 1 in d and -1 in d}
 
 
 def sweep_weights(dims: dict[str, tuple[str, str]], dimension: str, t: float,

@@ -25,7 +25,6 @@ import torch
 
 from raypref import tracking
 from raypref.config import to_dict
-from raypref.data.world import World
 from raypref.eval.pairs import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
@@ -42,7 +41,7 @@ from raypref.experiments.soups.training import (
 )
 from raypref.models.factory import load_pretrained, save_pretrained_safetensors
 from raypref.models.merge import LoraAdapter, soup_model
-from raypref.recipes.sft import train_sft
+from raypref.recipes.sft import sft_world, train_sft
 from raypref.train import storage
 
 
@@ -133,7 +132,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         else:
             _log("1/6 SFT base policy (cached by config hash)")
             sft_dir = str(train_sft(cfg.sft))
-        world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+        world = sft_world(cfg.sft)
         # the judge and the prompts first: a bad judge id or prompts file fails before training
         scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
         prompts = ev.eval_prompts(cfg.eval, world)

@@ -139,6 +139,9 @@ WORKER_NOISE = tuple(re.compile(p) for p in (
     r"^Reporting training result",
     r"core_worker\.cc:\d+: Actor with class name: 'PreemptionWatcher'",
     r"(Loading weights|Writing model shards|Loading checkpoint shards):\s+\d+%",
+    # Ray Train's PlacementGroupCleaner (a safety net for crashed controllers) asks the state
+    # API, which is off without the dashboard, and says so every few seconds of every run
+    r"Failed to query Ray Train Controller actor state",
 ))
 
 NOISY_LOGGERS = ("mlflow", "ray._private.authentication", "ray.data", "deepspeed", "DeepSpeed",

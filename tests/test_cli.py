@@ -170,6 +170,8 @@ def test_quiet_console_keeps_noise_in_the_log(tmp_path):
 def test_worker_noise_patterns_spare_progress_and_errors():
     assert is_worker_noise("Setting up process group for: env:// [rank=0, world_size=1]")
     assert is_worker_noise("Loading weights:  50%|#####     | 14/28 [00:00<00:00]")
+    assert is_worker_noise("Failed to query Ray Train Controller actor state. State API may be "
+                           "temporarily unavailable. Continuing to monitor. [repeated 35x across cluster]")
     assert not is_worker_noise("[runner] sft-1 step 5: lr=0.0003 loss=6.014")
     assert not is_worker_noise("Traceback (most recent call last):")
     assert not is_worker_noise("RuntimeError: CUDA out of memory")

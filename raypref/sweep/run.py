@@ -143,7 +143,9 @@ def run_sweep(cfg: SweepConfig) -> dict:
     # loses at most that much record of ended trials; trials last minutes, saving is cheap
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "3")
     if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False, configure_logging=False)
+        # with the dashboard: a trial ASHA stops is torn down with its Ray Train controller, and
+        # only Ray Train's PlacementGroupCleaner (which asks the state API) frees its workers' CPUs
+        ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
     parent_id = _parent_run(sweep)
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "
@@ -189,9 +191,12 @@ def _tuner(sweep: Sweep, trainable, callbacks: list):
             tune_config=tune.TuneConfig(
                 metric=sweep.job.metric, mode=sweep.job.mode, num_samples=cfg.num_samples,
                 search_alg=_searcher(sweep, _max_concurrent(sweep)),
+                # stop_last_trials=False: a trial that reaches max_t ends on its own (its Ray
+                # Train run shuts down and frees its CPUs) instead of being stopped by Tune
                 scheduler=ASHAScheduler(time_attr=sweep.job.time_attr, max_t=sweep.max_t,
                                         grace_period=cfg.grace_period,
-                                        reduction_factor=cfg.reduction_factor)
+                                        reduction_factor=cfg.reduction_factor,
+                                        stop_last_trials=False)
                 if cfg.scheduler == "asha" else FIFOScheduler(),
                 time_budget_s=cfg.time_budget_s or None,
                 trial_name_creator=trial_name, trial_dirname_creator=trial_name),

@@ -317,3 +317,32 @@ def test_soup_model_keeps_ties_and_equals_peft(soup, method):
     assert model.lm_head.weight is model.transformer.wte.weight
     _assert_states_close(model.state_dict(), full["P3A"])
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())  # base untouched
+
+
+@pytest.mark.parametrize("rows", [1, 127, 128, 300])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_row_blocked_low_rank_add_equals_addmm(rows, in_place):
+    """The merge writes ``base + X @ Y`` a block of rows at a time; every row, the last partial
+    block included, must match one whole ``addmm`` (in place on the base too)."""
+    from raypref.models.merge import _ROW_BLOCK, _addmm_by_row_blocks
+
+    assert 300 > 2 * _ROW_BLOCK  # so 300 rows span two full blocks and a partial one
+    gen = torch.Generator().manual_seed(rows)
+    src = torch.randn(rows, 40, generator=gen)
+    x, y = torch.randn(rows, 6, generator=gen), torch.randn(6, 40, generator=gen)
+    expected, before = torch.addmm(src, x, y), src.clone()
+    dst = src if in_place else torch.full_like(src, float("nan"))
+    _addmm_by_row_blocks(src, x, y, dst)
+    torch.testing.assert_close(dst, expected, rtol=1e-6, atol=1e-6)
+    if not in_place:
+        assert torch.equal(src, before)  # the base is untouched
+
+
+def test_row_blocked_low_rank_add_handles_non_contiguous_output():
+    from raypref.models.merge import _addmm_by_row_blocks
+
+    src = torch.randn(200, 30)
+    x, y = torch.randn(200, 4), torch.randn(4, 30)
+    dst = torch.zeros(30, 200).t()  # a transposed view: not contiguous
+    _addmm_by_row_blocks(src, x, y, dst)
+    torch.testing.assert_close(dst, torch.addmm(src, x, y))

@@ -97,6 +97,29 @@ def soup_factors(base: "Mapping[str, torch.Tensor] | torch.nn.Module",
         raise MergeError(str(e)) from e
 
 
+# Rows per block of ``out = base + X @ Y``: a block of the output (128 rows of a GPT-2-sized
+# weight, 0.4-1.5 MiB) stays in L2 between the copy of the base and the low-rank product that adds
+# into it, so the output goes to memory once. 64-128 rows measured fastest on a 1.25-MiB-L2 core;
+# bench/merge_throughput.py shows the gain (0.24 s -> 0.20 s at GPT-2-124M scale, one thread).
+_ROW_BLOCK = 128
+
+
+def _addmm_by_row_blocks(src: torch.Tensor, x: torch.Tensor, y: torch.Tensor, dst: torch.Tensor) -> None:
+    """``dst = src + x @ y`` in float32, block of rows by block of rows (``dst`` may be ``src``)."""
+    if dst.dim() != 2 or not dst.is_contiguous() or dst.device.type != "cpu":
+        if dst.data_ptr() == src.data_ptr():
+            dst.addmm_(x, y)
+        else:
+            torch.addmm(src, x, y, out=dst)
+        return
+    for start in range(0, dst.shape[0], _ROW_BLOCK):
+        rows = slice(start, start + _ROW_BLOCK)
+        block = dst[rows]
+        if dst.data_ptr() != src.data_ptr():
+            block.copy_(src[rows])
+        block.addmm_(x[rows], y)
+
+
 def _write_low_rank(base_state: Mapping[str, torch.Tensor], terms: Mapping[str, list[tuple[torch.Tensor, torch.Tensor]]],
                     out: Mapping[str, torch.Tensor]) -> None:
     """``out[key] = base[key] + Σ X @ Y`` for every key, one pass per distinct base tensor.
@@ -125,10 +148,7 @@ def _write_low_rank(base_state: Mapping[str, torch.Tensor], terms: Mapping[str, 
                 y = torch.cat([y for _, y in group_terms], dim=0) if len(group_terms) > 1 else group_terms[0][1]
                 x, y = x.to(src.device), y.to(src.device)
                 if src.dtype == torch.float32 and dst.dtype == torch.float32:
-                    if dst.data_ptr() == src.data_ptr():
-                        dst.addmm_(x.float(), y.float())
-                    else:
-                        torch.addmm(src, x.float(), y.float(), out=dst)
+                    _addmm_by_row_blocks(src, x.float(), y.float(), dst)
                 else:  # low precision: add in float32, round once (as peft's merge does)
                     dst.copy_(torch.addmm(src.float(), x.float(), y.float()))
             done.add(_storage_key(dst))

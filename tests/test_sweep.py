@@ -326,3 +326,24 @@ def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(t
     monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
     _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
     assert again == reports  # seeded: a trial's score is reproducible
+
+
+def test_trials_the_time_budget_ended_are_not_called_stopped_early_or_failed():
+    from raypref.sweep.report import CUT, BudgetWatch, TrialRow
+
+    class T:  # the two fields of a Tune Trial the watch reads
+        def __init__(self, trial_id, status):
+            self.trial_id, self.status = trial_id, status
+
+    def row(trial_id, status, error=""):
+        return TrialRow(trial_id, trial_id, status, {}, {}, None, None, error=error)
+
+    watch = BudgetWatch(budget_s=3600)
+    watch.on_step_end(0, [T("a", "TERMINATED"), T("b", "RUNNING"), T("c", "ERROR"), T("d", "PENDING")])
+    rows = [row("a", STOPPED), row("b", STOPPED), row("c", FAILED, "Traceback: boom"),
+            row("d", FAILED, "ended without a result"), row("e", DONE)]
+    assert [r.status for r in watch.mark_cuts(rows)] == [STOPPED, STOPPED, FAILED, FAILED, DONE]  # budget not spent
+    watch.deadline = 0.0  # the budget has run out
+    watch.on_step_end(1, [T("b", "TERMINATED")])  # seen ended only after the deadline: not recorded
+    assert [r.status for r in watch.mark_cuts(rows)] == [STOPPED, CUT, FAILED, CUT, DONE]
+    assert BudgetWatch(budget_s=0).mark_cuts([row("b", STOPPED)])[0].status == STOPPED  # no budget, no cuts

@@ -20,7 +20,8 @@ from raypref.config import to_dict
 _TUNE_KEYS = {"timestamp", "training_iteration", "time_this_iter_s", "time_total_s", "pid",
               "time_since_restore", "iterations_since_restore", "done", "trial_id", "node_ip",
               "hostname", "date", "experiment_tag", "checkpoint_dir_name", "should_checkpoint"}
-DONE, STOPPED, FAILED = "done", "stopped early", "failed"
+DONE, STOPPED, FAILED, CUT = "done", "stopped early", "failed", "cut by budget"
+ENDED = (DONE, STOPPED, FAILED, CUT)
 
 
 def trial_name(trial) -> str:
@@ -85,6 +86,30 @@ def trial_rows(trials, space, metric, time_attr, max_t, model_path=None) -> list
                   key=lambda r: r.name)
 
 
+class BudgetWatch(Callback):
+    """Remembers which trials had ended before the sweep's time budget ran out. When it runs
+    out, Tune stops every running trial and drops the pending ones: those read as stopped early
+    or as failed without a result, but neither the scheduler nor the trial ended them."""
+
+    def __init__(self, budget_s: float):
+        self.deadline = time.time() + budget_s if budget_s else None
+        self.ended_before: set[str] = set()
+
+    def on_step_end(self, iteration, trials, **info):
+        if self.deadline is not None and time.time() < self.deadline:
+            self.ended_before |= {t.trial_id for t in trials if t.status in ("TERMINATED", "ERROR")}
+
+    def mark_cuts(self, rows: list[TrialRow]) -> list[TrialRow]:
+        """Rows of trials the budget ended (not ended before it, no error of their own) as CUT."""
+        if self.deadline is None or time.time() < self.deadline:
+            return rows
+        for row in rows:
+            own_error = row.status == FAILED and row.error != "ended without a result"
+            if row.status in (STOPPED, FAILED) and not own_error and row.trial_id not in self.ended_before:
+                row.status, row.error = CUT, ""
+        return rows
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         return f"{value:.4g}"
@@ -122,7 +147,7 @@ class ProgressTable(Callback):
         now = time.time()
         if shown != self._shown or now - self._last >= self.every_s:
             self._shown, self._last = shown, now
-            done = sum(r.status in (DONE, STOPPED, FAILED) for r in rows)
+            done = sum(r.status in ENDED for r in rows)
             print(f"[sweep {time.strftime('%H:%M:%S')}] {done}/{len(rows)} trials ended\n"
                   + format_table(rows, self.metric, self.time_attr), flush=True)
 
@@ -203,12 +228,12 @@ def write_summary(sweep, rows: list[TrialRow], parent_run_id: str, seconds: floa
         "sweep": sweep.path.name, "job": sweep.cfg.job, "folder": str(sweep.path),
         "metric": metric, "mode": mode, "scheduler": sweep.cfg.scheduler,
         "seconds": round(seconds, 1), "trials": len(rows),
-        "counts": {s: sum(r.status == s for r in rows) for s in (DONE, STOPPED, FAILED)},
+        "counts": {s: sum(r.status == s for r in rows) for s in ENDED},
         "stopped_early": [r.name for r in rows if r.status == STOPPED],
         "failed": {r.name: r.error for r in rows if r.status == FAILED},
         "best": None, "rows": [r.__dict__ for r in rows],
         # interrupted (Ctrl-C, ray job stop): trials left pending / running; rerun to continue
-        "unfinished": [r.name for r in rows if r.status not in (DONE, STOPPED, FAILED)],
+        "unfinished": [r.name for r in rows if r.status not in ENDED],
     }
     client = mlflow.MlflowClient()
     if best is not None:
@@ -237,7 +262,8 @@ def _print(summary: dict, rows: list[TrialRow], sweep) -> None:
     print(format_table(rows, summary["metric"], sweep.job.time_attr))
     c = summary["counts"]
     print(f"[sweep] {summary['trials']} trials in {summary['seconds']:.0f} s: {c[DONE]} done, "
-          f"{c[STOPPED]} stopped early, {c[FAILED]} failed")
+          f"{c[STOPPED]} stopped early, {c[FAILED]} failed"
+          + (f", {c[CUT]} cut by the time budget (running or pending when it ran out)" if c[CUT] else ""))
     if summary["stopped_early"]:
         print(f"[sweep] stopped early by {summary['scheduler'].upper()}: {', '.join(summary['stopped_early'])}")
     for name, error in summary["failed"].items():

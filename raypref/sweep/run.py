@@ -17,9 +17,9 @@ from typing import Any
 
 import yaml
 
-from raypref.config import _merge, from_dict, to_dict
+from raypref.config import check_fields, from_dict, _merge, to_dict
 from raypref.sweep.jobs import SweepJob, model_path, sweep_job
-from raypref.sweep.report import (ProgressTable, MLflowTrials, trial_rows, trial_name,
+from raypref.sweep.report import (BudgetWatch, ProgressTable, MLflowTrials, trial_rows, trial_name,
                                   write_summary)
 from raypref.sweep.space import SearchSpace, load_space
 
@@ -60,9 +60,7 @@ class SweepConfig:
             ("time_budget_s", self.time_budget_s >= 0, "must be >= 0"),
             ("name", "/" not in self.name, "must be a folder name"),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"SweepConfig.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("SweepConfig", self, checks)
 
 
 @dataclass
@@ -155,7 +153,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
         shared = sweep.job.prepare(sweep.base_config, sweep.path)
         trainable = tune.with_resources(tune.with_parameters(_trial, sweep=sweep, shared=shared),
                                         {"CPU": cfg.trial_cpus})
-        callbacks = [ProgressTable(sweep.space, sweep.job.metric, sweep.job.time_attr, sweep.max_t,
+        budget = BudgetWatch(cfg.time_budget_s)
+        callbacks = [budget, ProgressTable(sweep.space, sweep.job.metric, sweep.job.time_attr, sweep.max_t,
                                    cfg.progress_every_s),
                      MLflowTrials(mlflow.get_tracking_uri(), parent_id, sweep.space, sweep.job.time_attr,
                                   sweep.max_t)]
@@ -163,8 +162,8 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tuner = _tuner(sweep, trainable, callbacks)
         tuner.fit()
         trials = tune.ExperimentAnalysis(experiment).trials
-        rows = trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
-                          sweep.max_t, lambda t: model_path(sweep.path, t))
+        rows = budget.mark_cuts(trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
+                                           sweep.max_t, lambda t: model_path(sweep.path, t)))
         return write_summary(sweep, rows, parent_id, time.time() - started)
     except BaseException:
         mlflow.MlflowClient().set_terminated(parent_id, "FAILED")

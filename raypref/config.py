@@ -34,6 +34,18 @@ class ConfigError(ValueError):
     """A config key is unknown, its value is wrong, or a config file cannot be read."""
 
 
+def check_fields(where: str, obj: Any, checks: list[tuple[str, bool, str]]) -> None:
+    """Raise ``ValueError("<where>.<field>=<value>: <rule>")`` for the first failed check.
+
+    ``checks``: ``(field, ok, rule)`` triples; a field may be dotted (``training.steps``)."""
+    for name, ok, rule in checks:
+        if not ok:
+            value = obj
+            for part in name.split("."):
+                value = getattr(value, part)
+            raise ValueError(f"{where}.{name}={value!r}: {rule}")
+
+
 def to_dict(cfg: Any) -> dict:
     """The config as plain nested dicts (for YAML, MLflow params, hashing)."""
     return dataclasses.asdict(cfg)

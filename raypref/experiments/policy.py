@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from raypref import tracking
+from raypref.config import check_fields
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
 from raypref.models.factory import LoraSettings, generate, load_pretrained
@@ -197,9 +198,7 @@ class PDPOJobConfig:
                   ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
                   ("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
                   ("max_length", self.max_length >= 8, "must be >= 8")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"PDPOJobConfig.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("PDPOJobConfig", self, checks)
 
     def user_model_config(self) -> UserModelConfig | None:
         if self.user_model == "none":
@@ -323,9 +322,7 @@ class RSFJobConfig:
                   ("eval_directions", self.eval_directions >= 2, "must be >= 2"),
                   ("eval_prompts", self.eval_prompts >= 1, "must be >= 1"),
                   ("run_name", bool(self.run_name) and "/" not in self.run_name, "must be a folder name")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"RSFJobConfig.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("RSFJobConfig", self, checks)
 
 
 @dataclass

@@ -24,6 +24,7 @@ import mlflow
 import ray
 
 from raypref import tracking
+from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
@@ -93,12 +94,7 @@ class DPOJobConfig:
             ("data_cpus", self.data_cpus > 0, "must be > 0"),
             ("tokenizer_actors", self.tokenizer_actors >= 1, "must be >= 1"),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                value = self
-                for part in name.split("."):
-                    value = getattr(value, part)
-                raise ValueError(f"DPOJobConfig.{name}={value!r}: {rule}")
+        check_fields("DPOJobConfig", self, checks)
 
 
 @dataclass

@@ -16,6 +16,8 @@ from typing import Callable
 
 import torch
 
+from raypref.config import check_fields
+
 TINY = "tiny"
 PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, SEP)
@@ -33,9 +35,7 @@ class LoraSettings:
         checks = [("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
                   ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
                   ("target_modules", bool(self.target_modules), "must name at least one module")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+        check_fields(where, self, checks)
 
 
 @dataclass

@@ -25,6 +25,7 @@ from raypref.algos.contrastive import latent_contrastive_loss
 from raypref.algos.gradients import flat_grad, mgda_direction, pcgrad_direction
 from raypref.algos.reward import bt_loss, multi_objective_mse, pair_accuracy, rescale, scalarize
 from raypref.algos.vae import kl_to_standard_normal
+from raypref.config import check_fields
 from raypref.data.sampling import AdaptiveSampler, DemonstrationSampler, UniformSampler
 from raypref.models.reward import (CONDITIONINGS, EncoderConfig, MultiObjectiveRewardModel,
                                    PersonalizedRewardModel, ScalarRewardModel, VAEConfig,
@@ -93,9 +94,7 @@ class RewardConfig:
                   ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
                   ("adaptive_ratio", len(self.adaptive_ratio) == 3 and min(self.adaptive_ratio) >= 0
                    and sum(self.adaptive_ratio) > 0, "must be 3 non-negative numbers, not all 0")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"RewardConfig.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("RewardConfig", self, checks)
         if self.method != "vae" and self.contrastive:
             raise ValueError(f"RewardConfig.contrastive={self.contrastive}: only the vae method "
                              "has latent means to contrast")

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from raypref.config import check_fields
 from raypref.eval.pairs import evaluate_pairs
 from raypref.models.factory import LoraSettings, ModelConfig
 from raypref.recipes.dpo import DPOConfig, DPOSpec
@@ -81,9 +82,7 @@ class DPOTrialConfig:
                   ("pairs", self.pairs >= t.micro_batch_size, "must be >= training.micro_batch_size"),
                   ("heldout_pairs", self.heldout_pairs >= 1, "must be >= 1"),
                   ("report_every", 1 <= self.report_every <= t.steps, "must be in [1, training.steps]")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"DPOTrialConfig.{name}: {rule}")
+        check_fields("DPOTrialConfig", self, checks)
         psoups_profile(self.preference)  # raises on an unknown preference
         self.sft.validate()
 

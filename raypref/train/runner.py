@@ -27,6 +27,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
 from raypref.train.spec import LoopSpec, Role, StepContext
@@ -84,9 +85,7 @@ class RunnerConfig:
             ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
             ("log_every", self.log_every >= 1, "must be >= 1"),
         ]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"RunnerConfig.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("RunnerConfig", self, checks)
 
 
 @dataclass
@@ -110,9 +109,7 @@ class Optimization:
                   ("warmup_steps", self.warmup_steps >= 0, "must be >= 0"),
                   ("weight_decay", self.weight_decay >= 0, "must be >= 0"),
                   ("grad_clip", self.grad_clip >= 0, "must be >= 0 (0 = no clipping)")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+        check_fields(where, self, checks)
 
 
 @dataclass
@@ -135,9 +132,7 @@ class Resources:
                   ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
                   ("checkpoint_every", self.checkpoint_every >= 1, "must be >= 1"),
                   ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = only at the end)")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+        check_fields(where, self, checks)
 
 
 def runner_config(training: Optimization, resources: Resources, *, name: str, storage_path: str,

@@ -9,6 +9,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from raypref.config import check_fields
 from raypref.data.users import psoups_profile
 from raypref.eval.generation import (JudgeScorer, Scores, WorldScorer, judged_generations,  # noqa: F401
                                      mean_scores, with_weights)
@@ -53,9 +54,7 @@ class EvalConfig:
                   ("quality_margin", self.quality_margin >= 0, "must be >= 0"),
                   ("arms", set(self.arms) <= set(SOUP_ARMS), f"must be among {list(SOUP_ARMS)}"),
                   ("n_boot", self.n_boot >= 1, "must be >= 1")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"eval.{name}={getattr(self, name)!r}: {rule}")
+        check_fields("eval", self, checks)
 
 
 def make_scorer(cfg: EvalConfig, world, preferences: list[str]):

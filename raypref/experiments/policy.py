@@ -83,14 +83,19 @@ def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prom
     return float(reward.score(prompts, responses).mean())
 
 
+def _run_folder_and_world(cfg, name: str) -> tuple[Path, World]:
+    """The job's run folder <output_dir>/<name> (created) and the world its SFT settings name."""
+    out = Path(cfg.output_dir).expanduser().resolve() / name
+    out.mkdir(parents=True, exist_ok=True)
+    return out, World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+
+
 def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
     from peft import PeftModel
 
     cfg.validate()
     name = cfg.run_name or f"ppo-{cfg.preference}"
-    out = Path(cfg.output_dir).expanduser().resolve() / name
-    out.mkdir(parents=True, exist_ok=True)
-    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    out, world = _run_folder_and_world(cfg, name)
     with tracking.start_run("ppo", cfg, out, run_name=name) as mlrun:
         started = time.time()
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
@@ -233,9 +238,7 @@ def length_conflict_data(cfg: PDPOJobConfig, world: World) -> tuple[list, list, 
 def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
     cfg.validate()
     name = cfg.run_name or f"pdpo-{cfg.user_model}-{cfg.loss}"
-    out = Path(cfg.output_dir).expanduser().resolve() / name
-    out.mkdir(parents=True, exist_ok=True)
-    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    out, world = _run_folder_and_world(cfg, name)
     with tracking.start_run("pdpo", cfg, out, run_name=name) as mlrun:
         started = time.time()
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))

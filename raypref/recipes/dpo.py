@@ -48,6 +48,15 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int) 
     return out
 
 
+def rank_shard(pairs: Sequence, ctx: StepContext) -> list:
+    """This rank's share of the pairs (every world_size-th); it must fill a micro-batch."""
+    shard = list(pairs[ctx.rank::ctx.world_size])
+    if len(shard) < ctx.micro_batch_size:
+        raise ValueError(f"rank {ctx.rank}/{ctx.world_size} holds {len(shard)} pairs, fewer than "
+                         f"micro_batch_size={ctx.micro_batch_size}")
+    return shard
+
+
 def epoch_chunks(n: int, size: int, start: int, seed: int) -> Iterator[list[int]]:
     """Endless index chunks of ``size`` over ``n`` items, reshuffled each epoch by (seed, epoch),
     starting at micro-batch ``start`` (so a resumed run continues where it stopped); the ragged
@@ -176,14 +185,10 @@ class DPOSpec(LoopSpec):
     def batches(self, ctx: StepContext) -> Iterator[Batch]:
         """Endless, deterministic stream of this rank's micro-batches (a new shuffle each epoch),
         starting after the micro-batches of the steps already done."""
-        shard = self.pairs[ctx.rank::ctx.world_size]
-        size = ctx.micro_batch_size
-        if len(shard) < size:
-            raise ValueError(f"rank {ctx.rank}/{ctx.world_size} holds {len(shard)} pairs, fewer than "
-                             f"micro_batch_size={size}")
+        shard = rank_shard(self.pairs, ctx)
         tokenizer = self.tokenizer()
         encoded = encode_pairs(tokenizer, shard, self.max_length)
-        for chunk in epoch_chunks(len(encoded), size, ctx.micro_batches_done, self.seed):
+        for chunk in epoch_chunks(len(encoded), ctx.micro_batch_size, ctx.micro_batches_done, self.seed):
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:

@@ -28,7 +28,7 @@ from raypref.algos.pdpo import PDPOOutput, pdpo_loss, response_logprobs
 from raypref.data.records import UNKNOWN_USER, PreferenceRecord
 from raypref.models.factory import LoraSettings, add_lora, load_pretrained
 from raypref.models.user_model import PersonalizedLM, UserModel, UserModelConfig
-from raypref.recipes.dpo import collate_pairs, encode_pairs, epoch_chunks
+from raypref.recipes.dpo import collate_pairs, encode_pairs, epoch_chunks, rank_shard
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
 
 INFO_FILE = "pdpo_policy.json"
@@ -161,14 +161,10 @@ class PDPOSpec(LoopSpec):
 
     def batches(self, ctx: StepContext) -> Iterator[Batch]:
         """Endless deterministic stream of this rank's micro-batches (a new shuffle each epoch)."""
-        shard = self.pairs[ctx.rank::ctx.world_size]
-        size = ctx.micro_batch_size
-        if len(shard) < size:
-            raise ValueError(f"rank {ctx.rank}/{ctx.world_size} holds {len(shard)} pairs, fewer than "
-                             f"micro_batch_size={size}")
+        shard = rank_shard(self.pairs, ctx)
         tokenizer = self.tokenizer()
         encoded = encode_pairs(tokenizer, shard, self.max_length)
-        for chunk in epoch_chunks(len(shard), size, ctx.micro_batches_done, ctx.seed):
+        for chunk in epoch_chunks(len(shard), ctx.micro_batch_size, ctx.micro_batches_done, ctx.seed):
             yield collate_user_pairs(tokenizer, [shard[i] for i in chunk], [encoded[i] for i in chunk],
                                      self.use_user_text)
 

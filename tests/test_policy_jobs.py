@@ -1,11 +1,18 @@
 """Policy-optimization specs through the Ray Train + DeepSpeed runner (PPO, P-DPO)."""
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
+import pickle
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+from raypref.models.factory import LoraSettings
+from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
 
 
 @pytest.fixture(scope="module")
@@ -248,3 +255,103 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
     _, tokenizer = load_pretrained(s["policy_dir"])
     ids = tokenizer(spelled_direction([0.8, -0.6], ["helpfulness", "verbosity"]))["input_ids"]
     assert tokenizer.unk_token_id not in ids  # the policy's tokenizer reads the direction
+
+
+@dataclasses.dataclass
+class LoggedPPOSpec(PPOSpec):
+    """PPOSpec that also writes, per worker attempt, the step it starts at (``starts.txt``) and
+    each rollout it generates as ``<rollout index> <step>`` (``rollouts.txt``); training is PPOSpec's."""
+
+    log_dir: str = ""
+
+    def batches(self, ctx):
+        with open(Path(self.log_dir) / "starts.txt", "a") as f:
+            f.write(f"{ctx.step}\n")
+        return super().batches(ctx)
+
+    def make_rollout(self, ctx):
+        with open(Path(self.log_dir) / "rollouts.txt", "a") as f:
+            f.write(f"{self.rollouts} {ctx.step}\n")
+        return super().make_rollout(ctx)
+
+
+@pytest.mark.slow
+def test_ppo_worker_crash_inside_a_rollout_resumes_exactly(ray_local, tiny_base, tmp_path):
+    """PPO through Ray Train + DeepSpeed, once uninterrupted and once with the worker killed
+    (os._exit) at step 11. A rollout feeds 6 steps (2 epochs x 6 / 2): rollout 1 feeds steps 7-12,
+    generated at step 7. Ray Train commits a report when its controller polls the worker (every
+    2 s; a worker's queue holds one report), so the checkpoint of step 10 may be lost with the
+    worker and the run resumes after step 10 or step 8: both inside rollout 1, whose rest the
+    restarted worker must read from the saved buffer; rollout 2 (step 13) then needs the saved KL
+    controller and reward moments. The two runs must agree bit for bit (metrics, spec state,
+    actor and critic weights): a worker is one CPU process with a fixed thread count, generation
+    is seeded per rollout and LoRA dropout draws from the torch RNG the checkpoint restores, so
+    nothing in the computation may differ."""
+    from ray import cloudpickle
+    from safetensors.torch import load_file
+
+    from raypref.data.world import World
+    from raypref.train.faults import FaultInjectingSpec
+    from raypref.train.runner import RunnerConfig, run
+
+    cloudpickle.register_pickle_by_value(sys.modules[__name__])  # workers cannot import tests/
+
+    def spec(log_dir: Path) -> LoggedPPOSpec:
+        log_dir.mkdir()
+        # expertise and style vary over an untrained base's random words; kl_horizon=20 moves the
+        # adaptive coefficient by 6% per rollout, so a lost KL controller would show
+        return LoggedPPOSpec(tiny_base, World(seed=0).prompts(16),
+                             functools.partial(WorldJudgeReward, {"expertise": 1.0, "style": 1.0}),
+                             lora=LoraSettings(r=4, alpha=8, dropout=0.1), rollout_size=6, ppo_epochs=2,
+                             max_new_tokens=8, max_length=64, kl_target=1.0, kl_horizon=20,
+                             log_dir=str(log_dir))
+
+    def config(name: str) -> RunnerConfig:
+        # 6 steps per rollout: rollouts start at steps 1, 7 and 13; checkpoints every 2 steps
+        return RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=2, max_steps=14,
+                            micro_batch_size=2, checkpoint_every=2, max_failures=1, log_every=14,
+                            storage_path=str(tmp_path / "runs"), name=name, seed=1)
+
+    ref_log, crash_log, marker = tmp_path / "ref", tmp_path / "crash", tmp_path / "crashed"
+    reference = run(spec(ref_log), config("reference"))
+    crashed = run(FaultInjectingSpec(spec(crash_log), mode="once", marker=str(marker), at_step=11),
+                  config("crashed"))
+
+    # the worker died once at step 11; the second attempt resumed inside rollout 1 (see above)
+    assert marker.exists()
+    assert (ref_log / "starts.txt").read_text().split() == ["1"]
+    starts = (crash_log / "starts.txt").read_text().split()
+    assert starts[0] == "1" and starts[1:] in (["11"], ["9"]), starts  # two attempts
+    # ... without generating rollout 1 again: it read the rest of it from the checkpoint
+    rollouts = (ref_log / "rollouts.txt").read_text().splitlines()
+    assert rollouts == ["0 1", "1 7", "2 13"]
+    assert (crash_log / "rollouts.txt").read_text().splitlines() == rollouts
+
+    assert crashed.final_step == reference.final_step == 14
+    assert [m["step"] for m in crashed.metrics] == list(range(1, 15))  # each step once
+    rows = reference.metrics
+    assert {"reward/score", "kl/per_response", "kl/coef", "loss.actor", "loss.critic"} <= set(rows[0])
+    coefs = [rows[i]["kl/coef"] for i in (0, 6, 12)]  # one per rollout
+    assert len(set(coefs)) == 3 and rows[12]["kl/per_response"] != 0, coefs  # the state had moved
+    assert len({rows[i]["reward/score"] for i in (0, 6, 12)}) == 3
+    for got, want in zip(crashed.metrics, rows):
+        assert got == want, got["step"]  # every metric, exactly
+
+    def spec_state(result) -> dict:
+        with open(result.checkpoint_path / "worker_state_rank0.pkl", "rb") as f:
+            return pickle.load(f)["spec"]
+
+    got, want = spec_state(crashed), spec_state(reference)
+    assert (got["position"], got["rollouts"]) == (want["position"], want["rollouts"]) == (2, 3)  # 2 steps into rollout 2
+    assert got["kl_ctl"] == want["kl_ctl"] and got["moments"] == want["moments"]
+    assert got["buffer"].keys() == want["buffer"].keys()
+    for key in want["buffer"]:
+        assert torch.equal(got["buffer"][key], want["buffer"][key]), key
+
+    for file in ("adapter_model.safetensors", "critic/model.safetensors"):
+        final, expected = load_file(crashed.export_path / file), load_file(reference.export_path / file)
+        assert final.keys() == expected.keys() and final, file
+        for key in expected:
+            assert torch.equal(final[key], expected[key]), (file, key)
+    trained = load_file(reference.export_path / "adapter_model.safetensors")
+    assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # the actor moved

@@ -35,6 +35,7 @@ from raypref.algos.ppo import (
     policy_loss,
     value_loss,
 )
+from raypref.config import check_fields
 from raypref.models.factory import (
     LoraSettings,
     add_lora,
@@ -164,9 +165,7 @@ class PPOConfig(Optimization):
                   ("kl_coef", self.kl_coef >= 0, "must be >= 0"),
                   ("kl_target", self.kl_target >= 0, "must be >= 0 (0 = fixed kl_coef)"),
                   ("kl_horizon", self.kl_horizon >= 1, "must be >= 1")]
-        for name, ok, rule in checks:
-            if not ok:
-                raise ValueError(f"{where}.{name}={getattr(self, name)!r}: {rule}")
+        check_fields(where, self, checks)
         self.lora.validate(f"{where}.lora")
 
 

@@ -245,15 +245,16 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
             "--directions_per_prompt", "1", "--prompts_per_iteration", "2", "--steps_per_iteration", "2",
             "--training.steps", "4", "--training.micro_batch_size", "2", "--training.warmup_steps", "1",
             "--resources.checkpoint_every", "4", "--max_new_tokens", "6", "--n_prompts", "8",
-            "--n_original", "20", "--eval_directions", "2", "--eval_prompts", "2"]
+            "--n_original", "20", "--eval_directions", "2", "--eval_prompts", "2",
+            "--objectives", '["helpfulness", "expertise"]']  # 6 new tokens are too few for verbosity
     s = train_rsf(parse_args(RSFJobConfig, argv)).summary  # what jobs/rsf.py runs
     assert s["steps"] == 4 and s["iterations"] == 2
     for label in ("base", "policy"):
         rows = s["sweep"][label]
         assert [r["direction"] for r in rows] == [[1.0, 0.0], [0.7071, -0.7071]]
-        assert all({"length", "helpfulness", "verbosity", "v_dot_r"} <= set(r) for r in rows)
+        assert all({"length", "helpfulness", "expertise", "v_dot_r"} <= set(r) for r in rows)
     _, tokenizer = load_pretrained(s["policy_dir"])
-    ids = tokenizer(spelled_direction([0.8, -0.6], ["helpfulness", "verbosity"]))["input_ids"]
+    ids = tokenizer(spelled_direction([0.8, -0.6], ["helpfulness", "expertise"]))["input_ids"]
     assert tokenizer.unk_token_id not in ids  # the policy's tokenizer reads the direction
 
 
@@ -355,3 +356,18 @@ def test_ppo_worker_crash_inside_a_rollout_resumes_exactly(ray_local, tiny_base,
             assert torch.equal(final[key], expected[key]), (file, key)
     trained = load_file(reference.export_path / "adapter_model.safetensors")
     assert any(v.abs().sum() > 0 for k, v in trained.items() if "lora_B" in k)  # the actor moved
+
+
+def test_generation_budgets_too_short_for_the_verbosity_judge_are_refused():
+    """Below ~100 new tokens every sample reads verbosity 0 (PPO on P2A/P2B and RSF learned nothing
+    that way, twice): the jobs refuse such a budget before any work, naming the field."""
+    from raypref.data.world import World
+    from raypref.experiments.policy import check_length_reach
+
+    world = World(seed=0)
+    zero, one = world.verbosity_words()
+    with pytest.raises(ValueError, match=r"RSFJobConfig\.max_new_tokens=64: too few for the verbosity judge"):
+        check_length_reach(world, ["helpfulness", "verbosity"], 64, "RSFJobConfig")
+    check_length_reach(world, ["helpfulness", "verbosity"], int(one) + 1, "RSFJobConfig")
+    check_length_reach(world, ["helpfulness", "expertise"], 6, "RSFJobConfig")  # length does not matter
+    assert 40 < zero < one < 128  # the defaults of jobs/ppo.py and jobs/rsf.py reach the judge's range

@@ -14,6 +14,7 @@ the minority ("shorter") group's accuracy from the spec's evaluation at the last
 from __future__ import annotations
 
 import json
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +84,18 @@ def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prom
     return float(reward.score(prompts, responses).mean())
 
 
+def check_length_reach(world: World, attributes, max_new_tokens: int, where: str) -> None:
+    """Refuse a generation budget the verbosity judge cannot tell apart: it reads 0 below the word
+    count of a typical one-sentence response and 1 at a six-sentence one, so with fewer new tokens
+    than the latter every sample scores alike and nothing is learned (this bit PPO and RSF)."""
+    if "verbosity" not in attributes:
+        return
+    zero, one = world.verbosity_words()
+    if max_new_tokens < one:  # a word is at least one token
+        raise ValueError(f"{where}.max_new_tokens={max_new_tokens}: too few for the verbosity judge, which "
+                         f"reads 0 below {zero:.0f} words and 1 at {one:.0f}; use at least {math.ceil(one)}")
+
+
 def _run_folder_and_world(cfg, name: str) -> tuple[Path, World]:
     """The job's run folder <output_dir>/<name> (created) and the world its SFT settings name."""
     out = Path(cfg.output_dir).expanduser().resolve() / name
@@ -96,6 +109,8 @@ def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
     cfg.validate()
     name = cfg.run_name or f"ppo-{cfg.preference}"
     out, world = _run_folder_and_world(cfg, name)
+    check_length_reach(world, [psoups_profile(cfg.preference).attribute], cfg.training.max_new_tokens,
+                       "PPOJobConfig.training")
     with tracking.start_run("ppo", cfg, out, run_name=name) as mlrun:
         started = time.time()
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
@@ -290,8 +305,8 @@ class RSFJobConfig:
     prompts_per_iteration: int = 24
     steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
     replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
-    max_new_tokens: int = 64
-    max_length: int = 192
+    max_new_tokens: int = 128  # the verbosity judge needs ~100 words to read 1 (check_length_reach)
+    max_length: int = 224
     n_prompts: int = 256  # training prompts (two halves, alternating by iteration)
     n_original: int = 1000  # original pairs to replay from (the world's SFT corpus)
     eval_directions: int = 4  # evenly spaced from (1, 0) to (√2/2, −√2/2)
@@ -358,7 +373,6 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
 
 def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
     import functools
-    import math
 
     import numpy as np
 
@@ -367,9 +381,8 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
     from raypref.recipes.rsf import RSFSpec, WorldObjectives, spelled_direction
 
     cfg.validate()
-    out = Path(cfg.output_dir).expanduser().resolve() / cfg.run_name
-    out.mkdir(parents=True, exist_ok=True)
-    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    out, world = _run_folder_and_world(cfg, cfg.run_name)
+    check_length_reach(world, cfg.objectives, cfg.max_new_tokens, "RSFJobConfig")
     with tracking.start_run("rsf", cfg, out, run_name=cfg.run_name) as mlrun:
         started = time.time()
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))

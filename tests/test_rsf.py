@@ -125,6 +125,20 @@ def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(
     assert tokenizer.unk_token_id not in ids_a + ids_b and ids_a != ids_b
     assert extend_vocabulary(model, tokenizer, ["8"]) == []
     model(input_ids=torch.tensor([ids_a]))  # the grown embeddings take the new ids
+    # the model can tell the new words apart (LoRA never trains the embeddings): distinct rows,
+    # about as far apart as the old ones, and two directions give different next-token logits
+    weight = model.get_input_embeddings().weight.detach()
+    new = weight[n:]
+    gaps = torch.cdist(new, new)[~torch.eye(len(new), dtype=torch.bool)]
+    old_gaps = torch.cdist(weight[:n], weight[:n])[~torch.eye(n, dtype=torch.bool)]
+    assert gaps.min() > 0.3 * old_gaps.median()
+    digits = [tokenizer.convert_tokens_to_ids(d) for d in "0123456789"]
+    with torch.no_grad():
+        ta, tb = (model(input_ids=torch.tensor([ids]))["logits"][0, -1] for ids in (ids_a, ids_b))
+        same_shape = [tokenizer(spelled_direction(v, objectives))["input_ids"] for v in ([0.97, -0.26], [0.71, -0.71])]
+        assert len(same_shape[0]) == len(same_shape[1])  # only digits differ
+        la, lb = (model(input_ids=torch.tensor([ids]))["logits"][0, -1] for ids in same_shape)
+    assert len(set(digits)) == 10 and not torch.allclose(ta, tb) and (la - lb).abs().max() > 1e-3
 
 
 def test_world_objectives_are_on_one_scale():

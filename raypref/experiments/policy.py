@@ -387,10 +387,9 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
         started = time.time()
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
         # v is written with digits: give a word-level tokenizer the tokens of the system prompt
-        torch.manual_seed(cfg.seed)  # the new embedding rows are drawn around the mean one
         model, tokenizer = load_pretrained(sft_dir)
         words = {w for v in ([1.0, -0.5], [0.25, 0.75]) for w in spelled_direction(v, cfg.objectives).split()}
-        added = extend_vocabulary(model, tokenizer, sorted(words | set("0123456789")))
+        added = extend_vocabulary(model, tokenizer, sorted(words | set("0123456789")), seed=cfg.seed)
         base_dir = out / "base" if added else Path(sft_dir)  # written once: a resumed run reuses it
         if added and not (base_dir / "config.json").exists():
             save_pretrained_safetensors(model, tokenizer, base_dir)

@@ -202,18 +202,32 @@ def _cut_at_eos(ids: list[int], eos_id: int) -> list[int]:
     return ids[:ids.index(eos_id) + 1] if eos_id in ids else ids
 
 
-def extend_vocabulary(model, tokenizer, words) -> list[str]:
+def extend_vocabulary(model, tokenizer, words, seed: int = 0) -> list[str]:
     """Add the ``words`` the tokenizer lacks (e.g. digits, for a direction written in a system
-    prompt: the tiny word-level tokenizer has none) and grow the model's embeddings to match;
-    new rows start at the mean embedding. Returns the words added."""
+    prompt: the tiny word-level tokenizer has none) and grow the model's embeddings to match.
+    Returns the words added.
+
+    Each new row is drawn from N(mean, diag(var)) of the existing rows. Rows must differ: LoRA
+    leaves the embeddings frozen, and transformers' ``mean_resizing`` gave every new row the same
+    mean vector here, so the model could not tell "0 . 9 7" from "0 . 7 1" and a DPA policy
+    could not read its direction."""
     known = tokenizer.get_vocab()
     missing = [w for w in dict.fromkeys(words) if w not in known]
     bad = [w for w in missing if not w or w.split() != [w]]
     if bad:
         raise ValueError(f"extend_vocabulary: words must be single whitespace-free tokens, got {bad[:5]!r}")
     if missing:
+        n_old = model.get_input_embeddings().weight.shape[0]
         tokenizer.add_tokens(missing)
-        model.resize_token_embeddings(len(tokenizer), mean_resizing=True)
+        model.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+        generator = torch.Generator().manual_seed(seed)
+        layers = {id(m.weight): m.weight for m in (model.get_input_embeddings(), model.get_output_embeddings())
+                  if m is not None}  # once when tied
+        with torch.no_grad():
+            for weight in layers.values():
+                old = weight[:n_old].float()
+                noise = torch.randn(weight.shape[0] - n_old, weight.shape[1], generator=generator)
+                weight[n_old:] = (old.mean(0) + old.std(0) * noise).to(weight.dtype)
     return missing
 
 

@@ -111,3 +111,32 @@ def test_discovery_errors_name_the_folder(tmp_path):
     (tmp_path / "runs" / "train-x").mkdir(parents=True)
     with pytest.raises(PolicyDiscoveryError, match="no finished policy"):
         find_policies(tmp_path)
+
+
+def test_prompt_lengths_asked_during_a_batch_do_not_break_its_padding(engine):
+    """The app measures each request's prompt (validation) while another batch encodes with
+    padding: a fast tokenizer's padding state is shared, and unguarded this made a batch's rows
+    ragged ("Unable to create tensor", a 500 in the load test)."""
+    import threading
+
+    stop, errors = threading.Event(), []
+
+    def measure():
+        try:
+            while not stop.is_set():
+                engine.prompt_length("tell me about rivers and how they reach the sea")
+        except Exception as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    thread = threading.Thread(target=measure)
+    thread.start()
+    try:
+        # many prompts of many lengths: a long padded encode, a wide window for the other thread
+        prompts = [" ".join(["tell me about rivers"] * (1 + i % 7)) for i in range(64)]
+        for i in range(20):
+            out = engine.generate([GenerationRequest(p, (0.2, 0.3, 0.5), 1, 0.0, i) for p in prompts])
+            assert len(out) == len(prompts)
+    finally:
+        stop.set()
+        thread.join()
+    assert not errors, errors

@@ -53,6 +53,10 @@ class SoupEngine:
         self._cache: OrderedDict[WeightKey, torch.nn.Module] = OrderedDict()
         self._asked: Counter[WeightKey] = Counter()
         self._lock = threading.Lock()  # one batch at a time touches the cache
+        # a fast tokenizer keeps its padding settings in shared state that every call resets:
+        # prompt_length (request handler) during a batch's padded encode made that batch's rows
+        # ragged ("Unable to create tensor", a 500 under load); tokenizer calls take this lock
+        self._tokenizer_lock = threading.Lock()
         self.max_positions = int(getattr(base_model.config, "n_positions", 0)
                                  or getattr(base_model.config, "max_position_embeddings", 0) or 1 << 30)
 
@@ -63,7 +67,8 @@ class SoupEngine:
         return cls(model, tokenizer, adapters, version=policies.version, **kwargs)
 
     def prompt_length(self, prompt: str) -> int:
-        return len(self.tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"])
+        with self._tokenizer_lock:
+            return len(self.tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------ cache
 
@@ -109,19 +114,21 @@ class SoupEngine:
                 else:
                     ids = self._decode(model, batch)
                 for i, seq in zip(rows, ids):
-                    text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
+                    with self._tokenizer_lock:
+                        text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
                     results[i] = GenerationResult(text, seq, "soup" if model is None else "cache")
             self._promote({r.weights for r in requests})
             return results  # type: ignore[return-value]
 
     def _decode(self, model, batch: list[GenerationRequest]) -> list[list[int]]:
         tok = self.tokenizer
-        side, tok.padding_side = tok.padding_side, "left"
-        try:
-            enc = tok([format_prompt(r.prompt) for r in batch], return_tensors="pt", padding=True,
-                      add_special_tokens=False)
-        finally:
-            tok.padding_side = side
+        with self._tokenizer_lock:
+            side, tok.padding_side = tok.padding_side, "left"
+            try:
+                enc = tok([format_prompt(r.prompt) for r in batch], return_tensors="pt", padding=True,
+                          add_special_tokens=False)
+            finally:
+                tok.padding_side = side
         return decode(model, enc["input_ids"], enc["attention_mask"], [r.max_new_tokens for r in batch],
                       [r.temperature for r in batch], [r.seed for r in batch],
                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)

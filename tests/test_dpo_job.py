@@ -149,6 +149,7 @@ def test_config_from_cli_and_bad_values_named():
     assert (cfg.training.steps, cfg.user_ids, cfg.test_data) == (7, [2, 3], "")
     cfg.validate()
     for field_name, change in [("training.loss_type", lambda c: setattr(c.training, "loss_type", "hinge")),
+                               ("training.sft_weight", lambda c: setattr(c.training, "sft_weight", -0.5)),
                                ("max_quarantine_fraction", lambda c: setattr(c, "max_quarantine_fraction", 1.5)),
                                ("run_name", lambda c: setattr(c, "run_name", "a/b")),
                                ("shard_formats", lambda c: setattr(c, "shard_formats", ["csv"]))]:

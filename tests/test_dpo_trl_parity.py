@@ -64,20 +64,25 @@ def _trl_trainer(base_dir, pairs, cfg, peft_config, out_dir):
     # the platform's format: prompt + " <sep>", then " " + response; trl appends eos itself
     rows = [{"prompt": format_prompt(p.prompt), "chosen": " " + p.chosen, "rejected": " " + p.rejected}
             for p in pairs]
+    # the platform's sft_weight is trl's "sft" loss term with that weight
+    losses = dict(loss_type=["sigmoid", "sft"], loss_weights=[1.0, cfg.sft_weight]) if cfg.sft_weight \
+        else dict(loss_type=["sigmoid"])
     args = TrlDPOConfig(output_dir=str(out_dir), per_device_train_batch_size=BATCH, beta=cfg.beta,
-                        loss_type=["sigmoid"], max_length=cfg.max_length, learning_rate=cfg.lr,
+                        **losses, max_length=cfg.max_length, learning_rate=cfg.lr,
                         report_to=[], use_cpu=True, save_strategy="no", seed=0)
     return DPOTrainer(model=base, args=args, train_dataset=Dataset.from_list(rows),
                       processing_class=tokenizer, peft_config=peft_config)
 
 
-def test_platform_dpo_loss_matches_trl_dpo_trainer(base_dir, world_pairs, tmp_path):
+@pytest.mark.parametrize("sft_weight", [0.0, 0.5])
+def test_platform_dpo_loss_matches_trl_dpo_trainer(base_dir, world_pairs, tmp_path, sft_weight):
     from raypref.algos.dpo import dpo_loss, sequence_logprobs
     from raypref.recipes.dpo import DPOConfig, DPOSpec, encode_pairs, epoch_chunks
     from raypref.train.spec import StepContext
 
     _, pairs = world_pairs
-    cfg = DPOConfig()  # the DPO job's defaults: sigmoid, beta 0.5, LoRA r8 on c_attn / c_proj
+    # the DPO job's defaults: sigmoid, beta 0.5, LoRA r8 on c_attn / c_proj; plus the NLL term
+    cfg = DPOConfig(sft_weight=sft_weight)
     assert cfg.loss_type == "sigmoid"
     spec = DPOSpec.from_config(cfg, base_dir, pairs, name="P1A", seed=0)
 
@@ -134,6 +139,10 @@ def test_platform_dpo_loss_matches_trl_dpo_trainer(base_dir, world_pairs, tmp_pa
         assert rel < 1e-4, (name, rel)
     # trl's logged implicit reward margin (beta * log-ratio difference) is the platform's too
     assert abs(trainer._metrics["train"]["rewards/margins"][-1] - metrics["reward_margin"]) < 1e-4
+    if sft_weight:  # the NLL term is really in both: without it the loss differs by far more
+        with torch.no_grad():
+            plain = DPOSpec.from_config(DPOConfig(), base_dir, pairs).loss(batch, ctx)[0]
+        assert plain.item() < our_loss.item() - 100 * TOL
 
     # the batch really tells the candidate mistakes apart: a wrong beta, or no reference term,
     # would be off by far more than the tolerance

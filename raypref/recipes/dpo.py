@@ -97,9 +97,14 @@ def reference_mode(model: torch.nn.Module):
         model.train(was_training)
 
 
-def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float,
-                     loss_type: str = "sigmoid") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(loss, chosen_rewards, rejected_rewards) of a collated batch for a peft policy."""
+def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float, loss_type: str = "sigmoid",
+                     sft_weight: float = 0.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, chosen_rewards, rejected_rewards) of a collated batch for a peft policy.
+
+    ``sft_weight`` > 0 adds that times the chosen responses' negative log-likelihood, averaged
+    over all their tokens in the batch (trl's ``loss_type=["sigmoid", "sft"]`` with
+    ``loss_weights=[1, sft_weight]``; RPO): it holds the policy to the data's text while the
+    DPO term moves it along the preference."""
     device = next(model.parameters()).device
     batch = {k: v.to(device) for k, v in batch.items()}
     args = (batch["input_ids"], batch["attention_mask"], batch["labels_mask"])
@@ -108,8 +113,11 @@ def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float,
     with reference_mode(model):
         ref = sequence_logprobs(model, *args)
     lengths = batch["labels_mask"].sum(dim=1).float()
-    return dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type,
-                    chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+    loss, chosen, rejected = dpo_loss(logps[:n], logps[n:], ref[:n], ref[n:], beta, loss_type,
+                                      chosen_lengths=lengths[:n], rejected_lengths=lengths[n:])
+    if sft_weight:
+        loss = loss + sft_weight * (-logps[:n].sum() / lengths[:n].sum().clamp(min=1.0))
+    return loss, chosen, rejected
 
 
 @dataclass
@@ -119,6 +127,7 @@ class DPOConfig(Optimization):
     lr: float = DEFAULT_LR  # PLATFORM-NOTES probe: 2e-3 with beta 0.1 degenerated
     beta: float = DEFAULT_BETA  # strength of the pull towards the reference
     loss_type: str = "sigmoid"  # "sigmoid" (DPO) or "ipo"
+    sft_weight: float = 0.0  # + this × NLL of the chosen responses (trl's "sft" loss term, RPO)
     max_length: int = 128  # tokens per prompt + response
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
 
@@ -126,6 +135,8 @@ class DPOConfig(Optimization):
         super().validate(where)
         if self.beta <= 0:
             raise ValueError(f"{where}.beta={self.beta!r}: must be > 0")
+        if self.sft_weight < 0:
+            raise ValueError(f"{where}.sft_weight={self.sft_weight!r}: must be >= 0")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"{where}.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
         if self.max_length < 8:
@@ -146,12 +157,14 @@ class DPOSpec(LoopSpec):
     loss_type: str = "sigmoid"
     max_length: int = 128
     seed: int = 0
+    sft_weight: float = 0.0
 
     @classmethod
     def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord], name: str = "",
                     seed: int = 0, **extra) -> "DPOSpec":
         return cls(base_dir=str(base_dir), pairs=pairs, name=name, lora=cfg.lora, beta=cfg.beta,
-                   loss_type=cfg.loss_type, max_length=cfg.max_length, seed=seed, **extra)
+                   loss_type=cfg.loss_type, max_length=cfg.max_length, seed=seed,
+                   sft_weight=cfg.sft_weight, **extra)
 
     def __post_init__(self) -> None:
         if not self.pairs:
@@ -163,6 +176,8 @@ class DPOSpec(LoopSpec):
             raise ValueError(f"DPOSpec.beta={self.beta}: must be > 0")
         if self.loss_type not in LOSS_TYPES:
             raise ValueError(f"DPOSpec.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if self.sft_weight < 0:
+            raise ValueError(f"DPOSpec.sft_weight={self.sft_weight}: must be >= 0")
         self._tokenizer = None  # loaded lazily on each worker, never pickled
 
     def __getstate__(self) -> dict:
@@ -192,7 +207,7 @@ class DPOSpec(LoopSpec):
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type)
+        loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type, self.sft_weight)
         return loss, {
             "reward_accuracy": implicit_reward_accuracy(chosen, rejected),
             "reward_margin": (chosen - rejected).mean().item(),
@@ -208,7 +223,8 @@ class DPOSpec(LoopSpec):
     def policy_info(self) -> dict:
         """What ``export`` writes beside the adapter (``soup_policy.json``)."""
         return {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
-                "loss_type": self.loss_type, "lora": dataclasses.asdict(self.lora), "n_pairs": len(self.pairs)}
+                "loss_type": self.loss_type, "sft_weight": self.sft_weight, "lora": dataclasses.asdict(self.lora),
+                "n_pairs": len(self.pairs)}
 
 
 SHARD_SIDES = ("chosen", "rejected")

@@ -151,3 +151,49 @@ def test_world_objectives_are_on_one_scale():
     assert ((0 <= short) & (short <= 1)).all() and long[1] > short[1]  # verbosity grows with length
     with pytest.raises(ValueError, match="charm"):
         WorldObjectives(["charm", "verbosity"])
+
+
+def test_verbosity_by_length_grades_answers_the_judge_reads_as_zero():
+    """Below the world's one-sentence length the judge reads verbosity 0 for every answer; by
+    length, 20 and 40 words differ (words / the judge's 1-point), and helpfulness is unchanged."""
+    from raypref.data.world import World
+    from raypref.recipes.rsf import WorldObjectives
+
+    world = World(seed=0)
+    prompt, (zero, one) = world.prompts(1)[0], world.verbosity_words()
+    texts = [" ".join(["the answer ."] * n) for n in (7, 13)]  # 21 and 39 words, both < zero
+    judged = WorldObjectives(["helpfulness", "verbosity"]).score_objectives([prompt] * 2, texts)
+    by_length = WorldObjectives(["helpfulness", "verbosity"], verbosity_by_length=True).score_objectives(
+        [prompt] * 2, texts)
+    assert 39 < zero and judged[:, 1].tolist() == [0.0, 0.0]
+    assert by_length[:, 1].tolist() == pytest.approx([21 / one, 39 / one])
+    assert torch.equal(by_length[:, 0], judged[:, 0])
+    long = WorldObjectives(["verbosity", "helpfulness"], verbosity_by_length=True).score_objectives(
+        [prompt], [" ".join(["word"] * 200)])
+    assert long[0, 0].item() == 1.0  # clipped like the judge
+
+
+def test_first_iteration_samples_from_the_bare_prompt_and_stores_the_conditioned_one(sft_dir, monkeypatch):
+    """A small base never saw the direction text; D_1's candidates come from the bare prompt, later
+    iterations sample with v in the prompt, and both store (direction text + prompt, best)."""
+    import raypref.recipes.rsf as rsf
+
+    seen = []
+    real = rsf.generate_ids
+
+    def recording(model, tokenizer, texts, *args, **kwargs):
+        seen.append(list(texts))
+        return real(model, tokenizer, texts, *args, **kwargs)
+
+    monkeypatch.setattr(rsf, "generate_ids", recording)
+    for bare in (True, False):
+        spec = _spec(sft_dir)
+        spec.bare_first_iteration = bare
+        seen.clear()
+        ctx = _ctx(spec)
+        first = spec.rejection_sample(ctx, iteration=1)
+        second = spec.rejection_sample(ctx, iteration=2)
+        assert len(seen) == 2 and len(seen[0]) == len(seen[1]) == 16
+        assert all(p in spec.prompts for p in seen[0]) is bare  # bare prompts only when asked
+        assert not any(p in spec.prompts for p in seen[1])  # iteration 2 always conditioned
+        assert all(q.startswith("please") for q, _ in first + second)

@@ -309,6 +309,9 @@ class RSFJobConfig:
     steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
     replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
     max_new_tokens: int = 128  # the verbosity judge needs ~100 words to read 1 (check_length_reach)
+    # verbosity as words / (words where the judge reads 1): the judge itself reads 0 below ~62
+    # words, where the policy's answers fall, and gives v·r no length to trade (WorldObjectives)
+    verbosity_by_length: bool = True
     max_length: int = 224
     n_prompts: int = 256  # training prompts (two halves, alternating by iteration)
     n_original: int = 1000  # original pairs to replay from (the world's SFT corpus)
@@ -356,12 +359,12 @@ class RSFJobResult:
 
 
 def direction_sweep(model, tokenizer, world: World, objectives: list[str], directions, prompts: list[str],
-                    max_new_tokens: int, seed: int) -> list[dict]:
+                    max_new_tokens: int, seed: int, verbosity_by_length: bool = False) -> list[dict]:
     """Per direction: mean response length (words) and mean judged objectives on ``prompts``, each
     prompt preceded by the direction's system prompt (the same sampling seed for every direction)."""
     from raypref.recipes.rsf import WorldObjectives, spelled_direction
 
-    judge = WorldObjectives(objectives, world.seed)
+    judge = WorldObjectives(objectives, world.seed, verbosity_by_length)
     rows = []
     for v in directions:
         v = [round(float(x), 4) for x in v]
@@ -399,7 +402,8 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
         print(f"[rsf] base {sft_dir}; {len(added)} tokens added for the direction prompt", flush=True)
         rng = np.random.default_rng([cfg.seed, 3])
         spec = RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
-                       functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed),
+                       functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
+                                         cfg.verbosity_by_length),
                        objectives=list(cfg.objectives),
                        direction_text=functools.partial(spelled_direction, objectives=list(cfg.objectives)),
                        n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,
@@ -418,7 +422,8 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
         for label, folder in (("base", base_dir), ("policy", result.export_path)):
             policy, policy_tokenizer = load_pretrained(folder)
             sweeps[label] = direction_sweep(policy.eval(), policy_tokenizer, world, list(cfg.objectives),
-                                            directions, held_out, cfg.max_new_tokens, cfg.seed)
+                                            directions, held_out, cfg.max_new_tokens, cfg.seed,
+                                            cfg.verbosity_by_length)
         lengths = [row["length"] for row in sweeps["policy"]]
         summary = {"objectives": list(cfg.objectives), "steps": result.final_step,
                    "iterations": math.ceil(result.final_step / cfg.steps_per_iteration),

@@ -5,8 +5,13 @@ the current policy: for prompts from one half of the prompt pool (halves alterna
 directions v, generate ``n_samples`` responses to "<direction text> <prompt>" in one batched
 call, and keep the response with the highest ``v·r`` under the frozen multi-objective reward.
 D_t plus a replay share of original (prompt, response) data is then fitted with the SFT loss.
-Deviation from 003: the policy keeps training across iterations (003 restarts each iteration
-from the SFT checkpoint and only samples with the last policy).
+Deviations from 003: the policy keeps training across iterations (003 restarts each iteration
+from the SFT checkpoint and only samples with the last policy). With ``bare_first_iteration``
+(default) D_1's candidates are sampled from the bare prompt and stored under the conditioned
+one: 003's base (Mistral-7B-Instruct) follows a system prompt it was never tuned on, a small SFT
+base does not (the tiny default's answers fall from ~75 to ~16-32 words when the unseen
+direction text is prepended, below the verbosity judge's range, so v·r would rank on
+helpfulness alone and no length control could be learned).
 
 The direction text defaults to 003's system prompt (``algos.dpa.direction_system_prompt``);
 a tokenizer must be able to spell its numbers, which the tiny word-level one cannot.
@@ -39,9 +44,14 @@ from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext, save_m
 
 class WorldObjectives(torch.nn.Module):
     """The simulated world's judges as a multi-objective reward: ``score_objectives`` gives each
-    objective on a 0..1 scale (data.labelling.ATTRIBUTE_RANGES), so v·r weighs them alike."""
+    objective on a 0..1 scale (data.labelling.ATTRIBUTE_RANGES), so v·r weighs them alike.
 
-    def __init__(self, objectives: list[str], world_seed: int = 0):
+    ``verbosity_by_length``: verbosity reads words / (the word count where the judge reads 1),
+    clipped to [0, 1]. The world's judge reads 0 for anything shorter than its one-sentence
+    response (~62 words), which is where a small policy's conditioned answers fall; there v·r
+    would rank by helpfulness alone and a direction could not ask for shorter answers."""
+
+    def __init__(self, objectives: list[str], world_seed: int = 0, verbosity_by_length: bool = False):
         super().__init__()
         from raypref.data.labelling import ATTRIBUTE_RANGES
         from raypref.data.world import World
@@ -52,9 +62,14 @@ class WorldObjectives(torch.nn.Module):
                              f"{sorted(ATTRIBUTE_RANGES)}")
         self.objectives, self.world = list(objectives), World(seed=world_seed)
         self.ranges = [ATTRIBUTE_RANGES[o] for o in objectives]
+        self.verbosity_by_length = verbosity_by_length
 
     def score_objectives(self, prompts, responses) -> torch.Tensor:
         judged = [self.world.judge(r, p) for p, r in zip(prompts, responses)]
+        if self.verbosity_by_length and "verbosity" in self.objectives:
+            one = self.world.verbosity_words()[1]
+            for scores, response in zip(judged, responses):
+                scores["verbosity"] = min(len(response.split()) / one, 1.0)
         return torch.tensor([[(s[o] - lo) / (hi - lo) for o, (lo, hi) in zip(self.objectives, self.ranges)]
                              for s in judged])
 
@@ -84,6 +99,7 @@ class RSFSpec(LoopSpec):
     max_new_tokens: int = 48
     max_length: int = 160
     temperature: float = 1.0
+    bare_first_iteration: bool = True  # D_1 sampled without the direction text (see the module doc)
 
     def __post_init__(self) -> None:
         if len(self.prompts) < 2:
@@ -129,8 +145,11 @@ class RSFSpec(LoopSpec):
         queries = [self.conditioned(v, p) for v, p in
                    zip(directions, [p for p in prompts for _ in range(self.directions_per_prompt)])]
         repeated = [q for q in queries for _ in range(self.n_samples)]
+        sampled_from = repeated
+        if iteration == 1 and self.bare_first_iteration:
+            sampled_from = [p for p in prompts for _ in range(self.directions_per_prompt * self.n_samples)]
         tokenizer = self.tokenizer()
-        ids = generate_ids(ctx.models[PRIMARY_ROLE], tokenizer, repeated, self.max_new_tokens, greedy=False,
+        ids = generate_ids(ctx.models[PRIMARY_ROLE], tokenizer, sampled_from, self.max_new_tokens, greedy=False,
                            temperature=self.temperature, seed=rng.randrange(2**31))
         texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
         rewards = ctx.models["reward"].score_objectives(repeated, texts).float()

@@ -51,6 +51,7 @@ def test_soup_names_state_weights_in_mlflow_safe_form():
     ({"psoups_files": {"P1A": "x.json"}, "baselines": ["sft"]}, "eval.judge_model"),
     ({"base_policy": "some/model", "eval": ev.EvalConfig(judge_model="tiny")}, "eval.prompts_file"),
     ({"seeds": 0}, "seeds=0"),
+    ({"max_concurrent_runs": -1}, "max_concurrent_runs=-1"),
     ({"eval": ev.EvalConfig(arms=["instructed", "nope"])}, "eval.arms"),
 ])
 def test_config_errors_name_the_problem(change, message):
@@ -398,3 +399,45 @@ def test_arm_names_become_mlflow_metric_names():
         _log_summary_metrics(c, {})
     metrics = mlflow.get_run(run.info.run_id).data.metrics
     assert metrics["quality.P-Soups_A_B_avg"] == 0.7 and metrics["win_rate.P-Soups_instr.low"] == 0.5
+
+
+def test_runs_that_fit_the_cluster_by_cpus_and_gpus():
+    from raypref.experiments.soups.training import runs_that_fit
+    from raypref.train.runner import Resources
+
+    assert runs_that_fit(Resources(cpus_per_worker=0.25), {"CPU": 2.0}) == 8  # the default here
+    assert runs_that_fit(Resources(num_workers=2, cpus_per_worker=1.0), {"CPU": 3.0}) == 1
+    assert runs_that_fit(Resources(cpus_per_worker=4.0), {"CPU": 2.0}) == 1  # never 0
+    gpu = Resources(num_workers=2, cpus_per_worker=2.0, use_gpu=True)
+    assert runs_that_fit(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bind first
+
+
+def test_train_concurrently_keeps_at_most_max_concurrent_runs_going(ray_local, monkeypatch, tmp_path):
+    """Every run is started, in order, each as soon as a slot frees; never more than the cap."""
+    import time
+
+    import ray
+
+    import raypref.train.concurrent as concurrent
+
+    @ray.remote(num_cpus=0)
+    def fake_drive(name, spec, cfg, restart=False):
+        (tmp_path / f"{name}.start").write_text(repr(time.time()))
+        time.sleep(spec)
+        (tmp_path / f"{name}.end").write_text(repr(time.time()))
+        return concurrent.RunOutcome(name, True, spec)
+
+    monkeypatch.setattr(concurrent, "_drive", fake_drive)
+    jobs = {f"r{i}": (0.6 if i % 2 else 0.3, None) for i in range(7)}
+    done = []
+    outcomes = concurrent.train_concurrently(jobs, on_done=lambda o: done.append(o.name), tick_seconds=0.1,
+                                             max_concurrent=3)
+    assert set(outcomes) == set(jobs) == set(done) and all(o.ok for o in outcomes.values())
+    spans = [(float((tmp_path / f"{n}.start").read_text()), float((tmp_path / f"{n}.end").read_text()))
+             for n in jobs]
+    most = max(sum(s <= t < e for s, e in spans) for t, _ in spans)
+    assert most == 3  # the cap is reached and never passed
+    first = sorted(jobs, key=lambda n: spans[list(jobs).index(n)][0])[:3]
+    assert set(first) == {"r0", "r1", "r2"}  # the first slots go to the first jobs
+    with pytest.raises(ValueError, match="max_concurrent=-1"):
+        concurrent.train_concurrently(jobs, max_concurrent=-1)

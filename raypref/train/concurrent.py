@@ -50,12 +50,26 @@ def _drive(name: str, spec: Any, cfg: RunnerConfig, restart: bool = False) -> Ru
 def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
                        on_done: Callable[[RunOutcome], None] | None = None,
                        on_tick: Callable[[list[str]], None] | None = None,
-                       tick_seconds: float = 30.0, restart: bool = False) -> dict[str, RunOutcome]:
-    """Start every (spec, runner config) at once; return outcomes keyed by name.
+                       tick_seconds: float = 30.0, restart: bool = False,
+                       max_concurrent: int = 0) -> dict[str, RunOutcome]:
+    """Run every (spec, runner config), at most ``max_concurrent`` at a time (0: all at once),
+    starting the next one in ``jobs`` order as one ends; return outcomes keyed by name.
 
+    A cap matters on a small machine: every Ray Train run brings its own controller and helper
+    actors (about 1 GB of processes), whether or not its workers have CPUs to run on yet.
     ``on_done`` is called as each run ends; ``on_tick`` every ``tick_seconds`` with the names
     still running (for progress output); ``restart`` starts existing runs over."""
-    pending = {_drive.remote(name, spec, cfg, restart): name for name, (spec, cfg) in jobs.items()}
+    if max_concurrent < 0:
+        raise ValueError(f"max_concurrent={max_concurrent}: must be >= 0 (0 = all at once)")
+    waiting = list(jobs.items())
+    pending: dict = {}
+
+    def launch() -> None:
+        while waiting and (not max_concurrent or len(pending) < max_concurrent):
+            name, (spec, cfg) = waiting.pop(0)
+            pending[_drive.remote(name, spec, cfg, restart)] = name
+
+    launch()
     outcomes: dict[str, RunOutcome] = {}
     while pending:
         done, _ = ray.wait(list(pending), num_returns=1, timeout=tick_seconds)
@@ -70,6 +84,7 @@ def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
             outcomes[name] = outcome
             if on_done:
                 on_done(outcome)
+        launch()
     return outcomes
 
 

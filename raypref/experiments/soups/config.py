@@ -61,6 +61,10 @@ class SoupsConfig:
     # how each per-preference policy is trained when algo=ppo (its reward: the preference's judge)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     resources: Resources = field(default_factory=_soups_resources)
+    # training runs at once; 0 = as many as the cluster's CPUs / GPUs hold (8 of the default's
+    # 0.25-CPU runs on 2 cores). Each run brings its own Ray Train controller and helper actors:
+    # 21 at once (3 seeds) filled 19 of this machine's 23 GiB and none had started after 4 min
+    max_concurrent_runs: int = 0
     eval: EvalConfig = field(default_factory=EvalConfig)
     register_models: bool = True        # merged soups into the MLflow model registry
     # testing the failure path: these runs crash ("once": first attempt only, "always")
@@ -93,6 +97,9 @@ class SoupsConfig:
         self.eval.validate()
         if self.seeds < 1:
             raise ValueError(f"seeds={self.seeds}: must be >= 1")
+        if self.max_concurrent_runs < 0:
+            raise ValueError(f"max_concurrent_runs={self.max_concurrent_runs}: must be >= 0 "
+                             "(0 = as many as the cluster holds)")
         if (self.psoups_files or self.base_policy) and not self.eval.judge_model:
             raise ValueError("eval.judge_model: with real data (psoups_files or base_policy) the "
                              "simulated world's judges cannot score the policies; name a judge "

@@ -35,6 +35,7 @@ from raypref.experiments.soups.training import (
     PMORL,
     cause_line,
     run_name,
+    runs_that_fit,
     train_policies,
     training_jobs,
     training_key,
@@ -150,10 +151,11 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
 
         runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
         jobs = training_jobs(cfg, sft_dir, data, runs_dir)
-        _log(f"3/6 training {len(jobs)} policies concurrently: {', '.join(jobs)}")
+        at_once = cfg.max_concurrent_runs or runs_that_fit(cfg.resources, ray.cluster_resources())
+        _log(f"3/6 training {len(jobs)} policies, up to {at_once} at once: {', '.join(jobs)}")
         t0 = time.time()
         outcomes, reused = train_policies(
-            jobs, cfg.restart, _log, on_tick=lambda running: _log("    " + ", ".join(
+            jobs, cfg.restart, _log, max_concurrent=at_once, on_tick=lambda running: _log("    " + ", ".join(
                 f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.policy_training.steps}"
                 for n in running) + " (steps checkpointed)"))
         train_seconds = time.time() - t0

@@ -83,9 +83,18 @@ def completed_result(spec, runner_cfg) -> RunResult | None:
                      checkpoint_path=checkpoints[-1])
 
 
+def runs_that_fit(resources, cluster: dict[str, float]) -> int:
+    """How many runs of ``resources`` the cluster's CPUs (and GPUs) hold at once (at least 1)."""
+    fits = int(cluster.get("CPU", 0.0) // (resources.num_workers * resources.cpus_per_worker))
+    if resources.use_gpu:
+        fits = min(fits, int(cluster.get("GPU", 0.0) // resources.num_workers))
+    return max(1, fits)
+
+
 def train_policies(jobs: dict[str, tuple], restart: bool = False, log=print,
-                   on_tick=None) -> tuple[dict[str, RunOutcome], list[str]]:
-    """Outcomes of every job and the names of those reused (finished before, not retrained)."""
+                   on_tick=None, max_concurrent: int = 0) -> tuple[dict[str, RunOutcome], list[str]]:
+    """Outcomes of every job and the names of those reused (finished before, not retrained).
+    At most ``max_concurrent`` runs at once (0: all)."""
     outcomes, todo = {}, {}
     for name, (spec, runner_cfg) in jobs.items():
         result = None if restart else completed_result(spec, runner_cfg)
@@ -100,7 +109,7 @@ def train_policies(jobs: dict[str, tuple], restart: bool = False, log=print,
         outcomes.update(train_concurrently(
             todo, on_done=lambda o: log(f"    {o.name}: {'done' if o.ok else 'FAILED: ' + cause_line(o)} "
                                         f"({o.seconds:.0f} s)"),
-            on_tick=on_tick, restart=restart))
+            on_tick=on_tick, restart=restart, max_concurrent=max_concurrent))
     return outcomes, reused
 
 

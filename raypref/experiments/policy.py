@@ -312,6 +312,9 @@ class RSFJobConfig:
     # verbosity as words / (words where the judge reads 1): the judge itself reads 0 below ~62
     # words, where the policy's answers fall, and gives v·r no length to trade (WorldObjectives)
     verbosity_by_length: bool = True
+    # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
+    # text (RSFSpec); false for a base that already follows system prompts, as 003's does
+    bare_first_iteration: bool = True
     max_length: int = 224
     n_prompts: int = 256  # training prompts (two halves, alternating by iteration)
     n_original: int = 1000  # original pairs to replay from (the world's SFT corpus)
@@ -409,7 +412,8 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
                        n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,
                        prompts_per_iteration=cfg.prompts_per_iteration,
                        steps_per_iteration=cfg.steps_per_iteration, replay_fraction=cfg.replay_fraction,
-                       max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length)
+                       max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
+                       bare_first_iteration=cfg.bare_first_iteration)
         runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
                                    seed=cfg.seed, log_every=max(1, cfg.steps_per_iteration // 2))
         result = run(spec, runner_cfg, restart=cfg.restart)

@@ -1,5 +1,6 @@
 """DPA rejection-sampling fine-tuning (seed 003 §2.2) on the simulated world: directions v over
-(helpfulness, verbosity), the best of n sampled responses by v·r kept, v written in the system prompt.
+(overall helpfulness = the mean of the four UltraFeedback aspects as in 003 §3.1, verbosity), the best
+of n sampled responses by v·r kept, v written in the system prompt.
 
     python jobs/rsf.py                                   # on the SFT warm start, 3 iterations
     python jobs/rsf.py --training.steps 120 --steps_per_iteration 40 --n_samples 16
@@ -26,6 +27,8 @@ def main(argv: list[str] | None = None) -> RSFJobResult:
     result = train_rsf(parse_args(RSFJobConfig, argv, description=__doc__))
     s = result.summary
     first, second = s["objectives"]
+    for iteration, kept in s["selection"].items():
+        print(f"[rsf] iteration {iteration} kept data: " + " ".join(f"{k}={v}" for k, v in kept.items()))
     print(f"[rsf] {s['steps']} steps in {s['iterations']} iteration(s); direction sweep on held-out prompts:")
     for label, rows in s["sweep"].items():
         print(f"[rsf] {label:6s} " + "  ".join(

@@ -246,15 +246,16 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
             "--training.steps", "4", "--training.micro_batch_size", "2", "--training.warmup_steps", "1",
             "--resources.checkpoint_every", "4", "--max_new_tokens", "6", "--n_prompts", "8",
             "--n_original", "20", "--eval_directions", "2", "--eval_prompts", "2",
-            "--objectives", '["helpfulness", "expertise"]']  # 6 new tokens are too few for verbosity
+            "--objectives", '["overall_helpfulness", "expertise"]']  # 6 new tokens are too few for verbosity
     s = train_rsf(parse_args(RSFJobConfig, argv)).summary  # what jobs/rsf.py runs
     assert s["steps"] == 4 and s["iterations"] == 2
+    assert sorted(s["selection"]) == ["1", "2"] and all(kept["kept_words"] > 0 for kept in s["selection"].values())
     for label in ("base", "policy"):
         rows = s["sweep"][label]
         assert [r["direction"] for r in rows] == [[1.0, 0.0], [0.7071, -0.7071]]
-        assert all({"length", "helpfulness", "expertise", "v_dot_r"} <= set(r) for r in rows)
+        assert all({"length", "overall_helpfulness", "expertise", "v_dot_r"} <= set(r) for r in rows)
     _, tokenizer = load_pretrained(s["policy_dir"])
-    ids = tokenizer(spelled_direction([0.8, -0.6], ["helpfulness", "expertise"]))["input_ids"]
+    ids = tokenizer(spelled_direction([0.8, -0.6], ["overall_helpfulness", "expertise"]))["input_ids"]
     assert tokenizer.unk_token_id not in ids  # the policy's tokenizer reads the direction
 
 

@@ -94,15 +94,30 @@ def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
     assert spec.iteration == 2
     assert all(any(q.endswith(p) for p in spec.prompts[3:]) for q, r in spec.examples
                if r != "the answer is short .")
-    # resumed inside iteration 1: the held dataset is reused, no new generation
+    # resumed inside iteration 1: the held dataset and its selection figures are reused, no new generation
     resumed = _spec(sft_dir)
     resumed.load_state_dict(state)
+    assert resumed.selection_metrics == state["selection_metrics"] and "rsf/kept_words" in metrics
     RecordingReward.calls.clear()
     assert torch.equal(next(resumed.batches(_ctx(resumed, step=2)))["input_ids"], second["input_ids"])
     assert RecordingReward.calls == []
     # resumed at the start of iteration 2: the same dataset is sampled again (seeded generation)
     fresh = _spec(sft_dir)
     assert torch.equal(next(fresh.batches(_ctx(fresh, step=3)))["input_ids"], third["input_ids"])
+
+
+def test_selection_metrics_report_how_kept_length_follows_the_direction():
+    from raypref.recipes.rsf import selection_metrics
+
+    directions = torch.tensor([[1.0, 0.0], [0.9, -0.4], [0.8, -0.6], [0.7, -0.7]])
+    graded = ["w " * 40, "w " * 30, "w " * 20, "w " * 10]  # shorter as the verbosity weight falls
+    m = selection_metrics(directions, graded, ["helpfulness", "verbosity"])
+    assert m["rsf/kept_words"] == 25.0
+    assert m["rsf/kept_words_corr_verbosity"] > 0.95 and m["rsf/kept_words_corr_helpfulness"] > 0.9
+    flat = selection_metrics(directions, ["w " * 20] * 4, ["helpfulness", "verbosity"])
+    assert flat == {"rsf/kept_words": 20.0}  # no spread in length: no correlation to report
+    reversed_ = selection_metrics(directions, graded[::-1], ["helpfulness", "verbosity"])
+    assert reversed_["rsf/kept_words_corr_verbosity"] < -0.95
 
 
 def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(sft_dir):
@@ -151,6 +166,28 @@ def test_world_objectives_are_on_one_scale():
     assert ((0 <= short) & (short <= 1)).all() and long[1] > short[1]  # verbosity grows with length
     with pytest.raises(ValueError, match="charm"):
         WorldObjectives(["charm", "verbosity"])
+
+
+def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_helpfulness():
+    """003's helpfulness objective: the mean of UltraFeedback's four ratings, each judged by the world.
+    On sampled world responses it takes more distinct values than the single helpfulness rating
+    (which is what lets v·r trade it against length in small steps)."""
+    import numpy as np
+
+    from raypref.data.world import ASPECTS, World
+    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives, judge_objectives
+
+    world = World(seed=0)
+    prompts = world.prompts(20)
+    rng = np.random.default_rng(0)
+    texts = [world.sample_response(p, rng, {"verbosity": float(rng.uniform())}).text for p in prompts]
+    scores = WorldObjectives([OVERALL_HELPFULNESS, "helpfulness"]).score_objectives(prompts, texts)
+    for row, p, t in zip(scores, prompts, texts):
+        judged = world.judge(t, p)
+        assert row[0].item() == pytest.approx((sum(judged[a] for a in ASPECTS) / 4 - 1) / 4)
+        assert judge_objectives(world, t, p)[OVERALL_HELPFULNESS] == pytest.approx(
+            sum(judged[a] for a in ASPECTS) / 4)
+    assert len(set(scores[:, 0].tolist())) > len(set(scores[:, 1].tolist()))
 
 
 def test_verbosity_by_length_grades_answers_the_judge_reads_as_zero():

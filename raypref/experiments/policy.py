@@ -302,7 +302,9 @@ class RSFJobConfig:
     """DPA (seed 003): rejection-sampling fine-tuning on directions v over two objectives judged by
     the simulated world, with v written in the system prompt; then the direction sweep."""
 
-    objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
+    # 003's helpfulness (the mean of the four UltraFeedback aspects, graded) and verbosity; the
+    # world's single helpfulness rating moves in coarse steps, see recipes.rsf.DERIVED_OBJECTIVES
+    objectives: list[str] = field(default_factory=lambda: ["overall_helpfulness", "verbosity"])
     n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (003: 16)
     directions_per_prompt: int = 4  # 003: 5
     prompts_per_iteration: int = 24
@@ -330,14 +332,14 @@ class RSFJobConfig:
     restart: bool = False
 
     def validate(self) -> None:
-        from raypref.data.labelling import ATTRIBUTE_RANGES
+        from raypref.recipes.rsf import objective_ranges
 
         self.training.validate("RSFJobConfig.training")
         self.resources.validate("RSFJobConfig.resources")
         if not self.base_policy:
             self.sft.validate()
-        checks = [("objectives", len(self.objectives) == 2 and set(self.objectives) <= set(ATTRIBUTE_RANGES),
-                   f"must be two judged attributes of {sorted(ATTRIBUTE_RANGES)}"),
+        checks = [("objectives", len(self.objectives) == 2 and set(self.objectives) <= set(objective_ranges()),
+                   f"must be two judged objectives of {sorted(objective_ranges())}"),
                   ("n_samples", self.n_samples >= 2, "must be >= 2"),
                   ("directions_per_prompt", self.directions_per_prompt >= 1, "must be >= 1"),
                   ("prompts_per_iteration", self.prompts_per_iteration >= 1, "must be >= 1"),
@@ -365,7 +367,7 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
                     max_new_tokens: int, seed: int, verbosity_by_length: bool = False) -> list[dict]:
     """Per direction: mean response length (words) and mean judged objectives on ``prompts``, each
     prompt preceded by the direction's system prompt (the same sampling seed for every direction)."""
-    from raypref.recipes.rsf import WorldObjectives, spelled_direction
+    from raypref.recipes.rsf import WorldObjectives, judge_objectives, spelled_direction
 
     judge = WorldObjectives(objectives, world.seed, verbosity_by_length)
     rows = []
@@ -373,7 +375,7 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
         v = [round(float(x), 4) for x in v]
         queries = [f"{spelled_direction(v, objectives)} {p}" for p in prompts]
         responses = generate(model, tokenizer, queries, max_new_tokens, greedy=False, seed=seed)
-        raw = [world.judge(r, p) for p, r in zip(prompts, responses)]
+        raw = [judge_objectives(world, r, p) for p, r in zip(prompts, responses)]
         rows.append({"direction": v, "length": sum(len(r.split()) for r in responses) / len(responses),
                      **{o: sum(s[o] for s in raw) / len(raw) for o in objectives},
                      "v_dot_r": float((judge.score_objectives(prompts, responses) @ torch.tensor(v)).mean())})
@@ -429,9 +431,14 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
                                             directions, held_out, cfg.max_new_tokens, cfg.seed,
                                             cfg.verbosity_by_length)
         lengths = [row["length"] for row in sweeps["policy"]]
+        selection = {}  # per iteration: what its kept data teaches (RSFSpec selection_metrics)
+        for row in result.metrics:
+            if "rsf/iteration" in row:
+                selection.setdefault(str(int(row["rsf/iteration"])), {
+                    k[len("rsf/"):]: round(v, 3) for k, v in row.items() if k.startswith("rsf/kept_")})
         summary = {"objectives": list(cfg.objectives), "steps": result.final_step,
                    "iterations": math.ceil(result.final_step / cfg.steps_per_iteration),
-                   "train_seconds": round(train_seconds, 1), "sweep": sweeps,
+                   "train_seconds": round(train_seconds, 1), "selection": selection, "sweep": sweeps,
                    "length_monotone_decreasing": all(a > b for a, b in zip(lengths, lengths[1:])),
                    "policy_dir": str(result.export_path), "base_policy": str(sft_dir)}
         (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))

@@ -42,6 +42,28 @@ from raypref.recipes.sft import collate
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext, save_module
 
 
+# 003 §3.1 takes "helpfulness" as the mean of UltraFeedback's four ratings; the world judges the
+# same four aspects. Unlike the world's single helpfulness rating (marker words, steps of 0.25 on
+# the 0..1 scale) the mean is graded, so v·r can trade it against length a little at a time.
+OVERALL_HELPFULNESS = "overall_helpfulness"
+DERIVED_OBJECTIVES = {OVERALL_HELPFULNESS: ("instruction_following", "honesty", "truthfulness", "helpfulness")}
+
+
+def objective_ranges() -> dict[str, tuple[float, float]]:
+    """Every objective WorldObjectives can score and its judged range."""
+    from raypref.data.labelling import ATTRIBUTE_RANGES
+
+    return {**ATTRIBUTE_RANGES, OVERALL_HELPFULNESS: (1.0, 5.0)}
+
+
+def judge_objectives(world, response: str, prompt: str) -> dict[str, float]:
+    """The world's judged scores of ``response``, plus the derived objectives."""
+    scores = world.judge(response, prompt)
+    for name, parts in DERIVED_OBJECTIVES.items():
+        scores[name] = sum(scores[p] for p in parts) / len(parts)
+    return scores
+
+
 class WorldObjectives(torch.nn.Module):
     """The simulated world's judges as a multi-objective reward: ``score_objectives`` gives each
     objective on a 0..1 scale (data.labelling.ATTRIBUTE_RANGES), so v·r weighs them alike.
@@ -53,25 +75,38 @@ class WorldObjectives(torch.nn.Module):
 
     def __init__(self, objectives: list[str], world_seed: int = 0, verbosity_by_length: bool = False):
         super().__init__()
-        from raypref.data.labelling import ATTRIBUTE_RANGES
         from raypref.data.world import World
 
-        unknown = [o for o in objectives if o not in ATTRIBUTE_RANGES]
+        ranges = objective_ranges()
+        unknown = [o for o in objectives if o not in ranges]
         if not objectives or unknown:
             raise ValueError(f"WorldObjectives: objectives {objectives} must name judged attributes "
-                             f"{sorted(ATTRIBUTE_RANGES)}")
+                             f"{sorted(ranges)}")
         self.objectives, self.world = list(objectives), World(seed=world_seed)
-        self.ranges = [ATTRIBUTE_RANGES[o] for o in objectives]
+        self.ranges = [ranges[o] for o in objectives]
         self.verbosity_by_length = verbosity_by_length
 
     def score_objectives(self, prompts, responses) -> torch.Tensor:
-        judged = [self.world.judge(r, p) for p, r in zip(prompts, responses)]
+        judged = [judge_objectives(self.world, r, p) for p, r in zip(prompts, responses)]
         if self.verbosity_by_length and "verbosity" in self.objectives:
             one = self.world.verbosity_words()[1]
             for scores, response in zip(judged, responses):
                 scores["verbosity"] = min(len(response.split()) / one, 1.0)
         return torch.tensor([[(s[o] - lo) / (hi - lo) for o, (lo, hi) in zip(self.objectives, self.ranges)]
                              for s in judged])
+
+
+def selection_metrics(directions: torch.Tensor, kept: list[str], objectives: list[str]) -> dict[str, float]:
+    """What D_t teaches: the kept responses' mean length, and how their length correlates with each
+    direction component (e.g. length falling as the verbosity weight falls). A correlation near 0
+    means the directions all keep alike responses, so no length control can be learned from it."""
+    words = torch.tensor([len(r.split()) for r in kept], dtype=torch.float)
+    out = {"rsf/kept_words": float(words.mean())}
+    for i, name in enumerate(objectives):
+        weight = directions[:, i].float()
+        if len(kept) > 1 and weight.std() > 0 and words.std() > 0:
+            out[f"rsf/kept_words_corr_{name}"] = float(torch.corrcoef(torch.stack([weight, words]))[0, 1])
+    return out
 
 
 def spelled_direction(direction, objectives) -> str:
@@ -110,6 +145,7 @@ class RSFSpec(LoopSpec):
         self._tokenizer = None
         self.iteration = 0  # the iteration whose dataset is held
         self.examples: list[tuple[str, str]] = []
+        self.selection_metrics: dict[str, float] = {}  # of the held dataset (selection_metrics)
 
     def __getstate__(self) -> dict:
         return {**self.__dict__, "_tokenizer": None}
@@ -157,7 +193,9 @@ class RSFSpec(LoopSpec):
             raise ValueError(f"reward score_objectives gave {tuple(rewards.shape)}, expected "
                              f"({len(repeated)}, {len(self.objectives)}) for objectives {self.objectives}")
         best = best_of_n(directions, rewards.view(len(queries), self.n_samples, -1))
-        return [(q, texts[i * self.n_samples + int(b)]) for i, (q, b) in enumerate(zip(queries, best))]
+        kept = [(q, texts[i * self.n_samples + int(b)]) for i, (q, b) in enumerate(zip(queries, best))]
+        self.selection_metrics = selection_metrics(directions, [r for _, r in kept], self.objectives)
+        return kept
 
     def batches(self, ctx: StepContext) -> Iterator[dict]:
         tokenizer = self.tokenizer()
@@ -181,7 +219,8 @@ class RSFSpec(LoopSpec):
         device = ctx.device
         batch = {k: v.to(device) for k, v in batch.items()}
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-        return sft_loss(logits, batch["input_ids"], batch["response_mask"]), {"rsf/iteration": float(self.iteration)}
+        return (sft_loss(logits, batch["input_ids"], batch["response_mask"]),
+                {"rsf/iteration": float(self.iteration), **self.selection_metrics})
 
     def export(self, models: dict[str, torch.nn.Module], out_dir) -> None:
         """The policy with its tokenizer (it may carry added tokens): a folder load_pretrained reads."""
@@ -189,7 +228,9 @@ class RSFSpec(LoopSpec):
         self.tokenizer().save_pretrained(out_dir)
 
     def state_dict(self) -> dict:
-        return {"iteration": self.iteration, "examples": list(self.examples)}
+        return {"iteration": self.iteration, "examples": list(self.examples),
+                "selection_metrics": dict(self.selection_metrics)}
 
     def load_state_dict(self, state: dict) -> None:
         self.iteration, self.examples = int(state["iteration"]), [tuple(e) for e in state["examples"]]
+        self.selection_metrics = dict(state.get("selection_metrics", {}))

@@ -42,6 +42,17 @@ def test_soup_names_state_weights_in_mlflow_safe_form():
     assert "." not in name
 
 
+def test_samples_per_prompt_follow_the_seed_count_unless_set():
+    """0 = 2 samples per prompt with one seed, 1 with several; a set value is kept; an unresolved 0
+    cannot reach generation (it would judge nothing)."""
+    from raypref.eval.generation import judged_generations
+
+    assert [ev.for_seeds(ev.EvalConfig(), n).samples_per_prompt for n in (1, 2, 3)] == [2, 1, 1]
+    assert ev.for_seeds(ev.EvalConfig(samples_per_prompt=3), 3).samples_per_prompt == 3
+    with pytest.raises(ValueError, match="samples_per_prompt=0"):
+        judged_generations(None, None, None, ["a prompt"], ev.EvalConfig())
+
+
 @pytest.mark.parametrize("change, message", [
     ({"preferences": ["P9Z"]}, "unknown"),
     ({"combinations": [["P1A", "P2A"]], "preferences": ["P1A"]}, "not in preferences"),
@@ -53,6 +64,7 @@ def test_soup_names_state_weights_in_mlflow_safe_form():
     ({"seeds": 0}, "seeds=0"),
     ({"max_concurrent_runs": -1}, "max_concurrent_runs=-1"),
     ({"eval": ev.EvalConfig(arms=["instructed", "nope"])}, "eval.arms"),
+    ({"eval": ev.EvalConfig(samples_per_prompt=-1)}, "eval.samples_per_prompt"),
 ])
 def test_config_errors_name_the_problem(change, message):
     cfg = SoupsConfig(**change)

@@ -100,6 +100,8 @@ def judged_generations(scorer, model, tokenizer, prompts: list[str], cfg,
     Every method sees the same prompts and seeds, so comparisons between methods are paired.
     Returns texts and scores in the order prompt 0..n-1 for sample 0, then for sample 1, ...
     """
+    if cfg.samples_per_prompt < 1:  # e.g. the soups EvalConfig's 0 = "by seed count", unresolved
+        raise ValueError(f"judged_generations: samples_per_prompt={cfg.samples_per_prompt} must be >= 1")
     texts: list[str] = []
     shown = [f"{p} {instruction}" if instruction else p for p in prompts]
     for sample in range(cfg.samples_per_prompt):

@@ -5,6 +5,7 @@ plain numbers, so the report and the tests can use it the same way.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -21,7 +22,9 @@ SOUP_ARMS = {"instructed": "P-Soups+instr", "ab_avg": "P-Soups (A/B avg)"}
 @dataclass
 class EvalConfig:
     n_prompts: int = 96          # held-out (test split) prompts: the world has 96
-    samples_per_prompt: int = 2  # more samples per prompt: smaller sampling noise in the means
+    # samples per prompt and seed; 0 = 2 with one training seed, 1 with several: every arm is
+    # judged on at least 2 × n_prompts samples, and a 3-seed run does not judge 576 per arm
+    samples_per_prompt: int = 0
     max_new_tokens: int = 128    # the world's longest responses are ~100 tokens
     greedy: bool = False         # sampling shows the policy's distribution, not one mode
     temperature: float = 1.0
@@ -44,7 +47,7 @@ class EvalConfig:
 
     def validate(self) -> None:
         checks = [("n_prompts", self.n_prompts >= 1, "must be >= 1"),
-                  ("samples_per_prompt", self.samples_per_prompt >= 1, "must be >= 1"),
+                  ("samples_per_prompt", self.samples_per_prompt >= 0, "must be >= 0 (0 = by the seed count)"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("temperature", self.temperature > 0, "must be > 0"),
                   ("batch_size", self.batch_size >= 1, "must be >= 1"),
@@ -55,6 +58,11 @@ class EvalConfig:
                   ("arms", set(self.arms) <= set(SOUP_ARMS), f"must be among {list(SOUP_ARMS)}"),
                   ("n_boot", self.n_boot >= 1, "must be >= 1")]
         check_fields("eval", self, checks)
+
+
+def for_seeds(cfg: EvalConfig, seeds: int) -> EvalConfig:
+    """``cfg`` with ``samples_per_prompt`` resolved for a run of ``seeds`` training seeds."""
+    return dataclasses.replace(cfg, samples_per_prompt=cfg.samples_per_prompt or (2 if seeds == 1 else 1))
 
 
 def make_scorer(cfg: EvalConfig, world, preferences: list[str]):

@@ -120,6 +120,7 @@ class Souper:
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
     cfg.validate()
+    cfg = dataclasses.replace(cfg, eval=ev.for_seeds(cfg.eval, cfg.seeds))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()

@@ -190,6 +190,32 @@ def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_help
     assert len(set(scores[:, 0].tolist())) > len(set(scores[:, 1].tolist()))
 
 
+def test_helpfulness_length_bias_mixes_length_into_helpfulness_only():
+    """b = 0 leaves the judged objectives as they are; b > 0 turns a helpfulness objective into
+    (1 - b) × judged + b × length (words / the verbosity judge's 1-point, clipped), so it grows with
+    length as 003's reward model's does; other objectives and bad values are refused or untouched."""
+    import numpy as np
+
+    from raypref.data.world import World
+    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives
+
+    world = World(seed=0)
+    prompts = world.prompts(30)
+    rng = np.random.default_rng(1)
+    texts = [world.sample_response(p, rng, {"verbosity": float(rng.uniform())}).text for p in prompts]
+    objectives = [OVERALL_HELPFULNESS, "verbosity"]
+    plain = WorldObjectives(objectives, verbosity_by_length=True).score_objectives(prompts, texts)
+    biased = WorldObjectives(objectives, verbosity_by_length=True,
+                             helpfulness_length_bias=0.3).score_objectives(prompts, texts)
+    length = torch.tensor([min(len(t.split()) / world.verbosity_words()[1], 1.0) for t in texts])
+    assert torch.allclose(biased[:, 0], 0.7 * plain[:, 0] + 0.3 * length)
+    assert torch.equal(biased[:, 1], plain[:, 1])  # verbosity is not a helpfulness objective
+    corr = lambda x: float(np.corrcoef(length.numpy(), x.numpy())[0, 1])  # noqa: E731
+    assert corr(biased[:, 0]) > corr(plain[:, 0]) + 0.2
+    with pytest.raises(ValueError, match="helpfulness_length_bias=1.0"):
+        WorldObjectives(objectives, helpfulness_length_bias=1.0)
+
+
 def test_verbosity_by_length_grades_answers_the_judge_reads_as_zero():
     """Below the world's one-sentence length the judge reads verbosity 0 for every answer; by
     length, 20 and 40 words differ (words / the judge's 1-point), and helpfulness is unchanged."""

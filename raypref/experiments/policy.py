@@ -314,6 +314,10 @@ class RSFJobConfig:
     # verbosity as words / (words where the judge reads 1): the judge itself reads 0 below ~62
     # words, where the policy's answers fall, and gives v·r no length to trade (WorldObjectives)
     verbosity_by_length: bool = True
+    # 003's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
+    # world's judge does not, and without it every direction rewards shorter answers and the
+    # iterations shrink all of them alike. See recipes.rsf.WorldObjectives
+    helpfulness_length_bias: float = 0.3
     # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
     # text (RSFSpec); false for a base that already follows system prompts, as 003's does
     bare_first_iteration: bool = True
@@ -345,6 +349,7 @@ class RSFJobConfig:
                   ("prompts_per_iteration", self.prompts_per_iteration >= 1, "must be >= 1"),
                   ("steps_per_iteration", self.steps_per_iteration >= 1, "must be >= 1"),
                   ("replay_fraction", 0.0 <= self.replay_fraction < 1.0, "must be in [0, 1)"),
+                  ("helpfulness_length_bias", 0.0 <= self.helpfulness_length_bias < 1.0, "must be in [0, 1)"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("n_prompts", self.n_prompts >= 2, "must be >= 2 (two halves)"),
                   ("n_original", self.n_original >= 1, "must be >= 1"),
@@ -364,12 +369,13 @@ class RSFJobResult:
 
 
 def direction_sweep(model, tokenizer, world: World, objectives: list[str], directions, prompts: list[str],
-                    max_new_tokens: int, seed: int, verbosity_by_length: bool = False) -> list[dict]:
+                    max_new_tokens: int, seed: int, verbosity_by_length: bool = False,
+                    helpfulness_length_bias: float = 0.0) -> list[dict]:
     """Per direction: mean response length (words) and mean judged objectives on ``prompts``, each
     prompt preceded by the direction's system prompt (the same sampling seed for every direction)."""
     from raypref.recipes.rsf import WorldObjectives, judge_objectives, spelled_direction
 
-    judge = WorldObjectives(objectives, world.seed, verbosity_by_length)
+    judge = WorldObjectives(objectives, world.seed, verbosity_by_length, helpfulness_length_bias)
     rows = []
     for v in directions:
         v = [round(float(x), 4) for x in v]
@@ -408,7 +414,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
         rng = np.random.default_rng([cfg.seed, 3])
         spec = RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
                        functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
-                                         cfg.verbosity_by_length),
+                                         cfg.verbosity_by_length, cfg.helpfulness_length_bias),
                        objectives=list(cfg.objectives),
                        direction_text=functools.partial(spelled_direction, objectives=list(cfg.objectives)),
                        n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,
@@ -429,7 +435,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
             policy, policy_tokenizer = load_pretrained(folder)
             sweeps[label] = direction_sweep(policy.eval(), policy_tokenizer, world, list(cfg.objectives),
                                             directions, held_out, cfg.max_new_tokens, cfg.seed,
-                                            cfg.verbosity_by_length)
+                                            cfg.verbosity_by_length, cfg.helpfulness_length_bias)
         lengths = [row["length"] for row in sweeps["policy"]]
         selection = {}  # per iteration: what its kept data teaches (RSFSpec selection_metrics)
         for row in result.metrics:

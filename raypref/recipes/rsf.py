@@ -64,18 +64,33 @@ def judge_objectives(world, response: str, prompt: str) -> dict[str, float]:
     return scores
 
 
+# 003 §3.1 builds on helpfulness and verbosity rewards that correlate positively (Singhal et al.:
+# reward models favour longer answers), which is why it samples only v2 <= 0. The world's judged
+# helpfulness barely tracks length (correlation -0.2..+0.1 on the SFT policy's samples), so the
+# reward model's length bias is modelled: helpfulness' = (1 - b) helpfulness + b length.
+HELPFULNESS_OBJECTIVES = ("helpfulness", OVERALL_HELPFULNESS)
+
+
 class WorldObjectives(torch.nn.Module):
     """The simulated world's judges as a multi-objective reward: ``score_objectives`` gives each
     objective on a 0..1 scale (data.labelling.ATTRIBUTE_RANGES), so v·r weighs them alike.
+
+    ``helpfulness_length_bias`` b: a helpfulness objective reads (1 - b) × judged + b × length,
+    length = words / (the word count where the verbosity judge reads 1), clipped to [0, 1]; the
+    length bias 003's reward model has and the world's judge lacks (HELPFULNESS_OBJECTIVES).
 
     ``verbosity_by_length``: verbosity reads words / (the word count where the judge reads 1),
     clipped to [0, 1]. The world's judge reads 0 for anything shorter than its one-sentence
     response (~62 words), which is where a small policy's conditioned answers fall; there v·r
     would rank by helpfulness alone and a direction could not ask for shorter answers."""
 
-    def __init__(self, objectives: list[str], world_seed: int = 0, verbosity_by_length: bool = False):
+    def __init__(self, objectives: list[str], world_seed: int = 0, verbosity_by_length: bool = False,
+                 helpfulness_length_bias: float = 0.0):
         super().__init__()
         from raypref.data.world import World
+
+        if not 0.0 <= helpfulness_length_bias < 1.0:
+            raise ValueError(f"WorldObjectives: helpfulness_length_bias={helpfulness_length_bias} must be in [0, 1)")
 
         ranges = objective_ranges()
         unknown = [o for o in objectives if o not in ranges]
@@ -85,15 +100,23 @@ class WorldObjectives(torch.nn.Module):
         self.objectives, self.world = list(objectives), World(seed=world_seed)
         self.ranges = [ranges[o] for o in objectives]
         self.verbosity_by_length = verbosity_by_length
+        self.helpfulness_length_bias = helpfulness_length_bias
 
     def score_objectives(self, prompts, responses) -> torch.Tensor:
         judged = [judge_objectives(self.world, r, p) for p, r in zip(prompts, responses)]
+        one = self.world.verbosity_words()[1]
         if self.verbosity_by_length and "verbosity" in self.objectives:
-            one = self.world.verbosity_words()[1]
             for scores, response in zip(judged, responses):
                 scores["verbosity"] = min(len(response.split()) / one, 1.0)
-        return torch.tensor([[(s[o] - lo) / (hi - lo) for o, (lo, hi) in zip(self.objectives, self.ranges)]
+        unit = torch.tensor([[(s[o] - lo) / (hi - lo) for o, (lo, hi) in zip(self.objectives, self.ranges)]
                              for s in judged])
+        b = self.helpfulness_length_bias
+        if b:
+            length = torch.tensor([min(len(r.split()) / one, 1.0) for r in responses])
+            for i, name in enumerate(self.objectives):
+                if name in HELPFULNESS_OBJECTIVES:
+                    unit[:, i] = (1 - b) * unit[:, i] + b * length
+        return unit
 
 
 def selection_metrics(directions: torch.Tensor, kept: list[str], objectives: list[str]) -> dict[str, float]:

@@ -67,7 +67,7 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
               f"{len(cfg.combinations)} combinations, {cfg.seeds} training seed(s), "
               f"{n_prompts} held-out prompts × {cfg.eval.samples_per_prompt} samples, "
               f"judged by {judge}.",
-              f"Training (all policies at once): {timings['train_seconds']:.0f} s; "
+              f"Training (every policy): {timings['train_seconds']:.0f} s; "
               f"whole job: {timings['total_seconds']:.0f} s.", ""]
     if cfg.eval.judge_model == "tiny":
         lines += ["**Caution:** the tiny judge is an untrained model: its scores check the "

@@ -260,3 +260,20 @@ def test_first_iteration_samples_from_the_bare_prompt_and_stores_the_conditioned
         assert all(p in spec.prompts for p in seen[0]) is bare  # bare prompts only when asked
         assert not any(p in spec.prompts for p in seen[1])  # iteration 2 always conditioned
         assert all(q.startswith("please") for q, _ in first + second)
+
+
+def test_direction_sweep_averages_over_its_samples(sft_dir):
+    """Two samples per prompt give the mean of the two one-sample sweeps at the seeds it uses."""
+    from raypref.data.world import World
+    from raypref.experiments.policy import direction_sweep
+    from raypref.models.factory import load_pretrained
+
+    model, tokenizer = load_pretrained(sft_dir)
+    world, directions = World(seed=0), [[1.0, 0.0], [0.8, -0.6]]
+    prompts = world.prompts(3, split="test")
+    args = (model.eval(), tokenizer, world, ["helpfulness", "expertise"], directions, prompts, 8)
+    both = direction_sweep(*args, seed=5, samples=2)
+    one, other = direction_sweep(*args, seed=5), direction_sweep(*args, seed=5 + 7919)
+    for b, x, y in zip(both, one, other):
+        for key in ("length", "helpfulness", "expertise", "v_dot_r"):
+            assert b[key] == pytest.approx((x[key] + y[key]) / 2)

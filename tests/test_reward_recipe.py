@@ -42,7 +42,8 @@ def test_config_errors_name_the_field():
                                 dict(method="user_model", conditioning="soft_prompt",
                                      freeze_query_encoder=False),
                                 dict(method="vae", sampling="adaptive", contrastive=0.5),
-                                dict(method="vae", freeze_query_encoder=False)])
+                                dict(method="vae", freeze_query_encoder=False),
+                                dict(method="vae", vae=VAEConfig(16, 16, 8, 16, 2, decoder="bilinear"))])
 def test_spec_steps_and_evaluates_per_user(kw):
     spec = RewardSpec(_cfg(**kw))
     torch.manual_seed(0)
@@ -111,7 +112,28 @@ def test_pcgrad_surrogate_has_the_true_loss_and_the_projected_gradient():
     assert metrics["conflict"] in (0.0, 1.0)
 
 
-@pytest.mark.parametrize("kw", [dict(method="vae"), dict(method="bt", freeze_query_encoder=False)])
+def test_bilinear_vae_decoder_lets_z_scale_the_embedding():
+    """decoder="bilinear": r(h, z) = <W z, h> + <u, h> + b, so r(h, z) - r(h, 0) = <W z, h> and
+    the sign of a preference can flip with z; an unknown decoder is refused."""
+    from raypref.models.reward import VAERewardModel
+
+    spec = RewardSpec(_cfg(method="vae", vae=VAEConfig(16, 16, 8, 16, 2, decoder="bilinear")))
+    model = spec.build_model()
+    assert isinstance(model, VAERewardModel) and model.cfg.decoder == "bilinear"
+    torch.manual_seed(0)
+    h, z = torch.randn(5, 16), torch.randn(5, 8)
+    with torch.no_grad():
+        shift = model.reward_from_embedding(h, z) - model.reward_from_embedding(h, torch.zeros_like(z))
+        assert torch.allclose(shift, ((z @ model.user_map.weight.T) * h).sum(-1), atol=1e-5)
+        gap = lambda zz: (model.reward_from_embedding(h[:1], zz) - model.reward_from_embedding(h[1:2], zz)).item()  # noqa: E731
+        zz = torch.randn(1, 8)
+        assert (gap(zz) - gap(torch.zeros(1, 8))) == pytest.approx(-(gap(-zz) - gap(torch.zeros(1, 8))), abs=1e-5)
+    with pytest.raises(ValueError, match="VAEConfig.decoder='mlp2'"):
+        VAEConfig(decoder="mlp2").validate()
+
+
+@pytest.mark.parametrize("kw", [dict(method="vae"), dict(method="bt", freeze_query_encoder=False),
+                                dict(method="vae", vae=VAEConfig(16, 16, 8, 16, 2, decoder="bilinear"))])
 def test_exported_model_scores_the_same_behind_the_reward_interface(tmp_path, kw):
     from raypref.rewards import UserRef
     from raypref.rewards.load import load_reward_function

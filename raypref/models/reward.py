@@ -153,6 +153,9 @@ class MultiObjectiveRewardModel(nn.Module):
         return self.head(emb)
 
 
+VAE_DECODERS = ("mlp", "bilinear")
+
+
 @dataclass
 class VAEConfig:
     """Sub-module sizes of the VAE RM; 001 Table 1 uses 512 for all of them."""
@@ -161,11 +164,17 @@ class VAEConfig:
     latent: int = 512
     decoder_hidden: int = 512
     attention_heads: int = 4
+    # "mlp": 001 fig. 5, an MLP on [query embedding; z]. "bilinear": <W z, h> + <u, h> + b, where z
+    # scales the embedding directly (on the two-user conflict the MLP decoder left the latent
+    # unused: the users' latent means separated while both were scored as user 1)
+    decoder: str = "mlp"
 
     def validate(self) -> None:
         for name in ("pair_hidden", "pair_out", "latent", "decoder_hidden", "attention_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEConfig.{name}={getattr(self, name)}: must be >= 1")
+        if self.decoder not in VAE_DECODERS:
+            raise ValueError(f"VAEConfig.decoder={self.decoder!r}: must be one of {VAE_DECODERS}")
         if self.pair_out % self.attention_heads:
             raise ValueError(f"VAEConfig.pair_out={self.pair_out} must be divisible by "
                              f"attention_heads={self.attention_heads}")
@@ -218,7 +227,12 @@ class VAERewardModel(nn.Module):
         self.cfg = cfg
         self.query_encoder = query_encoder
         self.posterior = UserPosterior(demo_dim, cfg)
-        self.decoder = _mlp(query_encoder.hidden_size + cfg.latent, cfg.decoder_hidden, 1)
+        hidden = query_encoder.hidden_size
+        if cfg.decoder == "mlp":
+            self.decoder = _mlp(hidden + cfg.latent, cfg.decoder_hidden, 1)
+        else:  # bilinear
+            self.user_map = nn.Linear(cfg.latent, hidden, bias=False)
+            self.decoder = nn.Linear(hidden, 1)
 
     def user_latent(self, demo_chosen, demo_rejected, mask=None, sample: bool | None = None,
                     generator: torch.Generator | None = None):
@@ -238,7 +252,10 @@ class VAERewardModel(nn.Module):
         if z.shape[0] != emb.shape[0]:
             raise ValueError(f"VAERewardModel.reward: {emb.shape[0]} queries but {z.shape[0]} "
                              "user latents")
-        return self.decoder(torch.cat([emb, z.to(emb.dtype)], dim=-1)).squeeze(-1)
+        z = z.to(emb.dtype)
+        if self.cfg.decoder == "mlp":
+            return self.decoder(torch.cat([emb, z], dim=-1)).squeeze(-1)
+        return self.decoder(emb).squeeze(-1) + (self.user_map(z) * emb).sum(-1)
 
     def forward(self, chosen: dict, rejected: dict, demo_chosen: torch.Tensor,
                 demo_rejected: torch.Tensor, mask: torch.Tensor | None = None,

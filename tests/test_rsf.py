@@ -277,3 +277,15 @@ def test_direction_sweep_averages_over_its_samples(sft_dir):
     for b, x, y in zip(both, one, other):
         for key in ("length", "helpfulness", "expertise", "v_dot_r"):
             assert b[key] == pytest.approx((x[key] + y[key]) / 2)
+
+
+def test_rsf_job_reward_carries_the_job_settings():
+    """The frozen reward the RSF job trains against reads its objectives, verbosity by length and
+    helpfulness length bias from the job config (a wiring slip would silently change the experiment)."""
+    from raypref.experiments.policy import RSFJobConfig, rsf_reward_factory
+
+    reward = rsf_reward_factory(RSFJobConfig(helpfulness_length_bias=0.2, verbosity_by_length=False))()
+    assert reward.objectives == ["overall_helpfulness", "verbosity"]
+    assert reward.helpfulness_length_bias == 0.2 and reward.verbosity_by_length is False
+    default = rsf_reward_factory(RSFJobConfig())()
+    assert default.helpfulness_length_bias == 0.3 and default.verbosity_by_length is True

@@ -395,6 +395,18 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
     return rows
 
 
+def rsf_reward_factory(cfg: RSFJobConfig):
+    """What builds the job's frozen multi-objective reward (on each worker): the world's judges
+    over ``cfg.objectives`` with the job's verbosity reading and helpfulness length bias."""
+    import functools
+
+    from raypref.recipes.rsf import WorldObjectives
+
+    return functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
+                             verbosity_by_length=cfg.verbosity_by_length,
+                             helpfulness_length_bias=cfg.helpfulness_length_bias)
+
+
 def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
     import functools
 
@@ -402,7 +414,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
 
     from raypref.algos.dpa import directions_between
     from raypref.models.factory import extend_vocabulary, save_pretrained_safetensors
-    from raypref.recipes.rsf import RSFSpec, WorldObjectives, spelled_direction
+    from raypref.recipes.rsf import RSFSpec, spelled_direction
 
     cfg.validate()
     out, world = _run_folder_and_world(cfg, cfg.run_name)
@@ -420,8 +432,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
         print(f"[rsf] base {sft_dir}; {len(added)} tokens added for the direction prompt", flush=True)
         rng = np.random.default_rng([cfg.seed, 3])
         spec = RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
-                       functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
-                                         cfg.verbosity_by_length, cfg.helpfulness_length_bias),
+                       rsf_reward_factory(cfg),
                        objectives=list(cfg.objectives),
                        direction_text=functools.partial(spelled_direction, objectives=list(cfg.objectives)),
                        n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,

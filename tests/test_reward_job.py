@@ -18,7 +18,7 @@ SMALL = ["--encoder.name_or_path", "tiny", "--encoder.tiny_hidden", "16",
 
 
 @pytest.mark.slow
-def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path):
+def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path, capsys):
     final = main(["--method", "vae", "--sampling", "adaptive", "--output_dir", str(tmp_path), *SMALL])
     assert {"acc.user1", "acc.user2", "acc.mean", "acc.min"} <= set(final)
     assert all(0.0 <= v <= 1.0 for v in final.values())
@@ -29,3 +29,5 @@ def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path):
     assert json.loads((export / "reward_config.json").read_text())["sampling"] == "adaptive"
     assert list(tmp_path.glob("*-user-accuracy.png")) and list(tmp_path.glob("*-latent-tsne.png"))
     assert (export / "latent_means.safetensors").exists()
+    # the accuracy the data allows, printed beside the model's (the world judge's, same pairs)
+    assert "[reward] ceiling (the world's judge" in capsys.readouterr().out

@@ -174,3 +174,21 @@ def load_embeddings(path: Path) -> dict[int, torch.Tensor]:
         raise FileNotFoundError(f"demonstration embeddings file {path} does not exist "
                                 "(precompute it with recipes.reward.precompute_demo_embeddings)")
     return {int(k): v for k, v in load_file(str(path)).items()}
+
+
+def judge_ceiling(cfg: RewardDataConfig, eval_pairs_per_user: int) -> dict[str, float]:
+    """What a reward model can reach on the evaluation pairs: the accuracy of the world's own judge
+    read with each user's true weights (ties count half). At difficulty > 0 the text shows the
+    aspects only weakly and labels flip, so this is well below 1 (0.65-0.72 at difficulty 0.5)."""
+    if cfg.source != WORLD:
+        raise ValueError(f"judge_ceiling: data.source={cfg.source!r} has no world judge")
+    world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
+    out = {}
+    for user_id, up in sorted(build_pairs(cfg).items()):
+        test = up.test[:eval_pairs_per_user]
+        margins = np.array([up.user.utility(world.judge(r.chosen, r.prompt))
+                            - up.user.utility(world.judge(r.rejected, r.prompt)) for r in test])
+        out[f"user{user_id}"] = float(((margins > 0) + 0.5 * (margins == 0)).mean())
+    out["mean"] = float(np.mean(list(out.values())))
+    out["min"] = float(min(v for k, v in out.items() if k.startswith("user")))
+    return out

@@ -132,6 +132,42 @@ def test_bilinear_vae_decoder_lets_z_scale_the_embedding():
         VAEConfig(decoder="mlp2").validate()
 
 
+@pytest.mark.parametrize("method", ["vae", "user_model", "bt"])
+def test_head_lr_applies_to_everything_but_the_pretrained_encoder(method):
+    from raypref.recipes.reward import query_encoder
+
+    spec = RewardSpec(_cfg(method=method, freeze_query_encoder=False, head_lr=1e-3))
+    model = spec.build_model()
+    encoder, fresh = spec.param_groups("reward", model)
+    assert "lr" not in encoder and fresh["lr"] == 1e-3  # the encoder keeps training.lr
+    assert {id(p) for p in encoder["params"]} == {id(p) for p in query_encoder(model).parameters()}
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    assert len(encoder["params"]) + len(fresh["params"]) == len(trainable)
+    assert fresh["params"]  # heads / posterior / user model
+    default = RewardSpec(_cfg(method=method, freeze_query_encoder=False)).param_groups("reward", model)
+    assert all("lr" not in g for g in default)
+    with pytest.raises(ValueError, match="head_lr"):
+        _cfg(head_lr=-1.0).validate()
+
+
+def test_vae_init_logvar_sets_the_posterior_noise_at_the_start():
+    """init_logvar = -6 starts z within ~exp(-3) of mu (the decoder sees the user, not noise);
+    the default 0 starts sigma at 1; an out-of-range value is refused."""
+    from raypref.models.reward import UserPosterior
+
+    torch.manual_seed(0)
+    chosen, rejected = torch.randn(32, 4, 16), torch.randn(32, 4, 16)
+    for init, sigma in ((-6.0, 0.05), (0.0, 1.0)):
+        torch.manual_seed(1)
+        posterior = UserPosterior(16, VAEConfig(16, 16, 8, 16, 2, init_logvar=init))
+        with torch.no_grad():
+            _, logvar = posterior(chosen, rejected)
+        assert logvar.mean().item() == pytest.approx(init, abs=0.5)
+        assert torch.exp(0.5 * logvar).median().item() == pytest.approx(sigma, rel=0.5)
+    with pytest.raises(ValueError, match="VAEConfig.init_logvar=nan"):
+        VAEConfig(init_logvar=float("nan")).validate()
+
+
 @pytest.mark.parametrize("kw", [dict(method="vae"), dict(method="bt", freeze_query_encoder=False),
                                 dict(method="vae", vae=VAEConfig(16, 16, 8, 16, 2, decoder="bilinear"))])
 def test_exported_model_scores_the_same_behind_the_reward_interface(tmp_path, kw):

@@ -168,11 +168,17 @@ class VAEConfig:
     # scales the embedding directly (on the two-user conflict the MLP decoder left the latent
     # unused: the users' latent means separated while both were scored as user 1)
     decoder: str = "mlp"
+    # initial log-variance of q(z | demonstrations). 0 starts z as mostly noise (sigma = 1 on
+    # every one of `latent` dimensions) and the decoder can learn to ignore it before the
+    # posterior learns to shrink sigma (posterior collapse); e.g. -6 starts z near mu
+    init_logvar: float = 0.0
 
     def validate(self) -> None:
         for name in ("pair_hidden", "pair_out", "latent", "decoder_hidden", "attention_heads"):
             if getattr(self, name) < 1:
                 raise ValueError(f"VAEConfig.{name}={getattr(self, name)}: must be >= 1")
+        if not -20.0 <= self.init_logvar <= 5.0:
+            raise ValueError(f"VAEConfig.init_logvar={self.init_logvar}: must be in [-20, 5]")
         if self.decoder not in VAE_DECODERS:
             raise ValueError(f"VAEConfig.decoder={self.decoder!r}: must be one of {VAE_DECODERS}")
         if self.pair_out % self.attention_heads:
@@ -194,6 +200,8 @@ class UserPosterior(nn.Module):
         self.attention = nn.MultiheadAttention(cfg.pair_out, cfg.attention_heads, batch_first=True)
         self.norm = nn.LayerNorm(cfg.pair_out)
         self.to_stats = nn.Linear(cfg.pair_out, 2 * cfg.latent)
+        with torch.no_grad():
+            self.to_stats.bias[cfg.latent:].fill_(cfg.init_logvar)
 
     def forward(self, demo_chosen: torch.Tensor, demo_rejected: torch.Tensor,
                 mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -27,7 +27,7 @@ from raypref.config import config_hash, parse_args
 from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings)
-from raypref.recipes.reward_data import WORLD, judge_ceiling, population
+from raypref.recipes.reward_data import WORLD, judge_reference, population
 from raypref.train.runner import Resources, run, runner_config
 
 
@@ -161,17 +161,17 @@ def train(cfg: RewardJobConfig) -> tuple[dict, list[dict]]:
             if tsne:
                 tracking.log_artifact(tsne)
         final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
-        ceiling = (judge_ceiling(recipe.data, recipe.eval_pairs_per_user)
-                   if recipe.data.source == WORLD else {})
-        tracking.log_metrics({f"ceiling.acc.{k}": v for k, v in ceiling.items()})
-        tracking.log_dict({"final": final, "judge_ceiling": ceiling,
+        reference = (judge_reference(recipe.data, recipe.eval_pairs_per_user)
+                     if recipe.data.source == WORLD else {})
+        tracking.log_metrics({f"judge_reference.acc.{k}": v for k, v in reference.items()})
+        tracking.log_dict({"final": final, "judge_reference": reference,
                            "export": str(result.export_path)}, "reward_summary.json")
         if result.export_path:
             tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
     print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
-    if ceiling:
-        print(f"[reward] ceiling (the world's judge with each user's true weights, same pairs): "
-              + " ".join(f"acc.{k}={v:.3f}" for k, v in sorted(ceiling.items())))
+    if reference:
+        print(f"[reward] reference: the world's judge with each user's true weights, same pairs: "
+              + " ".join(f"acc.{k}={v:.3f}" for k, v in sorted(reference.items())))
     print(f"[reward] model: {result.export_path}")
     return final, result.metrics
 

@@ -21,7 +21,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from jobs.reward import RewardJobConfig, train  # noqa: E402
 from raypref.config import parse_args  # noqa: E402
 from raypref.experiments.reward_comparison import ARMS, format_table, summarize  # noqa: E402
-from raypref.recipes.reward_data import WORLD, judge_ceiling  # noqa: E402
+from raypref.recipes.reward_data import WORLD, judge_reference  # noqa: E402
 
 
 @dataclass
@@ -57,13 +57,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
             seconds[arm].append(time.perf_counter() - start)
             runs[arm].append(history)
     rows = summarize(runs, seconds)
-    ceiling = (judge_ceiling(cfg.data, cfg.eval_pairs_per_user) if cfg.data.source == WORLD
-               else None)
-    table = format_table(rows, ceiling)
+    reference = (judge_reference(cfg.data, cfg.eval_pairs_per_user) if cfg.data.source == WORLD
+                 else None)
+    table = format_table(rows, reference)
     out = Path(cfg.output_dir)
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(
-        {"rows": rows, "judge_ceiling": ceiling, "config": dataclasses.asdict(cfg)}, indent=1, default=str))
+        {"rows": rows, "judge_reference": reference, "config": dataclasses.asdict(cfg)}, indent=1, default=str))
     print(table)
     return rows
 

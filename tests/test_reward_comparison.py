@@ -35,26 +35,26 @@ def test_summary_rows():
     assert vae["steps95_mean"] == pytest.approx((20 + 30 + 30) / 3)  # .9>=.855; .55<.5605; .8<.9025
     table = format_table(rows)
     assert "| VAE | 0.813 ± 0.195 | 2/3 | 27 ± 6 | 0.400 | 31 |" in table
-    assert "ceiling" not in table
-    with_ceiling = format_table(rows, {"mean": 0.85, "min": 0.82})
-    assert with_ceiling.splitlines()[-1] == ("| world judge, true weights (ceiling) | 0.850 | – | – "
+    assert "reference" not in table
+    with_reference = format_table(rows, {"mean": 0.85, "min": 0.82})
+    assert with_reference.splitlines()[-1] == ("| world judge, true weights (reference) | 0.850 | – | – "
                                              "| 0.820 | – |")
 
 
-def test_judge_ceiling_is_what_the_data_allows():
-    from raypref.recipes.reward_data import RewardDataConfig, judge_ceiling
+def test_judge_reference_falls_with_difficulty_and_label_noise():
+    from raypref.recipes.reward_data import RewardDataConfig, judge_reference
 
-    def ceiling(**kw):
-        return judge_ceiling(RewardDataConfig(test_pairs_per_user=60, **kw), 50)
+    def reference(**kw):
+        return judge_reference(RewardDataConfig(test_pairs_per_user=60, **kw), 50)
 
-    clean = ceiling(difficulty=0.0, label_noise=0.0)
+    clean = reference(difficulty=0.0, label_noise=0.0)
     assert clean == {"user1": 1.0, "user2": 1.0, "mean": 1.0, "min": 1.0}
-    flipped = ceiling(difficulty=0.0, label_noise=0.3)  # the judge is right, 30% of labels are not
+    flipped = reference(difficulty=0.0, label_noise=0.3)  # the judge is right, 30% of labels are not
     assert 0.55 <= flipped["mean"] <= 0.85
     assert flipped["min"] == min(flipped["user1"], flipped["user2"])
-    assert ceiling(difficulty=0.5)["mean"] < ceiling(difficulty=0.1)["mean"] < 1.0
+    assert reference(difficulty=0.5)["mean"] < reference(difficulty=0.1)["mean"] < 1.0
     with pytest.raises(ValueError, match="no world judge"):
-        judge_ceiling(RewardDataConfig(source="ratings.jsonl"), 10)
+        judge_reference(RewardDataConfig(source="ratings.jsonl"), 10)
 
 
 def test_arm_configs_set_every_knob(tmp_path):

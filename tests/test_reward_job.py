@@ -29,5 +29,5 @@ def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path, capsys)
     assert json.loads((export / "reward_config.json").read_text())["sampling"] == "adaptive"
     assert list(tmp_path.glob("*-user-accuracy.png")) and list(tmp_path.glob("*-latent-tsne.png"))
     assert (export / "latent_means.safetensors").exists()
-    # the accuracy the data allows, printed beside the model's (the world judge's, same pairs)
-    assert "[reward] ceiling (the world's judge" in capsys.readouterr().out
+    # the world judge's own accuracy on the same pairs, printed beside the model's
+    assert "[reward] reference: the world's judge" in capsys.readouterr().out

@@ -55,9 +55,9 @@ def h_min(history: list[dict]) -> float:
     return accuracy_curve(history, "eval.acc.min")[-1][1]
 
 
-def format_table(rows: list[dict], ceiling: dict[str, float] | None = None) -> str:
-    """A markdown table like 001 Tables 2-4; ``ceiling`` (`recipes.reward_data.judge_ceiling`)
-    adds the accuracy the data allows as a last row."""
+def format_table(rows: list[dict], reference: dict[str, float] | None = None) -> str:
+    """A markdown table like 001 Tables 2-4; ``reference`` (`recipes.reward_data.judge_reference`)
+    adds the world judge's own accuracy on the same pairs as a last row."""
     lines = ["| arm | test acc (mean ± std) | converged (acc > 0.6) | steps to 95% of final "
              "| worst user acc | s / run |", "|---|---|---|---|---|---|"]
     for r in rows:
@@ -65,7 +65,7 @@ def format_table(rows: list[dict], ceiling: dict[str, float] | None = None) -> s
                      f"{r['converged']}/{r['runs']} | {r['steps95_mean']:.0f} ± "
                      f"{r['steps95_std']:.0f} | {r['min_user_acc']:.3f} | "
                      f"{r['seconds_per_run']:.0f} |")
-    if ceiling:
-        lines.append(f"| world judge, true weights (ceiling) | {ceiling['mean']:.3f} | – | – | "
-                     f"{ceiling['min']:.3f} | – |")
+    if reference:
+        lines.append(f"| world judge, true weights (reference) | {reference['mean']:.3f} | – | – | "
+                     f"{reference['min']:.3f} | – |")
     return "\n".join(lines)

@@ -257,6 +257,12 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
     _, tokenizer = load_pretrained(s["policy_dir"])
     ids = tokenizer(spelled_direction([0.8, -0.6], ["overall_helpfulness", "expertise"]))["input_ids"]
     assert tokenizer.unk_token_id not in ids  # the policy's tokenizer reads the direction
+    # the last checkpoint holds iteration 2's dataset (what scripts/dpa_learnability.py reads)
+    from raypref.train.runner import read_spec_state
+    held = read_spec_state(Path(s["policy_dir"]).parent / "checkpoint_000004")
+    assert held["iteration"] == 2 and len(held["examples"]) >= 2
+    assert all(q.startswith(spelled_direction([1.0, 0.0], ["overall_helpfulness", "expertise"])[:20])
+               for q, _ in held["examples"] if "expertise *" in q)
 
 
 @dataclasses.dataclass

@@ -442,6 +442,16 @@ def _state_file(rank: int) -> str:
     return f"worker_state_rank{rank}.pkl"
 
 
+def read_spec_state(ckpt_dir: str | Path, rank: int = 0) -> dict:
+    """The spec state (``LoopSpec.state_dict``) a worker saved in a checkpoint of this runner,
+    e.g. the dataset an RSF iteration held, for offline diagnostics."""
+    path = Path(ckpt_dir) / _state_file(rank)
+    if not path.exists():
+        raise FileNotFoundError(f"read_spec_state: {ckpt_dir} has no {path.name}")
+    with open(path, "rb") as f:
+        return pickle.load(f)["spec"]  # written by this runner's own workers
+
+
 def _rng_state() -> dict:
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate()}

@@ -8,11 +8,11 @@
 Defaults: the two-user conflict (001 §3.5.1) at world difficulty 0.1, the offline MiniLM
 encoder (fine-tuned at lr 1e-4, the parts trained from scratch at 1e-3), Ray Train + DeepSpeed
 on one worker. These are the issue-8 table's settings (jobs/reward_compare.py): at difficulty
-0.1 the unconditional BT RM stays near 50% and VAE + contrastive (``--contrastive 0.5``) reached
-0.95; with every part at 1e-4 the plain VAE stayed at chance even on the clean world. The VAE's frozen demonstration
-embeddings are computed once per data config and cached under output_dir. Per-user accuracy
-of every evaluation goes to MLflow with a curve plot; the model (safetensors + its config)
-is registered there.
+0.1 the unconditional BT RM stays near 50% and VAE + contrastive (``--contrastive 0.5``)
+reached 0.95; with every part at 1e-4 the plain VAE stayed at chance even on the clean world.
+The VAE's frozen demonstration embeddings are computed once per data config and cached under
+output_dir. Per-user accuracy of every evaluation goes to MLflow with a curve plot; the model
+(safetensors + its config) is registered there.
 
 ``--method few_shot`` trains nothing: it evaluates few-shot prompting of a causal LM
 (``--few_shot.model.name_or_path``, the untrained tiny GPT-2 by default) with greedy

@@ -10,9 +10,8 @@ the world judge's own accuracy on the same test pairs (a reference, not a bound)
 
 The issue-8 table (fine-tuned MiniLM, 200 steps, 3 seeds) was run at difficulty 0.1 with the
 fresh parts at lr 1e-3 (``--head_lr 1e-3 --data.difficulty 0.1``, now jobs/reward.py's
-defaults). With every part at 1e-4 the
-plain VAE stayed at chance even on the clean world; at difficulty 0.25 even VAE + contrastive
-still scored both users as one after 100 steps.
+defaults). With every part at 1e-4 the plain VAE stayed at chance even on the clean world;
+at difficulty 0.25 even VAE + contrastive still scored both users as one after 100 steps.
 """
 from __future__ import annotations
 
@@ -70,7 +69,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     out = Path(cfg.output_dir)
     (out / "comparison.md").write_text(table + "\n")
     (out / "comparison.json").write_text(json.dumps(
-        {"rows": rows, "judge_reference": reference, "config": dataclasses.asdict(cfg)}, indent=1, default=str))
+        {"rows": rows, "judge_reference": reference, "config": dataclasses.asdict(cfg)},
+        indent=1, default=str))
     print(table)
     return rows
 

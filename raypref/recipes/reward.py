@@ -79,8 +79,8 @@ class RewardConfig:
     gradient: str = "sum"                        # sum | pcgrad | mgda over per-user losses
     eval_pairs_per_user: int = 100
     # peak lr of the parts trained from scratch (heads, user model, VAE posterior and decoder);
-    # 0 = training.lr. The pretrained encoder keeps training.lr: at 1e-4 for both, the VAE's
-    # fresh heads were still at chance after 400 steps on the clean two-user world
+    # 0 = training.lr. The pretrained encoder keeps training.lr. jobs/reward.py sets 1e-3: with
+    # every part at 1e-4 the plain VAE stayed at chance for 200 steps even on the clean world
     head_lr: float = 0.0
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     training: RewardTraining = field(default_factory=RewardTraining)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -47,6 +48,12 @@ class RandomTokensSpec(LoopSpec):
             marker = self.log_dir / "crashed"
             if rank == self.crash_rank and step == self.crash_at_step and not marker.exists():
                 marker.touch()  # crash once: the restarted worker sees the marker
+                # Ray's controller collects a worker's reports by polling it (every 0.2 s here);
+                # a worker that dies at once can take a poll's reply (a report already taken off
+                # its queue) with it, and Ray restarts from an older checkpoint or none (Ray
+                # 2.60 worker.poll_status: "TODO: two phase commit"). A real crash can do the
+                # same; this test checks resume from a committed checkpoint, so let it commit.
+                time.sleep(3)
                 os._exit(1)
             for micro in range(self.grad_accum):
                 gen = torch.Generator().manual_seed(10_000 * step + 100 * micro + rank)
@@ -95,6 +102,17 @@ def _adam_step_counts(checkpoint: Path) -> set[int]:
         for param_state in state["base_optimizer_state"]["state"].values():
             steps.add(int(param_state["step"]))
     return steps
+
+
+def test_restore_refuses_a_checkpoint_without_deepspeed_state(tmp_path):
+    from raypref.train.runner import _restore
+
+    class NoStateEngine:  # DeepSpeed's answer when the tag's folder is missing
+        def load_checkpoint(self, *args, **kwargs):
+            return None, None
+
+    with pytest.raises(FileNotFoundError, match="no DeepSpeed state ds-policy"):
+        _restore(tmp_path, {"policy": NoStateEngine()}, RandomTokensSpec(tmp_path, 4), rank=0)
 
 
 @pytest.mark.slow

@@ -7,7 +7,9 @@ parameter groups, warm-up schedule, clipping), frozen roles beside them, progres
 checkpoints every `checkpoint_every` steps (DeepSpeed state of each trainable role, the spec's
 state and the RNG states of every worker, trainable weights as safetensors), resume after a
 worker failure from the checkpoint Ray hands back, and the final export to
-`<storage_path>/<name>/final`.
+`<storage_path>/<name>/final`. (Ray commits a checkpoint when its controller has collected
+every worker's report of it; a worker that dies within a poll interval of reporting can take
+that checkpoint with it, and the run then resumes from the one before.)
 
 A run is identified by its fingerprint (train/fingerprint.py): re-running a name with a
 different config, data, base model, code or checkpoint layout refuses to resume.
@@ -506,7 +508,11 @@ def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int
 def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[dict[str, float]]:
     for role, engine in engines.items():
         # frozen parameters were left out of the checkpoint: build_model made them already
-        engine.load_checkpoint(str(ckpt_dir), tag=f"ds-{role}", load_module_strict=False)
+        loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=f"ds-{role}",
+                                           load_module_strict=False)
+        if loaded is None:  # DeepSpeed only warns, and training would restart from step 0
+            raise FileNotFoundError(f"checkpoint {ckpt_dir} has no DeepSpeed state ds-{role} "
+                                    f"(rank {rank}): cannot resume")
     state_path = ckpt_dir / _state_file(rank)
     if not state_path.exists():
         raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {state_path.name}: it was written "

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from raypref import tracking
-from raypref.config import config_hash, parse_args
+from raypref.config import config_hash, parse_args, to_dict
 from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings)
@@ -41,6 +41,7 @@ class RewardJobConfig(RewardConfig):
     resources: Resources = field(default_factory=lambda: Resources(eval_every=25))
     output_dir: str = "outputs/reward"
     seed: int = 0
+    restart: bool = False  # start the run over even if <output_dir>/runs holds one made otherwise
     few_shot: FewShotConfig = field(default_factory=FewShotConfig)  # --method few_shot only
 
     def validate(self) -> None:
@@ -54,6 +55,13 @@ class RewardJobConfig(RewardConfig):
 
 def recipe_config(cfg: RewardJobConfig) -> RewardConfig:
     return RewardConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RewardConfig)})
+
+
+def run_name(cfg: RewardJobConfig) -> str:
+    """The run's name: its method and the hash of every setting but `restart`, so that a restart
+    replaces the run it names."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k != "restart"}
+    return f"reward-{cfg.method}-{config_hash(settings)}"
 
 
 def demo_cache(cfg: RewardJobConfig) -> Path | None:
@@ -146,14 +154,14 @@ def train(cfg: RewardJobConfig) -> tuple[dict, list[dict]]:
     recipe = recipe_config(cfg)
     recipe.validate()
     cfg.resources.validate()
-    name = f"reward-{cfg.method}-{config_hash(cfg)}"
+    name = run_name(cfg)
     out = Path(cfg.output_dir)
     with tracking.start_run("reward", cfg, out, run_name=name):
         spec = RewardSpec(recipe, demo_embeddings_path=str(demo_cache(cfg) or "") or None,
                           seed=cfg.seed)
         result = run(spec, runner_config(cfg.training, cfg.resources, name=name,
                                           storage_path=str((out / "runs").resolve()),
-                                          seed=cfg.seed))
+                                          seed=cfg.seed), restart=cfg.restart)
         for row in result.metrics:
             tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
         plot = plot_user_curves(result.metrics, out / f"{name}-user-accuracy.png")

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from jobs.reward import main  # noqa: E402
+from jobs.reward import RewardJobConfig, main, run_name  # noqa: E402
 
 SMALL = ["--encoder.name_or_path", "tiny", "--encoder.tiny_hidden", "16",
          "--encoder.tiny_layers", "1", "--vae.pair_hidden", "16", "--vae.pair_out", "16",
@@ -15,6 +15,13 @@ SMALL = ["--encoder.name_or_path", "tiny", "--encoder.tiny_hidden", "16",
          "--data.demo_pool", "12", "--data.n_demos", "4", "--eval_pairs_per_user", "6",
          "--training.steps", "4", "--training.micro_batch_size", "8",
          "--resources.checkpoint_every", "2", "--resources.eval_every", "2"]
+
+
+def test_run_name_ignores_restart_so_a_restart_replaces_the_run_it_names():
+    cfg = RewardJobConfig(method="vae")
+    assert run_name(cfg).startswith("reward-vae-")
+    assert run_name(RewardJobConfig(method="vae", restart=True)) == run_name(cfg)
+    assert run_name(RewardJobConfig(method="vae", seed=1)) != run_name(cfg)
 
 
 @pytest.mark.slow

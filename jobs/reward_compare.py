@@ -13,8 +13,9 @@ fresh parts at lr 1e-3 (``--head_lr 1e-3 --data.difficulty 0.1``, now jobs/rewar
 defaults). Mean test accuracy over 3 seeds: BT 0.505, VAE 0.500, VAE + adaptive 0.905,
 VAE + contrastive 0.953, VAE + PCGrad 0.512; the world judge's reference 0.912. The plain VAE
 (and PCGrad on it) scored both users as one in every seed; with the contrastive loss, or with
-adaptive sampling (later in training), it told them apart. With every part at 1e-4 the plain VAE stayed at chance even on the clean
-world; at difficulty 0.25 even VAE + contrastive still scored both users as one after 100 steps.
+adaptive sampling (later in training), it told them apart. With every part at 1e-4 the plain
+VAE stayed at chance even on the clean world; at difficulty 0.25 even VAE + contrastive still
+scored both users as one after 100 steps.
 """
 from __future__ import annotations
 

@@ -24,6 +24,26 @@ def test_run_name_ignores_restart_so_a_restart_replaces_the_run_it_names():
     assert run_name(RewardJobConfig(method="vae", seed=1)) != run_name(cfg)
 
 
+def test_restart_reaches_the_runner(tmp_path, monkeypatch):
+    import jobs.reward as job
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_run(spec, cfg, **kwargs):  # stands in for Ray Train: only the call is checked here
+        seen.update(name=cfg.name, **kwargs)
+        raise Stop
+
+    monkeypatch.setattr(job, "run", fake_run)
+    for restart in ("true", "false"):
+        with pytest.raises(Stop):
+            main(["--method", "bt", "--restart", restart, "--output_dir", str(tmp_path), *SMALL])
+        assert seen["restart"] is (restart == "true")
+        assert seen["name"].startswith("reward-bt-")
+
+
 @pytest.mark.slow
 def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path, capsys):
     final = main(["--method", "vae", "--sampling", "adaptive", "--output_dir", str(tmp_path), *SMALL])

@@ -75,7 +75,7 @@ def test_a_sweep_with_a_bad_space_file_fails_before_ray_starts(tmp_path, monkeyp
     bad.write_text(yaml.safe_dump({"params": {"training.lr": {"distribution": "uniform",
                                                               "low": -1.0, "high": -2.0}}}))
     with pytest.raises(SpaceError, match="bad.yaml.*training.lr.*low=-1.0 >= high=-2.0"):
-        plan(SweepConfig(space=str(bad), storage_path=str(tmp_path)))
+        plan(SweepConfig(space=str(bad), output_dir=str(tmp_path)))
 
 
 def test_built_in_spaces_are_valid():
@@ -192,7 +192,7 @@ def _tiny_job(tmp_path: Path, steps: int) -> dict:
 def _sweep_args(tmp_path, name, space, steps, samples, extra=()):
     space_file = tmp_path / f"{name}.yaml"
     space_file.write_text(yaml.safe_dump({"params": space}))
-    return ["--name", name, "--storage_path", str(tmp_path / "sweeps"), "--space", str(space_file),
+    return ["--name", name, "--output_dir", str(tmp_path / "sweeps"), "--space", str(space_file),
             "--num_samples", str(samples), "--grace_period", str(steps // 2),
             "--progress_every_s", "5", "--job_config", json.dumps(_tiny_job(tmp_path, steps)),
             *extra]

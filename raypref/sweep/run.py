@@ -1,7 +1,7 @@
 """Run a sweep: Ray Tune with Optuna (seeded TPE) behind a concurrency limit and ASHA on the
 job's reported metric; one MLflow parent run with a child per trial; resumable by name.
 
-The sweep lives in `<storage_path>/<name>/`: Tune's experiment state, each trial's training run
+The sweep lives in `<output_dir>/<name>/`: Tune's experiment state, each trial's training run
 (`runs/trial_NNNNN/`, its model in `final/`), `summary.json`, `best_config.yaml` and plots.
 Running a sweep whose folder exists continues it (`Tuner.restore`): finished trials are kept,
 unfinished ones run again (their training resumes from its last checkpoint).
@@ -34,7 +34,7 @@ class SweepConfig:
     job: str = "dpo"  # see raypref.sweep.jobs.JOBS
     space: str = ""  # YAML search space; "" = the job's own in configs/sweeps/ (reward: vae_rm.yaml)
     name: str = ""  # "" = "<job>-default"; an existing sweep of this name is resumed
-    storage_path: str = "outputs/sweeps"  # a local folder, or a filesystem every node mounts
+    output_dir: str = "outputs/sweeps"  # the sweep goes to <output_dir>/<name>: a local folder, or a filesystem every node mounts
     num_samples: int = 8  # trials
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs hold
     seed: int = 0  # the Optuna TPE sampler's seed (training seeds: job_config.seed)
@@ -72,7 +72,7 @@ class Sweep:
     space: SearchSpace
     base: dict  # the job config every trial starts from (as a dict)
     base_config: Any
-    path: Path  # <storage_path>/<name>
+    path: Path  # <output_dir>/<name>
 
     @property
     def max_t(self) -> int:
@@ -90,7 +90,7 @@ def plan(cfg: SweepConfig) -> Sweep:
     base_dict = to_dict(base)
     space = load_space(cfg.space or job.default_space, job.config, base_dict)
     name = cfg.name or f"{cfg.job}-default"
-    path = Path(cfg.storage_path).expanduser().resolve() / name
+    path = Path(cfg.output_dir).expanduser().resolve() / name
     sweep = Sweep(cfg, job, space, base_dict, base, path)
     if cfg.scheduler == "asha" and not 1 <= cfg.grace_period <= sweep.max_t:
         raise ValueError(f"SweepConfig.grace_period={cfg.grace_period}: must be in [1, {sweep.max_t}] "

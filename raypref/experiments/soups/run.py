@@ -118,6 +118,17 @@ class Souper:
 
 # ---------------------------------------------------------------- the job
 
+def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
+    """What ``jobs/soups.py`` runs: the soups run, then where its report and MLflow run are."""
+    result = run_soups(cfg)
+    print(f"\nreport: {result.report_path}")
+    print(f"mlflow: run {result.run_id} in {result.tracking_uri}")
+    if result.failed:
+        print(f"failed runs: {sorted(result.failed)}; combinations left out of the comparison: "
+              f"{result.excluded or 'none'} (a rerun retrains only the failed runs)")
+    return result
+
+
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
     cfg.validate()
     cfg = dataclasses.replace(cfg, eval=ev.for_seeds(cfg.eval, cfg.seeds))

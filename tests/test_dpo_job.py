@@ -23,7 +23,7 @@ from raypref.data.world import World
 from raypref.experiments.preference import (DPOJobConfig, SavedTokenizer, quarantine_metrics,
                          train_dpo)
 from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
-from raypref.recipes.dpo import DPOConfig, ShardDPOSpec, collate_pairs, encode_pairs, shard_batch_to_pairs
+from raypref.recipes.dpo import DPOConfig, DPOSpec, collate_pairs, encode_pairs, shard_batch_to_pairs
 from raypref.recipes.sft import SFTConfig, sft_output_dir
 from raypref.train.runner import Optimization, Resources
 
@@ -92,11 +92,13 @@ def test_saved_tokenizer_factory_pickles_and_loads_the_saved_tokenizer(tmp_path)
     assert loaded.pad_token_id == tokenizer.pad_token_id and loaded.eos_token_id == tokenizer.eos_token_id
 
 
-def test_shard_spec_needs_no_in_memory_pairs_but_checks_settings():
-    spec = ShardDPOSpec(base_dir="x", n_pairs=5)
+def test_streamed_spec_needs_no_in_memory_pairs_but_checks_settings():
+    spec = DPOSpec(base_dir="x", dataset="train", n_pairs=5)
     assert spec.pairs == [] and spec.policy_info()["n_pairs"] == 5
     with pytest.raises(ValueError, match="beta"):
-        ShardDPOSpec(base_dir="x", beta=0.0)
+        DPOSpec(base_dir="x", dataset="train", beta=0.0)
+    with pytest.raises(ValueError, match="no preference pairs and no dataset"):
+        DPOSpec(base_dir="x")
 
 
 class FakeShard:
@@ -113,7 +115,7 @@ class FakeShard:
                    "rejected_attention_mask": ones, "chosen_labels_mask": ones, "rejected_labels_mask": ones}
 
 
-def test_shard_spec_resumes_at_its_data_position(monkeypatch):
+def test_streamed_spec_resumes_at_its_data_position(monkeypatch):
     """The state saved in a checkpoint (passes, micro-batches consumed) makes a restarted worker
     continue inside the interrupted pass instead of starting it over."""
     import ray.train
@@ -122,12 +124,12 @@ def test_shard_spec_resumes_at_its_data_position(monkeypatch):
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: FakeShard(5))
     ctx = StepContext(step=1, max_steps=9, rank=0, world_size=1, micro_batch_size=2, grad_accum=1, seed=0)
-    spec = ShardDPOSpec(base_dir="x")
+    spec = DPOSpec(base_dir="x", dataset="train")
     stream = spec.batches(ctx)
     taken = [int(next(stream)["input_ids"][0, 0]) for _ in range(3)]
     assert taken == [0, 1, 2] and spec.state_dict() == {"passes": 1, "consumed": 3}
 
-    resumed = ShardDPOSpec(base_dir="x")
+    resumed = DPOSpec(base_dir="x", dataset="train")
     resumed.load_state_dict(spec.state_dict())  # what the runner does from the checkpoint
     rest = [int(b["input_ids"][0, 0]) for b in resumed.batches(ctx)]
     assert rest == [3, 4]  # the rest of pass 1, not a new pass from batch 0

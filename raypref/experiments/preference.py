@@ -1,4 +1,6 @@
-"""DPO of one policy on preference shards streamed through Ray Data: the library behind ``jobs/dpo.py``.
+"""Preference optimization of one policy on preference shards streamed through Ray Data: the
+library behind ``jobs/dpo.py``. The method (DPO by default; IPO, ORPO, ... any preference-pair
+method of the registry, ``--method``) is looked up by name in ``raypref.recipes``.
 
 1. a validation pass over the shards (train, and test if given): every bad row goes to the
    quarantine file, and too many bad rows stop the job *before* any training time is spent;
@@ -28,8 +30,8 @@ from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_
                                    tokenize_pairs)
 from raypref.data.records import validate_row
 from raypref.models.factory import encode_example, load_pretrained
-from raypref.eval.pairs import evaluate_pairs
-from raypref.recipes.dpo import DPOConfig, ShardDPOSpec
+from raypref.recipes import pair_methods, recipe
+from raypref.recipes.dpo import DPOConfig
 from raypref.experiments.run import SUMMARY_FILE, Experiment, JobResult, PolicyRunConfig, Run, run_experiment
 from raypref.train.runner import Resources, runner_config
 
@@ -44,7 +46,10 @@ def _job_resources() -> Resources:
 
 @dataclass
 class DPOJobConfig(PolicyRunConfig):
-    """DPO of one LoRA policy on preference shards (parquet / jsonl, `PreferenceRecord.to_row` schema)."""
+    """Preference optimization of one LoRA policy on preference shards (parquet / jsonl,
+    `PreferenceRecord.to_row` schema)."""
+
+    method: str = "dpo"  # a preference-pair method of raypref.recipes (dpo, ipo, ...); `training` is its section
 
     # a folder or pyarrow URI of shards, e.g. written by jobs/simulate.py
     train_data: str = "outputs/simulate/psoups"
@@ -71,7 +76,10 @@ class DPOJobConfig(PolicyRunConfig):
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
         self.validate_run("DPOJobConfig")
-        self.training.validate("DPOJobConfig.training")
+        if self.method not in pair_methods():
+            raise ValueError(f"DPOJobConfig.method={self.method!r}: must be a preference-pair method, one of "
+                             f"{pair_methods()}")
+        recipe(self.method).check_section(self.training, "DPOJobConfig.training")
         self.resources.validate("DPOJobConfig.resources")
         checks = [
             ("train_data", bool(self.train_data), "must name a shard folder or URI"),
@@ -196,14 +204,16 @@ def _validation_pass(cfg: DPOJobConfig, out: Path) -> tuple[dict[str, ray.data.D
 
 # ---------------------------------------------------------------- the job
 
-def evaluate_adapter(sft_dir: str, adapter_dir: Path, records: list, beta: float, max_length: int,
-                     batch_size: int) -> dict[str, float]:
-    """Implicit-reward accuracy and margin of the trained adapter on held-out pairs."""
+def evaluate_adapter(method: str, sft_dir: str, adapter_dir: Path, records: list, section,
+                     batch_size: int = 32) -> dict[str, float]:
+    """The method's held-out scores of the trained adapter (DPO's: implicit-reward accuracy, margin)."""
     from peft import PeftModel
 
+    evaluate = recipe(method).evaluate
+    if evaluate is None:
+        return {}
     base, tokenizer = load_pretrained(sft_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return evaluate_pairs(model, tokenizer, records, beta, max_length=max_length, batch_size=batch_size)
+    return evaluate(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, records, section, batch_size)
 
 
 class PreferenceExperiment(Experiment):
@@ -225,13 +235,14 @@ class PreferenceExperiment(Experiment):
         _log(f"validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
         run.data["datasets"], run.data["quarantine"] = _validation_pass(cfg, run.out)
 
-    def spec(self, run: Run) -> ShardDPOSpec:
+    def spec(self, run: Run):
         cfg, t = run.cfg, run.cfg.training
         n_pairs = run.data["quarantine"]["train"]["pairs_selected"]
-        _log(f"DPO on {n_pairs} pairs: {t.steps} steps x {t.micro_batch_size} pairs x "
+        _log(f"{cfg.method} on {n_pairs} pairs: {t.steps} steps x {t.micro_batch_size} pairs x "
              f"{cfg.resources.num_workers} worker(s)")
-        return ShardDPOSpec.from_config(t, run.base_dir, [], name=run.name, seed=cfg.seed, n_pairs=n_pairs,
-                                        shuffle_buffer=cfg.shuffle_buffer)
+        # the pairs stream from the Ray Data set "train" (run_kwargs), whatever the method
+        return recipe(cfg.method).spec(t, run.base_dir, name=run.name, seed=cfg.seed, dataset="train",
+                                       n_pairs=n_pairs, shuffle_buffer=cfg.shuffle_buffer)
 
     def runner_config(self, run: Run):
         # the Ray Train run lives in <run folder>/train, apart from the job's own files
@@ -260,12 +271,12 @@ class PreferenceExperiment(Experiment):
         # already validated once, and held-out sets are small: collect them in the driver
         records = [validate_row(row, max_chars=cfg.max_chars)
                    for row in run.data["datasets"]["test"].take(cfg.max_eval_pairs)]
-        scores = evaluate_adapter(run.base_dir, result.export_path, records, cfg.training.beta,
-                                  cfg.training.max_length, cfg.eval_batch_size)
+        scores = evaluate_adapter(cfg.method, run.base_dir, result.export_path, records, cfg.training,
+                                  cfg.eval_batch_size)
         return {"eval": {**scores, "pairs": len(records)}}
 
     def summary(self, run: Run, result, evaluation: dict) -> dict:
-        return {"train_pairs": run.data["quarantine"]["train"]["pairs_selected"],
+        return {"method": run.cfg.method, "train_pairs": run.data["quarantine"]["train"]["pairs_selected"],
                 "quarantine": run.data["quarantine"],
                 "final_train_metrics": result.metrics[-1] if result.metrics else {}, **evaluation}
 
@@ -275,12 +286,11 @@ class PreferenceExperiment(Experiment):
         _log(f"quarantine: {q['rows_quarantined']} of {q['rows_total']} rows {q['by_reason']} -> {q['path']}")
         final = summary["final_train_metrics"]
         if final:
-            _log(f"last step {summary['steps']}: loss {final['loss']:.4f}, "
-                 f"train reward accuracy {final['reward_accuracy']:.3f}")
+            shown = [k for k in recipe(summary["method"]).summary if k in final]
+            _log(f"last step {summary['steps']}: " + ", ".join(f"{k} {final[k]:.4f}" for k in shown))
         if summary["eval"]:
-            e = summary["eval"]
-            _log(f"held-out: reward accuracy {e['reward_accuracy']:.3f}, margin {e['reward_margin']:.3f} "
-                 f"on {e['pairs']} pairs")
+            _log("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["eval"].items() if k != "pairs")
+                 + f" on {summary['eval']['pairs']} pairs")
         _log(f"adapter: {result.policy_dir}")
         _log(f"summary: {result.output_dir / SUMMARY_FILE}")
         _log(f"mlflow: run {result.run_id} in {result.tracking_uri}")

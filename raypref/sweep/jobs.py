@@ -12,7 +12,7 @@ from typing import Any, Callable
 import numpy as np
 
 from raypref.config import check_fields
-from raypref.eval.pairs import evaluate_pairs
+from raypref.recipes.dpo import evaluate_pairs
 from raypref.models.factory import LoraSettings, ModelConfig
 from raypref.recipes.dpo import DPOConfig, DPOSpec
 from raypref.recipes.reward import (RewardConfig, RewardSpec, RewardTraining,

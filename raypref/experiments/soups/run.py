@@ -25,7 +25,7 @@ import torch
 
 from raypref import tracking
 from raypref.config import to_dict
-from raypref.eval.pairs import evaluate_pairs
+from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig

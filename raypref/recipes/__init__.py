@@ -15,6 +15,7 @@ from raypref.algos.reward import bt_loss, multi_objective_mse, personalized_bt_l
 from raypref.algos.sft import sft_loss
 from raypref.algos.vae import vae_reward_loss
 from raypref.recipes.dpo import DPOConfig, DPOSpec, evaluate_pairs
+from raypref.recipes import orpo
 from raypref.recipes.method import CORPUS, PROMPTS, USERS, Method, pair_method
 from raypref.recipes.pdpo import PDPOSpec
 from raypref.recipes.ppo import PPOConfig, PPOSpec, preference_policy as _ppo_policy
@@ -52,6 +53,7 @@ RECIPES: dict[str, Method] = {m.name: m for m in (
     *(Method(f"reward_{kind}", RewardConfig, RewardSpec, loss, USERS,
              about=f"reward model: RewardConfig.method={kind!r} (jobs/reward.py --method {kind})")
       for kind, loss in REWARD_LOSSES.items()),
+    orpo.METHOD,
 )}
 
 

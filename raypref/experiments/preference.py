@@ -234,15 +234,22 @@ class PreferenceExperiment(Experiment):
             ray.init(include_dashboard=False, configure_logging=False)
         _log(f"validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
         run.data["datasets"], run.data["quarantine"] = _validation_pass(cfg, run.out)
+        quarantine = run.data["quarantine"]
+        # already validated once, and held-out sets are small: collect them in the driver
+        run.data["heldout"] = [validate_row(row, max_chars=cfg.max_chars)
+                               for row in run.data["datasets"]["test"].take(cfg.max_eval_pairs)] \
+            if "test" in quarantine and quarantine["test"]["pairs_selected"] else []
 
     def spec(self, run: Run):
         cfg, t = run.cfg, run.cfg.training
         n_pairs = run.data["quarantine"]["train"]["pairs_selected"]
         _log(f"{cfg.method} on {n_pairs} pairs: {t.steps} steps x {t.micro_batch_size} pairs x "
              f"{cfg.resources.num_workers} worker(s)")
+        # scored during training only when asked (resources.eval_every): a curve, a sweep's metric
+        heldout = run.data["heldout"] if cfg.resources.eval_every else []
         # the pairs stream from the Ray Data set "train" (run_kwargs), whatever the method
         return recipe(cfg.method).spec(t, run.base_dir, name=run.name, seed=cfg.seed, dataset="train",
-                                       n_pairs=n_pairs, shuffle_buffer=cfg.shuffle_buffer)
+                                       n_pairs=n_pairs, shuffle_buffer=cfg.shuffle_buffer, heldout=heldout)
 
     def runner_config(self, run: Run):
         # the Ray Train run lives in <run folder>/train, apart from the job's own files
@@ -260,17 +267,15 @@ class PreferenceExperiment(Experiment):
                 "data_fingerprint": shards_fingerprint(cfg)}
 
     def evaluate(self, run: Run, result) -> dict:
-        cfg, quarantine = run.cfg, run.data["quarantine"]
+        cfg = run.cfg
         if result.export_path is None:
             raise RuntimeError(f"run {run.name}: training finished without an exported adapter")
         tracking.log_artifact(result.export_path, "adapter")
-        if "test" not in quarantine or not quarantine["test"]["pairs_selected"]:
+        records = run.data["heldout"]
+        if not records:
             _log("no held-out pairs (test_data empty or no selected rows): no evaluation")
             return {"eval": {}}
-        _log(f"held-out implicit-reward accuracy on {cfg.test_data}")
-        # already validated once, and held-out sets are small: collect them in the driver
-        records = [validate_row(row, max_chars=cfg.max_chars)
-                   for row in run.data["datasets"]["test"].take(cfg.max_eval_pairs)]
+        _log(f"held-out scores on {cfg.test_data}")
         scores = evaluate_adapter(cfg.method, run.base_dir, result.export_path, records, cfg.training,
                                   cfg.eval_batch_size)
         return {"eval": {**scores, "pairs": len(records)}}

@@ -89,6 +89,9 @@ class Experiment:
     job = ""  # the MLflow experiment (raypref-<job>) and the console prefix
     metrics_prefix = ""  # before each per-step metric in MLflow
 
+    def __init__(self, callbacks: list | None = None):
+        self.callbacks = list(callbacks or [])  # Ray Train callbacks (a sweep trial: Tune's report callback)
+
     def run_name(self, cfg) -> str:
         return cfg.run_name or self.job
 
@@ -139,7 +142,7 @@ def run_experiment(experiment: Experiment, cfg) -> JobResult:
         mlflow.set_tag("raypref.base_policy", run.base_dir)
         run.spec = experiment.spec(run)
         result = runner.run(run.spec, experiment.runner_config(run), restart=cfg.restart,
-                            **experiment.run_kwargs(run))
+                            callbacks=experiment.callbacks or None, **experiment.run_kwargs(run))
         tracking.log_step_metrics(result.metrics, prefix=experiment.metrics_prefix)
         train_seconds = time.time() - run.started
         evaluation = experiment.evaluate(run, result)

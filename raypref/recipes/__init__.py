@@ -14,7 +14,7 @@ from raypref.algos.ppo import policy_loss
 from raypref.algos.reward import bt_loss, multi_objective_mse, personalized_bt_loss
 from raypref.algos.sft import sft_loss
 from raypref.algos.vae import vae_reward_loss
-from raypref.recipes.dpo import DPOConfig, DPOSpec, evaluate_pairs
+from raypref.recipes.dpo import DPOConfig, DPOSpec
 from raypref.recipes import orpo
 from raypref.recipes.method import CORPUS, PROMPTS, USERS, Method, pair_method
 from raypref.recipes.pdpo import PDPOSpec
@@ -25,13 +25,6 @@ from raypref.recipes.sft import SFTConfig, SFTSpec
 from raypref.train.runner import Optimization
 
 
-def implicit_reward_scores(model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
-    """Held-out implicit-reward accuracy and margin of a pair method's adapter (the reference:
-    its base, adapters off)."""
-    return evaluate_pairs(model, tokenizer, records, section.beta, max_length=section.max_length,
-                          batch_size=batch_size)
-
-
 # the reward job's models (RewardConfig.method) and the loss each trains with
 REWARD_LOSSES = {"bt": bt_loss, "multi_objective": multi_objective_mse, "user_model": personalized_bt_loss,
                  "vae": vae_reward_loss}
@@ -40,9 +33,9 @@ PAIR_SUMMARY = ("loss", "reward_accuracy", "reward_margin")
 RECIPES: dict[str, Method] = {m.name: m for m in (
     Method("sft", SFTConfig, SFTSpec, sft_loss, CORPUS, about="supervised fine-tuning on the world's corpus"),
     pair_method("dpo", DPOConfig, DPOSpec, dpo_loss, "DPO (training.loss_type picks sigmoid or ipo)",
-                evaluate=implicit_reward_scores, summary=PAIR_SUMMARY),
+                metric="reward_accuracy", summary=PAIR_SUMMARY),
     pair_method("ipo", DPOConfig, DPOSpec, dpo_loss, "IPO: DPO's squared-margin variant",
-                evaluate=implicit_reward_scores, summary=PAIR_SUMMARY, loss_type="ipo"),
+                metric="reward_accuracy", summary=PAIR_SUMMARY, loss_type="ipo"),
     Method("pdpo", Optimization, PDPOSpec, pdpo_loss, USERS, about="P-DPO / P-IPO with a user model "
            "(experiments/policy.py PDPOJobConfig holds its settings)"),
     Method("ppo", PPOConfig, PPOSpec.from_config, policy_loss, PROMPTS, section="ppo",

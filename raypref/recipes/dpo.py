@@ -210,6 +210,8 @@ class PairSpec(LoopSpec):
     dataset: str = ""  # "" = the in-memory pairs; else the Ray Data set the pairs stream from
     n_pairs: int = 0  # pairs in the dataset (recorded only)
     shuffle_buffer: int = 0  # streamed: rows in iter_torch_batches' local shuffle buffer (0: data order)
+    # held-out pairs scored at every evaluation (`eval.heldout_<score>`, e.g. for a sweep's ASHA)
+    heldout: list[PreferenceRecord] = field(default_factory=list)
 
     @classmethod
     def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord] | None = None,
@@ -289,6 +291,18 @@ class PairSpec(LoopSpec):
             yield shard_batch_to_pairs(batch)
         self._consumed = 0
 
+    @classmethod
+    def score_pairs(cls, model: torch.nn.Module, tokenizer, records: Sequence[PreferenceRecord], section,
+                    batch_size: int = 32) -> dict[str, float]:
+        """The method's held-out scores of a trained policy (``section``: its beta, max_length)."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx: StepContext) -> dict[str, float]:
+        if not self.heldout:
+            return {}
+        scores = self.score_pairs(ctx.model, self.tokenizer(), self.heldout, self)
+        return {f"heldout_{k}": v for k, v in scores.items()}
+
     def export(self, models: dict[str, torch.nn.Module], out_dir: Path) -> None:
         """The adapter (``adapter_model.safetensors`` + config) and which preference / base it belongs to."""
         models[PRIMARY_ROLE].save_pretrained(out_dir, safe_serialization=True)
@@ -318,6 +332,12 @@ class DPOSpec(PairSpec):
             raise ValueError(f"DPOSpec.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
         if self.sft_weight < 0:
             raise ValueError(f"DPOSpec.sft_weight={self.sft_weight}: must be >= 0")
+
+    @classmethod
+    def score_pairs(cls, model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
+        """Implicit-reward accuracy and margin (the reference: the base, adapters off)."""
+        return evaluate_pairs(model, tokenizer, records, section.beta, max_length=section.max_length,
+                              batch_size=batch_size)
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type, self.sft_weight)

@@ -28,6 +28,7 @@ class Method:
     section: str = "training"  # the field of a job config (soups, preference job) that holds `config`
     # held-out scores of the trained model: (model, tokenizer, records, section, batch_size) -> {name: value}
     evaluate: Callable | None = None
+    metric: str = ""  # the held-out score to maximize (a sweep's metric is eval.heldout_<metric>)
     summary: tuple[str, ...] = ()  # the per-step metrics a job's summary shows, in this order
     # Personalized Soups: (section, base_dir, preference, pairs, seed) -> the preference's LoopSpec;
     # None: soups cannot train it
@@ -41,11 +42,11 @@ class Method:
         section.validate(where)
 
 
-def pair_method(name: str, config: type, spec_class: type, loss: Callable, about: str,
-                evaluate: Callable | None = None, summary: tuple[str, ...] = (),
-                **fixed) -> Method:
-    """A method that learns a LoRA policy from preference pairs: its spec class's ``from_config``
-    builds it from either data source, and Soups can train one per preference. ``fixed``: spec
+def pair_method(name: str, config: type, spec_class: type, loss: Callable, about: str, metric: str,
+                summary: tuple[str, ...] = (), **fixed) -> Method:
+    """A method that learns a LoRA policy from preference pairs: its spec class (a
+    `recipes.dpo.PairSpec`) builds it from either data source with ``from_config`` and scores
+    held-out pairs with ``score_pairs``; Soups can train one per preference. ``fixed``: spec
     settings the method pins whatever its section says (IPO: loss_type="ipo")."""
     def spec(section, base_dir: str, **kwargs):
         return spec_class.from_config(section, base_dir, **kwargs, **fixed)
@@ -53,5 +54,5 @@ def pair_method(name: str, config: type, spec_class: type, loss: Callable, about
     def per_preference(section, base_dir: str, preference: str, pairs: list, seed: int):
         return spec(section, base_dir, pairs=pairs, name=preference, seed=seed)
 
-    return Method(name, config, spec, loss, PAIRS, evaluate=evaluate, summary=summary,
-                  per_preference=per_preference, about=about)
+    return Method(name, config, spec, loss, PAIRS, evaluate=spec_class.score_pairs, metric=metric,
+                  summary=summary, per_preference=per_preference, about=about)

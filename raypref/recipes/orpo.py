@@ -14,7 +14,7 @@ import torch
 
 from raypref.algos.dpo import sequence_logprobs
 from raypref.algos.orpo import orpo_loss
-from raypref.recipes.dpo import Batch, DPOConfig, PairSpec
+from raypref.recipes.dpo import Batch, DPOConfig, PairSpec, collate_pairs, encode_pairs
 from raypref.recipes.method import pair_method
 from raypref.train.spec import StepContext
 
@@ -42,26 +42,25 @@ class ORPOSpec(PairSpec):
         return loss, {"nll": nll.item(), "log_odds_ratio": log_odds.mean().item(),
                       "reward_accuracy": (log_odds > 0).float().mean().item()}
 
+    @classmethod
+    def score_pairs(cls, model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
+        """How often the policy gives the chosen response the higher odds, and the mean log odds ratio."""
+        was_training, log_odds = model.training, []
+        model.eval()
+        try:
+            encoded = encode_pairs(tokenizer, records, section.max_length)
+            with torch.no_grad():
+                for start in range(0, len(encoded), batch_size):
+                    batch = collate_pairs(encoded[start:start + batch_size], tokenizer.pad_token_id)
+                    log_odds.append(orpo_step_outputs(model, batch, section.beta)[1])
+        finally:
+            model.train(was_training)
+        ratios = torch.cat(log_odds)
+        return {"odds_accuracy": (ratios > 0).float().mean().item(), "log_odds_ratio": ratios.mean().item()}
+
     def policy_info(self) -> dict:
         return {**super().policy_info(), "method": "orpo"}
 
 
-def _held_out(model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
-    """Held-out pairs: how often the policy gives the chosen response the higher odds."""
-    from raypref.recipes.dpo import collate_pairs, encode_pairs
-
-    was_training, wins = model.training, []
-    model.eval()
-    try:
-        encoded = encode_pairs(tokenizer, records, section.max_length)
-        with torch.no_grad():
-            for start in range(0, len(encoded), batch_size):
-                batch = collate_pairs(encoded[start:start + batch_size], tokenizer.pad_token_id)
-                wins.append(orpo_step_outputs(model, batch, section.beta)[1] > 0)
-    finally:
-        model.train(was_training)
-    return {"odds_accuracy": torch.cat(wins).float().mean().item()}
-
-
 METHOD = pair_method("orpo", DPOConfig, ORPOSpec, orpo_loss, "ORPO: reference-free, NLL + odds-ratio term",
-                     evaluate=_held_out, summary=("loss", "nll", "log_odds_ratio", "reward_accuracy"))
+                     metric="odds_accuracy", summary=("loss", "nll", "log_odds_ratio", "reward_accuracy"))

@@ -265,3 +265,21 @@ def test_missing_shards_say_which_formats_were_looked_for_and_how_to_ask_for_oth
                                                 r"shard_formats=\['parquet'\] were looked for, "
                                                 r"read others with --shard_formats jsonl"):
         read_rows(cfg, cfg.train_data, tmp_path / "q.jsonl")
+
+
+@pytest.mark.slow  # about a minute: the method by name (ORPO, added as a registry entry) on the same path
+def test_job_runs_any_pair_method_by_name_with_held_out_scores_during_training(ray_local, tmp_path):
+    write_shards(tmp_path / "train", world_pairs(64, seed=3), bad=False)
+    write_shards(tmp_path / "test", world_pairs(16, seed=4), bad=False)
+    cfg = job_config(tmp_path, method="orpo", run_name="orpo",
+                     resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=10, eval_every=5))
+    result = train_dpo(cfg)
+    assert result.summary["method"] == "orpo" and result.summary["steps"] == 10
+    assert result.summary["eval"]["pairs"] == 16 and 0.0 <= result.summary["eval"]["odds_accuracy"] <= 1.0
+    assert json.loads((result.adapter_dir / "soup_policy.json").read_text())["method"] == "orpo"
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
+    # the held-out pairs scored at steps 5 and 10 (what a sweep's ASHA reads), ORPO's own terms per step
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train.eval.heldout_odds_accuracy")
+    assert [m.step for m in history] == [5, 10]
+    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "train.nll")) == 10

@@ -400,7 +400,7 @@ def test_a_dpo_sweep_trial_and_jobs_dpo_train_on_the_same_batches(ray_local, tmp
 
     monkeypatch.setattr(runner, "run", fake_run)
     job_config = {**_tiny_job(tmp_path, 8), "base_policy": str(base)}
-    sweep = plan(SweepConfig(job="dpo", job_config=job_config, output_dir=str(tmp_path / "sweeps")))
+    sweep = plan(SweepConfig(job="dpo", job_config=job_config, output_dir=str(tmp_path / "sweeps"), grace_period=4))
     drawn = {"training.beta": 0.3, "training.lr": 2e-3, "training.lora.r": 1}  # r: index 1 -> 4
     trial_cfg = sweep.space.apply(DPOJobConfig, sweep.base, drawn)
     with pytest.raises(Captured):

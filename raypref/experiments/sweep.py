@@ -60,7 +60,13 @@ def _trial_run(experiment, cfg, trial_name: str, sweep_dir: Path) -> None:
     # one checkpoint, at the end; no Ray Train restarts inside a trial: Tune's retries do that
     cfg = replace(cfg, output_dir=str(sweep_dir / TRIALS_DIR), run_name=trial_name,
                   resources=replace(cfg.resources, checkpoint_every=steps, max_failures=0))
-    result = run_experiment(experiment(callbacks=[TuneReportCallback()]), cfg)
+    every = cfg.resources.eval_every
+
+    class Trial(experiment):  # the job's own experiment; its rows reach Tune every eval_every steps
+        def runner_config(self, run):
+            return replace(super().runner_config(run), log_every=every)
+
+    result = run_experiment(Trial(callbacks=[TuneReportCallback()]), cfg)
     folder.mkdir(parents=True, exist_ok=True)
     done.write_text(json.dumps(result.metrics))
 

@@ -2,192 +2,20 @@
 
     python jobs/reward.py --method bt|multi_objective|user_model|vae|few_shot [--sampling adaptive]
         [--contrastive 0.5] [--gradient pcgrad|mgda] [--data.population cluster]
-        [--alpha 0.5 --conditioning head|soft_prompt --user_model.kind individual|cluster]
-        [--data.difficulty 0.1] [--head_lr 1e-3] [--training.steps 200] [--freeze_query_encoder true] ...
+        [--data.difficulty 0.1] [--head_lr 1e-3] [--training.steps 200] ...
 
-Defaults: the two-user conflict (001 §3.5.1) at world difficulty 0.1, the offline MiniLM
-encoder (fine-tuned at lr 1e-4, the parts trained from scratch at 1e-3), Ray Train + DeepSpeed
-on one worker. These are the issue-8 table's settings (jobs/reward_compare.py): at difficulty
-0.1 the unconditional BT RM stays near 50% and VAE + contrastive (``--contrastive 0.5``)
-reached 0.95; with every part at 1e-4 the plain VAE stayed at chance even on the clean world.
-The VAE's frozen demonstration embeddings are computed once per data config and cached under
-output_dir. Per-user accuracy of every evaluation goes to MLflow with a curve plot; the model
-(safetensors + its config) is registered there.
-
-``--method few_shot`` trains nothing: it evaluates few-shot prompting of a causal LM
-(``--few_shot.model.name_or_path``, the untrained tiny GPT-2 by default) with greedy
-information-gain vs random demonstrations (001 §3.3, `eval.few_shot`).
+Defaults, measured choices and the few-shot path: raypref/experiments/reward.py.
 """
-from __future__ import annotations
-
-import dataclasses
 import sys
-from dataclasses import dataclass, field
 from pathlib import Path
 
-from raypref import tracking
-from raypref.config import config_hash, parse_args, to_dict
-from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
-from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
-                                    precompute_demo_embeddings)
-from raypref.recipes.reward_data import WORLD, RewardDataConfig, judge_reference, population
-from raypref.train.runner import Resources, run, runner_config
+if __package__ in (None, ""):  # run as a script without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from raypref.cli import job_main, run_job
+from raypref.experiments.reward import RewardJobConfig, run_reward_job
 
-@dataclass
-class RewardJobConfig(RewardConfig):
-    data: RewardDataConfig = field(default_factory=lambda: RewardDataConfig(difficulty=0.1))
-    head_lr: float = 1e-3
-    resources: Resources = field(default_factory=lambda: Resources(eval_every=25))
-    output_dir: str = "outputs/reward"
-    seed: int = 0
-    restart: bool = False  # start the run over even if <output_dir>/runs holds one made otherwise
-    few_shot: FewShotConfig = field(default_factory=FewShotConfig)  # --method few_shot only
-
-    def validate(self) -> None:
-        if self.method != "few_shot":
-            return super().validate()
-        self.data.validate()
-        self.few_shot.validate()
-        if self.eval_pairs_per_user < 1:
-            raise ValueError(f"eval_pairs_per_user={self.eval_pairs_per_user}: must be >= 1")
-
-
-def recipe_config(cfg: RewardJobConfig) -> RewardConfig:
-    return RewardConfig(**{f.name: getattr(cfg, f.name) for f in dataclasses.fields(RewardConfig)})
-
-
-def run_name(cfg: RewardJobConfig) -> str:
-    """The run's name: its method and the hash of every setting but `restart`, so that a restart
-    replaces the run it names."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k != "restart"}
-    return f"reward-{cfg.method}-{config_hash(settings)}"
-
-
-def demo_cache(cfg: RewardJobConfig) -> Path | None:
-    """The frozen demonstration embeddings of this data + encoder, computed on first use."""
-    if cfg.method != "vae" or cfg.freeze_query_encoder:
-        return None  # a frozen query encoder caches every pair, the pool included, itself
-    key = config_hash({"data": dataclasses.asdict(cfg.data),
-                       "encoder": dataclasses.asdict(cfg.encoder)})
-    path = Path(cfg.output_dir) / "cache" / f"demos-{key}.safetensors"
-    if not path.exists():
-        print(f"[reward] embedding demonstration pools once -> {path}", flush=True)
-        precompute_demo_embeddings(recipe_config(cfg), path)
-    return path
-
-
-def plot_user_curves(history: list[dict], path: Path) -> Path | None:
-    """Per-user evaluation accuracy against step (001 figs. 8, 12)."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    rows = [r for r in history if any(k.startswith("eval.acc.user") for k in r)]
-    if not rows:
-        return None
-    fig, ax = plt.subplots(figsize=(6, 4))
-    for key in sorted(k for k in rows[-1] if k.startswith("eval.acc.user")):
-        ax.plot([r["step"] for r in rows], [r[key] for r in rows], label=key[len("eval.acc."):])
-    ax.set_xlabel("step"), ax.set_ylabel("test accuracy"), ax.set_ylim(0, 1)
-    ax.axhline(0.5, color="grey", lw=0.5)
-    ax.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def plot_latent_tsne(latents_file: Path, users: dict[int, str], path: Path) -> Path | None:
-    """t-SNE of the latent means at the first, middle and last evaluation (001 fig. 15),
-    coloured by user group."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    import numpy as np
-    from safetensors.torch import load_file
-    from sklearn.manifold import TSNE
-
-    if not latents_file.exists():
-        return None
-    latents = load_file(str(latents_file))
-    steps = sorted({int(k.split("/")[0][4:]) for k in latents})
-    picked = sorted({steps[0], steps[len(steps) // 2], steps[-1]})
-    fig, axes = plt.subplots(1, len(picked), figsize=(4 * len(picked), 4), squeeze=False)
-    for ax, step in zip(axes[0], picked):
-        keys = sorted(k for k in latents if k.startswith(f"step{step}/"))
-        points = np.concatenate([latents[k].numpy() for k in keys])
-        labels = [users[int(k.split("user")[1])] for k in keys for _ in range(len(latents[k]))]
-        xy = TSNE(n_components=2, perplexity=min(30, len(points) - 1), init="pca",
-                  random_state=0).fit_transform(points)
-        for group in sorted(set(labels)):
-            mask = np.array([g == group for g in labels])
-            ax.scatter(xy[mask, 0], xy[mask, 1], s=8, label=group)
-        ax.set_title(f"step {step}")
-    axes[0][-1].legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
-
-
-def run_few_shot(cfg: RewardJobConfig) -> dict:
-    """001 §3.3: no training; per-user accuracy of greedy vs random few-shot prompts."""
-    name = f"reward-few_shot-{config_hash(cfg)}"
-    with tracking.start_run("reward", cfg, Path(cfg.output_dir), run_name=name):
-        final = evaluate_few_shot(cfg.few_shot, cfg.data, cfg.eval_pairs_per_user)
-        tracking.log_metrics(final)
-        tracking.log_dict({"final": final}, "reward_summary.json")
-    print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
-    return final
-
-
-def main(argv: list[str] | None = None) -> dict:
-    cfg = parse_args(RewardJobConfig, argv)
-    if cfg.method == "few_shot":
-        return run_few_shot(cfg)
-    return train(cfg)[0]
-
-
-def train(cfg: RewardJobConfig) -> tuple[dict, list[dict]]:
-    """One reward model trained, tracked and registered: (final eval metrics, history)."""
-    recipe = recipe_config(cfg)
-    recipe.validate()
-    cfg.resources.validate()
-    name = run_name(cfg)
-    out = Path(cfg.output_dir)
-    with tracking.start_run("reward", cfg, out, run_name=name):
-        spec = RewardSpec(recipe, demo_embeddings_path=str(demo_cache(cfg) or "") or None,
-                          seed=cfg.seed)
-        result = run(spec, runner_config(cfg.training, cfg.resources, name=name,
-                                          storage_path=str((out / "runs").resolve()),
-                                          seed=cfg.seed), restart=cfg.restart)
-        for row in result.metrics:
-            tracking.log_metrics({k: v for k, v in row.items() if k != "step"}, step=int(row["step"]))
-        plot = plot_user_curves(result.metrics, out / f"{name}-user-accuracy.png")
-        if plot:
-            tracking.log_artifact(plot)
-        if result.export_path and cfg.method == "vae":
-            groups = {u.user_id: u.group for u in population(recipe.data)}
-            tsne = plot_latent_tsne(Path(result.export_path) / LATENTS_FILE, groups,
-                                    out / f"{name}-latent-tsne.png")
-            if tsne:
-                tracking.log_artifact(tsne)
-        final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
-        reference = (judge_reference(recipe.data, recipe.eval_pairs_per_user)
-                     if recipe.data.source == WORLD else {})
-        tracking.log_metrics({f"judge_reference.acc.{k}": v for k, v in reference.items()})
-        tracking.log_dict({"final": final, "judge_reference": reference,
-                           "export": str(result.export_path)}, "reward_summary.json")
-        if result.export_path:
-            tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
-    print(f"[reward] {name}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(final.items())))
-    if reference:
-        print(f"[reward] reference: the world's judge with each user's true weights, same pairs: "
-              + " ".join(f"acc.{k}={v:.3f}" for k, v in sorted(reference.items())))
-    print(f"[reward] model: {result.export_path}")
-    return final, result.metrics
-
+main = job_main(RewardJobConfig, run_reward_job, __doc__)
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    run_job(main)

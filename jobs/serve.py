@@ -1,96 +1,21 @@
 """Serve a P-Soups run over HTTP (Ray Serve): per-request weighted soups, batched.
 
-    python jobs/serve.py --config configs/serve.yaml [--output-dir outputs/soups] [--port 8000]
+    python jobs/serve.py --config configs/serve.yaml [--output_dir outputs/soups] [--port 8000]
     python jobs/serve.py --demo outputs/serve-demo     # builds a tiny random run first, then serves it
-    python jobs/serve.py --mlflow-run <run id> --tracking-uri sqlite:///outputs/soups/mlflow.db
-    python jobs/serve.py --registered-model 'soup_0.5/1' --tracking-uri sqlite:///outputs/soups/mlflow.db
     curl -s 127.0.0.1:8000/v1/generate -H 'content-type: application/json' \\
          -d '{"prompt": "tell me about rivers", "preferences": {"P1A": 0.5, "P2A": 0.5}}'
 
-The config file is a Ray Serve config (``serve run configs/serve.yaml`` works too); flags
-override its app args and HTTP options. Ctrl-C or SIGTERM shuts Serve down cleanly.
+The config file is a Ray Serve config; flags override its app args and HTTP options
+(every flag: --help, or raypref/experiments/serve.py).
 """
-import argparse
-import signal
 import sys
-import time
+from pathlib import Path
 
-import yaml
+if __package__ in (None, ""):  # run as a script without the package installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-
-def load_serve_config(path: str) -> tuple[dict, dict, dict]:
-    """(http_options, app args, deployment options) of the config's soups application."""
-    with open(path) as f:
-        cfg = yaml.safe_load(f) or {}
-    apps = [a for a in cfg.get("applications", []) if a.get("import_path", "").startswith("raypref.serve.app:")]
-    if len(apps) != 1:
-        raise SystemExit(f"{path}: expected one application with import_path raypref.serve.app:build_app, "
-                         f"found {len(apps)}")
-    deployments = {d["name"]: {k: v for k, v in d.items() if k != "name"} for d in apps[0].get("deployments", [])}
-    return cfg.get("http_options", {}), dict(apps[0].get("args", {})), deployments.get("SoupsServer", {})
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--config", default="configs/serve.yaml", help="Ray Serve config file")
-    p.add_argument("--output-dir", help="the soups run to serve (overrides the config's args.output_dir)")
-    p.add_argument("--mlflow-run", help="or: the soups job's MLflow run id (its output folder tag)")
-    p.add_argument("--registered-model", help="or: a registered soup, name/version or name@alias (its source run)")
-    p.add_argument("--tracking-uri", help="MLflow store for --mlflow-run / --registered-model")
-    p.add_argument("--demo", metavar="DIR", help="build a tiny soups run with random adapters in DIR and serve it")
-    p.add_argument("--host", help="bind address (default from the config: 127.0.0.1)")
-    p.add_argument("--port", type=int)
-    p.add_argument("--num-replicas", type=int, help="fixed replica count (replaces autoscaling)")
-    args = p.parse_args(argv)
-
-    http, app_args, deployment = load_serve_config(args.config)
-    if args.demo:
-        from raypref.serve.demo import build_demo_run
-
-        app_args["output_dir"] = str(build_demo_run(args.demo))
-    if args.output_dir:
-        app_args["output_dir"] = args.output_dir
-    for flag, field in (("mlflow_run", "mlflow_run_id"), ("registered_model", "registered_model")):
-        if getattr(args, flag):  # replaces the config's output folder
-            app_args.pop("output_dir", None)
-            app_args[field] = getattr(args, flag)
-    if args.tracking_uri:
-        app_args["tracking_uri"] = args.tracking_uri
-    if args.num_replicas:
-        deployment.pop("autoscaling_config", None)
-        deployment["num_replicas"] = args.num_replicas
-    host, port = args.host or http.get("host", "127.0.0.1"), args.port or http.get("port", 8000)
-
-    import ray
-    from ray import serve
-
-    from raypref.serve.app import SoupsServer, ServerArgs
-    from raypref.serve.policies import PolicyDiscoveryError, find_policies
-
-    try:
-        server_args = ServerArgs.model_validate(app_args)
-        policies = find_policies(server_args.resolved_output_dir(), server_args.training_key, server_args.preferences)
-    except (ValueError, PolicyDiscoveryError) as e:  # pydantic's ValidationError is a ValueError
-        raise SystemExit(f"serve: {e}") from None
-    ray.init(include_dashboard=False, configure_logging=False)
-    serve.start(http_options={"host": host, "port": port})
-    serve.run(SoupsServer.options(**deployment).bind(server_args.model_dump()), name="soups", route_prefix="/")
-    print(f"serving {policies.preferences} of {policies.run_dir} (version {policies.version}) "
-          f"at http://{host}:{port}  (OpenAPI: /docs, /openapi.json); Ctrl-C to stop", flush=True)
-    # Ctrl-C (even where a launcher started us with SIGINT ignored) and SIGTERM (docker stop, k8s,
-    # systemd) both end in the clean shutdown below. Short sleeps: Ray's threads may take the
-    # signal, and Python runs the handler only when the main thread next runs bytecode.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
-    try:
-        while True:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        print("shutting down", flush=True)
-    finally:
-        serve.shutdown()
-        ray.shutdown()
-
+from raypref.cli import run_job
+from raypref.experiments.serve import main
 
 if __name__ == "__main__":
-    sys.exit(main())
+    run_job(main)

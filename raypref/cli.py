@@ -1,5 +1,7 @@
 """What every ``jobs/*.py`` entry point shares: a readable console and short error exits.
 
+    main = job_main(PPOJobConfig, train_ppo, __doc__)   # flags -> config -> experiment
+
     if __name__ == "__main__":
         run_job(main)
 
@@ -88,6 +90,18 @@ def error_line(err: BaseException) -> str:
     else:
         message = str(err) or type(err).__name__
     return "error: " + " ".join(message.split())
+
+
+def job_main(config: type, experiment: Callable[[Any], Any], doc: str | None = None
+             ) -> Callable[[list[str] | None], Any]:
+    """A job's ``main(argv)``: its config from the defaults, ``--config file.yaml`` and the
+    flags (``--help`` prints ``doc`` and every field), then ``experiment(config)``."""
+    def main(argv: list[str] | None = None) -> Any:
+        from raypref.config import parse_args
+
+        return experiment(parse_args(config, argv, description=doc))
+
+    return main
 
 
 def run_job(main: Callable[[list[str]], Any], argv: list[str] | None = None,

@@ -155,7 +155,7 @@ def test_dpo_spec_learns_a_trivial_preference(sft_dir, tmp_path, one_thread):
     """~30 in-process DPO steps: held-out implicit-reward accuracy goes from 0 to clearly above 0.5."""
     import pickle
 
-    from raypref.eval.pairs import evaluate_pairs
+    from raypref.recipes.dpo import evaluate_pairs
     from raypref.models.merge import LoraAdapter
     from raypref.recipes.dpo import DEFAULT_LR, DPOSpec
     from raypref.train.spec import StepContext
@@ -213,8 +213,7 @@ def test_dpo_spec_trains_through_the_ray_runner(ray_local, sft_dir, tmp_path):
     from raypref.models.factory import load_pretrained
     from safetensors.torch import load_file
 
-    from raypref.eval.pairs import evaluate_pairs
-    from raypref.recipes.dpo import DEFAULT_LR, POLICY_INFO_FILE, DPOSpec
+    from raypref.recipes.dpo import DEFAULT_LR, POLICY_INFO_FILE, DPOSpec, evaluate_pairs
     from raypref.train.runner import RunnerConfig, run
 
     spec = DPOSpec(base_dir=sft_dir, pairs=_pairs(TOPICS[:8]), name="P3A")

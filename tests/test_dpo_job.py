@@ -23,7 +23,7 @@ from raypref.data.world import World
 from raypref.experiments.preference import (DPOJobConfig, SavedTokenizer, quarantine_metrics,
                          train_dpo)
 from raypref.models.factory import ModelConfig, build_tokenizer, encode_example
-from raypref.recipes.dpo import DPOConfig, ShardDPOSpec, collate_pairs, encode_pairs, shard_batch_to_pairs
+from raypref.recipes.dpo import DPOConfig, DPOSpec, collate_pairs, encode_pairs, shard_batch_to_pairs
 from raypref.recipes.sft import SFTConfig, sft_output_dir
 from raypref.train.runner import Optimization, Resources
 
@@ -92,11 +92,13 @@ def test_saved_tokenizer_factory_pickles_and_loads_the_saved_tokenizer(tmp_path)
     assert loaded.pad_token_id == tokenizer.pad_token_id and loaded.eos_token_id == tokenizer.eos_token_id
 
 
-def test_shard_spec_needs_no_in_memory_pairs_but_checks_settings():
-    spec = ShardDPOSpec(base_dir="x", n_pairs=5)
+def test_streamed_spec_needs_no_in_memory_pairs_but_checks_settings():
+    spec = DPOSpec(base_dir="x", dataset="train", n_pairs=5)
     assert spec.pairs == [] and spec.policy_info()["n_pairs"] == 5
     with pytest.raises(ValueError, match="beta"):
-        ShardDPOSpec(base_dir="x", beta=0.0)
+        DPOSpec(base_dir="x", dataset="train", beta=0.0)
+    with pytest.raises(ValueError, match="no preference pairs and no dataset"):
+        DPOSpec(base_dir="x")
 
 
 class FakeShard:
@@ -113,7 +115,7 @@ class FakeShard:
                    "rejected_attention_mask": ones, "chosen_labels_mask": ones, "rejected_labels_mask": ones}
 
 
-def test_shard_spec_resumes_at_its_data_position(monkeypatch):
+def test_streamed_spec_resumes_at_its_data_position(monkeypatch):
     """The state saved in a checkpoint (passes, micro-batches consumed) makes a restarted worker
     continue inside the interrupted pass instead of starting it over."""
     import ray.train
@@ -122,12 +124,12 @@ def test_shard_spec_resumes_at_its_data_position(monkeypatch):
 
     monkeypatch.setattr(ray.train, "get_dataset_shard", lambda name: FakeShard(5))
     ctx = StepContext(step=1, max_steps=9, rank=0, world_size=1, micro_batch_size=2, grad_accum=1, seed=0)
-    spec = ShardDPOSpec(base_dir="x")
+    spec = DPOSpec(base_dir="x", dataset="train")
     stream = spec.batches(ctx)
     taken = [int(next(stream)["input_ids"][0, 0]) for _ in range(3)]
     assert taken == [0, 1, 2] and spec.state_dict() == {"passes": 1, "consumed": 3}
 
-    resumed = ShardDPOSpec(base_dir="x")
+    resumed = DPOSpec(base_dir="x", dataset="train")
     resumed.load_state_dict(spec.state_dict())  # what the runner does from the checkpoint
     rest = [int(b["input_ids"][0, 0]) for b in resumed.batches(ctx)]
     assert rest == [3, 4]  # the rest of pass 1, not a new pass from batch 0
@@ -263,3 +265,21 @@ def test_missing_shards_say_which_formats_were_looked_for_and_how_to_ask_for_oth
                                                 r"shard_formats=\['parquet'\] were looked for, "
                                                 r"read others with --shard_formats jsonl"):
         read_rows(cfg, cfg.train_data, tmp_path / "q.jsonl")
+
+
+@pytest.mark.slow  # about a minute: the method by name (ORPO, added as a registry entry) on the same path
+def test_job_runs_any_pair_method_by_name_with_held_out_scores_during_training(ray_local, tmp_path):
+    write_shards(tmp_path / "train", world_pairs(64, seed=3), bad=False)
+    write_shards(tmp_path / "test", world_pairs(16, seed=4), bad=False)
+    cfg = job_config(tmp_path, method="orpo", run_name="orpo",
+                     resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=10, eval_every=5))
+    result = train_dpo(cfg)
+    assert result.summary["method"] == "orpo" and result.summary["steps"] == 10
+    assert result.summary["eval"]["pairs"] == 16 and 0.0 <= result.summary["eval"]["odds_accuracy"] <= 1.0
+    assert json.loads((result.adapter_dir / "soup_policy.json").read_text())["method"] == "orpo"
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)
+    # the held-out pairs scored at steps 5 and 10 (what a sweep's ASHA reads), ORPO's own terms per step
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train.eval.heldout_odds_accuracy")
+    assert [m.step for m in history] == [5, 10]
+    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "train.nll")) == 10

@@ -1,6 +1,4 @@
 """The comparison table's arithmetic (001 Tables 2-4) on known histories."""
-import sys
-from pathlib import Path
 
 import pytest
 
@@ -58,8 +56,7 @@ def test_judge_reference_falls_with_difficulty_and_label_noise():
 
 
 def test_arm_configs_set_every_knob(tmp_path):
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jobs.reward_compare import RewardCompareConfig, arm_config
+    from raypref.experiments.reward_comparison import RewardCompareConfig, arm_config
 
     base = RewardCompareConfig(contrastive=0.5, gradient="mgda", output_dir=str(tmp_path))
     bt = arm_config(base, "BT", 4)

@@ -69,7 +69,7 @@ def test_few_shot_evaluation_on_a_cluster_population():
 @pytest.mark.slow
 def test_reward_job_few_shot(tmp_path):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from jobs.reward import main
+    from jobs.reward import main  # the entry point: --method few_shot trains nothing
 
     final = main(["--method", "few_shot", "--output_dir", str(tmp_path),
                   "--few_shot.model.n_layer", "1", "--few_shot.model.n_embd", "16",

@@ -29,15 +29,18 @@ def test_soups_serve_config_is_valid_and_binds_loopback():
 
 
 def test_jobs_serve_reads_the_config():
-    import sys
+    from raypref.experiments.serve import load_serve_config
 
-    sys.path.insert(0, str(ROOT / "jobs"))
-    try:
-        from serve import load_serve_config
-    finally:
-        sys.path.pop(0)
     http, args, deployment = load_serve_config(str(ROOT / "configs" / "serve.yaml"))
     assert http["host"] == "127.0.0.1" and args["output_dir"] and "autoscaling_config" in deployment
+
+
+def test_serve_flags_are_spelled_like_every_jobs_and_the_old_spelling_still_works():
+    from raypref.experiments.serve import parser
+
+    assert parser().parse_args(["--output_dir", "a", "--mlflow_run", "r"]).output_dir == "a"
+    old = parser().parse_args(["--output-dir", "b", "--num-replicas", "2"])
+    assert (old.output_dir, old.num_replicas) == ("b", 2)
 
 
 def test_optional_vllm_config_is_a_valid_serve_llm_app():

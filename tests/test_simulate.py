@@ -1,7 +1,5 @@
 """User-similarity analysis, shard writing and the simulate job end to end (tiny config)."""
-import importlib.util
 import json
-import sys
 from pathlib import Path
 
 import mlflow
@@ -21,11 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def _load_job():
-    spec = importlib.util.spec_from_file_location("simulate_job", REPO / "jobs" / "simulate.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # dataclasses resolve string annotations through it
-    spec.loader.exec_module(module)
-    return module
+    import raypref.experiments.simulate as job
+
+    return job
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +121,7 @@ def test_simulate_job_writes_valid_shards_plots_and_metrics(tmp_path):
         "--conflict_pairs_per_user", "5", "--pairs_per_preference", "4",
         "--test_pairs_per_user", "1", "--analysis_queries", "8", "--shard_size", "100",
         "--difficulty", "0.2"])
-    summary = job.run(cfg)
+    summary = job.run_simulate(cfg)
     out = tmp_path / "out"
     expected_users = {"ultrafeedback_random": 100, "ultrafeedback_cluster": 100,
                       "two_user_conflict": 2, "length_conflict": 10, "psoups": 6}

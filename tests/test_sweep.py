@@ -2,6 +2,7 @@
 sweep of DPO trials with ASHA, MLflow child runs, a failing trial and resume after a kill."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -10,13 +11,16 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import optuna
 import pytest
 import yaml
 
-from raypref.sweep.jobs import DPOTrialConfig
+from raypref.experiments.preference import DPOJobConfig
+from raypref.experiments.sweep import JOBS
 from raypref.sweep.report import DONE, FAILED, STOPPED, trial_name, trial_status
-from raypref.sweep.run import SweepConfig, plan
+from raypref.sweep.run import SweepConfig
+from raypref.sweep.run import plan as plan_with
 from raypref.sweep.space import SpaceError, parse_space, simplex_weights
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,8 +28,12 @@ GOOD = {"training.beta": {"distribution": "loguniform", "low": 0.05, "high": 1.0
         "training.lora.r": {"distribution": "choice", "values": [2, 4]}}
 
 
+def plan(cfg):
+    return plan_with(cfg, JOBS)
+
+
 def _space(params):
-    return parse_space(params, DPOTrialConfig, source="space.yaml")
+    return parse_space(params, DPOJobConfig, source="space.yaml")
 
 
 @pytest.mark.parametrize("params, message", [
@@ -40,7 +48,6 @@ def _space(params):
     ({"training.lora.r": {"distribution": "uniform", "low": 1, "high": 8}}, "is an integer"),
     ({"training.lora.r": {"distribution": "choice", "values": ["big"]}}, "expected an integer"),
     ({"training.beta": {"distribution": "uniform", "low": 0.1, "high": 1, "step": 2}}, "takes"),
-    ({"pairs": {"distribution": "simplex", "keys": ["a", "b"], "min": -0.1}}, "negative ratio"),
     ({"training.lr": {"distribution": "uniform", "low": "fast", "high": 1}}, "finite number"),
 ])
 def test_invalid_spaces_fail_naming_the_parameter(params, message):
@@ -75,7 +82,7 @@ def test_a_sweep_with_a_bad_space_file_fails_before_ray_starts(tmp_path, monkeyp
     bad.write_text(yaml.safe_dump({"params": {"training.lr": {"distribution": "uniform",
                                                               "low": -1.0, "high": -2.0}}}))
     with pytest.raises(SpaceError, match="bad.yaml.*training.lr.*low=-1.0 >= high=-2.0"):
-        plan(SweepConfig(space=str(bad), storage_path=str(tmp_path)))
+        plan(SweepConfig(space=str(bad), output_dir=str(tmp_path)))
 
 
 def test_built_in_spaces_are_valid():
@@ -87,8 +94,8 @@ def test_built_in_spaces_are_valid():
 def test_vae_rm_space_samples_seed_001s_knobs_into_the_reward_recipe():
     """Every draw of configs/sweeps/vae_rm.yaml builds a valid VAE RM trial whose adaptive
     sampler runs with the drawn ratio and phase length; a negative ratio is refused."""
+    from raypref.experiments.reward import RewardJobConfig, recipe_config
     from raypref.recipes.reward import RewardSpec
-    from raypref.sweep.jobs import RewardTrialConfig, _recipe
 
     sweep = plan(SweepConfig(job="reward"))
     assert sweep.space.source.endswith("vae_rm.yaml") and sweep.job.metric == "eval.acc.mean"
@@ -101,9 +108,9 @@ def test_vae_rm_space_samples_seed_001s_knobs_into_the_reward_recipe():
         trial = study.ask()
         sweep.space.suggest(trial)
         study.tell(trial, 0.5 + 0.01 * i)
-        cfg = sweep.space.apply(RewardTrialConfig, sweep.base, trial.params)
+        cfg = sweep.space.apply(RewardJobConfig, sweep.base, trial.params)
         cfg.validate()
-        recipe = _recipe(cfg)
+        recipe = recipe_config(cfg)  # what the reward job trains: the trial is its own config
         assert recipe.method == "vae" and recipe.sampling == "adaptive"
         assert recipe.adaptive_ratio in ratios and recipe.phase_steps in (10, 20, 30, 40, 50)
         assert 1e-4 <= recipe.beta <= 0.1 and 0 <= recipe.contrastive <= 1
@@ -114,10 +121,10 @@ def test_vae_rm_space_samples_seed_001s_knobs_into_the_reward_recipe():
     assert sampler.ratio == tuple(recipe.adaptive_ratio) and sampler.phase_steps == recipe.phase_steps
     with pytest.raises(SpaceError, match="adaptive_ratio.*negative ratio -1"):
         parse_space({"adaptive_ratio": {"distribution": "choice", "values": [[1.0, -1.0, 2.0]]}},
-                    RewardTrialConfig, source="vae.yaml")
+                    RewardJobConfig, source="vae.yaml")
     with pytest.raises(SpaceError, match="phase_steps.*must be >= 0"):
         parse_space({"phase_steps": {"distribution": "int", "low": -10, "high": 10}},
-                    RewardTrialConfig, source="vae.yaml")
+                    RewardJobConfig, source="vae.yaml")
 
 
 def test_optuna_samples_are_seeded_and_build_valid_configs():
@@ -135,11 +142,11 @@ def test_optuna_samples_are_seeded_and_build_valid_configs():
 
     first, again, other = draws(3), draws(3), draws(4)
     assert first == again and first != other
-    base = DPOTrialConfig()
+    base = DPOJobConfig()
     from raypref.config import to_dict
 
     for values in first:
-        cfg = space.apply(DPOTrialConfig, to_dict(base), {**values, "training.lora.r": 1})
+        cfg = space.apply(DPOJobConfig, to_dict(base), {**values, "training.lora.r": 1})
         assert cfg.training.lora.r == 4 and 0.05 <= cfg.training.beta <= 1.0  # index 1 -> 4
         assert 1e-4 <= cfg.training.lr <= 1e-2
 
@@ -152,7 +159,7 @@ def test_simplex_weights_lie_on_the_simplex_above_the_floor():
 
 
 def test_soups_space_must_name_the_jobs_adapters_and_target_scores_in_0_1():
-    from raypref.sweep.jobs import SoupsTrialConfig, target_score
+    from raypref.experiments.sweep import SoupsTrialConfig, target_score
 
     with pytest.raises(SpaceError, match="P2B"):
         parse_space({"weights": {"distribution": "simplex", "keys": ["P1A", "P2B"]}}, SoupsTrialConfig)
@@ -183,16 +190,30 @@ ENV = {**os.environ, "PYTHONPATH": str(ROOT), "RAY_USAGE_STATS_ENABLED": "0",
        "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
+def _shards(tmp_path: Path) -> tuple[str, str]:
+    """P1A's pairs as the preference job reads them: shards, as jobs/simulate.py writes them."""
+    from raypref.data.simulate import write_shards
+    from raypref.data.world import World
+
+    world = World(seed=0)
+    for name, n, split in (("train", 64, "train"), ("test", 32, "test")):
+        pairs = world.pairs_for_preference("P1A", n, np.random.default_rng(0), split=split)
+        write_shards([dataclasses.replace(p, user_id=1) for p in pairs], tmp_path / "shards" / name, 1000)
+    return str(tmp_path / "shards" / "train"), str(tmp_path / "shards" / "test")
+
+
 def _tiny_job(tmp_path: Path, steps: int) -> dict:
-    """The DPO trial config of the tests: the cached tiny SFT base, a few steps."""
+    """The preference job's config in the tests: its own shards, the cached tiny SFT base, a few steps."""
+    train, test = _shards(tmp_path)
     return {"sft": {"output_dir": str(ROOT / "outputs" / "sft")},  # shared cache across tests
-            "training": {"steps": steps}, "report_every": steps // 2, "pairs": 64, "heldout_pairs": 32}
+            "train_data": train, "test_data": test,
+            "training": {"steps": steps}, "resources": {"eval_every": steps // 2}}
 
 
 def _sweep_args(tmp_path, name, space, steps, samples, extra=()):
     space_file = tmp_path / f"{name}.yaml"
     space_file.write_text(yaml.safe_dump({"params": space}))
-    return ["--name", name, "--storage_path", str(tmp_path / "sweeps"), "--space", str(space_file),
+    return ["--name", name, "--output_dir", str(tmp_path / "sweeps"), "--space", str(space_file),
             "--num_samples", str(samples), "--grace_period", str(steps // 2),
             "--progress_every_s", "5", "--job_config", json.dumps(_tiny_job(tmp_path, steps)),
             *extra]
@@ -204,13 +225,14 @@ def _attempts(sweep_dir: Path) -> dict[str, list[str]]:
 
 @pytest.mark.slow
 def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
-    """3 DPO trials, seeded (1) so one draws fail=true and the others not: the failing one is
-    tried 1 + max_failures times, recorded as failed, and the sweep finishes the others; MLflow
-    holds a child per trial."""
+    """3 DPO trials, seeded (1) so one draws a missing shard folder and the others not: the
+    failing one is tried 1 + max_failures times, recorded as failed, and the sweep finishes the
+    others; MLflow holds a child per trial."""
     import mlflow
 
+    missing = str(tmp_path / "no-shards-here")
     space = {"training.lr": {"distribution": "loguniform", "low": 1e-4, "high": 1e-2},
-             "fail": {"distribution": "choice", "values": [False, True]}}
+             "test_data": {"distribution": "choice", "values": [_shards(tmp_path)[1], missing]}}
     args = _sweep_args(tmp_path, "retry", space, steps=4, samples=3,
                        extra=["--max_failures", "1", "--seed", "1", "--scheduler", "fifo"])
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], env=ENV,
@@ -220,12 +242,12 @@ def test_sweep_retries_a_failing_trial_then_records_it_and_goes_on(tmp_path):
     summary = json.loads((sweep_dir / "summary.json").read_text())
     rows = {r["name"]: r for r in summary["rows"]}
     assert len(rows) == 3
-    failing = {n for n, r in rows.items() if r["params"]["fail"]}
+    failing = {n for n, r in rows.items() if r["params"]["test_data"] == missing}
     assert failing and failing != set(rows), "seed 1 should draw both outcomes"
     attempts = _attempts(sweep_dir)
     for name, row in rows.items():
         if name in failing:
-            assert row["status"] == FAILED and "fails on purpose" in row["error"]
+            assert row["status"] == FAILED and "no-shards-here" in row["error"]
             assert len(attempts[name]) == 2  # first try + max_failures=1 retry
         else:
             assert row["status"] == DONE and len(attempts[name]) == 1
@@ -300,7 +322,7 @@ def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(t
     from raypref.data.world import World
     from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy,
                                         build_tokenizer, save_pretrained_safetensors)
-    from raypref.sweep.jobs import SoupsTrialConfig, _soups_trial
+    from raypref.experiments.sweep import SoupsTrialConfig, _soups_trial
 
     model_cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2)
     tokenizer = build_tokenizer(model_cfg, World(0, 0.0).vocabulary())
@@ -347,3 +369,55 @@ def test_trials_the_time_budget_ended_are_not_called_stopped_early_or_failed():
     watch.on_step_end(1, [T("b", "TERMINATED")])  # seen ended only after the deadline: not recorded
     assert [r.status for r in watch.mark_cuts(rows)] == [STOPPED, CUT, FAILED, CUT, DONE]
     assert BudgetWatch(budget_s=0).mark_cuts([row("b", STOPPED)])[0].status == STOPPED  # no budget, no cuts
+
+
+@pytest.mark.slow
+def test_a_dpo_sweep_trial_and_jobs_dpo_train_on_the_same_batches(ray_local, tmp_path, monkeypatch):
+    """The sweep's DPO trial is the preference job's own config run through the job's own
+    experiment: with the same settings, jobs/dpo.py and a trial hand the runner the same spec
+    (method, beta, LoRA, seed, shuffle, held-out pairs) and the same tokenized Ray Data rows."""
+    import torch
+
+    from raypref.config import to_dict
+    from raypref.data.world import World
+    from raypref.models.factory import ModelConfig, build_policy, build_tokenizer, save_pretrained_safetensors
+    from raypref.train import runner
+
+    tokenizer = build_tokenizer(ModelConfig(), World(seed=0).vocabulary())
+    torch.manual_seed(0)
+    base = save_pretrained_safetensors(build_policy(ModelConfig(n_layer=1, n_embd=32, n_head=2), tokenizer),
+                                       tokenizer, tmp_path / "base")
+    calls = []
+
+    class Captured(Exception):
+        pass
+
+    def fake_run(spec, cfg, datasets=None, **kwargs):  # stands in for Ray Train: what it would train on
+        rows = sorted(tuple(r["chosen_input_ids"].tolist()) + tuple(r["rejected_input_ids"].tolist())
+                      for r in datasets["train"].take_all())
+        calls.append((spec, cfg, rows))
+        raise Captured
+
+    monkeypatch.setattr(runner, "run", fake_run)
+    job_config = {**_tiny_job(tmp_path, 8), "base_policy": str(base)}
+    sweep = plan(SweepConfig(job="dpo", job_config=job_config, output_dir=str(tmp_path / "sweeps"), grace_period=4))
+    drawn = {"training.beta": 0.3, "training.lr": 2e-3, "training.lora.r": 1}  # r: index 1 -> 4
+    trial_cfg = sweep.space.apply(DPOJobConfig, sweep.base, drawn)
+    with pytest.raises(Captured):
+        sweep.job.trial(trial_cfg, {}, "trial_000", sweep.path)
+
+    settings = {k: v for k, v in to_dict(trial_cfg).items() if k not in ("output_dir", "run_name")}
+    (tmp_path / "job.yaml").write_text(yaml.safe_dump(settings))
+    sys.path.insert(0, str(ROOT))
+    from jobs.dpo import main
+
+    with pytest.raises(Captured):
+        main(["--config", str(tmp_path / "job.yaml"), "--output_dir", str(tmp_path / "job"), "--run_name", "j"])
+
+    (trial_spec, trial_run, trial_rows), (job_spec, job_run, job_rows) = calls
+    assert (trial_spec.beta, trial_spec.lora.r) == (0.3, 4)
+    assert {**trial_spec.fingerprint(), "name": ""} == {**job_spec.fingerprint(), "name": ""}
+    assert trial_spec.heldout and trial_spec.heldout == job_spec.heldout  # the sweep's metric: job data
+    same = ("lr", "max_steps", "micro_batch_size", "grad_accum", "seed", "warmup_steps", "num_workers")
+    assert {k: getattr(trial_run, k) for k in same} == {k: getattr(job_run, k) for k in same}
+    assert len(trial_rows) == 64 and trial_rows == job_rows

@@ -13,26 +13,24 @@ the minority ("shorter") group's accuracy from the spec's evaluation at the last
 """
 from __future__ import annotations
 
-import json
+import functools
 import math
-import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
 
 from raypref import tracking
 from raypref.config import check_fields
+from raypref.experiments.run import (SUMMARY_FILE, Experiment, JobResult, PolicyRunConfig, Run,
+                                     run_experiment)
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
 from raypref.models.factory import LoraSettings, generate, load_pretrained
 from raypref.models.user_model import UserModelConfig
 from raypref.recipes.pdpo import PDPOSpec
 from raypref.recipes.ppo import PPOConfig, WorldJudgeReward, preference_policy
-from raypref.recipes.sft import SFTConfig, train_sft
-from raypref.train.runner import Optimization, Resources, run, runner_config
-
-SUMMARY_FILE = "summary.json"
+from raypref.train.runner import Optimization, Resources
 
 
 def _ppo_resources() -> Resources:
@@ -40,41 +38,24 @@ def _ppo_resources() -> Resources:
 
 
 @dataclass
-class PPOJobConfig:
+class PPOJobConfig(PolicyRunConfig):
     """PPO of a LoRA policy whose reward is one P-Soups preference judged by the simulated world."""
 
     preference: str = "P3A"  # P1A..P3B (P3C/P3D need the extra-styles world): its attribute is the reward
-    output_dir: str = "outputs/ppo"  # the run's files go to <output_dir>/<run_name>/
+    output_dir: str = "outputs/ppo"
     run_name: str = ""  # "" = ppo-<preference>; an existing name resumes that run
-    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
-    sft: SFTConfig = field(default_factory=SFTConfig)
     n_prompts: int = 256  # training prompts drawn from the world
     eval_prompts: int = 32  # held-out prompts judged before and after
     training: PPOConfig = field(default_factory=PPOConfig)
     resources: Resources = field(default_factory=_ppo_resources)
-    seed: int = 0
-    restart: bool = False  # start the run over even if <output_dir>/<run_name> holds one
 
     def validate(self) -> None:
         psoups_profile(self.preference)  # an unknown name raises, listing the known ones
+        self.validate_run("PPOJobConfig")
         self.training.validate("PPOJobConfig.training")
         self.resources.validate("PPOJobConfig.resources")
-        if not self.base_policy:
-            self.sft.validate()
-        for name, ok, rule in [("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
-                               ("n_prompts", self.n_prompts >= 1, "must be >= 1"),
-                               ("eval_prompts", self.eval_prompts >= 1, "must be >= 1")]:
-            if not ok:
-                raise ValueError(f"PPOJobConfig.{name}={getattr(self, name)!r}: {rule}")
-
-
-@dataclass
-class PPOJobResult:
-    output_dir: Path  # <output_dir>/<run_name>
-    policy_dir: Path  # the actor's LoRA adapter (+ critic/, soup_policy.json)
-    summary: dict
-    run_id: str
-    tracking_uri: str
+        check_fields("PPOJobConfig", self, [("n_prompts", self.n_prompts >= 1, "must be >= 1"),
+                                            ("eval_prompts", self.eval_prompts >= 1, "must be >= 1")])
 
 
 def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prompts: list[str],
@@ -96,57 +77,71 @@ def check_length_reach(world: World, attributes, max_new_tokens: int, where: str
                          f"reads 0 below {zero:.0f} words and 1 at {one:.0f}; use at least {math.ceil(one)}")
 
 
-def _run_folder_and_world(cfg, name: str) -> tuple[Path, World]:
-    """The job's run folder <output_dir>/<name> (created) and the world its SFT settings name."""
-    out = Path(cfg.output_dir).expanduser().resolve() / name
-    out.mkdir(parents=True, exist_ok=True)
-    return out, World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+def job_world(cfg) -> World:
+    """The world a policy job's SFT settings name."""
+    return World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
 
 
-def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
-    from peft import PeftModel
+class PPOExperiment(Experiment):
+    job = "ppo"
 
-    cfg.validate()
-    name = cfg.run_name or f"ppo-{cfg.preference}"
-    out, world = _run_folder_and_world(cfg, name)
-    check_length_reach(world, [psoups_profile(cfg.preference).attribute], cfg.training.max_new_tokens,
-                       "PPOJobConfig.training")
-    with tracking.start_run("ppo", cfg, out, run_name=name) as mlrun:
-        started = time.time()
-        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
-        print(f"[ppo] base policy: {sft_dir}", flush=True)
-        prompts = world.prompts(cfg.n_prompts)
-        spec = preference_policy(cfg.training, sft_dir, cfg.preference,
-                                 [_Prompt(p) for p in prompts], cfg.seed, world_seed=cfg.sft.world_seed)
-        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
-                                   seed=cfg.seed, log_every=max(1, cfg.training.steps // 8))
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
-        train_seconds = time.time() - started
+    def run_name(self, cfg: PPOJobConfig) -> str:
+        return cfg.run_name or f"ppo-{cfg.preference}"
 
-        reward = spec.reward_factory()
+    def prepare(self, run: Run) -> None:
+        cfg = run.cfg
+        run.data["world"] = world = job_world(cfg)
+        check_length_reach(world, [psoups_profile(cfg.preference).attribute], cfg.training.max_new_tokens,
+                           "PPOJobConfig.training")
+
+    def spec(self, run: Run):
+        cfg = run.cfg
+        prompts = run.data["world"].prompts(cfg.n_prompts)
+        return preference_policy(cfg.training, run.base_dir, cfg.preference, [_Prompt(p) for p in prompts],
+                                 cfg.seed, world_seed=cfg.sft.world_seed)
+
+    def runner_config(self, run: Run):
+        return replace(super().runner_config(run), log_every=max(1, run.cfg.training.steps // 8))
+
+    def evaluate(self, run: Run, result) -> dict:
+        from peft import PeftModel
+
+        cfg, world = run.cfg, run.data["world"]
+        reward = run.spec.reward_factory()
         held_out = world.prompts(cfg.eval_prompts, split="test")
-        base, tokenizer = load_pretrained(sft_dir)
+        base, tokenizer = load_pretrained(run.base_dir)
         before = judged_reward(world, reward, base.eval(), tokenizer, held_out,
                                cfg.training.max_new_tokens, cfg.seed)
-        policy = PeftModel.from_pretrained(load_pretrained(sft_dir)[0], str(result.export_path)).eval()
+        policy = PeftModel.from_pretrained(load_pretrained(run.base_dir)[0], str(result.export_path)).eval()
         after = judged_reward(world, reward, policy, tokenizer, held_out, cfg.training.max_new_tokens, cfg.seed)
+        return {"heldout_reward_base": before, "heldout_reward_policy": after}
+
+    def summary(self, run: Run, result, evaluation: dict) -> dict:
         rows = result.metrics
         k = max(1, len(rows) // 4)
-        summary = {
-            "preference": cfg.preference, "reward": spec.policy_info()["reward"],
-            "steps": result.final_step, "train_seconds": round(train_seconds, 1),
-            "train_reward_first_quarter": sum(r["reward/score"] for r in rows[:k]) / k,
-            "train_reward_last_quarter": sum(r["reward/score"] for r in rows[-k:]) / k,
-            "kl_per_response_last": rows[-1]["kl/per_response"] if rows else None,
-            "heldout_reward_base": before, "heldout_reward_policy": after,
-            "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
-        }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        tracking.log_metrics({"heldout_reward_base": before, "heldout_reward_policy": after})
-        tracking.log_dict(summary, SUMMARY_FILE)
-        return PPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id,
-                            tracking.tracking_uri(out))
+        return {"preference": run.cfg.preference, "reward": run.spec.policy_info()["reward"],
+                "train_reward_first_quarter": sum(r["reward/score"] for r in rows[:k]) / k,
+                "train_reward_last_quarter": sum(r["reward/score"] for r in rows[-k:]) / k,
+                "kl_per_response_last": rows[-1]["kl/per_response"] if rows else None, **evaluation}
+
+    def report(self, result: JobResult) -> None:
+        s = result.summary
+        print(f"[ppo] {s['preference']} reward {s['reward']}: training reward "
+              f"{s['train_reward_first_quarter']:.3f} (first quarter) -> {s['train_reward_last_quarter']:.3f} "
+              f"(last quarter), KL/response {s['kl_per_response_last']:.3f}")
+        print(f"[ppo] held-out judged reward: base {s['heldout_reward_base']:.3f} -> "
+              f"policy {s['heldout_reward_policy']:.3f}")
+        _report_paths("ppo", result)
+
+
+def _report_paths(job: str, result: JobResult) -> None:
+    print(f"[{job}] policy: {result.policy_dir}")
+    print(f"[{job}] summary: {result.output_dir / SUMMARY_FILE}; MLflow run {result.run_id} in "
+          f"{result.tracking_uri}")
+
+
+def train_ppo(cfg: PPOJobConfig) -> JobResult:
+    return run_experiment(PPOExperiment(), cfg)
 
 
 @dataclass(frozen=True)
@@ -171,7 +166,7 @@ def _pdpo_resources() -> Resources:
 
 
 @dataclass
-class PDPOJobConfig:
+class PDPOJobConfig(PolicyRunConfig):
     """P-DPO / P-IPO (seed 004) on the simulated length conflict: 70% of annotators prefer longer
     responses, 30% shorter; a few more annotators are held out to measure the generic user."""
 
@@ -193,21 +188,16 @@ class PDPOJobConfig:
     population_seed: int = 0
     output_dir: str = "outputs/pdpo"
     run_name: str = ""  # "" = pdpo-<user_model>-<loss>; an existing name resumes that run
-    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
-    sft: SFTConfig = field(default_factory=SFTConfig)
     max_length: int = 160
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     training: Optimization = field(default_factory=_pdpo_training)
     resources: Resources = field(default_factory=_pdpo_resources)
-    seed: int = 0
-    restart: bool = False
 
     def validate(self) -> None:
+        self.validate_run("PDPOJobConfig")
         self.training.validate("PDPOJobConfig.training")
         self.resources.validate("PDPOJobConfig.resources")
         self.lora.validate("PDPOJobConfig.lora")
-        if not self.base_policy:
-            self.sft.validate()
         checks = [("user_model", self.user_model in USER_MODELS, f"must be one of {USER_MODELS}"),
                   ("loss", self.loss in LOSSES, f"must be one of {tuple(LOSSES)}"),
                   ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
@@ -219,7 +209,6 @@ class PDPOJobConfig:
                   ("unseen_annotators", self.unseen_annotators >= 0, "must be >= 0"),
                   ("pairs_per_user", self.pairs_per_user >= 1, "must be >= 1"),
                   ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
-                  ("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
                   ("max_length", self.max_length >= 8, "must be >= 8")]
         check_fields("PDPOJobConfig", self, checks)
 
@@ -227,15 +216,6 @@ class PDPOJobConfig:
         if self.user_model == "none":
             return None
         return UserModelConfig(kind=self.user_model, n_tokens=self.n_tokens, n_clusters=self.n_clusters)
-
-
-@dataclass
-class PDPOJobResult:
-    output_dir: Path
-    policy_dir: Path  # adapter + user_model.safetensors + pdpo_policy.json
-    summary: dict
-    run_id: str
-    tracking_uri: str
 
 
 def length_conflict_data(cfg: PDPOJobConfig, world: World) -> tuple[list, list, dict[int, str]]:
@@ -253,38 +233,53 @@ def length_conflict_data(cfg: PDPOJobConfig, world: World) -> tuple[list, list, 
     return train, held_out, {u.user_id: u.group for u in users}
 
 
-def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
-    cfg.validate()
-    name = cfg.run_name or f"pdpo-{cfg.user_model}-{cfg.loss}"
-    out, world = _run_folder_and_world(cfg, name)
-    with tracking.start_run("pdpo", cfg, out, run_name=name) as mlrun:
-        started = time.time()
-        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
-        train, held_out, groups = length_conflict_data(cfg, world)
+def _pct(value) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
+class PDPOExperiment(Experiment):
+    job = "pdpo"
+
+    def run_name(self, cfg: PDPOJobConfig) -> str:
+        return cfg.run_name or f"pdpo-{cfg.user_model}-{cfg.loss}"
+
+    def spec(self, run: Run) -> PDPOSpec:
+        cfg = run.cfg
+        train, held_out, groups = length_conflict_data(cfg, job_world(cfg))
+        run.data["groups"] = groups
         print(f"[pdpo] {len(train)} train pairs from {cfg.n_annotators} annotators, {len(held_out)} held-out "
-              f"pairs (+{cfg.unseen_annotators} unseen annotators); base {sft_dir}", flush=True)
-        spec = PDPOSpec(sft_dir, train, held_out, user_model=cfg.user_model_config(), alpha=cfg.alpha,
+              f"pairs (+{cfg.unseen_annotators} unseen annotators); base {run.base_dir}", flush=True)
+        return PDPOSpec(run.base_dir, train, held_out, user_model=cfg.user_model_config(), alpha=cfg.alpha,
                         beta=cfg.beta, loss_type=LOSSES[cfg.loss], use_user_text=cfg.use_user_text,
                         lora=cfg.lora, user_lr=cfg.user_lr or None, groups=groups, max_length=cfg.max_length)
-        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
-                                   seed=cfg.seed)
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
+
+    def evaluate(self, run: Run, result) -> dict:
+        """The spec's own evaluation at the last step (the runner evaluates before it ends)."""
         final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
-        seen = set(spec.seen_users)
-        summary = {
-            "user_model": cfg.user_model, "loss": cfg.loss, "alpha": spec.alpha, "steps": result.final_step,
-            "train_seconds": round(time.time() - started, 1),
-            "accuracy_top": final.get("acc/top"), "accuracy_generic": final.get("acc/generic"),
-            "accuracy_minority": final.get("acc/group_shorter"),
-            "accuracy_majority": final.get("acc/group_longer"),
-            "per_user": {u: final[f"acc/user_{u}"] for u in sorted(seen) if f"acc/user_{u}" in final},
-            "groups": {u: g for u, g in groups.items()},
-            "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
-        }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        tracking.log_dict(summary, SUMMARY_FILE)
-        return PDPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))
+        seen = set(run.spec.seen_users)
+        return {"accuracy_top": final.get("acc/top"), "accuracy_generic": final.get("acc/generic"),
+                "accuracy_minority": final.get("acc/group_shorter"),
+                "accuracy_majority": final.get("acc/group_longer"),
+                "per_user": {u: final[f"acc/user_{u}"] for u in sorted(seen) if f"acc/user_{u}" in final}}
+
+    def summary(self, run: Run, result, evaluation: dict) -> dict:
+        cfg = run.cfg
+        return {"user_model": cfg.user_model, "loss": cfg.loss, "alpha": run.spec.alpha, **evaluation,
+                "groups": dict(run.data["groups"])}
+
+    def report(self, result: JobResult) -> None:
+        s = result.summary
+        users = " ".join(f"{u}({s['groups'][u][0]}):{_pct(a)}" for u, a in s["per_user"].items())
+        print(f"[pdpo] user_model={s['user_model']} loss={s['loss']} alpha={s['alpha']} steps={s['steps']}")
+        print(f"[pdpo] per annotator (l = longer, s = shorter): {users}")
+        print(f"[pdpo] Accuracy-top {_pct(s['accuracy_top'])}  generic {_pct(s['accuracy_generic'])}  "
+              f"minority (shorter) {_pct(s['accuracy_minority'])}  majority (longer) "
+              f"{_pct(s['accuracy_majority'])}")
+        _report_paths("pdpo", result)
+
+
+def train_pdpo(cfg: PDPOJobConfig) -> JobResult:
+    return run_experiment(PDPOExperiment(), cfg)
 
 
 # ---------------------------------------------------------------- DPA rejection sampling
@@ -298,7 +293,7 @@ def _rsf_resources() -> Resources:
 
 
 @dataclass
-class RSFJobConfig:
+class RSFJobConfig(PolicyRunConfig):
     """DPA (seed 003): rejection-sampling fine-tuning on directions v over two objectives judged by
     the simulated world, with v written in the system prompt; then the direction sweep."""
 
@@ -331,20 +326,15 @@ class RSFJobConfig:
     eval_samples: int = 4
     output_dir: str = "outputs/rsf"
     run_name: str = "rsf"  # an existing name resumes that run
-    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder
-    sft: SFTConfig = field(default_factory=SFTConfig)
     training: Optimization = field(default_factory=_rsf_training)
     resources: Resources = field(default_factory=_rsf_resources)
-    seed: int = 0
-    restart: bool = False
 
     def validate(self) -> None:
         from raypref.recipes.rsf import objective_ranges
 
+        self.validate_run("RSFJobConfig")
         self.training.validate("RSFJobConfig.training")
         self.resources.validate("RSFJobConfig.resources")
-        if not self.base_policy:
-            self.sft.validate()
         checks = [("objectives", len(self.objectives) == 2 and set(self.objectives) <= set(objective_ranges()),
                    f"must be two judged objectives of {sorted(objective_ranges())}"),
                   ("n_samples", self.n_samples >= 2, "must be >= 2"),
@@ -361,15 +351,6 @@ class RSFJobConfig:
                   ("eval_samples", self.eval_samples >= 1, "must be >= 1"),
                   ("run_name", bool(self.run_name) and "/" not in self.run_name, "must be a folder name")]
         check_fields("RSFJobConfig", self, checks)
-
-
-@dataclass
-class RSFJobResult:
-    output_dir: Path
-    policy_dir: Path
-    summary: dict
-    run_id: str
-    tracking_uri: str
 
 
 def direction_sweep(model, tokenizer, world: World, objectives: list[str], directions, prompts: list[str],
@@ -398,8 +379,6 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
 def rsf_reward_factory(cfg: RSFJobConfig):
     """What builds the job's frozen multi-objective reward (on each worker): the world's judges
     over ``cfg.objectives`` with the job's verbosity reading and helpfulness length bias."""
-    import functools
-
     from raypref.recipes.rsf import WorldObjectives
 
     return functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
@@ -407,31 +386,32 @@ def rsf_reward_factory(cfg: RSFJobConfig):
                              helpfulness_length_bias=cfg.helpfulness_length_bias)
 
 
-def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
-    import functools
+class RSFExperiment(Experiment):
+    job = "rsf"
 
-    import numpy as np
+    def prepare(self, run: Run) -> None:
+        cfg = run.cfg
+        run.data["world"] = world = job_world(cfg)
+        check_length_reach(world, cfg.objectives, cfg.max_new_tokens, "RSFJobConfig")
 
-    from raypref.algos.dpa import directions_between
-    from raypref.models.factory import extend_vocabulary, save_pretrained_safetensors
-    from raypref.recipes.rsf import RSFSpec, spelled_direction
+    def spec(self, run: Run):
+        import numpy as np
 
-    cfg.validate()
-    out, world = _run_folder_and_world(cfg, cfg.run_name)
-    check_length_reach(world, cfg.objectives, cfg.max_new_tokens, "RSFJobConfig")
-    with tracking.start_run("rsf", cfg, out, run_name=cfg.run_name) as mlrun:
-        started = time.time()
-        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
+        from raypref.models.factory import extend_vocabulary, save_pretrained_safetensors
+        from raypref.recipes.rsf import RSFSpec, spelled_direction
+
+        cfg, world = run.cfg, run.data["world"]
         # v is written with digits: give a word-level tokenizer the tokens of the system prompt
-        model, tokenizer = load_pretrained(sft_dir)
+        model, tokenizer = load_pretrained(run.base_dir)
         words = {w for v in ([1.0, -0.5], [0.25, 0.75]) for w in spelled_direction(v, cfg.objectives).split()}
         added = extend_vocabulary(model, tokenizer, sorted(words | set("0123456789")), seed=cfg.seed)
-        base_dir = out / "base" if added else Path(sft_dir)  # written once: a resumed run reuses it
+        base_dir = run.out / "base" if added else Path(run.base_dir)  # written once: a resumed run reuses it
         if added and not (base_dir / "config.json").exists():
             save_pretrained_safetensors(model, tokenizer, base_dir)
-        print(f"[rsf] base {sft_dir}; {len(added)} tokens added for the direction prompt", flush=True)
+        run.data["extended_base"] = base_dir
+        print(f"[rsf] base {run.base_dir}; {len(added)} tokens added for the direction prompt", flush=True)
         rng = np.random.default_rng([cfg.seed, 3])
-        spec = RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
+        return RSFSpec(str(base_dir), world.prompts(cfg.n_prompts), world.sft_corpus(cfg.n_original, rng),
                        rsf_reward_factory(cfg),
                        objectives=list(cfg.objectives),
                        direction_text=functools.partial(spelled_direction, objectives=list(cfg.objectives)),
@@ -440,34 +420,53 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
                        steps_per_iteration=cfg.steps_per_iteration, replay_fraction=cfg.replay_fraction,
                        max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
                        bare_first_iteration=cfg.bare_first_iteration)
-        runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
-                                   seed=cfg.seed, log_every=max(1, cfg.steps_per_iteration // 2))
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
-        train_seconds = time.time() - started
 
+    def runner_config(self, run: Run):
+        return replace(super().runner_config(run), log_every=max(1, run.cfg.steps_per_iteration // 2))
+
+    def evaluate(self, run: Run, result) -> dict:
+        """The direction sweep on held-out prompts, of the base and of the policy."""
+        from raypref.algos.dpa import directions_between
+
+        cfg, world = run.cfg, run.data["world"]
         directions = directions_between((1.0, 0.0), (math.sqrt(0.5), -math.sqrt(0.5)), cfg.eval_directions)
         held_out = world.prompts(cfg.eval_prompts, split="test")
         sweeps = {}
-        for label, folder in (("base", base_dir), ("policy", result.export_path)):
+        for label, folder in (("base", run.data["extended_base"]), ("policy", result.export_path)):
             policy, policy_tokenizer = load_pretrained(folder)
             sweeps[label] = direction_sweep(policy.eval(), policy_tokenizer, world, list(cfg.objectives),
                                             directions, held_out, cfg.max_new_tokens, cfg.seed,
                                             cfg.verbosity_by_length, cfg.helpfulness_length_bias,
                                             cfg.eval_samples)
-        lengths = [row["length"] for row in sweeps["policy"]]
+            tracking.log_metrics({f"{label}.length.d{i}": row["length"] for i, row in enumerate(sweeps[label])})
+        return {"sweep": sweeps}
+
+    def summary(self, run: Run, result, evaluation: dict) -> dict:
+        cfg = run.cfg
+        lengths = [row["length"] for row in evaluation["sweep"]["policy"]]
         selection = {}  # per iteration: what its kept data teaches (RSFSpec selection_metrics)
         for row in result.metrics:
             if "rsf/iteration" in row:
                 selection.setdefault(str(int(row["rsf/iteration"])), {
                     k[len("rsf/"):]: round(v, 3) for k, v in row.items() if k.startswith("rsf/kept_")})
-        summary = {"objectives": list(cfg.objectives), "steps": result.final_step,
-                   "iterations": math.ceil(result.final_step / cfg.steps_per_iteration),
-                   "train_seconds": round(train_seconds, 1), "selection": selection, "sweep": sweeps,
-                   "length_monotone_decreasing": all(a > b for a, b in zip(lengths, lengths[1:])),
-                   "policy_dir": str(result.export_path), "base_policy": str(sft_dir)}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        tracking.log_dict(summary, SUMMARY_FILE)
-        for label, rows in sweeps.items():
-            tracking.log_metrics({f"{label}.length.d{i}": row["length"] for i, row in enumerate(rows)})
-        return RSFJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))
+        return {"objectives": list(cfg.objectives),
+                "iterations": math.ceil(result.final_step / cfg.steps_per_iteration),
+                "selection": selection, **evaluation,
+                "length_monotone_decreasing": all(a > b for a, b in zip(lengths, lengths[1:]))}
+
+    def report(self, result: JobResult) -> None:
+        s = result.summary
+        first, second = s["objectives"]
+        for iteration, kept in s["selection"].items():
+            print(f"[rsf] iteration {iteration} kept data: " + " ".join(f"{k}={v}" for k, v in kept.items()))
+        print(f"[rsf] {s['steps']} steps in {s['iterations']} iteration(s); direction sweep on held-out prompts:")
+        for label, rows in s["sweep"].items():
+            print(f"[rsf] {label:6s} " + "  ".join(
+                f"v=({r['direction'][0]:.2f},{r['direction'][1]:.2f}): len {r['length']:.1f} "
+                f"{first} {r[first]:.2f} {second} {r[second]:.2f}" for r in rows))
+        print(f"[rsf] policy length decreases monotonically over the sweep: {s['length_monotone_decreasing']}")
+        _report_paths("rsf", result)
+
+
+def train_rsf(cfg: RSFJobConfig) -> JobResult:
+    return run_experiment(RSFExperiment(), cfg)

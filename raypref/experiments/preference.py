@@ -1,4 +1,6 @@
-"""DPO of one policy on preference shards streamed through Ray Data: the library behind ``jobs/dpo.py``.
+"""Preference optimization of one policy on preference shards streamed through Ray Data: the
+library behind ``jobs/dpo.py``. The method (DPO by default; IPO, ORPO, ... any preference-pair
+method of the registry, ``--method``) is looked up by name in ``raypref.recipes``.
 
 1. a validation pass over the shards (train, and test if given): every bad row goes to the
    quarantine file, and too many bad rows stop the job *before* any training time is spent;
@@ -20,7 +22,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import mlflow
 import ray
 
 from raypref import tracking
@@ -29,12 +30,11 @@ from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_
                                    tokenize_pairs)
 from raypref.data.records import validate_row
 from raypref.models.factory import encode_example, load_pretrained
-from raypref.eval.pairs import evaluate_pairs
-from raypref.recipes.dpo import DPOConfig, ShardDPOSpec
-from raypref.recipes.sft import SFTConfig, train_sft
-from raypref.train.runner import Resources, RunResult, run, runner_config
+from raypref.recipes import pair_methods, recipe
+from raypref.recipes.dpo import DPOConfig
+from raypref.experiments.run import SUMMARY_FILE, Experiment, JobResult, PolicyRunConfig, Run, run_experiment
+from raypref.train.runner import Resources, runner_config
 
-SUMMARY_FILE = "summary.json"
 TRAIN_QUARANTINE_FILE = "quarantine.jsonl"
 TEST_QUARANTINE_FILE = "quarantine_test.jsonl"
 SHARD_FORMATS = ("parquet", "jsonl")
@@ -45,8 +45,11 @@ def _job_resources() -> Resources:
 
 
 @dataclass
-class DPOJobConfig:
-    """DPO of one LoRA policy on preference shards (parquet / jsonl, `PreferenceRecord.to_row` schema)."""
+class DPOJobConfig(PolicyRunConfig):
+    """Preference optimization of one LoRA policy on preference shards (parquet / jsonl,
+    `PreferenceRecord.to_row` schema)."""
+
+    method: str = "dpo"  # a preference-pair method of raypref.recipes (dpo, ipo, ...); `training` is its section
 
     # a folder or pyarrow URI of shards, e.g. written by jobs/simulate.py
     train_data: str = "outputs/simulate/psoups"
@@ -56,10 +59,8 @@ class DPOJobConfig:
     shard_formats: list[str] = field(default_factory=lambda: ["parquet"])
     # keep only these users' rows ([] = every row); P-Soups preferences P1A..P3B are users 1..6
     user_ids: list[int] = field(default_factory=lambda: [1])
-    output_dir: str = "outputs/dpo"  # the run's files go to <output_dir>/<run_name>/
+    output_dir: str = "outputs/dpo"
     run_name: str = ""  # "" = dpo-<date>-<time>; an existing name resumes that run
-    base_policy: str = ""  # "" = the SFT warm start below; else a saved model folder or HF id
-    sft: SFTConfig = field(default_factory=SFTConfig)
     max_quarantine_fraction: float = 0.05  # of the rows read, per data set
     max_chars: int = 20000  # longest prompt / response accepted by validation
     max_eval_pairs: int = 2000
@@ -71,20 +72,19 @@ class DPOJobConfig:
     shuffle_buffer: int = 256  # rows in each worker's local shuffle buffer (0: shard order)
     data_cpus: float = 0.5  # CPUs of each shard-validation task and each tokenizer actor
     tokenizer_actors: int = 1
-    seed: int = 0  # LoRA initialisation, shuffling
-    restart: bool = False  # start the run over even if <output_dir>/<run_name> holds one
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        self.training.validate("DPOJobConfig.training")
+        self.validate_run("DPOJobConfig")
+        if self.method not in pair_methods():
+            raise ValueError(f"DPOJobConfig.method={self.method!r}: must be a preference-pair method, one of "
+                             f"{pair_methods()}")
+        recipe(self.method).check_section(self.training, "DPOJobConfig.training")
         self.resources.validate("DPOJobConfig.resources")
-        if not self.base_policy:
-            self.sft.validate()
         checks = [
             ("train_data", bool(self.train_data), "must name a shard folder or URI"),
             ("shard_formats", bool(self.shard_formats) and set(self.shard_formats) <= set(SHARD_FORMATS),
              f"must be a non-empty subset of {SHARD_FORMATS}"),
-            ("run_name", "/" not in self.run_name, "must be a folder name, without '/'"),
             ("max_quarantine_fraction", 0.0 <= self.max_quarantine_fraction <= 1.0, "must be in [0, 1]"),
             ("max_chars", self.max_chars >= 1, "must be >= 1"),
             ("max_eval_pairs", self.max_eval_pairs >= 1, "must be >= 1"),
@@ -95,17 +95,6 @@ class DPOJobConfig:
             ("tokenizer_actors", self.tokenizer_actors >= 1, "must be >= 1"),
         ]
         check_fields("DPOJobConfig", self, checks)
-
-
-@dataclass
-class DPOJobResult:
-    """What a finished job left behind."""
-
-    output_dir: Path  # <output_dir>/<run_name>: summary, quarantine files, Ray Train run
-    adapter_dir: Path  # the LoRA adapter (adapter_model.safetensors + config)
-    summary: dict
-    run_id: str
-    tracking_uri: str
 
 
 @dataclass(frozen=True)
@@ -213,116 +202,109 @@ def _validation_pass(cfg: DPOJobConfig, out: Path) -> tuple[dict[str, ray.data.D
     return datasets, summaries
 
 
-# ---------------------------------------------------------------- training and evaluation
-
-def _train(cfg: DPOJobConfig, sft_dir: str, rows: ray.data.Dataset, n_pairs: int,
-           run_name: str) -> RunResult:
-    """Tokenize the selected rows in Ray Data and train the LoRA on them with the runner."""
-    t = cfg.training
-    tokens = tokenize_pairs(rows, SavedTokenizer(sft_dir), t.max_length, num_actors=cfg.tokenizer_actors,
-                            num_cpus=cfg.data_cpus, batch_size=max(t.micro_batch_size, 16),
-                            encode=encode_example)  # the policy's own format: as SFT and evaluation
-    spec = ShardDPOSpec.from_config(t, sft_dir, [], name=run_name, seed=cfg.seed, n_pairs=n_pairs,
-                                    shuffle_buffer=cfg.shuffle_buffer)
-    # the Ray Train run lives in <output_dir>/<run_name>/train, apart from the job's own files
-    # (quarantine, summary), so --restart starts training over without deleting them
-    runner_cfg = runner_config(t, cfg.resources, name="train", seed=cfg.seed,
-                               storage_path=str(Path(cfg.output_dir).expanduser().resolve() / run_name))
-    return run(spec, runner_cfg, datasets={"train": tokens}, dataset_config=ExactSplitDataConfig(),
-               data_fingerprint=shards_fingerprint(cfg), restart=cfg.restart)
-
-
-def evaluate_adapter(sft_dir: str, adapter_dir: Path, records: list, beta: float, max_length: int,
-                     batch_size: int) -> dict[str, float]:
-    """Implicit-reward accuracy and margin of the trained adapter on held-out pairs."""
-    from peft import PeftModel
-
-    base, tokenizer = load_pretrained(sft_dir)
-    model = PeftModel.from_pretrained(base, str(adapter_dir))
-    return evaluate_pairs(model, tokenizer, records, beta, max_length=max_length, batch_size=batch_size)
-
-
 # ---------------------------------------------------------------- the job
 
-def train_dpo(cfg: DPOJobConfig) -> DPOJobResult:
+def evaluate_adapter(method: str, sft_dir: str, adapter_dir: Path, records: list, section,
+                     batch_size: int = 32) -> dict[str, float]:
+    """The method's held-out scores of the trained adapter (DPO's: implicit-reward accuracy, margin)."""
+    from peft import PeftModel
+
+    evaluate = recipe(method).evaluate
+    if evaluate is None:
+        return {}
+    base, tokenizer = load_pretrained(sft_dir)
+    return evaluate(PeftModel.from_pretrained(base, str(adapter_dir)), tokenizer, records, section, batch_size)
+
+
+class PreferenceExperiment(Experiment):
+    """Shards -> validation pass -> base -> Ray Data tokenization -> the runner -> held-out accuracy.
+
+    The data checks run first, so bad data stops the job before any training (SFT included)
+    is paid for; the MLflow run then ends FAILED with the counts logged."""
+
+    job = "dpo"
+    metrics_prefix = "train."
+
+    def run_name(self, cfg: DPOJobConfig) -> str:
+        return cfg.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
+
+    def prepare(self, run: Run) -> None:
+        cfg = run.cfg
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, configure_logging=False)
+        _log(f"validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
+        run.data["datasets"], run.data["quarantine"] = _validation_pass(cfg, run.out)
+        quarantine = run.data["quarantine"]
+        # already validated once, and held-out sets are small: collect them in the driver
+        run.data["heldout"] = [validate_row(row, max_chars=cfg.max_chars)
+                               for row in run.data["datasets"]["test"].take(cfg.max_eval_pairs)] \
+            if "test" in quarantine and quarantine["test"]["pairs_selected"] else []
+
+    def spec(self, run: Run):
+        cfg, t = run.cfg, run.cfg.training
+        n_pairs = run.data["quarantine"]["train"]["pairs_selected"]
+        _log(f"{cfg.method} on {n_pairs} pairs: {t.steps} steps x {t.micro_batch_size} pairs x "
+             f"{cfg.resources.num_workers} worker(s)")
+        # scored during training only when asked (resources.eval_every): a curve, a sweep's metric
+        heldout = run.data["heldout"] if cfg.resources.eval_every else []
+        # the pairs stream from the Ray Data set "train" (run_kwargs), whatever the method
+        return recipe(cfg.method).spec(t, run.base_dir, name=run.name, seed=cfg.seed, dataset="train",
+                                       n_pairs=n_pairs, shuffle_buffer=cfg.shuffle_buffer, heldout=heldout)
+
+    def runner_config(self, run: Run):
+        # the Ray Train run lives in <run folder>/train, apart from the job's own files
+        # (quarantine, summary), so --restart starts training over without deleting them
+        cfg = run.cfg
+        return runner_config(cfg.training, cfg.resources, name="train", seed=cfg.seed, storage_path=str(run.out))
+
+    def run_kwargs(self, run: Run) -> dict:
+        """The selected rows, tokenized in Ray Data in the policy's own format (as SFT and evaluation)."""
+        cfg, t = run.cfg, run.cfg.training
+        tokens = tokenize_pairs(run.data["datasets"]["train"], SavedTokenizer(run.base_dir), t.max_length,
+                                num_actors=cfg.tokenizer_actors, num_cpus=cfg.data_cpus,
+                                batch_size=max(t.micro_batch_size, 16), encode=encode_example)
+        return {"datasets": {"train": tokens}, "dataset_config": ExactSplitDataConfig(),
+                "data_fingerprint": shards_fingerprint(cfg)}
+
+    def evaluate(self, run: Run, result) -> dict:
+        cfg = run.cfg
+        if result.export_path is None:
+            raise RuntimeError(f"run {run.name}: training finished without an exported adapter")
+        tracking.log_artifact(result.export_path, "adapter")
+        records = run.data["heldout"]
+        if not records:
+            _log("no held-out pairs (test_data empty or no selected rows): no evaluation")
+            return {"eval": {}}
+        _log(f"held-out scores on {cfg.test_data}")
+        scores = evaluate_adapter(cfg.method, run.base_dir, result.export_path, records, cfg.training,
+                                  cfg.eval_batch_size)
+        return {"eval": {**scores, "pairs": len(records)}}
+
+    def summary(self, run: Run, result, evaluation: dict) -> dict:
+        return {"method": run.cfg.method, "train_pairs": run.data["quarantine"]["train"]["pairs_selected"],
+                "quarantine": run.data["quarantine"],
+                "final_train_metrics": result.metrics[-1] if result.metrics else {}, **evaluation}
+
+    def report(self, result: JobResult) -> None:
+        summary = result.summary
+        q = summary["quarantine"]["train"]
+        _log(f"quarantine: {q['rows_quarantined']} of {q['rows_total']} rows {q['by_reason']} -> {q['path']}")
+        final = summary["final_train_metrics"]
+        if final:
+            shown = [k for k in recipe(summary["method"]).summary if k in final]
+            _log(f"last step {summary['steps']}: " + ", ".join(f"{k} {final[k]:.4f}" for k in shown))
+        if summary["eval"]:
+            _log("held-out: " + ", ".join(f"{k} {v:.3f}" for k, v in summary["eval"].items() if k != "pairs")
+                 + f" on {summary['eval']['pairs']} pairs")
+        _log(f"adapter: {result.policy_dir}")
+        _log(f"summary: {result.output_dir / SUMMARY_FILE}")
+        _log(f"mlflow: run {result.run_id} in {result.tracking_uri}")
+
+
+def train_dpo(cfg: DPOJobConfig) -> JobResult:
     """Run the whole job (see the module docstring) inside one MLflow run.
 
     Raises ``QuarantineExceeded`` before training when a data set has more bad rows than
     ``max_quarantine_fraction``; the MLflow run then ends FAILED with the counts logged.
     """
-    cfg.validate()
-    run_name = cfg.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
-    out = Path(cfg.output_dir).expanduser().resolve() / run_name
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
-    with tracking.start_run("dpo", cfg, cfg.output_dir, run_name=run_name) as mlflow_run:
-        _log(f"output: {out}")
-        _log(f"mlflow: {tracking.run_url(mlflow_run)}")
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False)
-
-        phase = time.perf_counter()
-        # first, so bad data stops the job before any training (SFT included) is paid for
-        _log(f"1/4 validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
-        datasets, quarantine = _validation_pass(cfg, out)
-        n_train = quarantine["train"]["pairs_selected"]
-        seconds["validation"], phase = time.perf_counter() - phase, time.perf_counter()
-
-        _log("2/4 base policy" + ("" if cfg.base_policy else " (SFT, cached by config hash)"))
-        sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
-        mlflow.set_tag("raypref.base_policy", sft_dir)
-        seconds["base"], phase = time.perf_counter() - phase, time.perf_counter()
-
-        _log(f"3/4 DPO on {n_train} pairs: {cfg.training.steps} steps x {cfg.training.micro_batch_size} "
-             f"pairs x {cfg.resources.num_workers} worker(s)")
-        result = _train(cfg, sft_dir, datasets["train"], n_train, run_name)
-        if result.export_path is None:
-            raise RuntimeError(f"run {run_name}: training finished without an exported adapter")
-        for metrics in result.metrics:
-            tracking.log_metrics({f"train.{k}": v for k, v in metrics.items() if k != "step"},
-                                 step=int(metrics["step"]))
-        tracking.log_artifact(result.export_path, "adapter")
-        seconds["training"], phase = time.perf_counter() - phase, time.perf_counter()
-
-        evaluation: dict[str, float] = {}
-        if "test" in datasets and quarantine["test"]["pairs_selected"]:
-            _log(f"4/4 held-out implicit-reward accuracy on {cfg.test_data}")
-            # already validated once, and held-out sets are small: collect them in the driver
-            records = [validate_row(row, max_chars=cfg.max_chars)
-                       for row in datasets["test"].take(cfg.max_eval_pairs)]
-            evaluation = {**evaluate_adapter(sft_dir, result.export_path, records, cfg.training.beta,
-                                             cfg.training.max_length, cfg.eval_batch_size),
-                          "pairs": len(records)}
-            tracking.log_metrics({f"eval.{k}": v for k, v in evaluation.items()})
-        else:
-            _log("4/4 no held-out pairs (test_data empty or no selected rows): no evaluation")
-        seconds["evaluation"] = time.perf_counter() - phase
-
-        summary = {
-            "run_name": run_name, "output_dir": str(out), "adapter_dir": str(result.export_path),
-            "base_policy": sft_dir, "mlflow_run_id": mlflow_run.info.run_id,
-            "tracking_uri": mlflow.get_tracking_uri(), "train_pairs": n_train,
-            "quarantine": quarantine, "steps": result.final_step,
-            "final_train_metrics": result.metrics[-1] if result.metrics else {},
-            "eval": evaluation, "seconds": {k: round(v, 1) for k, v in seconds.items()},
-        }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
-        tracking.log_artifact(out / SUMMARY_FILE)
-    _print_summary(summary)
-    return DPOJobResult(out, result.export_path, summary, mlflow_run.info.run_id, summary["tracking_uri"])
-
-
-def _print_summary(summary: dict) -> None:
-    q = summary["quarantine"]["train"]
-    _log(f"quarantine: {q['rows_quarantined']} of {q['rows_total']} rows {q['by_reason']} -> {q['path']}")
-    final = summary["final_train_metrics"]
-    if final:
-        _log(f"last step {summary['steps']}: loss {final['loss']:.4f}, "
-             f"train reward accuracy {final['reward_accuracy']:.3f}")
-    if summary["eval"]:
-        e = summary["eval"]
-        _log(f"held-out: reward accuracy {e['reward_accuracy']:.3f}, margin {e['reward_margin']:.3f} "
-             f"on {e['pairs']} pairs")
-    _log(f"adapter: {summary['adapter_dir']}")
-    _log(f"summary: {Path(summary['output_dir']) / SUMMARY_FILE}")
-    _log(f"mlflow: run {summary['mlflow_run_id']} in {summary['tracking_uri']}")
+    return run_experiment(PreferenceExperiment(), cfg)

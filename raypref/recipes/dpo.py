@@ -2,9 +2,11 @@
 
 The runner pickles the spec to each worker; there it loads the base saved by
 ``models.factory.save_pretrained_safetensors``, adds a fresh LoRA, feeds tokenized DPO pairs
-(in memory: `DPOSpec`; streamed from Ray Data: `ShardDPOSpec`), scores the reference with the
-adapter disabled (no second copy of the base) and exports the adapter as safetensors, ready for
-``models.merge``. Used by the DPO job (experiments/preference.py) and by Personalized Soups.
+(the experiment picks the data source: pairs in memory, or a Ray Data set streamed to the
+workers), scores the reference with the adapter disabled (no second copy of the base) and
+exports the adapter as safetensors, ready for ``models.merge``. Used by the preference job
+(experiments/preference.py), Personalized Soups and the sweep; `PairSpec` is the base of every
+method that learns from preference pairs (ORPO: recipes/orpo.py).
 
 Defaults come from the soups probe in PLATFORM-NOTES: LoRA r8, lr 5e-4, beta 0.5 kept the merged
 policies well behaved; lr 2e-3 with beta 0.1 made the "concise" policy degenerate.
@@ -120,6 +122,28 @@ def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float, loss_typ
     return loss, chosen, rejected
 
 
+@torch.no_grad()
+def evaluate_pairs(model: torch.nn.Module, tokenizer, pairs: Sequence[PreferenceRecord], beta: float,
+                   max_length: int = 128, batch_size: int = 32) -> dict[str, float]:
+    """Implicit-reward accuracy and mean margin of a peft policy on (held-out) pairs."""
+    if not pairs:
+        raise ValueError("evaluate_pairs needs at least one pair")
+    was_training = model.training
+    model.eval()
+    chosen, rejected = [], []
+    try:
+        encoded = encode_pairs(tokenizer, pairs, max_length)
+        for start in range(0, len(encoded), batch_size):
+            batch = collate_pairs(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            _, c, r = dpo_step_outputs(model, batch, beta)
+            chosen.append(c)
+            rejected.append(r)
+    finally:
+        model.train(was_training)
+    c, r = torch.cat(chosen), torch.cat(rejected)
+    return {"reward_accuracy": implicit_reward_accuracy(c, r), "reward_margin": (c - r).mean().item()}
+
+
 @dataclass
 class DPOConfig(Optimization):
     """DPO / IPO of one LoRA policy on a base (defaults: the soups probe of PLATFORM-NOTES)."""
@@ -144,41 +168,74 @@ class DPOConfig(Optimization):
         self.lora.validate(f"{where}.lora")
 
 
+SHARD_SIDES = ("chosen", "rejected")
+SHARD_FIELDS = ("input_ids", "attention_mask", "labels_mask")
+
+
+def shard_batch_to_pairs(batch: dict[str, torch.Tensor]) -> Batch:
+    """A batch of ``data.pipeline.tokenize_pairs`` rows (``chosen_input_ids``, ..., fixed-length)
+    in the ``collate_pairs`` layout ``[chosen..., rejected...]``, trimmed to its longest sequence."""
+    missing = [f"{s}_{f}" for s in SHARD_SIDES for f in SHARD_FIELDS if f"{s}_{f}" not in batch]
+    if missing:
+        raise KeyError(f"dataset batch lacks column(s) {missing}; has {sorted(batch)} "
+                       "(expected the output of data.pipeline.tokenize_pairs)")
+    out = {f: torch.cat([batch[f"{s}_{f}"] for s in SHARD_SIDES]).long() for f in SHARD_FIELDS}
+    width = max(1, int(out["attention_mask"].sum(dim=1).max()))  # fixed-length padding costs compute
+    return {f: t[:, :width] for f, t in out.items()}
+
+
 @dataclass
-class DPOSpec(LoopSpec):
-    """DPO of one LoRA policy on a saved base (picklable; in-memory pairs travel with it).
-    The reference is the base itself (adapters off), so no second copy is held."""
+class PairSpec(LoopSpec):
+    """A LoRA policy on a saved base trained on preference pairs (picklable). The data source is
+    the experiment's choice: ``pairs`` in memory (they travel with the spec), or ``dataset``, the
+    name of a Ray Data set of ``data.pipeline.tokenize_pairs`` rows (``run(..., datasets=...)``),
+    tokenized in the policy's format (``encode=encode_example``) by the base's tokenizer; then
+    ``pairs`` stays empty and ``n_pairs`` records how many pairs the set held. Subclasses give
+    the loss (`DPOSpec`, `ORPOSpec`).
+
+    Resume of a streamed set: the spec's state (passes begun, micro-batches consumed in the
+    current pass) is saved in every checkpoint; a resumed worker restarts the interrupted pass
+    and skips the micro-batches it had consumed, so it continues at its data position. The
+    skipped rows are the same ones as before exactly when the shard's row order is reproducible
+    (the local shuffle is seeded by the pass; Ray Data's split across several workers may order
+    rows differently)."""
 
     base_dir: str
-    pairs: list[PreferenceRecord]
+    pairs: list[PreferenceRecord] = field(default_factory=list)
     name: str = ""  # e.g. the P-Soups preference this policy serves
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     beta: float = DEFAULT_BETA
-    loss_type: str = "sigmoid"
     max_length: int = 128
     seed: int = 0
-    sft_weight: float = 0.0
+    dataset: str = ""  # "" = the in-memory pairs; else the Ray Data set the pairs stream from
+    n_pairs: int = 0  # pairs in the dataset (recorded only)
+    shuffle_buffer: int = 0  # streamed: rows in iter_torch_batches' local shuffle buffer (0: data order)
+    # held-out pairs scored at every evaluation (`eval.heldout_<score>`, e.g. for a sweep's ASHA)
+    heldout: list[PreferenceRecord] = field(default_factory=list)
 
     @classmethod
-    def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord], name: str = "",
-                    seed: int = 0, **extra) -> "DPOSpec":
-        return cls(base_dir=str(base_dir), pairs=pairs, name=name, lora=cfg.lora, beta=cfg.beta,
-                   loss_type=cfg.loss_type, max_length=cfg.max_length, seed=seed,
-                   sft_weight=cfg.sft_weight, **extra)
+    def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord] | None = None,
+                    name: str = "", seed: int = 0, **extra) -> "PairSpec":
+        return cls(base_dir=str(base_dir), pairs=list(pairs or []), name=name, lora=cfg.lora, beta=cfg.beta,
+                   max_length=cfg.max_length, seed=seed, **{**cls.settings(cfg), **extra})
+
+    @classmethod
+    def settings(cls, cfg: DPOConfig) -> dict:
+        """The method's own fields, read from its config section."""
+        return {}
 
     def __post_init__(self) -> None:
-        if not self.pairs:
-            raise ValueError(f"DPOSpec({self.name!r}): no preference pairs")
+        if not self.pairs and not self.dataset:
+            raise ValueError(f"{type(self).__name__}({self.name!r}): no preference pairs and no dataset")
+        if self.beta <= 0:
+            raise ValueError(f"{type(self).__name__}.beta={self.beta}: must be > 0")
         self._check_settings()
+        self._tokenizer = None  # loaded lazily on each worker, never pickled
+        self._passes = 0  # streamed: passes begun over this worker's shard
+        self._consumed = 0  # streamed: micro-batches handed out in the current pass
 
     def _check_settings(self) -> None:
-        if self.beta <= 0:
-            raise ValueError(f"DPOSpec.beta={self.beta}: must be > 0")
-        if self.loss_type not in LOSS_TYPES:
-            raise ValueError(f"DPOSpec.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
-        if self.sft_weight < 0:
-            raise ValueError(f"DPOSpec.sft_weight={self.sft_weight}: must be >= 0")
-        self._tokenizer = None  # loaded lazily on each worker, never pickled
+        """The subclass's own checks."""
 
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
@@ -197,7 +254,17 @@ class DPOSpec(LoopSpec):
     def fingerprint(self) -> dict:
         return {**super().fingerprint(), "base_dir": model_identity(self.base_dir)}
 
+    def state_dict(self) -> dict:
+        return {"passes": self._passes, "consumed": self._consumed} if self.dataset else {}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dataset:
+            self._passes, self._consumed = int(state["passes"]), int(state["consumed"])
+
     def batches(self, ctx: StepContext) -> Iterator[Batch]:
+        return self._streamed_batches(ctx) if self.dataset else self._memory_batches(ctx)
+
+    def _memory_batches(self, ctx: StepContext) -> Iterator[Batch]:
         """Endless, deterministic stream of this rank's micro-batches (a new shuffle each epoch),
         starting after the micro-batches of the steps already done."""
         shard = rank_shard(self.pairs, ctx)
@@ -206,75 +273,7 @@ class DPOSpec(LoopSpec):
         for chunk in epoch_chunks(len(encoded), ctx.micro_batch_size, ctx.micro_batches_done, self.seed):
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
 
-    def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
-        loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type, self.sft_weight)
-        return loss, {
-            "reward_accuracy": implicit_reward_accuracy(chosen, rejected),
-            "reward_margin": (chosen - rejected).mean().item(),
-            "reward_chosen": chosen.mean().item(),
-            "reward_rejected": rejected.mean().item(),
-        }
-
-    def export(self, models: dict[str, torch.nn.Module], out_dir: Path) -> None:
-        """The adapter (``adapter_model.safetensors`` + config) and which preference / base it belongs to."""
-        models[PRIMARY_ROLE].save_pretrained(out_dir, safe_serialization=True)
-        (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(self.policy_info(), indent=2))
-
-    def policy_info(self) -> dict:
-        """What ``export`` writes beside the adapter (``soup_policy.json``)."""
-        return {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
-                "loss_type": self.loss_type, "sft_weight": self.sft_weight, "lora": dataclasses.asdict(self.lora),
-                "n_pairs": len(self.pairs)}
-
-
-SHARD_SIDES = ("chosen", "rejected")
-SHARD_FIELDS = ("input_ids", "attention_mask", "labels_mask")
-
-
-def shard_batch_to_pairs(batch: dict[str, torch.Tensor]) -> Batch:
-    """A batch of ``data.pipeline.tokenize_pairs`` rows (``chosen_input_ids``, ..., fixed-length)
-    in the ``collate_pairs`` layout ``[chosen..., rejected...]``, trimmed to its longest sequence."""
-    missing = [f"{s}_{f}" for s in SHARD_SIDES for f in SHARD_FIELDS if f"{s}_{f}" not in batch]
-    if missing:
-        raise KeyError(f"dataset batch lacks column(s) {missing}; has {sorted(batch)} "
-                       "(expected the output of data.pipeline.tokenize_pairs)")
-    out = {f: torch.cat([batch[f"{s}_{f}"] for s in SHARD_SIDES]).long() for f in SHARD_FIELDS}
-    width = max(1, int(out["attention_mask"].sum(dim=1).max()))  # fixed-length padding costs compute
-    return {f: t[:, :width] for f, t in out.items()}
-
-
-@dataclass
-class ShardDPOSpec(DPOSpec):
-    """DPO whose pairs stream from a Ray Data shard (``run(..., datasets={dataset: ds})``).
-
-    The dataset holds ``data.pipeline.tokenize_pairs`` rows, which must be tokenized in the
-    policy's format (``encode=encode_example``) by the base's tokenizer. ``pairs`` stays empty;
-    ``n_pairs`` only records how many pairs the dataset held.
-
-    Resume: the spec's state (passes begun, micro-batches consumed in the current pass) is saved
-    in every checkpoint; a resumed worker restarts the interrupted pass and skips the
-    micro-batches it had consumed, so it continues at its data position. The skipped rows are the
-    same ones as before exactly when the shard's row order is reproducible (the local shuffle is
-    seeded by the pass; Ray Data's split across several workers may order rows differently).
-    """
-
-    pairs: list[PreferenceRecord] = field(default_factory=list)
-    dataset: str = "train"
-    n_pairs: int = 0
-    shuffle_buffer: int = 0  # rows in iter_torch_batches' local shuffle buffer (0: data order)
-
-    def __post_init__(self) -> None:
-        self._check_settings()
-        self._passes = 0  # passes begun over this worker's shard
-        self._consumed = 0  # micro-batches handed out in the current pass
-
-    def state_dict(self) -> dict:
-        return {"passes": self._passes, "consumed": self._consumed}
-
-    def load_state_dict(self, state: dict) -> None:
-        self._passes, self._consumed = int(state["passes"]), int(state["consumed"])
-
-    def batches(self, ctx: StepContext) -> Iterator[Batch]:
+    def _streamed_batches(self, ctx: StepContext) -> Iterator[Batch]:
         """One pass over this worker's dataset shard (the runner starts the next pass)."""
         import ray.train
 
@@ -292,5 +291,64 @@ class ShardDPOSpec(DPOSpec):
             yield shard_batch_to_pairs(batch)
         self._consumed = 0
 
+    @classmethod
+    def score_pairs(cls, model: torch.nn.Module, tokenizer, records: Sequence[PreferenceRecord], section,
+                    batch_size: int = 32) -> dict[str, float]:
+        """The method's held-out scores of a trained policy (``section``: its beta, max_length)."""
+        raise NotImplementedError
+
+    def evaluate(self, ctx: StepContext) -> dict[str, float]:
+        if not self.heldout:
+            return {}
+        scores = self.score_pairs(ctx.model, self.tokenizer(), self.heldout, self)
+        return {f"heldout_{k}": v for k, v in scores.items()}
+
+    def export(self, models: dict[str, torch.nn.Module], out_dir: Path) -> None:
+        """The adapter (``adapter_model.safetensors`` + config) and which preference / base it belongs to."""
+        models[PRIMARY_ROLE].save_pretrained(out_dir, safe_serialization=True)
+        (Path(out_dir) / POLICY_INFO_FILE).write_text(json.dumps(self.policy_info(), indent=2))
+
     def policy_info(self) -> dict:
-        return {**super().policy_info(), "n_pairs": self.n_pairs, "dataset": self.dataset}
+        """What ``export`` writes beside the adapter (``soup_policy.json``)."""
+        info = {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
+                "lora": dataclasses.asdict(self.lora),
+                "n_pairs": self.n_pairs if self.dataset else len(self.pairs)}
+        return {**info, "dataset": self.dataset} if self.dataset else info
+
+
+@dataclass
+class DPOSpec(PairSpec):
+    """DPO / IPO. The reference is the base itself (adapters off), so no second copy is held."""
+
+    loss_type: str = "sigmoid"
+    sft_weight: float = 0.0
+
+    @classmethod
+    def settings(cls, cfg: DPOConfig) -> dict:
+        return {"loss_type": cfg.loss_type, "sft_weight": cfg.sft_weight}
+
+    def _check_settings(self) -> None:
+        if self.loss_type not in LOSS_TYPES:
+            raise ValueError(f"DPOSpec.loss_type={self.loss_type!r}: must be one of {LOSS_TYPES}")
+        if self.sft_weight < 0:
+            raise ValueError(f"DPOSpec.sft_weight={self.sft_weight}: must be >= 0")
+
+    @classmethod
+    def score_pairs(cls, model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
+        """Implicit-reward accuracy and margin (the reference: the base, adapters off)."""
+        return evaluate_pairs(model, tokenizer, records, section.beta, max_length=section.max_length,
+                              batch_size=batch_size)
+
+    def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
+        loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type, self.sft_weight)
+        return loss, {
+            "reward_accuracy": implicit_reward_accuracy(chosen, rejected),
+            "reward_margin": (chosen - rejected).mean().item(),
+            "reward_chosen": chosen.mean().item(),
+            "reward_rejected": rejected.mean().item(),
+        }
+
+    def policy_info(self) -> dict:
+        return {**super().policy_info(), "loss_type": self.loss_type, "sft_weight": self.sft_weight}
+
+

@@ -1,24 +1,24 @@
 """Run a sweep: Ray Tune with Optuna (seeded TPE) behind a concurrency limit and ASHA on the
 job's reported metric; one MLflow parent run with a child per trial; resumable by name.
 
-The sweep lives in `<storage_path>/<name>/`: Tune's experiment state, each trial's training run
+The sweep lives in `<output_dir>/<name>/`: Tune's experiment state, each trial's training run
 (`runs/trial_NNNNN/`, its model in `final/`), `summary.json`, `best_config.yaml` and plots.
 Running a sweep whose folder exists continues it (`Tuner.restore`): finished trials are kept,
 unfinished ones run again (their training resumes from its last checkpoint).
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
 from raypref.config import check_fields, from_dict, _merge, to_dict
-from raypref.sweep.jobs import SweepJob, model_path, sweep_job
 from raypref.sweep.report import (BudgetWatch, ProgressTable, MLflowTrials, trial_rows, trial_name,
                                   write_summary)
 from raypref.sweep.space import SearchSpace, load_space
@@ -28,13 +28,30 @@ ATTEMPTS_DIR = "attempts"  # attempts/<trial>.txt: one line (the Ray node id) pe
 
 
 @dataclass
+class SweepJob:
+    """What a sweep can tune (the table of them: raypref.experiments.sweep.JOBS)."""
+
+    name: str
+    config: type  # the trial config dataclass (search-space paths are its fields)
+    metric: str | Callable[[Any], str]  # what the trials report; or (base config) -> it
+    mode: str  # "min" or "max"
+    time_attr: str  # the reported progress counter ASHA schedules on
+    max_t: Callable[[Any], int]  # full length of a trial, in time_attr units
+    prepare: Callable[[Any, Path], dict]  # (base config, sweep dir) -> inputs every trial shares
+    trial: Callable[[Any, dict, str, Path], None]  # (trial config, shared, trial name, sweep dir)
+    default_space: Path = Path()
+    defaults: dict = field(default_factory=dict)  # overrides of config's defaults for short trials
+    model_path: Callable[[Path, str], Path | None] = lambda sweep_dir, trial: None  # a trial's model
+
+
+@dataclass
 class SweepConfig:
     """A hyperparameter sweep of one raypref job (`python jobs/sweep.py --help`)."""
 
-    job: str = "dpo"  # see raypref.sweep.jobs.JOBS
+    job: str = "dpo"  # dpo | reward | soups: see raypref.experiments.sweep
     space: str = ""  # YAML search space; "" = the job's own in configs/sweeps/ (reward: vae_rm.yaml)
     name: str = ""  # "" = "<job>-default"; an existing sweep of this name is resumed
-    storage_path: str = "outputs/sweeps"  # a local folder, or a filesystem every node mounts
+    output_dir: str = "outputs/sweeps"  # the sweep goes to <output_dir>/<name>: a local folder, or a filesystem every node mounts
     num_samples: int = 8  # trials
     max_concurrent: int = 0  # trials at once; 0 = as many as the cluster's CPUs hold
     seed: int = 0  # the Optuna TPE sampler's seed (training seeds: job_config.seed)
@@ -72,30 +89,41 @@ class Sweep:
     space: SearchSpace
     base: dict  # the job config every trial starts from (as a dict)
     base_config: Any
-    path: Path  # <storage_path>/<name>
+    path: Path  # <output_dir>/<name>
 
     @property
     def max_t(self) -> int:
         return self.job.max_t(self.base_config)
 
 
-def plan(cfg: SweepConfig) -> Sweep:
+def plan(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> Sweep:
     """Validate the sweep config, the job config and the search space (SpaceError / ValueError
-    naming the field) without starting Ray."""
+    naming the field) without starting Ray. ``jobs``: what can be swept, by name."""
     cfg.validate()
-    job = sweep_job(cfg.job)
-    base = from_dict(job.config, _merge(to_dict(job.config()), cfg.job_config), "job_config.")
+    if cfg.job not in jobs:
+        raise ValueError(f"SweepConfig.job={cfg.job!r}: unknown; known: {sorted(jobs)}")
+    job = jobs[cfg.job]
+    defaults = _merge(to_dict(job.config()), to_dict_deep(job.defaults))
+    base = from_dict(job.config, _merge(defaults, cfg.job_config), "job_config.")
     if hasattr(base, "validate"):
         base.validate()
+    if callable(job.metric):  # e.g. the preference job's: the chosen method's held-out score
+        job = dataclasses.replace(job, metric=job.metric(base))
     base_dict = to_dict(base)
     space = load_space(cfg.space or job.default_space, job.config, base_dict)
     name = cfg.name or f"{cfg.job}-default"
-    path = Path(cfg.storage_path).expanduser().resolve() / name
+    path = Path(cfg.output_dir).expanduser().resolve() / name
     sweep = Sweep(cfg, job, space, base_dict, base, path)
     if cfg.scheduler == "asha" and not 1 <= cfg.grace_period <= sweep.max_t:
         raise ValueError(f"SweepConfig.grace_period={cfg.grace_period}: must be in [1, {sweep.max_t}] "
                          f"(the trial's {job.time_attr}s)")
     return sweep
+
+
+def to_dict_deep(d: dict) -> dict:
+    """``d`` with dataclass values (e.g. a whole SFTConfig) as plain dicts."""
+    return {k: to_dict(v) if dataclasses.is_dataclass(v) else to_dict_deep(v) if isinstance(v, dict) else v
+            for k, v in d.items()}
 
 
 def _trial(raw_config: dict, sweep: Sweep, shared: dict) -> None:
@@ -129,13 +157,13 @@ def _max_concurrent(sweep: Sweep) -> int:
     return max(1, min(fits)) if fits else 1
 
 
-def run_sweep(cfg: SweepConfig) -> dict:
+def run_sweep(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> dict:
     """Run (or continue) the sweep; returns the summary (also in <sweep>/summary.json)."""
     import mlflow
     import ray
     from ray import tune
 
-    sweep = plan(cfg)
+    sweep = plan(cfg, jobs)
     started = time.time()
     # save Tune's experiment state every few seconds (default: >= 10 s), so a killed sweep
     # loses at most that much record of ended trials; trials last minutes, saving is cheap
@@ -163,7 +191,7 @@ def run_sweep(cfg: SweepConfig) -> dict:
         tuner.fit()
         trials = tune.ExperimentAnalysis(experiment).trials
         rows = budget.mark_cuts(trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
-                                           sweep.max_t, lambda t: model_path(sweep.path, t)))
+                                           sweep.max_t, lambda t: sweep.job.model_path(sweep.path, t)))
         return write_summary(sweep, rows, parent_id, time.time() - started)
     except BaseException:
         mlflow.MlflowClient().set_terminated(parent_id, "FAILED")

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from raypref.data.users import psoups_combinations, psoups_profiles
 from raypref.experiments.soups.evaluate import EvalConfig
 from raypref.models.merge import METHODS as MERGE_METHODS
-from raypref.recipes import RECIPES
+from raypref.recipes import per_preference_methods, recipe
 from raypref.recipes.dpo import DPOConfig
 from raypref.recipes.ppo import PPOConfig
 from raypref.recipes.sft import SFTConfig
@@ -41,7 +41,7 @@ class SoupsConfig:
     # training seeds: seed s (0..seeds-1) uses seed + s for its pairs, LoRA init and sampling;
     # its runs are named <preference>-s<s>; win rates carry bootstrap intervals over seeds
     seeds: int = 1
-    algo: str = "dpo"
+    algo: str = "dpo"  # the per-preference method, by registry name (raypref.recipes): dpo, ipo, ppo, ...
     preferences: list[str] = field(default_factory=lambda: [p.name for p in psoups_profiles()])
     # soups to build and compare; default: the 8 combinations of 002 Table 4 (uniform weights)
     combinations: list[list[str]] = field(default_factory=psoups_combinations)
@@ -58,9 +58,9 @@ class SoupsConfig:
     base_policy: str = ""
     sft: SFTConfig = field(default_factory=SFTConfig)
     pairs_per_preference: int = 1600  # simulated pairs per policy; 10% more are drawn as held-out
-    # how each per-preference policy (and P-MORL) is trained when algo=dpo
+    # how each per-preference policy (and P-MORL) is trained by a preference-pair method (dpo, ipo, ...)
     training: DPOConfig = field(default_factory=_soups_training)
-    # how each per-preference policy is trained when algo=ppo (its reward: the preference's judge)
+    # how each per-preference policy is trained by ppo (its reward: the preference's judge)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     resources: Resources = field(default_factory=_soups_resources)
     # training runs at once; 0 = as many as the cluster's CPUs / GPUs hold (2 of the default's
@@ -74,23 +74,23 @@ class SoupsConfig:
     restart: bool = False  # retrain every policy even if runs of this training config exist
 
     @property
-    def policy_training(self) -> DPOConfig | PPOConfig:
-        """The training section of the chosen algo: `ppo` for PPO, `training` otherwise."""
-        return self.ppo if self.algo == "ppo" else self.training
+    def policy_training(self):
+        """The chosen method's config section (the field its registry entry names)."""
+        return getattr(self, recipe(self.algo).section)
 
     def validate(self) -> None:
         known = {p.name for p in psoups_profiles(extended=True)}
-        per_preference = [n for n, r in RECIPES.items() if r.per_preference is not None]
-        if self.algo not in per_preference:
-            raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {per_preference}")
-        self.policy_training.validate("ppo" if self.algo == "ppo" else "training")
+        if self.algo not in per_preference_methods():
+            raise ValueError(f"algo={self.algo!r}: available per-preference trainers: {per_preference_methods()}")
+        section = recipe(self.algo).section
+        recipe(self.algo).check_section(self.policy_training, section)
         self.resources.validate("resources")
         if not self.base_policy:
             self.sft.validate()
-        per_step = self.training.micro_batch_size * self.resources.num_workers
+        per_step = self.policy_training.micro_batch_size * self.resources.num_workers
         if not self.psoups_files and self.pairs_per_preference < per_step:
             raise ValueError(f"pairs_per_preference={self.pairs_per_preference}: fewer than one "
-                             f"step's pairs (training.micro_batch_size={self.training.micro_batch_size}"
+                             f"step's pairs ({section}.micro_batch_size={self.policy_training.micro_batch_size}"
                              f" x resources.num_workers={self.resources.num_workers})")
         if self.merge_method not in MERGE_METHODS:
             raise ValueError(f"merge_method={self.merge_method!r}: must be one of {list(MERGE_METHODS)}")

@@ -25,7 +25,7 @@ import torch
 
 from raypref import tracking
 from raypref.config import to_dict
-from raypref.eval.pairs import evaluate_pairs
+from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig
@@ -117,6 +117,17 @@ class Souper:
 
 
 # ---------------------------------------------------------------- the job
+
+def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
+    """What ``jobs/soups.py`` runs: the soups run, then where its report and MLflow run are."""
+    result = run_soups(cfg)
+    print(f"\nreport: {result.report_path}")
+    print(f"mlflow: run {result.run_id} in {result.tracking_uri}")
+    if result.failed:
+        print(f"failed runs: {sorted(result.failed)}; combinations left out of the comparison: "
+              f"{result.excluded or 'none'} (a rerun retrains only the failed runs)")
+    return result
+
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
     cfg.validate()

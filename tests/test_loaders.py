@@ -19,9 +19,18 @@ def load(name, schema, tmp_path, **options):
     records = list(load_records(str(FIXTURES / name), schema=schema, quarantine=quarantine, **options))
     entries = [json.loads(x) for x in quarantine.path.read_text().splitlines()]
     summary = quarantine.summary()
-    assert summary["rows_total"] == summary["rows_valid"] + summary["rows_quarantined"]
-    assert summary["rows_valid"] == len(records)
+    # rows_total counts source rows, whatever number of records or entries each gives
+    assert summary["rows_total"] == source_rows(FIXTURES / name)
+    assert summary["rows_valid"] == len(records) and len(entries) == summary["rows_quarantined"]
     return records, entries
+
+
+def source_rows(path: Path) -> int:
+    if path.suffix == ".parquet":
+        return pq.read_metadata(path).num_rows
+    if path.suffix == ".json":
+        return len(json.loads(path.read_text()))
+    return sum(1 for line in path.read_text().splitlines() if line.strip())
 
 
 def reasons(entries):
@@ -215,3 +224,108 @@ def test_helpsteer_pairs_responses_of_one_prompt(tmp_path):
     assert [r.chosen for r in colour] == ["Blue is a color of the sky and the sea."]
     with pytest.raises(ValueError, match="unknown attribute.*'length'"):
         load("helpsteer.jsonl", "helpsteer", tmp_path, weights={"length": 1.0})
+
+
+# ---------------------------------------------------------------- inputs that must not amplify
+
+def helpsteer_row(prompt, response, quality=3):
+    return {"prompt": prompt, "response": response, "helpfulness": quality, "correctness": quality,
+            "coherence": quality, "complexity": 0, "verbosity": 0}
+
+
+def write_jsonl(path: Path, rows) -> Path:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return path
+
+
+def load_file(path: Path, schema, tmp_path, **options):
+    quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0)
+    records = list(load_records(str(path), schema=schema, quarantine=quarantine, **options))
+    return records, [json.loads(x) for x in quarantine.path.read_text().splitlines()], quarantine.summary()
+
+
+@pytest.mark.parametrize("prompt", [None, "", "\u200b\u200c\u200d\u2060\ufeff"])
+def test_helpsteer_rows_without_a_prompt_are_quarantined_once_each(tmp_path, prompt):
+    # before: 400 such rows formed one run and were paired with each other, 79,800 entries
+    rows = [helpsteer_row(prompt, f"answer {i}", quality=i % 5) for i in range(400)]
+    records, entries, summary = load_file(write_jsonl(tmp_path / "h.jsonl", rows), "helpsteer", tmp_path)
+    assert records == [] and len(entries) == 400 == summary["rows_total"]
+    assert {e["reason"] for e in entries} == {"missing_field" if prompt is None else "empty_text"}
+    assert [e["line"] for e in entries] == list(range(1, 401))
+
+
+def test_helpsteer_comparisons_per_prompt_are_capped(tmp_path):
+    rows = [helpsteer_row("One prompt?", f"answer {i}", quality=i % 5) for i in range(30)]
+    path = write_jsonl(tmp_path / "h.jsonl", rows)
+    records, entries, summary = load_file(path, "helpsteer", tmp_path)
+    # default cap 10: the first 5 responses are compared (10 pairs and ties), the other 25 rows
+    # are one entry each; before, all 30 were compared: 435 outcomes
+    outcomes = len(records) + sum(e["reason"] == "tie" for e in entries)
+    assert outcomes == 10 and sum(e["reason"] == "too_many_pairs" for e in entries) == 25
+    assert summary["rows_total"] == 30
+    records, entries, _ = load_file(path, "helpsteer", tmp_path, max_pairs_per_prompt=3)
+    assert len(records) + sum(e["reason"] == "tie" for e in entries) == 3  # 3 responses, 3 pairs
+    assert "max_pairs_per_prompt=3" in next(e["detail"] for e in entries if e["reason"] == "too_many_pairs")
+    with pytest.raises(ValueError, match="max_pairs_per_prompt must be an int >= 1"):
+        load_file(path, "helpsteer", tmp_path, max_pairs_per_prompt=0)
+
+
+def prism_turn(turn, n_replies=2):
+    replies = [{"turn": turn, "role": "model", "content": f"reply {turn}.{k}", "score": 90 - k,
+                "if_chosen": k == 0} for k in range(n_replies)]
+    return [{"turn": turn, "role": "user", "content": f"question {turn}"}] + replies
+
+
+def test_prism_conversation_without_a_pair_is_quarantined_with_its_reason(tmp_path):
+    rows = [{"conversation_id": "empty", "user_id": "u1", "conversation_history": []},
+            {"conversation_id": "ok", "user_id": "u2", "conversation_history": prism_turn(0, 3)}]
+    path = write_jsonl(tmp_path / "p.jsonl", rows)
+    records, entries, summary = load_file(path, "prism", tmp_path, user_map=UserIdMap())
+    assert len(records) == 2  # the second conversation: 1 chosen against 2 others
+    assert [(e["line"], e["reason"]) for e in entries] == [(1, "unmappable")]  # before: no entry at all
+    assert "'conversation_history' is empty" in entries[0]["detail"]
+    assert summary["rows_total"] == 2  # source rows; before: 2 (the pairs), the empty one not counted
+
+
+def test_prism_comparisons_per_conversation_are_capped(tmp_path):
+    history = [message for turn in range(100) for message in prism_turn(turn)]
+    path = write_jsonl(tmp_path / "p.jsonl", [{"conversation_id": "long", "user_id": "u", "conversation_history": history}])
+    records, entries, summary = load_file(path, "prism", tmp_path, user_map=UserIdMap(), max_pairs_per_conversation=5)
+    assert len(records) == 5 and records[-1].prompt.count("User:") == 5
+    assert [e["reason"] for e in entries] == ["too_many_pairs"] and "turn 5" in entries[0]["detail"]
+    records, _, _ = load_file(path, "prism", tmp_path, user_map=UserIdMap())
+    assert len(records) == 64  # the default cap; before, 100 pairs with prompts of up to 100 turns
+
+
+def test_rows_total_counts_source_rows_not_pairs(tmp_path):
+    records, entries, summary = load_file(FIXTURES / "prism_conversations.jsonl", "prism", tmp_path,
+                                          user_map=UserIdMap())
+    # 3 conversations gave 4 pairs and 2 entries; before, rows_total was 6 (pairs + entries)
+    assert (summary["rows_total"], summary["rows_valid"], summary["rows_quarantined"]) == (3, 4, 2)
+
+
+def test_long_jsonl_lines_are_quarantined_without_being_read_whole(tmp_path, monkeypatch):
+    monkeypatch.setattr("raypref.data.loaders.MAX_LINE_BYTES", 1000)
+    long_row = json.dumps({"user_input": "q" * 5000, "completion_a": "a", "completion_b": "b"})
+    path = tmp_path / "P1A.jsonl"
+    path.write_text(psoups_line(0) + "\n" + long_row + "\n" + psoups_line(1) + "\n" + "x" * 1500)
+    records, entries, summary = load_file(path, "psoups", tmp_path, preference="P1A")
+    assert [r.prompt for r in records] == ["question 0?", "question 1?"]  # line numbers stay right
+    assert [(e["line"], e["reason"]) for e in entries] == [(2, "line_too_long"), (4, "line_too_long")]
+    assert f"{len(long_row)} bytes > max_line_bytes=1000" in entries[0]["detail"]
+    assert entries[0]["raw"] == long_row[:1000] and "1500 bytes" in entries[1]["detail"]
+    assert summary["rows_total"] == 4
+
+
+@pytest.mark.parametrize("length, refused", [(999, False), (1000, False), (1001, True), (5000, True)])
+def test_line_limit_is_exact(length, refused):
+    import io
+
+    from raypref.data.loaders import iter_jsonl_rows
+    line = json.dumps({"k": "v" * (length - 9)}).encode()
+    assert len(line) == length
+    rows = list(iter_jsonl_rows(io.BytesIO(line + b'\n{"next": 1}\n'), max_line_bytes=1000))
+    assert [number for number, _, _ in rows] == [1, 2] and rows[1][1] == {"next": 1}
+    assert isinstance(rows[0][1], InvalidRecord) == refused
+    last = list(iter_jsonl_rows(io.BytesIO(line), max_line_bytes=1000))  # a last line without newline
+    assert len(last) == 1 and isinstance(last[0][1], InvalidRecord) == refused

@@ -198,3 +198,20 @@ def test_two_train_workers_get_disjoint_shards_covering_all(ray_local, tmp_path)
     assert not set(seen[0]) & set(seen[1])
     assert sorted(seen[0] + seen[1]) == sorted(expected["valid_ids"])  # nothing dropped, nothing twice
     assert report.check()["rows_valid"] == 15
+
+
+def test_a_shard_of_bad_rows_keeps_a_bounded_part(ray_local, tmp_path):
+    from raypref.data.pipeline import MAX_ENTRIES_PER_SHARD
+    folder = tmp_path / "data"
+    folder.mkdir()
+    n_bad = MAX_ENTRIES_PER_SHARD + 200
+    bad = [json.dumps(dict(row(i), prompt="\u200b")) for i in range(n_bad)]  # invisible: empty text
+    (folder / "bad.jsonl").write_text("\n".join(bad + [json.dumps(row(5000))]) + "\n")
+    ds, report = read_preference_shards(str(folder), quarantine_path=str(tmp_path / "q.jsonl"),
+                                        max_quarantine_fraction=1.0)
+    assert [r["user_id"] for r in ds.take_all()] == [5000]
+    summary = report.check()
+    assert summary["rows_total"] == n_bad + 1 and summary["by_reason"] == {"empty_text": n_bad}
+    assert summary["entries_omitted"] == 200  # counted, not held in the task nor written
+    lines = (tmp_path / "q.jsonl").read_text().splitlines()
+    assert len(lines) == MAX_ENTRIES_PER_SHARD and json.loads(lines[0])["line"] == 1

@@ -61,7 +61,7 @@ def test_empty_user_text_means_none_and_defaults_apply():
     ({"chosen_scores": {"h": 10**400}}, "non_finite_score", "chosen_scores['h'] is too large"),
     ({"chosen_scores": '{"h": 1e400}'}, "non_finite_score", "chosen_scores['h'] is not finite (inf)"),
     ({"chosen_scores": '{"h": ' + "9" * 5000 + "}"}, "bad_scores_json", "'chosen_scores'"),
-    ({"chosen_scores": "[" * 100000}, "bad_scores_json", "'chosen_scores'"),
+    ({"chosen_scores": "[" * 50000}, "bad_scores_json", "'chosen_scores'"),
     ({"chosen_scores": [1.0, 2.0]}, "wrong_type", "got list"),
     ({"chosen_scores": {"h": {"nested": 1}}}, "wrong_type", "chosen_scores['h'] must be a number, got dict"),
     ({"chosen_scores": {"h": None}}, "wrong_type", "got NoneType"),
@@ -69,6 +69,17 @@ def test_empty_user_text_means_none_and_defaults_apply():
     ({"chosen_scores": {"": 1.0}}, "empty_text", "empty score name"),
     ({"chosen_scores": '{"\\ud800": 1}'}, "bad_text", "lone surrogate"),
     ({"rejected_scores": np.array([1.0])}, "wrong_type", "got ndarray"),
+    # text that shows nothing is empty text, zero-width characters included
+    ({"prompt": "\u200b"}, "empty_text", "'prompt'"),
+    ({"chosen": " \u200c\u200d\u2060\ufeff\n"}, "empty_text", "'chosen'"),
+    ({"rejected": "\u3164\u2800\u00ad"}, "empty_text", "'rejected'"),
+    ({"rejected": "\ufeffBecause.\u200b"}, "identical_responses", "the same text"),
+    ({"chosen_scores": {"\u200b": 1.0}}, "empty_text", "empty score name"),
+    # caps on scores: a handful of named ratings, not an unbounded dict
+    ({"chosen_scores": {f"s{i}": 1.0 for i in range(65)}}, "too_many_scores", "65 scores > 64"),
+    ({"chosen_scores": json.dumps({f"s{i}": 1.0 for i in range(65)})}, "too_many_scores", "65 scores"),
+    ({"chosen_scores": {"h" * 65: 1.0}}, "too_long", "score name of 65 chars > 64"),
+    ({"chosen_scores": '{"h": 1}' + " " * 70000}, "too_long", "chars of JSON > 65536"),
 ])
 def test_invalid_rows_name_the_problem(changes, code, names):
     with pytest.raises(InvalidRecord) as err:
@@ -135,6 +146,7 @@ def test_quarantine_accounts_for_every_row(tmp_path):
         rows[i].update(rng.choice([{"chosen": ""}, {"user_id": -3}, {"rejected_scores": "{"}]))
     quarantine = Quarantine(tmp_path / "q" / "bad.jsonl", max_fraction=1.0)
     for line, row in enumerate(rows):
+        quarantine.count_rows()
         try:
             validate_row(row)
             quarantine.count_valid()
@@ -175,3 +187,39 @@ def test_bad_fraction_and_stale_file(tmp_path):
     (tmp_path / "q.jsonl").write_text("old run\n")
     Quarantine(tmp_path / "q.jsonl")
     assert (tmp_path / "q.jsonl").read_text() == ""
+
+
+def test_blank_user_text_means_none():
+    assert validate_row(good_row(user_text="\u200b \ufeff")).user_text is None
+    assert validate_row(good_row(user_text="\u200bteacher")).user_text == "\u200bteacher"
+    assert validate_row(good_row(chosen_scores={"h" * 64: 1.0})).chosen_scores == {"h" * 64: 1.0}
+
+
+def test_quarantined_rows_are_truncated_with_their_length(tmp_path):
+    quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0)
+    huge = {"prompt": "p" * 5_000_000, "chosen": "a"}
+    quarantine.add(reason="too_long", detail="d" * 10_000, shard="s", line=1, raw=huge)
+    quarantine.add(reason="empty_text", detail="d", shard="s", line=2, raw={"prompt": ""})
+    text = (tmp_path / "q.jsonl").read_text()
+    assert len(text) < 70_000  # before: the 5 MB row was stored whole
+    first, second = map(json.loads, text.splitlines())
+    full = json.dumps(huge, ensure_ascii=False)
+    assert first["raw"] == full[:64 * 1024] and first["raw_chars"] == len(full)
+    assert len(first["detail"]) < 2100 and first["detail"].endswith("(10000 chars)")
+    assert second["raw"] == {"prompt": ""} and "raw_chars" not in second  # small rows stay as they are
+
+
+def test_quarantine_file_stops_growing_at_its_limits(tmp_path):
+    entries = [dict(reason="tie", detail="d", shard="s", line=i, raw={"i": i}) for i in range(1000)]
+    quarantine = Quarantine(tmp_path / "q.jsonl", max_fraction=1.0, max_entries=10)
+    quarantine.add_many(entries)  # one call: the limit holds inside it, entry by entry
+    quarantine.add(**entries[0])
+    lines = (tmp_path / "q.jsonl").read_text().splitlines()
+    assert [json.loads(x)["line"] for x in lines] == list(range(10))
+    summary = quarantine.summary()
+    assert summary["rows_quarantined"] == 1001 and summary["entries_omitted"] == 991
+    assert summary["by_reason"] == {"tie": 1001}  # omitted entries still count
+    sized = Quarantine(tmp_path / "b.jsonl", max_fraction=1.0, max_bytes=1000)
+    sized.add_many(entries)
+    assert 0 < (tmp_path / "b.jsonl").stat().st_size <= 1000
+    assert sized.summary()["entries_omitted"] == 1000 - len((tmp_path / "b.jsonl").read_text().splitlines())

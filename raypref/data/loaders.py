@@ -27,7 +27,7 @@ from typing import BinaryIO
 import pyarrow.parquet as pq
 
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
-from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, validate_row
+from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, is_blank, validate_row
 
 MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
@@ -36,18 +36,49 @@ MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
 Row = tuple[int, "dict | InvalidRecord", object]  # (line or row index, row or error, raw)
 
+# The longest jsonl line read as a row (bytes, without its newline). A preference row holds
+# three texts of at most max_chars (20,000 by default) and a few scores; a PRISM conversation
+# a few dozen messages. Longer lines are quarantined without being held in memory.
+MAX_LINE_BYTES = 4 * 2**20
+_TAIL_CHUNK = 2**20  # how much of an over-long line's rest is read at a time to skip it
 
-def iter_jsonl_rows(stream) -> Iterator[Row]:
+
+def _lines(stream, limit: int) -> Iterator[tuple[int, bytes, int | None]]:
+    """`(number, line, None)` per line, or `(number, head, length)` for a line longer than
+    `limit` bytes: its first `limit` bytes and its full length; the rest is read in chunks
+    and dropped, so no line is ever held whole."""
+    number = 0
+    while raw := stream.readline(limit + 1):
+        number += 1
+        if raw.endswith(b"\n") or len(raw) <= limit:
+            yield number, raw, None
+            continue
+        length = len(raw)
+        while (rest := stream.readline(_TAIL_CHUNK)) and not rest.endswith(b"\n"):
+            length += len(rest)
+        length += len(rest.rstrip(b"\n"))
+        yield number, raw[:limit], length
+
+
+def iter_jsonl_rows(stream, max_line_bytes: int | None = None) -> Iterator[Row]:
     """Yield `(line_number, row_or_error, raw_text)` for a binary jsonl stream.
 
     Line numbers are 1-based; blank lines are not rows. A line that is not UTF-8 or not
-    a JSON object comes back as an `InvalidRecord("undecodable_line", ...)`. A NUL byte
-    raises `ValueError`: JSON text never holds one raw, so the file is binary (or UTF-16),
-    and going on would quarantine its bytes line by line as if they were rows.
+    a JSON object comes back as an `InvalidRecord("undecodable_line", ...)`, one longer than
+    `max_line_bytes` (default MAX_LINE_BYTES) as `InvalidRecord("line_too_long", ...)` with
+    its start as raw text. A NUL byte raises `ValueError`: JSON text never holds one raw, so
+    the file is binary (or UTF-16), and going on would quarantine its bytes line by line as
+    if they were rows.
     """
+    limit = MAX_LINE_BYTES if max_line_bytes is None else max_line_bytes
     if not isinstance(stream, (io.BufferedReader, gzip.GzipFile)):
         stream = io.BufferedReader(stream)  # pyarrow input streams cannot readline()
-    for number, raw in enumerate(stream, 1):
+    for number, raw, length in _lines(stream, limit):
+        if length is not None:
+            head = raw.decode("utf-8", errors="replace")
+            yield number, InvalidRecord("line_too_long", f"line {number} has {length} bytes > "
+                                        f"max_line_bytes={limit}"), head
+            continue
         if not raw.strip():
             continue
         if b"\x00" in raw:
@@ -248,23 +279,43 @@ HELPSTEER_ATTRIBUTES = ("helpfulness", "correctness", "coherence", "complexity",
 HELPSTEER_QUALITY = {"helpfulness": 1.0, "correctness": 1.0, "coherence": 1.0}
 
 
+def _pairable_text(row: dict, name: str) -> str:
+    """`row[name]` if it is text that can be paired, else the InvalidRecord to quarantine."""
+    value = row.get(name)
+    if value is None:
+        raise InvalidRecord("missing_field", f"{name!r} is missing: the row cannot be paired")
+    if not isinstance(value, str):
+        raise InvalidRecord("wrong_type", f"{name!r} must be str, got {type(value).__name__}")
+    if is_blank(value):
+        raise InvalidRecord("empty_text", f"{name!r} is empty, whitespace or invisible characters")
+    return value
+
+
 def helpsteer(*, weights: dict[str, float] | None = None, user_id: int = UNKNOWN_USER,
-              user_text: str | None = None) -> MapRow:
+              user_text: str | None = None, max_pairs_per_prompt: int = 10) -> MapRow:
     """nvidia/HelpSteer: one row per response (`prompt`, `response`, and the five attributes
     rated 0-4). The dataset lists a prompt's responses on consecutive rows, so the mapper
     keeps the run of rows of the current prompt and pairs each new response with every
     earlier one: chosen = the higher `w·ratings` (weights default to equal on helpfulness,
     correctness and coherence; complexity and verbosity are styles, not quality). Every
-    pair carries all five ratings as scores; a row with a missing or out-of-range rating
-    is quarantined, and so is a pair of equal utility (a tie).
+    pair carries all five ratings as scores.
+
+    Quarantined, each once: a row with a missing or out-of-range rating, or without a
+    prompt or response (before pairing: it joins no run), a pair of equal utility (a tie),
+    and a row whose pairing would take its prompt past `max_pairs_per_prompt` comparisons
+    (pairs and ties; 10 pairs all of 5 responses). So a source row gives at most as many
+    outcomes as its prompt has earlier responses, and a prompt at most the cap.
     """
     weights = dict(weights or HELPSTEER_QUALITY)
     unknown = sorted(set(weights) - set(HELPSTEER_ATTRIBUTES))
     if unknown:
         raise ValueError(f"helpsteer: weights name unknown attribute(s) {unknown}; "
                          f"known: {HELPSTEER_ATTRIBUTES}")
-    run: list[tuple[str, dict[str, float]]] = []  # (response, ratings) of the current prompt
-    current: list = [None]
+    if isinstance(max_pairs_per_prompt, bool) or not isinstance(max_pairs_per_prompt, int) \
+            or max_pairs_per_prompt < 1:
+        raise ValueError(f"helpsteer: max_pairs_per_prompt must be an int >= 1, got {max_pairs_per_prompt!r}")
+    run: list[tuple[str, dict[str, float], float]] = []  # (response, ratings, utility) of the current prompt
+    state = {"prompt": None, "comparisons": 0}
 
     def map_row(row: dict):
         ratings = {}
@@ -274,23 +325,27 @@ def helpsteer(*, weights: dict[str, float] | None = None, user_id: int = UNKNOWN
                 yield InvalidRecord("unmappable", f"{name}={value!r}: HelpSteer ratings are 0-4")
                 return
             ratings[name] = float(value)
-        prompt, response = row.get("prompt"), row.get("response")
-        if prompt != current[0]:
-            current[0] = prompt
+        prompt, response = _pairable_text(row, "prompt"), _pairable_text(row, "response")
+        if prompt != state["prompt"]:
+            state["prompt"], state["comparisons"] = prompt, 0
             run.clear()
+        if state["comparisons"] + len(run) > max_pairs_per_prompt:
+            yield InvalidRecord("too_many_pairs", f"the prompt has {len(run)} responses paired in "
+                                f"{state['comparisons']} comparisons; pairing this one would pass "
+                                f"max_pairs_per_prompt={max_pairs_per_prompt}")
+            return
         utility = sum(w * ratings[a] for a, w in weights.items())
-        for earlier, earlier_ratings in run:
-            other = sum(w * earlier_ratings[a] for a, w in weights.items())
+        state["comparisons"] += len(run)
+        for earlier, earlier_ratings, other in run:
             if other == utility:
                 yield InvalidRecord("tie", f"two responses of one prompt both have utility {utility}")
                 continue
-            (chosen, cs), (rejected, rs) = sorted(
-                [(response, ratings), (earlier, earlier_ratings)],
-                key=lambda item: -sum(w * item[1][a] for a, w in weights.items()))
+            (chosen, cs), (rejected, rs) = (((response, ratings), (earlier, earlier_ratings)) if utility > other
+                                            else ((earlier, earlier_ratings), (response, ratings)))
             yield PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, user_id=user_id,
                                    user_text=user_text, chosen_scores=dict(cs),
                                    rejected_scores=dict(rs), source="helpsteer")
-        run.append((response, ratings))
+        run.append((response, ratings, utility))
     return map_row
 
 
@@ -409,15 +464,23 @@ def load_prism_profiles(survey_path: str | Path) -> dict[str, dict]:
     return profiles
 
 
-def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None) -> MapRow:
+def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None,
+          max_pairs_per_conversation: int = 64) -> MapRow:
     """PRISM conversations.jsonl: each turn is a comparison (seed 004, §5.3).
 
     Assumes `conversation_history` is a list of messages with `turn`, `role`
     ("user"/"model"), `content`, and for model messages `score` (1-100) and `if_chosen`.
     Per turn: prompt = earlier turns (user text + the chosen reply) and this turn's user
     text; chosen = the model reply with `if_chosen`; one pair per other reply of that
-    turn. A reply scored at or above the chosen one (contradictory) is quarantined.
+    turn. A reply scored at or above the chosen one (contradictory) is quarantined, and so
+    is a conversation with no turn. Past `max_pairs_per_conversation` comparisons (pairs and
+    ties; PRISM has a few per turn and a few turns) the rest of the conversation is one
+    `too_many_pairs` entry: the prompt grows with every turn, so its pairs would grow as
+    the square of its length.
     """
+    if isinstance(max_pairs_per_conversation, bool) or not isinstance(max_pairs_per_conversation, int) \
+            or max_pairs_per_conversation < 1:
+        raise ValueError(f"prism: max_pairs_per_conversation must be an int >= 1, got {max_pairs_per_conversation!r}")
     profiles = load_prism_profiles(survey_path) if survey_path else {}
 
     def map_row(row: dict):
@@ -425,13 +488,16 @@ def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None) -> MapR
         if not isinstance(history, list) or user_key is None:
             yield InvalidRecord("unmappable", "conversation needs 'conversation_history' (list) and 'user_id'")
             return
+        if not history:
+            yield InvalidRecord("unmappable", "'conversation_history' is empty: no turn to compare")
+            return
         user_id = user_map(user_key)
         profile = profiles.get(str(user_key))
         user_text = prism_user_text(profile) if profile else None
         turns: dict[int, list[dict]] = {}
         for message in history:
             turns.setdefault(message.get("turn"), []).append(message)
-        context = []
+        context, comparisons = [], 0
         for turn in sorted(turns, key=lambda t: (t is None, t)):
             messages = turns[turn]
             user_msgs = [m for m in messages if m.get("role") == "user"]
@@ -444,6 +510,12 @@ def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None) -> MapR
             context.append(f"User: {user_msgs[0].get('content')}")
             prompt = "\n".join(context) + "\nAssistant:"
             best = chosen[0]
+            if comparisons + len(replies) - 1 > max_pairs_per_conversation:
+                yield InvalidRecord("too_many_pairs", f"turn {turn}: its {len(replies) - 1} comparisons would take "
+                                    f"the conversation past max_pairs_per_conversation="
+                                    f"{max_pairs_per_conversation}; this and later turns are left out")
+                break
+            comparisons += len(replies) - 1
             for other in replies:
                 if other is best:
                     continue
@@ -506,7 +578,8 @@ def load_records(source: str, *, schema: str, split: str | None = None,
     users (psoups, summarize, prism) map user keys through `user_map`, loaded from and
     saved to `user_map_path` when given (saved when the iteration ends). `options` go to
     the schema factory, e.g. `weights=` (ultrafeedback), `preference=` (psoups),
-    `survey_path=` (prism).
+    `survey_path=` (prism), `max_pairs_per_prompt=` (helpsteer),
+    `max_pairs_per_conversation=` (prism).
     """
     entry = get_schema(schema)
     if entry.uses_user_map:
@@ -518,6 +591,8 @@ def load_records(source: str, *, schema: str, split: str | None = None,
                         on_shard=quarantine.note_shard if quarantine is not None else None)
     try:
         for shard, line, row, raw in rows:
+            if quarantine is not None:
+                quarantine.count_rows()
             outcomes = [row] if isinstance(row, InvalidRecord) else _map_safely(map_row, row)
             for outcome in outcomes:
                 if not isinstance(outcome, InvalidRecord):

@@ -10,6 +10,7 @@ valid rows flow on in the `to_row()` schema. Nothing is materialized whole in th
 from __future__ import annotations
 
 import os
+from collections import Counter
 from collections.abc import Callable, Iterator
 
 import numpy as np
@@ -20,7 +21,7 @@ from ray.train import DataConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
 from raypref.data.loaders import read_shard
-from raypref.data.quarantine import Quarantine, check_fraction
+from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine, check_fraction, make_entry
 from raypref.data.records import InvalidRecord, validate_row
 
 SHARD_SUFFIXES = (".parquet", ".jsonl", ".jsonl.gz")
@@ -49,6 +50,11 @@ def list_shards(uri: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[p
     return filesystem, shards
 
 
+# Entries one shard task holds until its end (each at most ~MAX_RAW_CHARS): past that it
+# only counts them, so a shard of bad rows cannot fill the task's memory.
+MAX_ENTRIES_PER_SHARD = 1000
+
+
 def _validate_shard(item: dict, *, filesystem: pafs.FileSystem, quarantine, max_chars: int) -> Iterator[dict]:
     """flat_map step: yield the valid rows of one shard; report the rest once, at its end.
 
@@ -56,20 +62,23 @@ def _validate_shard(item: dict, *, filesystem: pafs.FileSystem, quarantine, max_
     InvalidRecord, and `validate_row` raises nothing else, so the task always reaches
     `finish_shard` and the counts stay whole.
     """
-    shard, rows_valid, entries = item["shard"], 0, []
+    shard, rows_valid, entries, omitted = item["shard"], 0, [], Counter()
     for line, row, raw in read_shard(shard, lambda: filesystem.open_input_file(shard)):
         try:
             if isinstance(row, InvalidRecord):
                 raise row
             record = validate_row(row, max_chars=max_chars)
         except InvalidRecord as err:
-            entries.append(dict(reason=err.code, detail=err.detail, shard=shard, line=line, raw=raw))
+            if len(entries) < MAX_ENTRIES_PER_SHARD or err.code == UNREADABLE_SHARD:  # bad_shards needs it
+                entries.append(make_entry(reason=err.code, detail=err.detail, shard=shard, line=line, raw=raw))
+            else:
+                omitted[err.code] += 1
             continue
         rows_valid += 1
         yield record.to_row()
     # One call per shard: the actor ignores a shard it has already counted, so a retried
     # task or a second pass over the lazy dataset does not count twice.
-    ray.get(quarantine.finish_shard.remote(shard, rows_valid, entries))
+    ray.get(quarantine.finish_shard.remote(shard, rows_valid, entries, dict(omitted)))
 
 
 class QuarantineReport:

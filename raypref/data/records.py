@@ -9,10 +9,16 @@ from __future__ import annotations
 import json
 import math
 import numbers
+import unicodedata
 from dataclasses import dataclass, field
 
 UNKNOWN_USER = 0  # user id of an unknown / generic user (seed 004 §4.1)
 MAX_USER_ID = 2**31 - 1  # ids must fit int32: embedding tables and Arrow columns downstream
+# Scores are a handful of named ratings per response (UltraFeedback 4, HelpSteer 5); these caps
+# keep a hostile row from carrying an unbounded dict through every copy of the pipeline.
+MAX_SCORES = 64
+MAX_SCORE_NAME_CHARS = 64
+MAX_SCORES_JSON_CHARS = 64 * 1024  # the on-disk JSON text is refused before it is parsed
 
 ROW_COLUMNS = (
     "prompt", "chosen", "rejected", "user_id", "user_text",
@@ -63,8 +69,12 @@ class InvalidRecord(ValueError):
 ROW_REASONS = {
     "wrong_type": "the row is not a dict, or a field / score name / score has the wrong type",
     "missing_field": "prompt, chosen or rejected is absent or None",
-    "empty_text": "a text field or a score name is empty or whitespace",
-    "too_long": "a text field is longer than max_chars",
+    "empty_text": "a text field or a score name is empty, or holds only whitespace and invisible "
+                  "characters (zero-width spaces and joiners, word joiners, byte-order marks)",
+    "too_long": f"a text field is longer than max_chars, a score name longer than "
+                f"{MAX_SCORE_NAME_CHARS} characters, or a score field's JSON longer than "
+                f"{MAX_SCORES_JSON_CHARS} characters",
+    "too_many_scores": f"a score field holds more than {MAX_SCORES} scores",
     "bad_text": "a text field or score name holds a NUL character or a lone surrogate "
                 "(neither survives UTF-8 files, Arrow strings or tokenizers)",
     "identical_responses": "chosen and rejected are the same text",
@@ -75,6 +85,30 @@ ROW_REASONS = {
 }
 
 _TEXT_FIELDS = ("prompt", "chosen", "rejected")
+# Characters that draw nothing yet are not whitespace to str.isspace(): Hangul fillers, the
+# braille blank and the combining grapheme joiner. Format characters (category Cf: zero-width
+# space U+200B, joiners U+200C/U+200D, word joiner U+2060, byte-order mark U+FEFF, ...) are
+# found by category.
+_INVISIBLE = frozenset("\u034f\u115f\u1160\u2800\u3164\uffa0")
+
+
+def _invisible(char: str) -> bool:
+    return char.isspace() or char in _INVISIBLE or unicodedata.category(char) == "Cf"
+
+
+def is_blank(text: str) -> bool:
+    """True if `text` shows nothing: empty, or only whitespace and invisible characters."""
+    return all(map(_invisible, text))
+
+
+def visible_core(text: str) -> str:
+    """`text` without invisible characters at its ends: two texts with the same core read the same."""
+    start, end = 0, len(text)
+    while start < end and _invisible(text[start]):
+        start += 1
+    while end > start and _invisible(text[end - 1]):
+        end -= 1
+    return text[start:end]
 _SCORE_FIELDS = ("chosen_scores", "rejected_scores")
 
 
@@ -105,10 +139,10 @@ def _check_text(row: dict, name: str, max_chars: int) -> str:
     value = row[name]
     if not isinstance(value, str):
         raise InvalidRecord("wrong_type", f"field {name!r} must be str, got {type(value).__name__}")
-    if not value.strip():
-        raise InvalidRecord("empty_text", f"field {name!r} is empty or whitespace")
     if len(value) > max_chars:
         raise InvalidRecord("too_long", f"field {name!r} has {len(value)} chars > max_chars={max_chars}")
+    if is_blank(value):  # after the length check: a long text is refused without a scan
+        raise InvalidRecord("empty_text", f"field {name!r} is empty, whitespace or invisible characters")
     _check_clean(f"field {name!r}", value)
     return value
 
@@ -116,7 +150,9 @@ def _check_text(row: dict, name: str, max_chars: int) -> str:
 def _check_score(name: str, attr, score) -> tuple[str, float]:
     if not isinstance(attr, str):
         raise InvalidRecord("wrong_type", f"{name} names must be str, got {type(attr).__name__}")
-    if not attr.strip():
+    if len(attr) > MAX_SCORE_NAME_CHARS:
+        raise InvalidRecord("too_long", f"{name} has a score name of {len(attr)} chars > {MAX_SCORE_NAME_CHARS}")
+    if is_blank(attr):
         raise InvalidRecord("empty_text", f"{name} has an empty score name")
     _check_clean(f"{name} name {attr[:40]!r}", attr)
     if not isinstance(score, numbers.Real) or isinstance(score, bool):
@@ -135,6 +171,8 @@ def _check_scores(row: dict, name: str) -> dict[str, float]:
     if value is None or (isinstance(value, str) and value == ""):
         return {}
     if isinstance(value, str):  # the on-disk form is JSON text
+        if len(value) > MAX_SCORES_JSON_CHARS:
+            raise InvalidRecord("too_long", f"field {name!r} has {len(value)} chars of JSON > {MAX_SCORES_JSON_CHARS}")
         try:
             value = json.loads(value)
         # ValueError: JSONDecodeError, or an int literal past Python's 4300-digit limit;
@@ -144,6 +182,8 @@ def _check_scores(row: dict, name: str) -> dict[str, float]:
             raise InvalidRecord("bad_scores_json", f"field {name!r} is not valid JSON ({reason})") from None
     if not isinstance(value, dict):
         raise InvalidRecord("wrong_type", f"field {name!r} must be a dict of scores, got {type(value).__name__}")
+    if len(value) > MAX_SCORES:
+        raise InvalidRecord("too_many_scores", f"field {name!r} holds {len(value)} scores > {MAX_SCORES}")
     return dict(_check_score(name, attr, score) for attr, score in value.items())
 
 
@@ -174,10 +214,12 @@ def _check_user_id(row: dict) -> int:
 def validate_row(row: dict, *, max_chars: int = 20000) -> PreferenceRecord:
     """Check one flat row (as written by `to_row`, or with dict scores) and build the record.
 
-    Required: `prompt`, `chosen`, `rejected` (non-empty str, at most `max_chars`, chosen !=
-    rejected). Optional: `user_id` (int in [0, MAX_USER_ID], default UNKNOWN_USER),
-    `user_text`, `source`, `chosen_scores` / `rejected_scores` (dict or JSON text; str names,
-    finite numbers). No text may hold a NUL or a lone surrogate. Extra keys are ignored.
+    Required: `prompt`, `chosen`, `rejected` (str, at most `max_chars`, not blank (`is_blank`),
+    chosen != rejected up to invisible ends). Optional: `user_id` (int in [0, MAX_USER_ID],
+    default UNKNOWN_USER), `user_text` (blank means none), `source`, `chosen_scores` /
+    `rejected_scores` (dict or JSON text; at most MAX_SCORES str names of at most
+    MAX_SCORE_NAME_CHARS, finite numbers). No text may hold a NUL or a lone surrogate. Extra
+    keys are ignored.
 
     Raises `InvalidRecord` naming the field and the problem (codes in `ROW_REASONS`), and
     nothing else, whatever the row holds: one bad row must not stop a validation pass.
@@ -194,7 +236,7 @@ def _validate(row: dict, max_chars: int) -> PreferenceRecord:
     if not isinstance(row, dict):
         raise InvalidRecord("wrong_type", f"row must be a dict, got {type(row).__name__}")
     prompt, chosen, rejected = (_check_text(row, name, max_chars) for name in _TEXT_FIELDS)
-    if chosen.strip() == rejected.strip():
+    if visible_core(chosen) == visible_core(rejected):
         raise InvalidRecord("identical_responses", "fields 'chosen' and 'rejected' are the same text")
     user_id = _check_user_id(row)
     user_text = _check_optional_str(row, "user_text", max_chars)
@@ -204,7 +246,7 @@ def _validate(row: dict, max_chars: int) -> PreferenceRecord:
         chosen=chosen,
         rejected=rejected,
         user_id=user_id,
-        user_text=user_text or None,  # to_row writes "" for "no user text"
+        user_text=None if user_text is None or is_blank(user_text) else user_text,  # to_row writes "" for none
         chosen_scores=chosen_scores,
         rejected_scores=rejected_scores,
         source=_check_optional_str(row, "source", max_chars) or "",

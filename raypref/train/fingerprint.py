@@ -79,9 +79,11 @@ def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = F
     run_dir = storage.join(root, name)
     path = storage.join(run_dir, FINGERPRINT_FILE)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
-    if storage.exists(run_dir) and restart:
-        print(f"[runner] {name}: --restart, deleting the old run in {run_dir}", flush=True)
-        storage.delete_dir(run_dir)
+    if not storage.is_run_name(name):
+        raise ValueError(f"run name {name!r}: {storage.RUN_NAME_RULE}")
+    if restart and storage.exists(run_dir):
+        if storage.delete_run(root, name, FINGERPRINT_FILE):
+            print(f"[runner] {name}: --restart, deleted the old run in {run_dir}", flush=True)
     elif storage.exists(path):
         changed = differences(json.loads(storage.read_text(path)), fingerprint)
         if changed:
@@ -92,5 +94,5 @@ def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = F
         return
     elif storage.exists(run_dir) and not storage.is_uri(run_dir) and any(Path(run_dir).glob("checkpoint_*")):
         raise RunMismatch(f"run {name!r} in {root} has no {FINGERPRINT_FILE} (made by an older "
-                          "raypref?): cannot tell whether it is the same run; restart it (--restart true)")
+                          "raypref?): cannot tell whether it is the same run; delete the folder or use another name")
     storage.write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))

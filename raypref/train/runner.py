@@ -84,7 +84,7 @@ class RunnerConfig:
             ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
             ("storage_path", bool(self.storage_path), "must name a folder or URI"),
-            ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
+            ("name", storage.is_run_name(self.name), storage.RUN_NAME_RULE),
             ("log_every", self.log_every >= 1, "must be >= 1"),
         ]
         check_fields("RunnerConfig", self, checks)

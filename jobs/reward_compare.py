@@ -29,6 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from jobs.reward import RewardJobConfig, train  # noqa: E402
+from raypref import atomic  # noqa: E402
 from raypref.config import parse_args  # noqa: E402
 from raypref.experiments.reward_comparison import ARMS, format_table, summarize  # noqa: E402
 from raypref.recipes.reward_data import WORLD, judge_reference  # noqa: E402
@@ -71,8 +72,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
                  else None)
     table = format_table(rows, reference)
     out = Path(cfg.output_dir)
-    (out / "comparison.md").write_text(table + "\n")
-    (out / "comparison.json").write_text(json.dumps(
+    atomic.write_text(out / "comparison.md", table + "\n")
+    atomic.write_text(out / "comparison.json", json.dumps(
         {"rows": rows, "judge_reference": reference, "config": dataclasses.asdict(cfg)},
         indent=1, default=str))
     print(table)

@@ -21,7 +21,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
 
 import numpy as np
 
-from raypref import tracking
+from raypref import atomic, tracking
 from raypref.cli import run_job
 from raypref.config import ConfigError, parse_args
 from raypref.data.analysis import plot_counts, sample_queries, write_population_analysis
@@ -99,7 +99,7 @@ def run(cfg: SimulateConfig) -> dict:
             print(f"[simulate] {population}: {len(train)} train + {len(test)} test pairs "
                   f"from {len(users)} users in {metrics['seconds']:.1f}s -> {out / population}",
                   flush=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=1))
         tracking.log_artifact(out / "summary.json")
         summary["mlflow"] = tracking.run_url(mlflow_run)
     print(f"[simulate] done: data and plots under {out.resolve()}; {summary['mlflow']}")

@@ -97,3 +97,140 @@ def test_restart_deletes_a_real_run_and_starts_it_over(tmp_path):
     assert json.loads((run / FINGERPRINT_FILE).read_text())["config"]["lr"] == 2.0
     with pytest.raises(RunMismatch):  # and without restart the changed run is refused
         check_fingerprint(str(tmp_path), "r", _fp(RunnerConfig(lr=3.0)))
+
+
+# ---------------------------------------------------------------- atomic writes
+
+_KILLER = r'''
+import os, shutil, sys
+from pathlib import Path
+from raypref import atomic
+
+target, kill_at, mode = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+calls = [0]
+
+def step(fn):
+    def wrapped(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == kill_at:
+            os._exit(17)  # a kill: no exception handler, no cleanup runs
+        return fn(*args, **kwargs)
+    return wrapped
+
+os.replace, os.fsync, shutil.rmtree = step(os.replace), step(os.fsync), step(shutil.rmtree)
+
+def export(tmp):
+    for name in ("model.safetensors", "config.json", "tokenizer.json"):
+        step(Path.write_text)(tmp / name, "new " + name)
+
+if mode == "dir":
+    atomic.replace_dir(target, export)
+else:
+    atomic.write_text(target, "new file")
+'''
+
+
+def _contents(folder: Path) -> dict:
+    return {p.name: p.read_text() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("mode", ["dir", "file"])
+def test_an_export_killed_at_any_step_leaves_the_old_or_the_new_never_a_mix(tmp_path, mode):
+    import subprocess
+    import sys
+
+    from raypref import atomic
+
+    script = tmp_path / "killer.py"
+    script.write_text(_KILLER)
+    names = ("model.safetensors", "config.json", "tokenizer.json")
+    old = {n: "old " + n for n in names}
+    new = {n: "new " + n for n in names}
+    outcomes = set()
+    for kill_at in range(1, 40):
+        target = tmp_path / f"k{kill_at}" / ("final" if mode == "dir" else "summary.json")
+        if mode == "dir":
+            target.mkdir(parents=True)
+            for n, text in old.items():
+                (target / n).write_text(text)
+        else:
+            target.parent.mkdir()
+            target.write_text("old file")
+        proc = subprocess.run([sys.executable, str(script), str(target), str(kill_at), mode],
+                              env={**__import__("os").environ, "PYTHONPATH": str(Path(__file__).parents[1])},
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode in (0, 17), proc.stderr
+        if mode == "dir":
+            atomic.recover_dir(target)  # what the next reader or writer does first
+            seen = _contents(target)
+            assert seen in (old, new), f"killed at step {kill_at}: {seen}"
+            leftovers = [p.name for p in target.parent.iterdir() if p.name != "final"]
+            assert not leftovers, f"killed at step {kill_at}: left {leftovers}"
+        else:
+            seen = target.read_text()
+            assert seen in ("old file", "new file"), f"killed at step {kill_at}: {seen!r}"
+        outcomes.add("new" if seen in (new, "new file") else "old")
+        if proc.returncode == 0:
+            break
+    else:
+        pytest.fail("the write never finished within 39 steps")
+    assert outcomes == {"old", "new"} and kill_at > 3  # the kills did land inside the write
+
+
+def test_write_shards_keeps_the_old_set_when_writing_the_new_one_fails(tmp_path, monkeypatch):
+    from raypref.data import simulate
+    from raypref.data.records import PreferenceRecord
+
+    rows = [PreferenceRecord(f"p{i}", f"c{i}", f"r{i}", user_id=1) for i in range(6)]
+    simulate.write_shards(rows, tmp_path / "shards", shard_size=2)
+    (tmp_path / "shards" / "notes.txt").write_text("kept")
+    real = simulate.pq.write_table
+    calls = [0]
+
+    def failing(*args, **kwargs):
+        calls[0] += 1
+        if calls[0] == 2:
+            raise OSError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(simulate.pq, "write_table", failing)
+    with pytest.raises(OSError, match="disk full"):
+        simulate.write_shards(rows[:2], tmp_path / "shards", shard_size=1)
+    assert len(simulate.read_shards(tmp_path / "shards")) == 6  # the old set, whole
+    monkeypatch.setattr(simulate.pq, "write_table", real)
+    simulate.write_shards(rows[:2], tmp_path / "shards", shard_size=1)
+    assert [r.prompt for r in simulate.read_shards(tmp_path / "shards")] == ["p0", "p1"]
+    assert (tmp_path / "shards" / "notes.txt").read_text() == "kept"
+
+
+def test_a_uri_export_is_published_by_a_marker_after_the_upload(tmp_path, monkeypatch):
+    target = f"file://{tmp_path}/bucket/run/final"
+
+    def folder(text):
+        local = tmp_path / text
+        local.mkdir()
+        (local / "a.txt").write_text(text)
+        (local / "b.txt").write_text(text)
+        return local
+
+    first = storage.publish_dir(folder("v1"), target)
+    assert storage.published(target) == first
+    real_write = storage.write_text
+    monkeypatch.setattr(storage, "write_text", lambda *a: (_ for _ in ()).throw(OSError("killed")))
+    with pytest.raises(OSError):
+        storage.publish_dir(folder("v2"), target)  # uploaded, but the marker was never written
+    assert storage.published(target) == first
+    assert {p.read_text() for p in Path(first.removeprefix("file://")).iterdir()} == {"v1"}
+    monkeypatch.setattr(storage, "write_text", real_write)
+    second = storage.publish_dir(folder("v3"), target)
+    assert storage.published(target) == second != first
+    assert {p.read_text() for p in Path(second.removeprefix("file://")).iterdir()} == {"v3"}
+    assert not Path(first.removeprefix("file://")).exists()  # the old copy went after the switch
+
+
+def test_runner_checkpoints_are_staged_beside_the_run_not_in_the_system_temp(tmp_path):
+    from raypref.train.runner import _staging_dir
+
+    staged = Path(_staging_dir(str(tmp_path), "r"))
+    assert staged.parent == tmp_path / "r" and staged.stat().st_dev == tmp_path.stat().st_dev
+    assert _staging_dir("s3://bucket/runs", "r") is None

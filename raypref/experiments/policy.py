@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from raypref import tracking
+from raypref import atomic, tracking
 from raypref.config import check_fields
 from raypref.data.users import psoups_profile
 from raypref.data.world import World
@@ -142,7 +142,7 @@ def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
             "heldout_reward_base": before, "heldout_reward_policy": after,
             "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
         tracking.log_metrics({"heldout_reward_base": before, "heldout_reward_policy": after})
         tracking.log_dict(summary, SUMMARY_FILE)
         return PPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id,
@@ -282,7 +282,7 @@ def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
             "groups": {u: g for u, g in groups.items()},
             "policy_dir": str(result.export_path), "base_policy": str(sft_dir),
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
         tracking.log_dict(summary, SUMMARY_FILE)
         return PDPOJobResult(out, Path(result.export_path), summary, mlrun.info.run_id, tracking.tracking_uri(out))
 
@@ -466,7 +466,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
                    "train_seconds": round(train_seconds, 1), "selection": selection, "sweep": sweeps,
                    "length_monotone_decreasing": all(a > b for a, b in zip(lengths, lengths[1:])),
                    "policy_dir": str(result.export_path), "base_policy": str(sft_dir)}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
         tracking.log_dict(summary, SUMMARY_FILE)
         for label, rows in sweeps.items():
             tracking.log_metrics({f"{label}.length.d{i}": row["length"] for i, row in enumerate(rows)})

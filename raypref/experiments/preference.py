@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import ray
 
-from raypref import tracking
+from raypref import atomic, tracking
 from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
@@ -306,7 +306,7 @@ def train_dpo(cfg: DPOJobConfig) -> DPOJobResult:
             "final_train_metrics": result.metrics[-1] if result.metrics else {},
             "eval": evaluation, "seconds": {k: round(v, 1) for k, v in seconds.items()},
         }
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2))
         tracking.log_artifact(out / SUMMARY_FILE)
     _print_summary(summary)
     return DPOJobResult(out, result.export_path, summary, mlflow_run.info.run_id, summary["tracking_uri"])

@@ -11,6 +11,7 @@ from typing import Any, Callable
 
 import numpy as np
 
+from raypref import atomic
 from raypref.config import check_fields
 from raypref.eval.pairs import evaluate_pairs
 from raypref.models.factory import LoraSettings, ModelConfig
@@ -140,7 +141,7 @@ def _train_trial(spec, training, resources: Resources, report_every: int, seed: 
                                seed=seed, log_every=report_every)
     result = run(spec, runner_cfg, callbacks=[TuneReportCallback()])
     if result.export_path is not None:  # the history beside the model: the summary reads it
-        (result.export_path / HISTORY_FILE).write_text(json.dumps(result.metrics))
+        atomic.write_text(result.export_path / HISTORY_FILE, json.dumps(result.metrics))
 
 
 def model_path(sweep_dir: Path, trial_name: str) -> Path:

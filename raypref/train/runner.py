@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from raypref import atomic
 from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
@@ -247,14 +248,22 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
         with result.checkpoint.as_directory() as local:  # downloads from a URI
             history = _read_history(Path(local))
             checkpoint_path = Path(local) if not storage.is_uri(root) else None
-    export = storage.join(root, cfg.name, FINAL_DIR)
     return RunResult(
         final_step=int(history[-1]["step"]) if history else 0,
         metrics=history,
-        export_path=(Path(export) if not storage.is_uri(export) else export)
-        if storage.exists(export) else None,
+        export_path=export_path(root, cfg.name),
         checkpoint_path=checkpoint_path,
     )
+
+
+def export_path(root: str, name: str) -> Path | str | None:
+    """Where a run's export is: ``<root>/<name>/final`` (a swap a crash interrupted is finished
+    first), or for a URI the prefix its marker publishes; None before the run exported."""
+    target = storage.join(root, name, FINAL_DIR)
+    if storage.is_uri(target):
+        return storage.published(target)
+    atomic.recover_dir(target)
+    return Path(target) if Path(target).exists() else None
 
 
 def _check_roles(spec: LoopSpec) -> None:
@@ -325,7 +334,7 @@ def _train_loop(loop_config: dict) -> None:
             row.update({f"eval.{k}": v for k, v in _evaluate(spec, ctx).items()})
         history.append(row)
         if step % cfg.checkpoint_every == 0 or last:
-            _save_and_report(engines, spec, cfg, rank, step, history)
+            _save_and_report(engines, spec, cfg, rank, step, history, loop_config["storage"])
         elif step % cfg.log_every == 0 or any(k.startswith("eval.") for k in row):
             ray.train.report(row)  # a barrier on every worker: Tune sees it between checkpoints
         if rank == 0 and (step % cfg.log_every == 0 or last):
@@ -479,15 +488,27 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if not frozen or k in trained}
 
 
+def _staging_dir(root: str, name: str) -> str | None:
+    """Where a worker assembles a checkpoint before Ray copies it in: on the storage's own
+    filesystem (a small system temp folder must not hold a second copy of a big checkpoint);
+    a URI's checkpoints are assembled in the system temp folder, the only local disk we know."""
+    if storage.is_uri(root):
+        return None
+    staging = Path(root, name, ".staging")
+    staging.mkdir(parents=True, exist_ok=True)
+    return str(staging)
+
+
 def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int, step: int,
-                     history: list[dict[str, float]]) -> None:
+                     history: list[dict[str, float]], root: str) -> None:
     """Every rank saves its DeepSpeed state, spec state and RNG into its own folder; Ray merges
     the folders into one checkpoint."""
     import ray.train
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory(prefix=f"raypref-ckpt-{rank}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"ckpt-{step:06d}-rank{rank}-",
+                                     dir=_staging_dir(root, cfg.name)) as tmp:
         for role, engine in engines.items():
             engine.save_checkpoint(tmp, tag=f"ds-{role}", exclude_frozen_parameters=True)
         worker_state = {"spec": spec.state_dict(), "rng": _rng_state(), "history": history}
@@ -526,8 +547,6 @@ def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[d
 
 def _export(spec: LoopSpec, engines: dict, models: dict, cfg: RunnerConfig, rank: int,
             root: str) -> None:
-    from raypref.models.factory import write_dir_atomically
-
     target = storage.join(root, cfg.name, FINAL_DIR)
     with _gathered(engines, cfg):
         if rank != 0:
@@ -535,9 +554,9 @@ def _export(spec: LoopSpec, engines: dict, models: dict, cfg: RunnerConfig, rank
         if storage.is_uri(target):
             with tempfile.TemporaryDirectory(prefix="raypref-export-") as tmp:
                 spec.export(models, Path(tmp))
-                storage.upload_dir(Path(tmp), target)
+                target = storage.publish_dir(Path(tmp), target)
         else:
-            write_dir_atomically(Path(target), lambda tmp: spec.export(models, tmp))
+            atomic.replace_dir(target, lambda tmp: spec.export(models, tmp))
         print(f"[runner] {cfg.name}: done, exported to {target}", flush=True)
 
 

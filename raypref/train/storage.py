@@ -6,9 +6,12 @@ the same code serves a laptop folder and a cluster bucket.
 """
 from __future__ import annotations
 
+import json
 import os
 import re
 from pathlib import Path
+
+from raypref import atomic
 
 # a run's folder name: one path component that cannot climb out of its storage root ('.', '..')
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
@@ -56,12 +59,10 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small file; locally through a temporary name, so a reader never sees half of it."""
+    """Write a small file so that a reader never sees half of it: locally through a temporary
+    name (raypref.atomic); an object store's single upload is atomic itself."""
     if not is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        partial = f"{path}.partial"
-        Path(partial).write_text(text)
-        os.replace(partial, path)
+        atomic.write_text(path, text)
         return
     fs, inner = _fs(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
@@ -122,3 +123,30 @@ def download_dir(source: str, local: Path) -> Path:
     Path(local).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(inner, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return Path(local)
+
+
+def marker_of(target: str) -> str:
+    """The file that names the published copy of a URI folder ``target``."""
+    return f"{target.rstrip('/')}.published.json"
+
+
+def publish_dir(local: Path, target: str) -> str:
+    """Put a local folder at a URI ``target`` without ever showing a half-uploaded one: upload
+    to a fresh staging prefix beside it, then publish a marker naming that prefix (one object
+    write, atomic), then delete the copy the old marker named. Returns the published prefix."""
+    import uuid
+
+    old = published(target)
+    staged = f"{target.rstrip('/')}.{uuid.uuid4().hex[:12]}"
+    upload_dir(local, staged)
+    write_text(marker_of(target), json.dumps({"path": staged}))
+    if old and old != staged:
+        fs, inner = _fs(old)
+        fs.delete_dir(inner)
+    return staged
+
+
+def published(target: str) -> str | None:
+    """The prefix that publish_dir last published for ``target``, or None."""
+    marker = marker_of(target)
+    return json.loads(read_text(marker))["path"] if exists(marker) else None

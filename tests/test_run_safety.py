@@ -234,3 +234,79 @@ def test_runner_checkpoints_are_staged_beside_the_run_not_in_the_system_temp(tmp
     staged = Path(_staging_dir(str(tmp_path), "r"))
     assert staged.parent == tmp_path / "r" and staged.stat().st_dev == tmp_path.stat().st_dev
     assert _staging_dir("s3://bucket/runs", "r") is None
+
+
+# ---------------------------------------------------------------- checkpoints without code
+
+class _Evil:
+    """Unpickling it writes a file: what a tampered checkpoint could do on every worker."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.write_text, (Path(self.marker), "pwned"))
+
+
+def test_worker_state_round_trips_through_json_and_safetensors(tmp_path):
+    import random
+
+    import numpy as np
+    import torch
+
+    from raypref.train.runner import _rng_state, _set_rng_state
+    from raypref.train.state_io import load_state, save_state
+
+    torch.manual_seed(3), np.random.seed(4), random.seed(5)
+    state = {"spec": {"passes": 2, "examples": [(1, [2, 3])], "latents": {"u1": torch.ones(2, 3)},
+                      "by_int": {7: "seven"}, "buffer": {"ids": torch.arange(4), "stats": {"kl": 0.5}}},
+             "rng": _rng_state(), "history": [{"step": 1, "loss": 0.25}]}
+    save_state(state, tmp_path, "worker_state_rank0")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["worker_state_rank0.json",
+                                                          "worker_state_rank0.safetensors"]
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    back = load_state(tmp_path, "worker_state_rank0")
+    _set_rng_state(back["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+    assert back["spec"]["examples"] == [(1, [2, 3])] and back["spec"]["by_int"] == {7: "seven"}
+    assert torch.equal(back["spec"]["latents"]["u1"], torch.ones(2, 3))
+    assert torch.equal(back["spec"]["buffer"]["ids"], torch.arange(4))
+    assert back["history"] == state["history"]
+    with pytest.raises(TypeError, match=r"worker_state_rank0\.spec\.obj: a _Evil cannot be saved"):
+        save_state({"spec": {"obj": _Evil(tmp_path / "x")}}, tmp_path, "worker_state_rank0")
+
+
+def test_a_checkpoint_holding_a_pickle_is_refused_unopened(tmp_path):
+    import pickle
+
+    from raypref.train.runner import read_spec_state
+    from raypref.train.state_io import UnsafeCheckpoint, refuse_pickles
+
+    marker = tmp_path / "pwned"
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "worker_state_rank0.pkl").write_bytes(pickle.dumps({"spec": _Evil(marker)}))
+    with pytest.raises(UnsafeCheckpoint, match=r"holds pickle file\(s\) \['worker_state_rank0.pkl'\]"):
+        refuse_pickles(tmp_path / "ckpt")
+    with pytest.raises(UnsafeCheckpoint):
+        read_spec_state(tmp_path / "ckpt")
+    assert not marker.exists()
+
+
+def test_deepspeed_files_load_weights_only(tmp_path):
+    import torch
+    from deepspeed.runtime.fp16.loss_scaler import LossScaler
+
+    from raypref.train.state_io import UnsafeCheckpoint, load_torch_weights_only
+
+    good = tmp_path / "optim_states.pt"
+    torch.save({"optimizer_state_dict": {"loss_scaler": LossScaler(1.0), "state": {0: torch.ones(2)}},
+                "ds_version": "0.19.8"}, good)
+    loaded = load_torch_weights_only(str(good))
+    assert isinstance(loaded["optimizer_state_dict"]["loss_scaler"], LossScaler)
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "mp_rank_00_model_states.pt"
+    torch.save({"module": {}, "client_state": _Evil(marker)}, evil)
+    with pytest.raises(UnsafeCheckpoint, match="mp_rank_00_model_states.pt holds objects"):
+        load_torch_weights_only(str(evil))
+    assert not marker.exists()

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import pickle
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -34,6 +33,7 @@ from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
 from raypref.train.spec import LoopSpec, Role, StepContext
+from raypref.train.state_io import load_deepspeed_safely, load_state, refuse_pickles, save_state
 
 HISTORY_FILE = "metrics.json"  # the metrics history, for the driver (rank 0 writes it)
 FINAL_DIR = "final"
@@ -449,21 +449,21 @@ def _gathered(engines: dict, cfg: RunnerConfig):
 
 # ---------------------------------------------------------------- checkpoints
 
-def _state_file(rank: int) -> str:
-    return f"worker_state_rank{rank}.pkl"
+def _state_stem(rank: int) -> str:
+    return f"worker_state_rank{rank}"  # .json + .safetensors (train/state_io.py)
 
 
 def read_spec_state(ckpt_dir: str | Path, rank: int = 0) -> dict:
     """The spec state (``LoopSpec.state_dict``) a worker saved in a checkpoint of this runner,
     e.g. the dataset an RSF iteration held, for offline diagnostics."""
-    path = Path(ckpt_dir) / _state_file(rank)
-    if not path.exists():
-        raise FileNotFoundError(f"read_spec_state: {ckpt_dir} has no {path.name}")
-    with open(path, "rb") as f:
-        return pickle.load(f)["spec"]  # written by this runner's own workers
+    if not (Path(ckpt_dir) / f"{_state_stem(rank)}.json").exists():
+        refuse_pickles(ckpt_dir)
+        raise FileNotFoundError(f"read_spec_state: {ckpt_dir} has no {_state_stem(rank)}.json")
+    return load_state(ckpt_dir, _state_stem(rank))["spec"]
 
 
 def _rng_state() -> dict:
+    # numpy's and Python's states are tuples of ints and an array: save_state keeps them as is
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate()}
 
@@ -512,8 +512,7 @@ def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int
         for role, engine in engines.items():
             engine.save_checkpoint(tmp, tag=f"ds-{role}", exclude_frozen_parameters=True)
         worker_state = {"spec": spec.state_dict(), "rng": _rng_state(), "history": history}
-        with open(Path(tmp) / _state_file(rank), "wb") as f:
-            pickle.dump(worker_state, f)
+        save_state(worker_state, tmp, _state_stem(rank))
         with _gathered(engines, cfg):
             if rank == 0:
                 for role, engine in engines.items():
@@ -527,19 +526,20 @@ def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int
 
 
 def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[dict[str, float]]:
+    refuse_pickles(ckpt_dir)
     for role, engine in engines.items():
+        load_deepspeed_safely(engine)
         # frozen parameters were left out of the checkpoint: build_model made them already
         loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=f"ds-{role}",
                                            load_module_strict=False)
         if loaded is None:  # DeepSpeed only warns, and training would restart from step 0
             raise FileNotFoundError(f"checkpoint {ckpt_dir} has no DeepSpeed state ds-{role} "
                                     f"(rank {rank}): cannot resume")
-    state_path = ckpt_dir / _state_file(rank)
-    if not state_path.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {state_path.name}: it was written "
+    stem = _state_stem(rank)
+    if not (ckpt_dir / f"{stem}.json").exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {stem}.json: it was written "
                                 "with another number of workers")
-    with open(state_path, "rb") as f:
-        worker_state = pickle.load(f)  # written by this run's own workers
+    worker_state = load_state(ckpt_dir, stem)
     spec.load_state_dict(worker_state["spec"])
     _set_rng_state(worker_state["rng"])
     return list(worker_state["history"])

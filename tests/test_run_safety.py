@@ -310,3 +310,41 @@ def test_deepspeed_files_load_weights_only(tmp_path):
     with pytest.raises(UnsafeCheckpoint, match="mp_rank_00_model_states.pt holds objects"):
         load_torch_weights_only(str(evil))
     assert not marker.exists()
+
+
+# ---------------------------------------------------------------- resume after a fix or damage
+
+def _fake_checkpoint(folder: Path, step: int) -> Path:
+    import torch
+
+    from raypref.train.state_io import save_state
+
+    ckpt = folder / f"checkpoint_{step:06d}"
+    (ckpt / "ds-policy").mkdir(parents=True)
+    torch.save({"module": {"w": torch.full((64,), float(step))}}, ckpt / "ds-policy" / "mp_rank_00_model_states.pt")
+    save_state({"spec": {}, "history": [{"step": step}]}, ckpt, "worker_state_rank0")
+    return ckpt
+
+
+def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, capsys):
+    from ray.train import Checkpoint
+
+    from raypref.train.runner import _restorable
+
+    _fake_checkpoint(tmp_path, 2)
+    latest = _fake_checkpoint(tmp_path, 4)
+    assert _restorable(Checkpoint(str(latest)), 0, "r").path == str(latest)  # intact: kept
+
+    model = latest / "ds-policy" / "mp_rank_00_model_states.pt"
+    data = bytearray(model.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # one flipped byte inside the tensor data
+    model.write_bytes(bytes(data))
+    picked = _restorable(Checkpoint(str(latest)), 0, "r")
+    assert picked.path == str(tmp_path / "checkpoint_000002")
+    out = capsys.readouterr().out
+    assert "checkpoint_000004 cannot be restored (ds-policy/mp_rank_00_model_states.pt" in out
+    assert "resuming from" in out and "checkpoint_000002" in out
+
+    (tmp_path / "checkpoint_000002" / "worker_state_rank0.safetensors").write_bytes(b"\0\0")
+    with pytest.raises(RuntimeError, match="no checkpoint can be restored: .*checkpoint_000004.*checkpoint_000002"):
+        _restorable(Checkpoint(str(latest)), 0, "r")

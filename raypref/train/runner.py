@@ -33,7 +33,8 @@ from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
 from raypref.train.spec import LoopSpec, Role, StepContext
-from raypref.train.state_io import load_deepspeed_safely, load_state, refuse_pickles, save_state
+from raypref.train.state_io import (checkpoint_problem, load_deepspeed_safely, load_state,
+                                    refuse_pickles, save_state)
 
 HISTORY_FILE = "metrics.json"  # the metrics history, for the driver (rank 0 writes it)
 FINAL_DIR = "final"
@@ -65,6 +66,7 @@ class RunnerConfig:
     seed: int = 0
     bf16: bool = False  # off by default: CPU runs stay in fp32
     log_every: int = 10  # rank 0 prints progress and reports metrics every this many steps
+    strict_code: bool = False  # refuse to resume a run trained by another raypref code version
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -127,6 +129,7 @@ class Resources:
     max_failures: int = 1  # restarts from the latest checkpoint before the run fails
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     eval_every: int = 0  # optimizer steps between evaluations (0 = only at the end)
+    strict_code: bool = False  # refuse to resume a run trained by another raypref code version
 
     def validate(self, where: str = "resources") -> None:
         checks = [("num_workers", self.num_workers >= 1, "must be >= 1"),
@@ -145,7 +148,7 @@ def runner_config(training: Optimization, resources: Resources, *, name: str, st
         num_workers=resources.num_workers, cpus_per_worker=resources.cpus_per_worker,
         use_gpu=resources.use_gpu, zero_stage=resources.zero_stage, bf16=resources.bf16,
         max_failures=resources.max_failures, checkpoint_every=resources.checkpoint_every,
-        eval_every=resources.eval_every,
+        eval_every=resources.eval_every, strict_code=resources.strict_code,
         lr=training.lr, weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
         max_steps=training.steps, micro_batch_size=training.micro_batch_size,
         grad_accum=training.grad_accum, grad_clip=training.grad_clip,
@@ -223,7 +226,8 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     # (32% of bench/dpo_throughput.py's window); a 0.2 s poll costs the controller little
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
     root = storage.resolve(cfg.storage_path)
-    check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart)
+    check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart,
+                      strict_code=cfg.strict_code)
     loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root}
     trainer = TorchTrainer(
         _train_loop,
@@ -301,6 +305,7 @@ def _train_loop(loop_config: dict) -> None:
     history: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        checkpoint = _restorable(checkpoint, rank, cfg.name)
         with checkpoint.as_directory() as ckpt_dir:
             history = _restore(Path(ckpt_dir), engines, spec, rank)
     start_step = next(iter(engines.values())).global_steps  # optimizer steps already done
@@ -523,6 +528,42 @@ def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int
                 (Path(tmp) / HISTORY_FILE).write_text(json.dumps(history))
         ray.train.report({**history[-1]}, checkpoint=Checkpoint.from_directory(tmp),
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
+
+
+def _older_checkpoints(checkpoint) -> list:
+    """The run's checkpoints before ``checkpoint`` (newest first), from its run folder."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent, _, own = checkpoint.path.rstrip("/").rpartition("/")
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < own), reverse=True)
+    return [Checkpoint(path=f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
+
+
+def _restorable(checkpoint, rank: int, name: str):
+    """The checkpoint Ray hands back or, when any worker finds one of its files damaged, the
+    newest older one every worker can read (a corrupt latest checkpoint would otherwise fail
+    every retry). Every rank takes part: they must all resume from the same one."""
+    import torch.distributed as dist
+
+    reasons = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        with candidate.as_directory() as local:
+            problem = checkpoint_problem(local)
+        readable = torch.tensor([0 if problem else 1])
+        if dist.is_initialized():
+            dist.all_reduce(readable, op=dist.ReduceOp.MIN)
+        if readable.item():
+            if reasons and rank == 0:
+                print(f"[runner] {name}: resuming from {candidate.path} instead", flush=True)
+            return candidate
+        reasons.append(f"{candidate.path}: {problem or 'damaged on another worker'}")
+        print(f"[runner] WARNING {name} (rank {rank}): checkpoint {candidate.path} cannot be "
+              f"restored ({problem or 'another worker found a damaged file'}); trying the one "
+              "before", flush=True)
+    raise RuntimeError(f"run {name}: no checkpoint can be restored: {'; '.join(reasons)}")
 
 
 def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[dict[str, float]]:

@@ -95,6 +95,37 @@ def refuse_pickles(folder: str | Path) -> None:
             "raypref resumes only with that version; otherwise start the run over (--restart true).")
 
 
+def checkpoint_problem(folder: str | Path) -> str | None:
+    """Why a checkpoint folder cannot be restored (a truncated or corrupt file), or None. Reads
+    every file's integrity without loading it: a torch zip's CRCs, a safetensors header, JSON.
+    A pickle file raises UnsafeCheckpoint instead: that is not damage to fall back from."""
+    import zipfile
+
+    from safetensors import safe_open
+
+    folder = Path(folder)
+    refuse_pickles(folder)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = path.relative_to(folder)
+        try:
+            if path.suffix == ".pt":
+                if not zipfile.is_zipfile(path):
+                    return f"{name} is not a torch zip file"
+                with zipfile.ZipFile(path) as z:
+                    bad = z.testzip()
+                if bad:
+                    return f"{name}: entry {bad} fails its CRC"
+            elif path.suffix == ".safetensors":
+                with safe_open(str(path), "pt") as f:
+                    for key in f.keys():
+                        f.get_slice(key)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # any reader's error: the file is damaged
+            return f"{name}: {type(err).__name__}: {str(err)[:200]}"
+    return None
+
+
 def _deepspeed_globals() -> list:
     """The few non-tensor types DeepSpeed 0.19 puts in its ZeRO optimizer files (found by
     loading stage 0-3 checkpoints with weights_only=True): plain records, no code on load."""

@@ -23,7 +23,7 @@ from pathlib import Path
 import mlflow
 import ray
 
-from raypref import atomic, tracking
+from raypref import atomic, ray_session, tracking
 from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
@@ -259,7 +259,7 @@ def train_dpo(cfg: DPOJobConfig) -> DPOJobResult:
         _log(f"output: {out}")
         _log(f"mlflow: {tracking.run_url(mlflow_run)}")
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False)
+            ray_session.init(include_dashboard=False, configure_logging=False)
 
         phase = time.perf_counter()
         # first, so bad data stops the job before any training (SFT included) is paid for

@@ -28,7 +28,7 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
-from raypref import atomic
+from raypref import atomic, ray_session
 from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
@@ -225,6 +225,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     # one waiting report, so a metrics report every few fast steps idled the worker up to 2 s
     # (32% of bench/dpo_throughput.py's window); a 0.2 s poll costs the controller little
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray_session.init()  # a no-op when Ray is up; else a local Ray pinned to its own address
     root = storage.resolve(cfg.storage_path)
     check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart,
                       strict_code=cfg.strict_code)
@@ -245,7 +246,8 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
         # e.g. data.pipeline.ExactSplitDataConfig: Train's default split drops rows to even out
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
-    result = trainer.fit()
+    with ray_session.watch_resources():  # says what a worker group waits for, and stops it
+        result = trainer.fit()
     history: list[dict[str, float]] = []
     checkpoint_path = None
     if result.checkpoint is not None:

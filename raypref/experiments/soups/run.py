@@ -23,7 +23,7 @@ import mlflow
 import ray
 import torch
 
-from raypref import tracking
+from raypref import ray_session, tracking
 from raypref.config import to_dict
 from raypref.eval.pairs import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
@@ -127,7 +127,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     with tracking.start_run("soups", cfg, out) as run:
         if not ray.is_initialized():
             # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
-            ray.init(include_dashboard=False, configure_logging=False)
+            ray_session.init(include_dashboard=False, configure_logging=False)
         if cfg.base_policy:
             _log(f"1/6 base policy: {cfg.base_policy}")
             sft_dir = cfg.base_policy

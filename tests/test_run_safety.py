@@ -348,3 +348,22 @@ def test_a_corrupt_latest_checkpoint_falls_back_to_the_one_before(tmp_path, caps
     (tmp_path / "checkpoint_000002" / "worker_state_rank0.safetensors").write_bytes(b"\0\0")
     with pytest.raises(RuntimeError, match="no checkpoint can be restored: .*checkpoint_000004.*checkpoint_000002"):
         _restorable(Checkpoint(str(latest)), 0, "r")
+
+
+def test_refusals_end_a_job_with_one_error_line(tmp_path, capsys):
+    from raypref.cli import EXIT_EXPECTED, run_job
+    from raypref.ray_session import ResourceWaitTimeout
+    from raypref.train.state_io import UnsafeCheckpoint
+
+    (tmp_path / "mydata").mkdir()
+    (tmp_path / "mydata" / "rows.jsonl").write_text("{}\n")
+
+    def restart_foreign(argv):
+        check_fingerprint(str(tmp_path), "mydata", _fp(), restart=True)
+
+    for main in (restart_foreign, lambda argv: (_ for _ in ()).throw(UnsafeCheckpoint("pickle in ckpt")),
+                 lambda argv: (_ for _ in ()).throw(ResourceWaitTimeout("trial waited"))):
+        with pytest.raises(SystemExit) as info:
+            run_job(main, [], quiet=False)
+        assert info.value.code == EXIT_EXPECTED
+        assert capsys.readouterr().err.startswith("error: ")

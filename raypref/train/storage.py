@@ -18,6 +18,10 @@ RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 RUN_NAME_RULE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]*$ (one folder name: no '/', '.', '..')"
 
 
+class RefusedDelete(PermissionError):
+    """A folder --restart was asked to delete is not a raypref run under its storage root."""
+
+
 def is_run_name(name: str) -> bool:
     return isinstance(name, str) and RUN_NAME.fullmatch(name) is not None
 
@@ -73,33 +77,33 @@ def write_text(path: str, text: str) -> None:
 def delete_run(root: str, name: str, marker: str) -> bool:
     """Delete the run folder ``<root>/<name>`` if it is one: ``name`` a valid run name, the folder
     directly under ``root`` (not a symlink out of it) and holding the file ``marker``. Returns
-    whether there was a run to delete; raises PermissionError for a folder that is not a run.
+    whether there was a run to delete; raises RefusedDelete for a folder that is not a run.
     An empty folder is no run and is left alone."""
     if not is_run_name(name):
-        raise PermissionError(f"refusing to delete run {name!r} in {root}: a run name {RUN_NAME_RULE}")
+        raise RefusedDelete(f"refusing to delete run {name!r} in {root}: a run name {RUN_NAME_RULE}")
     run_dir = join(root, name)
     if is_uri(root):
         if not exists(run_dir):
             return False
         if not exists(join(run_dir, marker)):
-            raise PermissionError(f"refusing to delete {run_dir}: it holds no {marker}, so it is "
+            raise RefusedDelete(f"refusing to delete {run_dir}: it holds no {marker}, so it is "
                                   "not a raypref run; delete it yourself if it should go")
         fs, inner = _fs(run_dir)
         fs.delete_dir(inner)
         return True
     path = Path(run_dir)
     if path.is_symlink():
-        raise PermissionError(f"refusing to delete {path}: it is a symlink (to {os.readlink(path)}), "
+        raise RefusedDelete(f"refusing to delete {path}: it is a symlink (to {os.readlink(path)}), "
                               "not a run folder")
     if not path.exists():
         return False
     if path.resolve().parent != Path(root).resolve() or not path.is_dir():
-        raise PermissionError(f"refusing to delete {path}: not a folder directly under {root}")
+        raise RefusedDelete(f"refusing to delete {path}: not a folder directly under {root}")
     fingerprint = path / marker
     if fingerprint.is_symlink() or not fingerprint.is_file():
         if not any(path.iterdir()):
             return False
-        raise PermissionError(f"refusing to delete {path}: it holds no {marker}, so it is not a "
+        raise RefusedDelete(f"refusing to delete {path}: it holds no {marker}, so it is not a "
                               "raypref run; delete it yourself if it should go")
     import shutil
 

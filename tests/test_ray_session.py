@@ -26,17 +26,25 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def second_ray(tmp_path):
+def second_ray():
     """Another local Ray instance (1 CPU), as a test suite or a notebook beside a job."""
+    import shutil
+    import tempfile
+
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0")
     port = _free_port()
-    subprocess.run([str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "1",
-                    "--include-dashboard", "false", "--temp-dir", str(tmp_path / "ray2")],
-                   env=env, check=True, capture_output=True, timeout=180)
-    yield f"127.0.0.1:{port}"
-    # stop only this instance (plain `ray stop` would stop every Ray on the machine)
-    subprocess.run([sys.executable, "-c", _STOP, str(tmp_path / "ray2")], env=env, timeout=120)
+    temp = tempfile.mkdtemp(prefix="ray2-", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    started = subprocess.run([str(RAY), "start", "--head", "--port", str(port), "--num-cpus", "1",
+                              "--include-dashboard", "false", "--temp-dir", temp],
+                             env=env, capture_output=True, text=True, timeout=180)
+    try:
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        yield f"127.0.0.1:{port}"
+    finally:
+        # stop only this instance (plain `ray stop` would stop every Ray on the machine)
+        subprocess.run([sys.executable, "-c", _STOP, temp], env=env, timeout=120)
+        shutil.rmtree(temp, ignore_errors=True)
 
 
 # the processes of the instance started under --temp-dir, found by their command lines

@@ -12,7 +12,9 @@ every worker's report of it; a worker that dies within a poll interval of report
 that checkpoint with it, and the run then resumes from the one before.)
 
 A run is identified by its fingerprint (train/fingerprint.py): re-running a name with a
-different config, data, base model, code or checkpoint layout refuses to resume.
+different config, data, base model or checkpoint layout refuses to resume (other code resumes
+with a warning). Checkpoints hold no pickles (train/state_io.py); a damaged latest checkpoint
+falls back to the one before.
 """
 from __future__ import annotations
 

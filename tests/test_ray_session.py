@@ -73,7 +73,14 @@ def seen():
 
 from ray.util.state import list_actors
 list_actors()
-print(json.dumps({"driver": os.environ["RAY_ADDRESS"], "worker": ray.get(seen.remote()),
+pinned = os.environ.pop("RAY_ADDRESS")
+try:  # what any lookup met before the address was pinned
+    list_actors()
+    unpinned = "found"
+except ConnectionError as err:
+    unpinned = str(err)
+os.environ["RAY_ADDRESS"] = pinned
+print(json.dumps({"driver": pinned, "worker": ray.get(seen.remote()), "unpinned": unpinned,
                   "mine": ray.get_runtime_context().gcs_address}))
 ray_session.shutdown()
 '''
@@ -87,7 +94,9 @@ def test_the_state_api_finds_our_ray_beside_a_second_instance(second_ray, tmp_pa
                          timeout=300)
     assert out.returncode == 0, out.stderr[-3000:]
     seen = json.loads(out.stdout.strip().splitlines()[-1])
-    assert seen["driver"] == seen["worker"] == seen["mine"] != second_ray
+    assert seen["driver"] == seen["worker"] != second_ray
+    assert seen["driver"].rsplit(":")[-1] == seen["mine"].rsplit(":")[-1]  # our GCS port
+    assert "multiple" in seen["unpinned"].lower()  # the failure the pin avoids
 
 
 def test_a_wait_for_resources_is_reported_then_stopped(ray_local, capsys):

@@ -34,6 +34,9 @@ _EXPECTED_BY_NAME = (
     ("raypref.config", "ConfigError"),
     ("raypref.data.quarantine", "QuarantineExceeded"),
     ("raypref.train.fingerprint", "RunMismatch"),
+    ("raypref.train.storage", "RefusedDelete"),
+    ("raypref.train.state_io", "UnsafeCheckpoint"),
+    ("raypref.ray_session", "ResourceWaitTimeout"),
 )
 # ValueErrors are expected only when a config's check raised them
 _VALIDATING_FUNCTIONS = {"validate", "__post_init__"}

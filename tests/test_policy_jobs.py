@@ -4,7 +4,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import pickle
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import torch
 
 from raypref.models.factory import LoraSettings
 from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+from raypref.train.runner import read_spec_state
 
 
 @pytest.fixture(scope="module")
@@ -346,8 +346,7 @@ def test_ppo_worker_crash_inside_a_rollout_resumes_exactly(ray_local, tiny_base,
         assert got == want, got["step"]  # every metric, exactly
 
     def spec_state(result) -> dict:
-        with open(result.checkpoint_path / "worker_state_rank0.pkl", "rb") as f:
-            return pickle.load(f)["spec"]
+        return read_spec_state(result.checkpoint_path)
 
     got, want = spec_state(crashed), spec_state(reference)
     assert (got["position"], got["rollouts"]) == (want["position"], want["rollouts"]) == (2, 3)  # 2 steps into rollout 2

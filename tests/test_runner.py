@@ -108,6 +108,8 @@ def test_restore_refuses_a_checkpoint_without_deepspeed_state(tmp_path):
     from raypref.train.runner import _restore
 
     class NoStateEngine:  # DeepSpeed's answer when the tag's folder is missing
+        checkpoint_engine = type("CheckpointEngine", (), {})()  # _restore gives it a safe loader
+
         def load_checkpoint(self, *args, **kwargs):
             return None, None
 

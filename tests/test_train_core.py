@@ -147,12 +147,21 @@ def test_a_changed_run_refuses_to_resume_and_names_what_changed(tmp_path):
     assert saved["spec"]["pairs"] == digest([1, 3])
 
 
-def test_code_change_is_a_different_run(tmp_path, monkeypatch):
+def test_a_code_only_change_resumes_with_a_warning_unless_strict(tmp_path, monkeypatch, capsys):
     cfg = RunnerConfig(name="r", storage_path=str(tmp_path))
     check_fingerprint(str(tmp_path), "r", run_fingerprint(ConfigSpec([1]), cfg))
+    old = json.loads((tmp_path / "r" / "raypref_fingerprint.json").read_text())["code"]
     monkeypatch.setattr("raypref.train.fingerprint.code_version", lambda: "0.1.0+changed")
-    with pytest.raises(RunMismatch, match=r"code: .* -> \"0\.1\.0\+changed\""):
-        check_fingerprint(str(tmp_path), "r", run_fingerprint(ConfigSpec([1]), cfg))
+    with pytest.raises(RunMismatch, match=r"trained by raypref .* this is 0\.1\.0\+changed; strict_code"):
+        check_fingerprint(str(tmp_path), "r", run_fingerprint(ConfigSpec([1]), cfg), strict_code=True)
+    check_fingerprint(str(tmp_path), "r", run_fingerprint(ConfigSpec([1]), cfg))
+    warning = capsys.readouterr().out
+    assert "WARNING r: resuming a run trained by raypref" in warning
+    assert old in warning and "0.1.0+changed" in warning
+    saved = json.loads((tmp_path / "r" / "raypref_fingerprint.json").read_text())
+    assert saved["code"] == "0.1.0+changed" and saved["code_history"] == [old, "0.1.0+changed"]
+    with pytest.raises(RunMismatch, match=r"config\.lr"):  # code and config changed: refused
+        check_fingerprint(str(tmp_path), "r", run_fingerprint(ConfigSpec([1]), RunnerConfig(lr=0.5)))
 
 
 def test_a_run_folder_without_fingerprint_is_not_resumed_blindly(tmp_path):

@@ -26,6 +26,7 @@ from typing import BinaryIO
 
 import pyarrow.parquet as pq
 
+from raypref import atomic
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
 from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, is_blank, validate_row
 
@@ -216,7 +217,7 @@ class UserIdMap:
         return self.ids[key]
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.ids, indent=1, sort_keys=True))
+        atomic.write_text(path, json.dumps(self.ids, indent=1, sort_keys=True))
 
     @classmethod
     def load(cls, path: str | Path) -> "UserIdMap":

@@ -8,6 +8,7 @@ folder recurse into sub-folders).
 from __future__ import annotations
 
 import json
+import shutil
 from collections import Counter
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from raypref import atomic
 from raypref.data import users as populations
 from raypref.data.records import ROW_COLUMNS, PreferenceRecord, validate_row
 from raypref.data.users import User
@@ -86,23 +88,27 @@ def simulate_population(world: World, name: str, users: list[User], pairs_per_us
 def write_shards(records: list[PreferenceRecord], out_dir: str | Path,
                  shard_size: int) -> list[Path]:
     """Write records as ``shard-NNNNN.parquet`` and ``shard-NNNNN.jsonl``; returns the
-    parquet paths. Old shards in ``out_dir`` are removed so a rerun never mixes data."""
+    parquet paths. The new shard set replaces the old one in one folder swap (other files in
+    ``out_dir`` are carried over), so a rerun never mixes data and a crash leaves the old set."""
     if shard_size < 1:
         raise ValueError(f"write_shards: shard_size must be >= 1, got {shard_size}")
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for old in list(out_dir.glob("shard-*.parquet")) + list(out_dir.glob("shard-*.jsonl")):
-        old.unlink()
-    paths = []
-    for index, start in enumerate(range(0, len(records), shard_size)):
-        rows = [r.to_row() for r in records[start:start + shard_size]]
-        stem = out_dir / f"shard-{index:05d}"
-        table = pa.Table.from_pylist(rows).select(list(ROW_COLUMNS))
-        pq.write_table(table, stem.with_suffix(".parquet"))
-        with open(stem.with_suffix(".jsonl"), "w") as f:
-            f.writelines(json.dumps(row) + "\n" for row in rows)
-        paths.append(stem.with_suffix(".parquet"))
-    return paths
+
+    def write(tmp: Path) -> None:
+        if out_dir.is_dir():
+            for old in out_dir.iterdir():
+                if not old.name.startswith("shard-"):
+                    (shutil.copytree if old.is_dir() else shutil.copy2)(old, tmp / old.name)
+        for index, start in enumerate(range(0, len(records), shard_size)):
+            rows = [r.to_row() for r in records[start:start + shard_size]]
+            stem = tmp / f"shard-{index:05d}"
+            table = pa.Table.from_pylist(rows).select(list(ROW_COLUMNS))
+            pq.write_table(table, stem.with_suffix(".parquet"))
+            with open(stem.with_suffix(".jsonl"), "w") as f:
+                f.writelines(json.dumps(row) + "\n" for row in rows)
+
+    atomic.replace_dir(out_dir, write)
+    return sorted(out_dir.glob("shard-*.parquet"))
 
 
 def read_shards(out_dir: str | Path, fmt: str = "parquet") -> list[PreferenceRecord]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import ray
 
-from raypref import tracking
+from raypref import ray_session, tracking
 from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
@@ -231,7 +231,7 @@ class PreferenceExperiment(Experiment):
     def prepare(self, run: Run) -> None:
         cfg = run.cfg
         if not ray.is_initialized():
-            ray.init(include_dashboard=False, configure_logging=False)
+            ray_session.init(include_dashboard=False, configure_logging=False)
         _log(f"validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
         run.data["datasets"], run.data["quarantine"] = _validation_pass(cfg, run.out)
         quarantine = run.data["quarantine"]

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypref import atomic
 from raypref.experiments.reward import RewardJobConfig, train_reward
 from raypref.recipes.reward_data import WORLD, judge_reference
 
@@ -132,8 +133,8 @@ def run_comparison(cfg: RewardCompareConfig) -> list[dict]:
     table = format_table(rows, reference)
     out = Path(cfg.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "comparison.md").write_text(table + "\n")
-    (out / "comparison.json").write_text(json.dumps(
+    atomic.write_text(out / "comparison.md", table + "\n")
+    atomic.write_text(out / "comparison.json", json.dumps(
         {"rows": rows, "judge_reference": reference, "config": dataclasses.asdict(cfg)},
         indent=1, default=str))
     print(table)

@@ -17,7 +17,7 @@ from typing import Any
 
 import mlflow
 
-from raypref import tracking
+from raypref import atomic, tracking
 from raypref.recipes.sft import SFTConfig, train_sft
 from raypref.train import runner
 from raypref.train.runner import RunnerConfig, RunResult
@@ -152,7 +152,7 @@ def run_experiment(experiment: Experiment, cfg) -> JobResult:
                    "policy_dir": None if result.export_path is None else str(result.export_path),
                    "base_policy": run.base_dir, "mlflow_run_id": mlrun.info.run_id,
                    "tracking_uri": tracking.tracking_uri(cfg.output_dir)}
-        (out / SUMMARY_FILE).write_text(json.dumps(summary, indent=2, default=str))
+        atomic.write_text(out / SUMMARY_FILE, json.dumps(summary, indent=2, default=str))
         tracking.log_dict(summary, SUMMARY_FILE)
     policy_dir = None if result.export_path is None else Path(result.export_path)
     job_result = JobResult(out, policy_dir, summary, mlrun.info.run_id, summary["tracking_uri"], result.metrics)

@@ -77,6 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     import ray
     from ray import serve
 
+    from raypref import ray_session
     from raypref.serve.app import SoupsServer, ServerArgs
     from raypref.serve.policies import PolicyDiscoveryError, find_policies
 
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> None:
         policies = find_policies(server_args.resolved_output_dir(), server_args.training_key, server_args.preferences)
     except (ValueError, PolicyDiscoveryError) as e:  # pydantic's ValidationError is a ValueError
         raise SystemExit(f"serve: {e}") from None
-    ray.init(include_dashboard=False, configure_logging=False)
+    ray_session.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})
     serve.run(SoupsServer.options(**deployment).bind(server_args.model_dump()), name="soups", route_prefix="/")
     print(f"serving {policies.preferences} of {policies.run_dir} (version {policies.version}) "

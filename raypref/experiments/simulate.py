@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from raypref import tracking
+from raypref import atomic, tracking
 from raypref.config import ConfigError
 from raypref.data.analysis import plot_counts, sample_queries, write_population_analysis
 from raypref.data.simulate import (POPULATIONS, population_users, simulate_population,
@@ -81,7 +81,7 @@ def run_simulate(cfg: SimulateConfig) -> dict:
             analysis_dir = out / "analysis" / population
             counts = user_counts(train)
             analysis_dir.mkdir(parents=True, exist_ok=True)
-            (analysis_dir / "counts.json").write_text(json.dumps(counts, indent=1))
+            atomic.write_text(analysis_dir / "counts.json", json.dumps(counts, indent=1))
             plot_counts(counts, analysis_dir / "counts.png", f"{population}: pairs per user")
             queries = sample_queries(world, cfg.analysis_queries, rng)
             stats = write_population_analysis(users, queries, analysis_dir, population)
@@ -94,7 +94,7 @@ def run_simulate(cfg: SimulateConfig) -> dict:
             print(f"[simulate] {population}: {len(train)} train + {len(test)} test pairs "
                   f"from {len(users)} users in {metrics['seconds']:.1f}s -> {out / population}",
                   flush=True)
-        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+        atomic.write_text(out / "summary.json", json.dumps(summary, indent=1))
         tracking.log_artifact(out / "summary.json")
         summary["mlflow"] = tracking.run_url(mlflow_run)
     print(f"[simulate] done: data and plots under {out.resolve()}; {summary['mlflow']}")

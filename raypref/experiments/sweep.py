@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from raypref import atomic
 from raypref.experiments.preference import DPOJobConfig, PreferenceExperiment
 from raypref.experiments.reward import RewardExperiment, RewardJobConfig, demo_cache
 from raypref.experiments.run import SUMMARY_FILE, run_experiment
@@ -68,7 +69,7 @@ def _trial_run(experiment, cfg, trial_name: str, sweep_dir: Path) -> None:
 
     result = run_experiment(Trial(callbacks=[TuneReportCallback()]), cfg)
     folder.mkdir(parents=True, exist_ok=True)
-    done.write_text(json.dumps(result.metrics))
+    atomic.write_text(done, json.dumps(result.metrics))
 
 
 def model_path(sweep_dir: Path, trial_name: str) -> Path:

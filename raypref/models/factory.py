@@ -7,15 +7,13 @@ so SFT, DPO and generation agree on it.
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 import torch
 
+from raypref import atomic
 from raypref.config import check_fields
 
 TINY = "tiny"
@@ -235,23 +233,8 @@ def extend_vocabulary(model, tokenizer, words, seed: int = 0) -> list[str]:
 
 def write_dir_atomically(target: Path, write: Callable[[Path], object]) -> Path:
     """Call write(tmp) on a temp sibling folder of target, then swap it into place, so readers
-    never see a half-written target."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        write(tmp)
-        if target.exists():  # os.replace cannot overwrite a non-empty folder: move it aside
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            os.replace(target, old / target.name)
-            os.replace(tmp, target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return target
+    never see a half-written target (raypref.atomic.replace_dir)."""
+    return atomic.replace_dir(target, write)
 
 
 def save_pretrained_safetensors(model, tokenizer, out_dir: str | Path) -> Path:

@@ -14,6 +14,7 @@ from typing import Any, Callable
 import yaml
 from ray.tune import Callback
 
+from raypref import atomic
 from raypref.config import to_dict
 
 # Tune's own bookkeeping in every result: not metrics of the job
@@ -240,13 +241,13 @@ def write_summary(sweep, rows: list[TrialRow], parent_run_id: str, seconds: floa
         job_config = to_dict(sweep.space.apply(sweep.job.config, sweep.base, best.raw_config))
         summary["best"] = {"trial": best.name, "metric": best.metric, "params": best.params,
                            "model_path": best.model_path, "status": best.status}
-        (sweep.path / "best_config.yaml").write_text(yaml.safe_dump(
+        atomic.write_text(sweep.path / "best_config.yaml", yaml.safe_dump(
             {"trial": best.name, metric: best.metric, "params": best.params,
              "model_path": best.model_path, "job": sweep.cfg.job, "config": job_config},
             sort_keys=False))
         client.log_artifact(parent_run_id, str(sweep.path / "best_config.yaml"))
         client.log_metric(parent_run_id, f"best_{metric}", best.metric)
-    (sweep.path / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    atomic.write_text(sweep.path / "summary.json", json.dumps(summary, indent=2, default=str))
     client.log_artifact(parent_run_id, str(sweep.path / "summary.json"))
     for path in plots(sweep, rows):
         client.log_artifact(parent_run_id, str(path), "plots")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 import yaml
 
+from raypref import ray_session
 from raypref.config import check_fields, from_dict, _merge, to_dict
 from raypref.sweep.report import (BudgetWatch, ProgressTable, MLflowTrials, trial_rows, trial_name,
                                   write_summary)
@@ -171,7 +172,7 @@ def run_sweep(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> dict:
     if not ray.is_initialized():
         # with the dashboard: a trial ASHA stops is torn down with its Ray Train controller, and
         # only Ray Train's PlacementGroupCleaner (which asks the state API) frees its workers' CPUs
-        ray.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
+        ray_session.init(include_dashboard=True, log_to_driver=False, configure_logging=False)
     sweep.path.mkdir(parents=True, exist_ok=True)
     parent_id = _parent_run(sweep)
     print(f"[sweep] {sweep.path.name}: job {cfg.job}, {cfg.num_samples} trials, metric "
@@ -188,7 +189,8 @@ def run_sweep(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> dict:
                                   sweep.max_t)]
         experiment = str(sweep.path)
         tuner = _tuner(sweep, trainable, callbacks)
-        tuner.fit()
+        with ray_session.watch_resources():  # a trial that cannot start says why, then fails
+            tuner.fit()
         trials = tune.ExperimentAnalysis(experiment).trials
         rows = budget.mark_cuts(trial_rows(trials, sweep.space, sweep.job.metric, sweep.job.time_attr,
                                            sweep.max_t, lambda t: sweep.job.model_path(sweep.path, t)))

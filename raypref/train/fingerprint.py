@@ -1,9 +1,12 @@
 """A run's fingerprint: what must be equal for a checkpoint to be resumed.
 
-Stored as ``<storage>/<name>/raypref_fingerprint.json`` when a run starts. A rerun of the same
-name with another fingerprint (config, spec, data, base model, code, or the checkpoint layout:
-workers, ZeRO stage, roles) refuses to resume and names what changed; ``restart`` deletes the
-old run and starts over.
+Stored as ``<storage>/<name>/raypref_fingerprint.json`` when a run starts. Its parts that give
+a checkpoint its meaning (config, spec, data, base model, and the checkpoint layout: workers,
+ZeRO stage, roles) must be equal: a rerun of the same name with others refuses to resume and
+names what changed; ``restart`` deletes the old run and starts over. The code version is kept
+apart: a hotfix must not strand a long run, so a code-only change resumes with a warning that
+names both versions (``strict_code`` refuses it instead), and the file records every version
+that trained the run.
 """
 from __future__ import annotations
 
@@ -61,6 +64,14 @@ def run_fingerprint(spec, cfg, data: dict | None = None) -> dict:
     }
 
 
+CODE_KEYS = ("code", "code_history")  # provenance, not meaning
+
+
+def meaning(fingerprint: dict) -> dict:
+    """The parts of a fingerprint that must match for a checkpoint to be resumed."""
+    return {k: v for k, v in fingerprint.items() if k not in CODE_KEYS}
+
+
 def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     """Dotted names of what differs, with both values (short)."""
     out = []
@@ -73,24 +84,37 @@ def differences(old: dict, new: dict, prefix: str = "") -> list[str]:
     return out
 
 
-def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = False) -> None:
-    """Write the fingerprint of a new run; for an existing run, raise RunMismatch unless equal
-    (or ``restart``: delete the old run first)."""
+def check_fingerprint(root: str, name: str, fingerprint: dict, restart: bool = False,
+                      strict_code: bool = False) -> None:
+    """Write the fingerprint of a new run; for an existing run, raise RunMismatch unless its
+    meaning is equal (or ``restart``: delete the old run first). A run whose code version alone
+    changed resumes with a printed warning, or raises RunMismatch when ``strict_code``."""
+    if not storage.is_run_name(name):
+        raise ValueError(f"run name {name!r}: {storage.RUN_NAME_RULE}")
     run_dir = storage.join(root, name)
     path = storage.join(run_dir, FINGERPRINT_FILE)
     fingerprint = json.loads(json.dumps(fingerprint, default=str))  # as it reads back from disk
-    if storage.exists(run_dir) and restart:
-        print(f"[runner] {name}: --restart, deleting the old run in {run_dir}", flush=True)
-        storage.delete_dir(run_dir)
+    if restart and storage.exists(run_dir):
+        if storage.delete_run(root, name, FINGERPRINT_FILE):
+            print(f"[runner] {name}: --restart, deleted the old run in {run_dir}", flush=True)
     elif storage.exists(path):
-        changed = differences(json.loads(storage.read_text(path)), fingerprint)
+        old = json.loads(storage.read_text(path))
+        changed = differences(meaning(old), meaning(fingerprint))
         if changed:
             raise RunMismatch(
                 f"run {name!r} in {root} was made with another fingerprint, so it is not resumed; "
                 f"changed: {'; '.join(changed[:8])}{' ...' if len(changed) > 8 else ''}. "
                 "Use another run name / output folder, or restart it (--restart true).")
-        return
+        if old.get("code") == fingerprint["code"]:
+            return
+        if strict_code:
+            raise RunMismatch(f"run {name!r} in {root} was trained by raypref {old.get('code')}, this is "
+                              f"{fingerprint['code']}; strict_code refuses to resume it with other code")
+        print(f"[runner] WARNING {name}: resuming a run trained by raypref {old.get('code')} with "
+              f"raypref {fingerprint['code']} (only the code changed: config, data, base and layout "
+              "are the same); pass --strict_code true to refuse", flush=True)
+        fingerprint["code_history"] = [*old.get("code_history", [old.get("code")]), fingerprint["code"]]
     elif storage.exists(run_dir) and not storage.is_uri(run_dir) and any(Path(run_dir).glob("checkpoint_*")):
         raise RunMismatch(f"run {name!r} in {root} has no {FINGERPRINT_FILE} (made by an older "
-                          "raypref?): cannot tell whether it is the same run; restart it (--restart true)")
+                          "raypref?): cannot tell whether it is the same run; delete the folder or use another name")
     storage.write_text(path, json.dumps(fingerprint, indent=2, sort_keys=True))

@@ -12,14 +12,15 @@ every worker's report of it; a worker that dies within a poll interval of report
 that checkpoint with it, and the run then resumes from the one before.)
 
 A run is identified by its fingerprint (train/fingerprint.py): re-running a name with a
-different config, data, base model, code or checkpoint layout refuses to resume.
+different config, data, base model or checkpoint layout refuses to resume (other code resumes
+with a warning). Checkpoints hold no pickles (train/state_io.py); a damaged latest checkpoint
+falls back to the one before.
 """
 from __future__ import annotations
 
 import contextlib
 import json
 import os
-import pickle
 import random
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -29,10 +30,13 @@ from typing import Any, Iterator
 import numpy as np
 import torch
 
+from raypref import atomic, ray_session
 from raypref.config import check_fields
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
 from raypref.train.spec import LoopSpec, Role, StepContext
+from raypref.train.state_io import (checkpoint_problem, load_deepspeed_safely, load_state,
+                                    refuse_pickles, save_state)
 
 HISTORY_FILE = "metrics.json"  # the metrics history, for the driver (rank 0 writes it)
 FINAL_DIR = "final"
@@ -64,6 +68,7 @@ class RunnerConfig:
     seed: int = 0
     bf16: bool = False  # off by default: CPU runs stay in fp32
     log_every: int = 10  # rank 0 prints progress and reports metrics every this many steps
+    strict_code: bool = False  # refuse to resume a run trained by another raypref code version
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -84,7 +89,7 @@ class RunnerConfig:
             ("eval_every", self.eval_every >= 0, "must be >= 0 (0 = only at the end)"),
             ("max_failures", self.max_failures >= -1, "must be >= -1 (-1 = unlimited)"),
             ("storage_path", bool(self.storage_path), "must name a folder or URI"),
-            ("name", bool(self.name) and "/" not in self.name, "must be a non-empty folder name"),
+            ("name", storage.is_run_name(self.name), storage.RUN_NAME_RULE),
             ("log_every", self.log_every >= 1, "must be >= 1"),
         ]
         check_fields("RunnerConfig", self, checks)
@@ -126,6 +131,7 @@ class Resources:
     max_failures: int = 1  # restarts from the latest checkpoint before the run fails
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     eval_every: int = 0  # optimizer steps between evaluations (0 = only at the end)
+    strict_code: bool = False  # refuse to resume a run trained by another raypref code version
 
     def validate(self, where: str = "resources") -> None:
         checks = [("num_workers", self.num_workers >= 1, "must be >= 1"),
@@ -144,7 +150,7 @@ def runner_config(training: Optimization, resources: Resources, *, name: str, st
         num_workers=resources.num_workers, cpus_per_worker=resources.cpus_per_worker,
         use_gpu=resources.use_gpu, zero_stage=resources.zero_stage, bf16=resources.bf16,
         max_failures=resources.max_failures, checkpoint_every=resources.checkpoint_every,
-        eval_every=resources.eval_every,
+        eval_every=resources.eval_every, strict_code=resources.strict_code,
         lr=training.lr, weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
         max_steps=training.steps, micro_batch_size=training.micro_batch_size,
         grad_accum=training.grad_accum, grad_clip=training.grad_clip,
@@ -221,8 +227,10 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     # one waiting report, so a metrics report every few fast steps idled the worker up to 2 s
     # (32% of bench/dpo_throughput.py's window); a 0.2 s poll costs the controller little
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.2")
+    ray_session.init()  # a no-op when Ray is up; else a local Ray pinned to its own address
     root = storage.resolve(cfg.storage_path)
-    check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart)
+    check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart,
+                      strict_code=cfg.strict_code)
     loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root}
     trainer = TorchTrainer(
         _train_loop,
@@ -240,21 +248,30 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
         # e.g. data.pipeline.ExactSplitDataConfig: Train's default split drops rows to even out
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
-    result = trainer.fit()
+    with ray_session.watch_resources():  # says what a worker group waits for, and stops it
+        result = trainer.fit()
     history: list[dict[str, float]] = []
     checkpoint_path = None
     if result.checkpoint is not None:
         with result.checkpoint.as_directory() as local:  # downloads from a URI
             history = _read_history(Path(local))
             checkpoint_path = Path(local) if not storage.is_uri(root) else None
-    export = storage.join(root, cfg.name, FINAL_DIR)
     return RunResult(
         final_step=int(history[-1]["step"]) if history else 0,
         metrics=history,
-        export_path=(Path(export) if not storage.is_uri(export) else export)
-        if storage.exists(export) else None,
+        export_path=export_path(root, cfg.name),
         checkpoint_path=checkpoint_path,
     )
+
+
+def export_path(root: str, name: str) -> Path | str | None:
+    """Where a run's export is: ``<root>/<name>/final`` (a swap a crash interrupted is finished
+    first), or for a URI the prefix its marker publishes; None before the run exported."""
+    target = storage.join(root, name, FINAL_DIR)
+    if storage.is_uri(target):
+        return storage.published(target)
+    atomic.recover_dir(target)
+    return Path(target) if Path(target).exists() else None
 
 
 def _check_roles(spec: LoopSpec) -> None:
@@ -292,6 +309,7 @@ def _train_loop(loop_config: dict) -> None:
     history: list[dict[str, float]] = []
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
+        checkpoint = _restorable(checkpoint, rank, cfg.name)
         with checkpoint.as_directory() as ckpt_dir:
             history = _restore(Path(ckpt_dir), engines, spec, rank)
     start_step = next(iter(engines.values())).global_steps  # optimizer steps already done
@@ -325,7 +343,7 @@ def _train_loop(loop_config: dict) -> None:
             row.update({f"eval.{k}": v for k, v in _evaluate(spec, ctx).items()})
         history.append(row)
         if step % cfg.checkpoint_every == 0 or last:
-            _save_and_report(engines, spec, cfg, rank, step, history)
+            _save_and_report(engines, spec, cfg, rank, step, history, loop_config["storage"])
         elif step % cfg.log_every == 0 or any(k.startswith("eval.") for k in row):
             ray.train.report(row)  # a barrier on every worker: Tune sees it between checkpoints
         if rank == 0 and (step % cfg.log_every == 0 or last):
@@ -440,21 +458,21 @@ def _gathered(engines: dict, cfg: RunnerConfig):
 
 # ---------------------------------------------------------------- checkpoints
 
-def _state_file(rank: int) -> str:
-    return f"worker_state_rank{rank}.pkl"
+def _state_stem(rank: int) -> str:
+    return f"worker_state_rank{rank}"  # .json + .safetensors (train/state_io.py)
 
 
 def read_spec_state(ckpt_dir: str | Path, rank: int = 0) -> dict:
     """The spec state (``LoopSpec.state_dict``) a worker saved in a checkpoint of this runner,
     e.g. the dataset an RSF iteration held, for offline diagnostics."""
-    path = Path(ckpt_dir) / _state_file(rank)
-    if not path.exists():
-        raise FileNotFoundError(f"read_spec_state: {ckpt_dir} has no {path.name}")
-    with open(path, "rb") as f:
-        return pickle.load(f)["spec"]  # written by this runner's own workers
+    if not (Path(ckpt_dir) / f"{_state_stem(rank)}.json").exists():
+        refuse_pickles(ckpt_dir)
+        raise FileNotFoundError(f"read_spec_state: {ckpt_dir} has no {_state_stem(rank)}.json")
+    return load_state(ckpt_dir, _state_stem(rank))["spec"]
 
 
 def _rng_state() -> dict:
+    # numpy's and Python's states are tuples of ints and an array: save_state keeps them as is
     return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
             "python": random.getstate()}
 
@@ -479,20 +497,31 @@ def _trainable_state(module: torch.nn.Module) -> dict[str, torch.Tensor]:
             if not frozen or k in trained}
 
 
+def _staging_dir(root: str, name: str) -> str | None:
+    """Where a worker assembles a checkpoint before Ray copies it in: on the storage's own
+    filesystem (a small system temp folder must not hold a second copy of a big checkpoint);
+    a URI's checkpoints are assembled in the system temp folder, the only local disk we know."""
+    if storage.is_uri(root):
+        return None
+    staging = Path(root, name, ".staging")
+    staging.mkdir(parents=True, exist_ok=True)
+    return str(staging)
+
+
 def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int, step: int,
-                     history: list[dict[str, float]]) -> None:
+                     history: list[dict[str, float]], root: str) -> None:
     """Every rank saves its DeepSpeed state, spec state and RNG into its own folder; Ray merges
     the folders into one checkpoint."""
     import ray.train
     from ray.train import Checkpoint
     from safetensors.torch import save_file
 
-    with tempfile.TemporaryDirectory(prefix=f"raypref-ckpt-{rank}-") as tmp:
+    with tempfile.TemporaryDirectory(prefix=f"ckpt-{step:06d}-rank{rank}-",
+                                     dir=_staging_dir(root, cfg.name)) as tmp:
         for role, engine in engines.items():
             engine.save_checkpoint(tmp, tag=f"ds-{role}", exclude_frozen_parameters=True)
         worker_state = {"spec": spec.state_dict(), "rng": _rng_state(), "history": history}
-        with open(Path(tmp) / _state_file(rank), "wb") as f:
-            pickle.dump(worker_state, f)
+        save_state(worker_state, tmp, _state_stem(rank))
         with _gathered(engines, cfg):
             if rank == 0:
                 for role, engine in engines.items():
@@ -505,20 +534,57 @@ def _save_and_report(engines: dict, spec: LoopSpec, cfg: RunnerConfig, rank: int
                          checkpoint_dir_name=f"checkpoint_{step:06d}")
 
 
+def _older_checkpoints(checkpoint) -> list:
+    """The run's checkpoints before ``checkpoint`` (newest first), from its run folder."""
+    import pyarrow.fs as pafs
+    from ray.train import Checkpoint
+
+    parent, _, own = checkpoint.path.rstrip("/").rpartition("/")
+    infos = checkpoint.filesystem.get_file_info(pafs.FileSelector(parent))
+    names = sorted((i.base_name for i in infos if i.type == pafs.FileType.Directory
+                    and i.base_name.startswith("checkpoint_") and i.base_name < own), reverse=True)
+    return [Checkpoint(path=f"{parent}/{n}", filesystem=checkpoint.filesystem) for n in names]
+
+
+def _restorable(checkpoint, rank: int, name: str):
+    """The checkpoint Ray hands back or, when any worker finds one of its files damaged, the
+    newest older one every worker can read (a corrupt latest checkpoint would otherwise fail
+    every retry). Every rank takes part: they must all resume from the same one."""
+    import torch.distributed as dist
+
+    reasons = []
+    for candidate in [checkpoint, *_older_checkpoints(checkpoint)]:
+        with candidate.as_directory() as local:
+            problem = checkpoint_problem(local)
+        readable = torch.tensor([0 if problem else 1])
+        if dist.is_initialized():
+            dist.all_reduce(readable, op=dist.ReduceOp.MIN)
+        if readable.item():
+            if reasons and rank == 0:
+                print(f"[runner] {name}: resuming from {candidate.path} instead", flush=True)
+            return candidate
+        reasons.append(f"{candidate.path}: {problem or 'damaged on another worker'}")
+        print(f"[runner] WARNING {name} (rank {rank}): checkpoint {candidate.path} cannot be "
+              f"restored ({problem or 'another worker found a damaged file'}); trying the one "
+              "before", flush=True)
+    raise RuntimeError(f"run {name}: no checkpoint can be restored: {'; '.join(reasons)}")
+
+
 def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[dict[str, float]]:
+    refuse_pickles(ckpt_dir)
     for role, engine in engines.items():
+        load_deepspeed_safely(engine)
         # frozen parameters were left out of the checkpoint: build_model made them already
         loaded, _ = engine.load_checkpoint(str(ckpt_dir), tag=f"ds-{role}",
                                            load_module_strict=False)
         if loaded is None:  # DeepSpeed only warns, and training would restart from step 0
             raise FileNotFoundError(f"checkpoint {ckpt_dir} has no DeepSpeed state ds-{role} "
                                     f"(rank {rank}): cannot resume")
-    state_path = ckpt_dir / _state_file(rank)
-    if not state_path.exists():
-        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {state_path.name}: it was written "
+    stem = _state_stem(rank)
+    if not (ckpt_dir / f"{stem}.json").exists():
+        raise FileNotFoundError(f"checkpoint {ckpt_dir} has no {stem}.json: it was written "
                                 "with another number of workers")
-    with open(state_path, "rb") as f:
-        worker_state = pickle.load(f)  # written by this run's own workers
+    worker_state = load_state(ckpt_dir, stem)
     spec.load_state_dict(worker_state["spec"])
     _set_rng_state(worker_state["rng"])
     return list(worker_state["history"])
@@ -526,8 +592,6 @@ def _restore(ckpt_dir: Path, engines: dict, spec: LoopSpec, rank: int) -> list[d
 
 def _export(spec: LoopSpec, engines: dict, models: dict, cfg: RunnerConfig, rank: int,
             root: str) -> None:
-    from raypref.models.factory import write_dir_atomically
-
     target = storage.join(root, cfg.name, FINAL_DIR)
     with _gathered(engines, cfg):
         if rank != 0:
@@ -535,9 +599,9 @@ def _export(spec: LoopSpec, engines: dict, models: dict, cfg: RunnerConfig, rank
         if storage.is_uri(target):
             with tempfile.TemporaryDirectory(prefix="raypref-export-") as tmp:
                 spec.export(models, Path(tmp))
-                storage.upload_dir(Path(tmp), target)
+                target = storage.publish_dir(Path(tmp), target)
         else:
-            write_dir_atomically(Path(target), lambda tmp: spec.export(models, tmp))
+            atomic.replace_dir(target, lambda tmp: spec.export(models, tmp))
         print(f"[runner] {cfg.name}: done, exported to {target}", flush=True)
 
 

@@ -6,8 +6,24 @@ the same code serves a laptop folder and a cluster bucket.
 """
 from __future__ import annotations
 
+import json
 import os
+import re
 from pathlib import Path
+
+from raypref import atomic
+
+# a run's folder name: one path component that cannot climb out of its storage root ('.', '..')
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+RUN_NAME_RULE = "must match ^[A-Za-z0-9][A-Za-z0-9._-]*$ (one folder name: no '/', '.', '..')"
+
+
+class RefusedDelete(PermissionError):
+    """A folder --restart was asked to delete is not a raypref run under its storage root."""
+
+
+def is_run_name(name: str) -> bool:
+    return isinstance(name, str) and RUN_NAME.fullmatch(name) is not None
 
 
 def is_uri(path: str) -> bool:
@@ -47,12 +63,10 @@ def read_text(path: str) -> str:
 
 
 def write_text(path: str, text: str) -> None:
-    """Write a small file; locally through a temporary name, so a reader never sees half of it."""
+    """Write a small file so that a reader never sees half of it: locally through a temporary
+    name (raypref.atomic); an object store's single upload is atomic itself."""
     if not is_uri(path):
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        partial = f"{path}.partial"
-        Path(partial).write_text(text)
-        os.replace(partial, path)
+        atomic.write_text(path, text)
         return
     fs, inner = _fs(path)
     fs.create_dir(inner.rsplit("/", 1)[0], recursive=True)
@@ -60,14 +74,41 @@ def write_text(path: str, text: str) -> None:
         f.write(text.encode())
 
 
-def delete_dir(path: str) -> None:
-    if not is_uri(path):
-        import shutil
+def delete_run(root: str, name: str, marker: str) -> bool:
+    """Delete the run folder ``<root>/<name>`` if it is one: ``name`` a valid run name, the folder
+    directly under ``root`` (not a symlink out of it) and holding the file ``marker``. Returns
+    whether there was a run to delete; raises RefusedDelete for a folder that is not a run.
+    An empty folder is no run and is left alone."""
+    if not is_run_name(name):
+        raise RefusedDelete(f"refusing to delete run {name!r} in {root}: a run name {RUN_NAME_RULE}")
+    run_dir = join(root, name)
+    if is_uri(root):
+        if not exists(run_dir):
+            return False
+        if not exists(join(run_dir, marker)):
+            raise RefusedDelete(f"refusing to delete {run_dir}: it holds no {marker}, so it is "
+                                  "not a raypref run; delete it yourself if it should go")
+        fs, inner = _fs(run_dir)
+        fs.delete_dir(inner)
+        return True
+    path = Path(run_dir)
+    if path.is_symlink():
+        raise RefusedDelete(f"refusing to delete {path}: it is a symlink (to {os.readlink(path)}), "
+                              "not a run folder")
+    if not path.exists():
+        return False
+    if path.resolve().parent != Path(root).resolve() or not path.is_dir():
+        raise RefusedDelete(f"refusing to delete {path}: not a folder directly under {root}")
+    fingerprint = path / marker
+    if fingerprint.is_symlink() or not fingerprint.is_file():
+        if not any(path.iterdir()):
+            return False
+        raise RefusedDelete(f"refusing to delete {path}: it holds no {marker}, so it is not a "
+                              "raypref run; delete it yourself if it should go")
+    import shutil
 
-        shutil.rmtree(path, ignore_errors=True)
-        return
-    fs, inner = _fs(path)
-    fs.delete_dir(inner)
+    shutil.rmtree(path)  # removes symlinks inside, never what they point to
+    return True
 
 
 def upload_dir(local: Path, target: str) -> None:
@@ -86,3 +127,30 @@ def download_dir(source: str, local: Path) -> Path:
     Path(local).mkdir(parents=True, exist_ok=True)
     pafs.copy_files(inner, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
     return Path(local)
+
+
+def marker_of(target: str) -> str:
+    """The file that names the published copy of a URI folder ``target``."""
+    return f"{target.rstrip('/')}.published.json"
+
+
+def publish_dir(local: Path, target: str) -> str:
+    """Put a local folder at a URI ``target`` without ever showing a half-uploaded one: upload
+    to a fresh staging prefix beside it, then publish a marker naming that prefix (one object
+    write, atomic), then delete the copy the old marker named. Returns the published prefix."""
+    import uuid
+
+    old = published(target)
+    staged = f"{target.rstrip('/')}.{uuid.uuid4().hex[:12]}"
+    upload_dir(local, staged)
+    write_text(marker_of(target), json.dumps({"path": staged}))
+    if old and old != staged:
+        fs, inner = _fs(old)
+        fs.delete_dir(inner)
+    return staged
+
+
+def published(target: str) -> str | None:
+    """The prefix that publish_dir last published for ``target``, or None."""
+    marker = marker_of(target)
+    return json.loads(read_text(marker))["path"] if exists(marker) else None

@@ -10,6 +10,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt
 import numpy as np
 
+from raypref import atomic
 from raypref.eval.tables import wlt_markdown
 
 
@@ -159,8 +160,8 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
         lines.append(f"**{name}**")
         lines += [f"> {t}" for t in texts] + [""]
     path = folder / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    (folder / "results.json").write_text(json.dumps({
+    atomic.write_text(path, "\n".join(lines) + "\n")
+    atomic.write_text(folder / "results.json", json.dumps({
         "sweep": sweep,
         "win_rates": {f"{a} vs {b}": {"estimate": i.estimate, "low": i.low, "high": i.high,
                                       "wins": i.wins, "losses": i.losses, "ties": i.ties}

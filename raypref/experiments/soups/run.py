@@ -23,7 +23,7 @@ import mlflow
 import ray
 import torch
 
-from raypref import tracking
+from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
 from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
@@ -138,7 +138,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     with tracking.start_run("soups", cfg, out) as run:
         if not ray.is_initialized():
             # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
-            ray.init(include_dashboard=False, configure_logging=False)
+            ray_session.init(include_dashboard=False, configure_logging=False)
         if cfg.base_policy:
             _log(f"1/6 base policy: {cfg.base_policy}")
             sft_dir = cfg.base_policy
@@ -175,7 +175,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         tracking.log_metrics({"train_seconds": train_seconds, "failed_runs": len(failed),
                               "reused_runs": len(reused)})
         if failed:
-            (out / "failures.json").write_text(json.dumps(
+            atomic.write_text(out / "failures.json", json.dumps(
                 {n: {"cause": failed[n], "error": o.error, "details": o.details}
                  for n, o in outcomes.items() if not o.ok}, indent=2))
             tracking.log_artifact(out / "failures.json")
@@ -382,7 +382,7 @@ def _save_soups(cfg, souper, soups: dict[str, dict[str, float]], models_dir: Pat
     for name, weights in soups.items():
         model = souper.model(weights)
         path = save_pretrained_safetensors(model, souper.tokenizer, models_dir / name)
-        (path / "soup_weights.json").write_text(json.dumps(weights, indent=2))
+        atomic.write_text(path / "soup_weights.json", json.dumps(weights, indent=2))
         if cfg.register_models:
             tracking.register_model_dir(path, name, tags={
                 "soup_weights": json.dumps(weights), "merge_method": cfg.merge_method})

@@ -10,7 +10,7 @@ from raypref.recipes import recipe
 from raypref.train import storage
 from raypref.train.concurrent import RunOutcome, train_concurrently
 from raypref.train.faults import FaultInjectingSpec
-from raypref.train.fingerprint import FINGERPRINT_FILE, run_fingerprint
+from raypref.train.fingerprint import FINGERPRINT_FILE, meaning, run_fingerprint
 from raypref.train.runner import FINAL_DIR, HISTORY_FILE, RunResult, runner_config
 
 PMORL = "P-MORL"
@@ -22,18 +22,16 @@ def run_name(policy: str, seed_index: int) -> str:
 
 
 def training_key(cfg) -> str:
-    """Runs live in ``runs/<key>``: re-running the same training config (and code) resumes or
-    reuses each run; any change to what is trained starts new runs (an old run would refuse
-    a new fingerprint). Evaluation settings and the number of seeds are not part of the key,
+    """Runs live in ``runs/<key>``: re-running the same training config resumes or reuses each
+    run (after a code fix too: the runner warns); any change to what is trained starts new runs
+    (an old run would refuse a new fingerprint). Evaluation settings and the number of seeds are not part of the key,
     so adding seeds keeps the runs of the first ones."""
     from raypref.config import config_hash, to_dict
-    from raypref.train.fingerprint import code_version
 
     d = to_dict(cfg)
     keep = ("seed", "algo", "preferences", "combinations", "baselines", "base_policy",
             "psoups_files", "sft", "pairs_per_preference")
-    return "train-" + config_hash({**{k: d[k] for k in keep}, "training": to_dict(cfg.policy_training),
-                                   "code": code_version()})
+    return "train-" + config_hash({**{k: d[k] for k in keep}, "training": to_dict(cfg.policy_training)})
 
 
 def training_jobs(cfg, sft_dir: str, data: list, runs_dir: str) -> dict[str, tuple]:
@@ -71,7 +69,7 @@ def completed_result(spec, runner_cfg) -> RunResult | None:
     if not fingerprint_file.exists() or not final.is_dir():
         return None
     now = json.loads(json.dumps(run_fingerprint(spec, runner_cfg), default=str))
-    if json.loads(fingerprint_file.read_text()) != now:
+    if meaning(json.loads(fingerprint_file.read_text())) != meaning(now):  # code version aside
         return None
     checkpoints = sorted(p for p in run_dir.glob("checkpoint_*") if (p / HISTORY_FILE).exists())
     if not checkpoints:

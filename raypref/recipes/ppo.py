@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raypref.algos.logprob import causal_logprobs
 from raypref.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -97,8 +98,7 @@ class ValueModel(nn.Module):
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, L-1]``: log-prob of token t+1 given the tokens up to t."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return causal_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
 
 
 def pack(tokenizer, prompts: Sequence[str], responses: Sequence[list[int]], max_length: int) -> Buffer:

@@ -229,7 +229,8 @@ def _train(cfg: DPOJobConfig, sft_dir: str, rows: ray.data.Dataset, n_pairs: int
     runner_cfg = runner_config(t, cfg.resources, name="train", seed=cfg.seed,
                                storage_path=str(Path(cfg.output_dir).expanduser().resolve() / run_name))
     return run(spec, runner_cfg, datasets={"train": tokens}, dataset_config=ExactSplitDataConfig(),
-               data_fingerprint=shards_fingerprint(cfg), restart=cfg.restart)
+               data_fingerprint=shards_fingerprint(cfg), restart=cfg.restart,
+               live_metrics=tracking.live_metrics("train."))
 
 
 def evaluate_adapter(sft_dir: str, adapter_dir: Path, records: list, beta: float, max_length: int,
@@ -278,9 +279,6 @@ def train_dpo(cfg: DPOJobConfig) -> DPOJobResult:
         result = _train(cfg, sft_dir, datasets["train"], n_train, run_name)
         if result.export_path is None:
             raise RuntimeError(f"run {run_name}: training finished without an exported adapter")
-        for metrics in result.metrics:
-            tracking.log_metrics({f"train.{k}": v for k, v in metrics.items() if k != "step"},
-                                 step=int(metrics["step"]))
         tracking.log_artifact(result.export_path, "adapter")
         seconds["training"], phase = time.perf_counter() - phase, time.perf_counter()
 

@@ -186,7 +186,7 @@ def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(
 
 def test_world_objectives_are_on_one_scale():
     from raypref.data.world import World
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     reward = WorldObjectives(["helpfulness", "verbosity"])
     prompt = World(seed=0).prompts(1)[0]
@@ -203,7 +203,7 @@ def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_help
     import numpy as np
 
     from raypref.data.world import ASPECTS, World
-    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives, judge_objectives
+    from raypref.rewards.world import OVERALL_HELPFULNESS, WorldObjectives, judge_objectives
 
     world = World(seed=0)
     prompts = world.prompts(20)
@@ -225,7 +225,7 @@ def test_helpfulness_length_bias_mixes_length_into_helpfulness_only():
     import numpy as np
 
     from raypref.data.world import World
-    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives
+    from raypref.rewards.world import OVERALL_HELPFULNESS, WorldObjectives
 
     world = World(seed=0)
     prompts = world.prompts(30)
@@ -248,7 +248,7 @@ def test_verbosity_by_length_grades_answers_the_judge_reads_as_zero():
     """Below the world's one-sentence length the judge reads verbosity 0 for every answer; by
     length, 20 and 40 words differ (words / the judge's 1-point), and helpfulness is unchanged."""
     from raypref.data.world import World
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     world = World(seed=0)
     prompt, (zero, one) = world.prompts(1)[0], world.verbosity_words()

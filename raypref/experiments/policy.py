@@ -28,7 +28,8 @@ from raypref.data.world import World
 from raypref.models.factory import LoraSettings, generate, load_pretrained
 from raypref.models.user_model import UserModelConfig
 from raypref.recipes.pdpo import PDPOSpec
-from raypref.recipes.ppo import PPOConfig, WorldJudgeReward, preference_policy
+from raypref.recipes.ppo import PPOConfig, preference_policy
+from raypref.rewards.world import WeightedJudgeReward
 from raypref.recipes.sft import SFTConfig, train_sft
 from raypref.train.runner import Optimization, Resources, run, runner_config
 
@@ -77,7 +78,7 @@ class PPOJobResult:
     tracking_uri: str
 
 
-def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prompts: list[str],
+def judged_reward(world: World, reward: WeightedJudgeReward, model, tokenizer, prompts: list[str],
                   max_new_tokens: int, seed: int) -> float:
     """Mean reward of sampled responses (temperature 1, fixed seed: base and policy alike)."""
     responses = generate(model, tokenizer, prompts, max_new_tokens, greedy=False, seed=seed)
@@ -100,7 +101,7 @@ def _run_folder_and_world(cfg, name: str) -> tuple[Path, World]:
     """The job's run folder <output_dir>/<name> (created) and the world its SFT settings name."""
     out = Path(cfg.output_dir).expanduser().resolve() / name
     out.mkdir(parents=True, exist_ok=True)
-    return out, World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    return out, World.from_config(cfg.sft)
 
 
 def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
@@ -120,8 +121,7 @@ def train_ppo(cfg: PPOJobConfig) -> PPOJobResult:
                                  [_Prompt(p) for p in prompts], cfg.seed, world_seed=cfg.sft.world_seed)
         runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
                                    seed=cfg.seed, log_every=max(1, cfg.training.steps // 8))
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
+        result = run(spec, runner_cfg, restart=cfg.restart, live_metrics=tracking.live_metrics())
         train_seconds = time.time() - started
 
         reward = spec.reward_factory()
@@ -268,8 +268,7 @@ def train_pdpo(cfg: PDPOJobConfig) -> PDPOJobResult:
                         lora=cfg.lora, user_lr=cfg.user_lr or None, groups=groups, max_length=cfg.max_length)
         runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
                                    seed=cfg.seed)
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
+        result = run(spec, runner_cfg, restart=cfg.restart, live_metrics=tracking.live_metrics())
         final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
         seen = set(spec.seen_users)
         summary = {
@@ -303,7 +302,7 @@ class RSFJobConfig:
     the simulated world, with v written in the system prompt; then the direction sweep."""
 
     # 003's helpfulness (the mean of the four UltraFeedback aspects, graded) and verbosity; the
-    # world's single helpfulness rating moves in coarse steps, see recipes.rsf.DERIVED_OBJECTIVES
+    # world's single helpfulness rating moves in coarse steps, see rewards.world.DERIVED_OBJECTIVES
     objectives: list[str] = field(default_factory=lambda: ["overall_helpfulness", "verbosity"])
     n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (003: 16)
     directions_per_prompt: int = 4  # 003: 5
@@ -316,7 +315,7 @@ class RSFJobConfig:
     verbosity_by_length: bool = True
     # 003's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
     # world's judge does not, and without it every direction rewards shorter answers and the
-    # iterations shrink all of them alike. See recipes.rsf.WorldObjectives
+    # iterations shrink all of them alike. See rewards.world.WorldObjectives
     helpfulness_length_bias: float = 0.3
     # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
     # text (RSFSpec); false for a base that already follows system prompts, as 003's does
@@ -339,7 +338,7 @@ class RSFJobConfig:
     restart: bool = False
 
     def validate(self) -> None:
-        from raypref.recipes.rsf import objective_ranges
+        from raypref.rewards.world import objective_ranges
 
         self.training.validate("RSFJobConfig.training")
         self.resources.validate("RSFJobConfig.resources")
@@ -378,7 +377,8 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
     """Per direction: mean response length (words) and mean judged objectives over ``samples``
     responses to each of ``prompts``, each prompt preceded by the direction's system prompt (the
     same sampling seeds for every direction)."""
-    from raypref.recipes.rsf import WorldObjectives, judge_objectives, spelled_direction
+    from raypref.recipes.rsf import spelled_direction
+    from raypref.rewards.world import WorldObjectives, judge_objectives
 
     judge = WorldObjectives(objectives, world.seed, verbosity_by_length, helpfulness_length_bias)
     rows = []
@@ -400,7 +400,7 @@ def rsf_reward_factory(cfg: RSFJobConfig):
     over ``cfg.objectives`` with the job's verbosity reading and helpfulness length bias."""
     import functools
 
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     return functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
                              verbosity_by_length=cfg.verbosity_by_length,
@@ -442,8 +442,7 @@ def train_rsf(cfg: RSFJobConfig) -> RSFJobResult:
                        bare_first_iteration=cfg.bare_first_iteration)
         runner_cfg = runner_config(cfg.training, cfg.resources, name="train", storage_path=str(out / "runs"),
                                    seed=cfg.seed, log_every=max(1, cfg.steps_per_iteration // 2))
-        result = run(spec, runner_cfg, restart=cfg.restart)
-        tracking.log_step_metrics(result.metrics)
+        result = run(spec, runner_cfg, restart=cfg.restart, live_metrics=tracking.live_metrics())
         train_seconds = time.time() - started
 
         directions = directions_between((1.0, 0.0), (math.sqrt(0.5), -math.sqrt(0.5)), cfg.eval_directions)

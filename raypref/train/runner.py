@@ -353,7 +353,7 @@ def _train_loop(loop_config: dict) -> None:
 
 
 def _throughput(done: int, left: int, seconds: float) -> str:
-    """" | 2.31 steps/s, ETA 0:01:05" for the progress line (steps of this session only)."""
+    """The progress line's tail, e.g. ' | 2.31 steps/s, ETA 0:01:05' (this session's steps only)."""
     if done <= 0 or seconds <= 0:
         return ""
     rate = done / seconds

@@ -28,6 +28,7 @@ from raypref.data.users import psoups_profile  # noqa: E402
 from raypref.data.world import World  # noqa: E402
 from raypref.models.factory import (ModelConfig, build_policy, build_tokenizer,  # noqa: E402
                                     save_pretrained_safetensors)
+from raypref.rewards.world import WeightedJudgeReward  # noqa: E402
 from raypref.train.spec import StepContext  # noqa: E402
 
 
@@ -69,7 +70,7 @@ def main() -> None:
     cfg = ppo.PPOConfig()
     profile = psoups_profile(args.preference)
     spec = ppo.PPOSpec.from_config(cfg, base, world.prompts(256), functools.partial(
-        ppo.WorldJudgeReward, {profile.attribute: profile.direction}), name=args.preference)
+        WeightedJudgeReward, {profile.attribute: profile.direction}), name=args.preference)
 
     generation, scoring = Timer(), Timer()
     ppo.generate_ids = generation.wrap(ppo.generate_ids)  # the spec calls it through its module

@@ -12,6 +12,8 @@ import contextlib
 import json
 import os
 import tempfile
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -91,6 +93,57 @@ def log_step_metrics(rows: list[dict[str, float]], prefix: str = "") -> None:
             raise KeyError(f"log_step_metrics: row {i} has no 'step' (keys {sorted(row)})")
         log_metrics({f"{prefix}{k}": v for k, v in row.items() if k != "step"},
                     step=int(row["step"]))
+
+
+@dataclass(frozen=True)
+class LiveMetrics:
+    """Where a training run's rank-0 worker logs its step metrics while it trains: an MLflow run
+    of the driver (a worker on another node needs a tracking server URI, not a local sqlite)."""
+
+    tracking_uri: str
+    run_id: str
+    prefix: str = ""  # put before every metric name (e.g. "train.")
+
+
+def live_metrics(prefix: str = "") -> LiveMetrics:
+    """The active MLflow run as a LiveMetrics target for `train.runner.run`."""
+    run = mlflow.active_run()
+    if run is None:
+        raise RuntimeError("live_metrics: no active MLflow run; open one with start_run")
+    return LiveMetrics(mlflow.get_tracking_uri(), run.info.run_id, prefix)
+
+
+class StepMetricsWriter:
+    """Logs a runner's step rows (each with a "step") to a LiveMetrics run as they come.
+    A store that fails does not stop training: the writer says so once and stops logging."""
+
+    _BATCH = 1000  # MLflow's log_batch takes at most 1000 metrics
+
+    def __init__(self, target: LiveMetrics, already_logged: int = 0):
+        self.target, self.logged = target, already_logged
+        self.client: mlflow.MlflowClient | None = None
+        self.failed = False
+
+    def write(self, history: list[dict[str, float]]) -> None:
+        """Log the rows of ``history`` not logged yet."""
+        if self.failed or self.logged >= len(history):
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(f"{self.target.prefix}{k}", float(v), now, int(row["step"]))
+                   for row in history[self.logged:] for k, v in row.items()
+                   if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)]
+        try:
+            self.client = self.client or mlflow.MlflowClient(tracking_uri=self.target.tracking_uri)
+            for i in range(0, len(metrics), self._BATCH):
+                self.client.log_batch(self.target.run_id, metrics=metrics[i:i + self._BATCH])
+        except Exception as e:  # noqa: BLE001 - live curves are a convenience; the run's result is not
+            self.failed = True
+            print(f"[tracking] live metrics to run {self.target.run_id} in {self.target.tracking_uri} "
+                  f"stopped: {type(e).__name__}: {e}", flush=True)
+            return
+        self.logged = len(history)
 
 
 def _param_text(value: Any) -> str:

@@ -228,6 +228,36 @@ def test_job_trains_on_streamed_shards_and_reports_the_quarantine(ray_local, tmp
     assert str(result.output_dir) in printed and result.run_id in printed
 
 
+@pytest.mark.slow  # about a minute on 2 cores: SFT and a 30-step DPO run
+def test_step_metrics_reach_mlflow_while_the_job_trains(ray_local, tmp_path):
+    """The runner's rank 0 logs step rows to the job's run as it reports them: polled while
+    train_dpo runs, the run is RUNNING and its train.loss history grows."""
+    import concurrent.futures
+    import time
+
+    write_shards(tmp_path / "train", world_pairs(64, seed=3), bad=False)
+    cfg = job_config(tmp_path, test_data="", max_quarantine_fraction=0.0,
+                     training=DPOConfig(steps=30, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH),
+                     resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=30))
+    client = mlflow.MlflowClient()
+    seen: list[int] = []  # history lengths read while the run was RUNNING
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train_dpo, cfg)
+        while not job.done():
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      f"tags.mlflow.runName = '{cfg.run_name}'")
+            if runs:
+                n = len(client.get_metric_history(runs[0].info.run_id, "train.loss"))
+                if client.get_run(runs[0].info.run_id).info.status == "RUNNING":
+                    seen.append(n)
+            time.sleep(0.05)
+        result = job.result()
+    growing = sorted({n for n in seen if n > 0})
+    assert len(growing) >= 2 and growing[0] < 30, f"history lengths seen while training: {growing}"
+    history = client.get_metric_history(result.run_id, "train.loss")
+    assert sorted(m.step for m in history) == list(range(1, 31)), [m.step for m in history]  # every step once
+
+
 def test_simulate_layout_is_read_once_and_filtered_to_the_selected_users(ray_local, tmp_path):
     from raypref.data.simulate import write_shards as simulate_write_shards
     from raypref.experiments.preference import read_rows

@@ -87,3 +87,22 @@ def test_all_ties_and_bad_inputs():
         win_rate_interval([np.zeros((10, 2))], groups=[0, 1])
     with pytest.raises(ValueError, match="missing"):
         outcome_matrix({COMBOS[0]: []}, {}, TABLE)
+
+
+@pytest.mark.parametrize("level", [0.95, 0.5])
+def test_interval_has_its_nominal_coverage_and_normal_width(level):
+    """Over 300 synthetic experiments the interval covers the true decisive win rate about
+    ``level`` of the time, and its width is the normal approximation's 2·z·sqrt(p(1-p)/n)."""
+    from statistics import NormalDist
+
+    truth = 0.6 / 0.9  # synthetic(): wins 0.6, losses 0.3, ties 0.1
+    covered, ratios = 0, []
+    for i in range(300):
+        data = synthetic(0.6, 150, seed=100 + i)
+        iv = win_rate_interval(data, n_boot=1000, level=level, seed=i)
+        covered += iv.low <= truth <= iv.high
+        n = iv.wins + iv.losses
+        normal = 2 * NormalDist().inv_cdf(0.5 + level / 2) * np.sqrt(iv.estimate * (1 - iv.estimate) / n)
+        ratios.append((iv.high - iv.low) / normal)
+    assert abs(covered / 300 - level) < 0.05, f"coverage {covered / 300:.3f} for level {level}"
+    assert np.median(ratios) == pytest.approx(1.0, abs=0.1)

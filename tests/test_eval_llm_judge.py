@@ -85,6 +85,27 @@ def test_scores_feed_the_win_rate_per_preference(judge):
     assert result.ties == 1
 
 
+def test_judges_that_disagree_give_the_win_rate_their_ratings_imply(judge):
+    """Two judges with opposite opinions (one rates every answer 5, the other 1) score the same
+    response for two preferences; the win rate follows the ratings, preference by preference."""
+    tok = judge.tokenizer
+    prefs = {"P2A": PREF, "P3B": "generate a response that answers in an unfriendly manner ."}
+    lm = {r: FixedLM(len(tok), tok.convert_tokens_to_ids(r), 30.0) for r in ("1", "5")}
+    high, low = (ScoringJudge(lm[r], tok).scores(PROMPT, "bees make wax .", prefs) for r in ("5", "1"))
+    assert high == pytest.approx({"P2A": 5.0, "P3B": 5.0}) and low == pytest.approx({"P2A": 1.0, "P3B": 1.0})
+    table = preference_table(list(prefs))
+    combos = [("P2A",), ("P3B",), ("P2A", "P3B")]
+    as_method = lambda scores: {c: [scores] for c in combos}  # noqa: E731
+    won = win_rate(as_method(high), as_method(low), table)
+    assert (won.wins, won.losses, won.ties) == (3, 0, 0)
+    assert win_rate(as_method(low), as_method(high), table).losses == 3
+    # A is rated high for P2A only, B for P3B only: each wins its own preference, the pair ties
+    a, b = {"P2A": high["P2A"], "P3B": low["P3B"]}, {"P2A": low["P2A"], "P3B": high["P3B"]}
+    result = win_rate(as_method(a), as_method(b), table)
+    assert [(r.wins, r.losses, r.ties) for r in (result.by_combination[c] for c in combos)] == [
+        (1, 0, 0), (0, 1, 0), (0, 0, 1)]
+
+
 def test_bad_judge_inputs(judge):
     with pytest.raises(ValueError, match="slot"):
         ScoringJudge(judge.model, judge.tokenizer, template="rate {response}")

@@ -131,6 +131,27 @@ def test_factor_wise_average_differs_from_exact_soup(soup):
     _assert_states_close(merge_lora_factors_separately(base, adapters, {"P1A": 1.0, "P1B": 0.0}), full["P1A"])
 
 
+def test_factor_wise_soup_is_the_product_of_the_averaged_factors(soup):
+    """(Σ wᵢ Bᵢ)(Σ wᵢ Aᵢ)·scaling computed by hand from the peft parameters, per target module."""
+    base, adapters, _ = soup
+    weights = {"P1A": 0.3, "P1B": 0.7}
+    peft_models = {"P1A": _policy(base, 1), "P1B": _policy(base, 4)}  # the fixture's two policies
+    got = merge_lora_factors_separately(base, adapters, weights)
+    params = {n: dict(m.named_parameters()) for n, m in peft_models.items()}
+    base_state = base.state_dict()
+    targets = [k[len("base_model.model."):-len(".lora_A.default.weight")]
+               for k in params["P1A"] if k.endswith("lora_A.default.weight")]
+    assert len(targets) == 6  # c_attn, attn.c_proj and mlp.c_proj in two layers
+    for module in targets:
+        a = sum(w * params[n][f"base_model.model.{module}.lora_A.default.weight"] for n, w in weights.items())
+        b = sum(w * params[n][f"base_model.model.{module}.lora_B.default.weight"] for n, w in weights.items())
+        delta = (b @ a).T * (8 / 4)  # GPT-2's Conv1D stores W as [in, out]; scaling = alpha / r
+        torch.testing.assert_close(got[f"{module}.weight"], base_state[f"{module}.weight"] + delta.detach(),
+                                   atol=1e-5, rtol=1e-5)
+    untouched = [k for k in base_state if not any(k.startswith(t) for t in targets)]
+    assert all(torch.equal(got[k], base_state[k]) for k in untouched)
+
+
 def test_factor_wise_rejects_different_layouts(soup):
     base, adapters, _ = soup
     with pytest.raises(MergeError, match="identical LoRA targets"):

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 from raypref.models.factory import LoraSettings
-from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+from raypref.recipes.ppo import PPOSpec
+from raypref.rewards.world import WeightedJudgeReward
 from raypref.train.runner import read_spec_state
 
 
@@ -102,9 +103,10 @@ def test_ppo_export_is_a_soups_policy(tiny_base, tmp_path):
     from peft import PeftModel
 
     from raypref.models.factory import load_pretrained
-    from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+    from raypref.recipes.ppo import PPOSpec
+    from raypref.rewards.world import WeightedJudgeReward
 
-    spec = PPOSpec(tiny_base, ["q"], functools.partial(WorldJudgeReward, {"style": 1.0}), name="P3A")
+    spec = PPOSpec(tiny_base, ["q"], functools.partial(WeightedJudgeReward, {"style": 1.0}), name="P3A")
     torch.manual_seed(0)
     models = {role: spec.build_model(role) for role in ("actor", "critic")}
     with torch.no_grad():
@@ -169,10 +171,11 @@ def test_ppo_through_runner_raises_the_world_judge_reward(ray_local, warm_base, 
     reference is 0 on the first rollout (the LoRA starts as the reference) and grows as the actor
     moves; the soups-style export."""
     from raypref.data.world import World
-    from raypref.recipes.ppo import PPOSpec, WorldJudgeReward
+    from raypref.recipes.ppo import PPOSpec
+    from raypref.rewards.world import WeightedJudgeReward
     from raypref.train.runner import RunnerConfig, run
 
-    spec = PPOSpec(warm_base, World(seed=0).prompts(64), functools.partial(WorldJudgeReward, {"style": 1.0}),
+    spec = PPOSpec(warm_base, World(seed=0).prompts(64), functools.partial(WeightedJudgeReward, {"style": 1.0}),
                    rollout_size=16, ppo_epochs=2, max_new_tokens=32)
     cfg = RunnerConfig(num_workers=1, zero_stage=0, lr=3e-3, warmup_steps=2, schedule="warmup_constant",
                        max_steps=32, micro_batch_size=8, checkpoint_every=32, log_every=8,
@@ -309,7 +312,7 @@ def test_ppo_worker_crash_inside_a_rollout_resumes_exactly(ray_local, tiny_base,
         # expertise and style vary over an untrained base's random words; kl_horizon=20 moves the
         # adaptive coefficient by 6% per rollout, so a lost KL controller would show
         return LoggedPPOSpec(tiny_base, World(seed=0).prompts(16),
-                             functools.partial(WorldJudgeReward, {"expertise": 1.0, "style": 1.0}),
+                             functools.partial(WeightedJudgeReward, {"expertise": 1.0, "style": 1.0}),
                              lora=LoraSettings(r=4, alpha=8, dropout=0.1), rollout_size=6, ppo_epochs=2,
                              max_new_tokens=8, max_length=64, kl_target=1.0, kl_horizon=20,
                              log_dir=str(log_dir))

@@ -7,7 +7,8 @@ import copy
 import pytest
 import torch
 
-from raypref.recipes.ppo import PPOSpec, WorldJudgeReward, pack
+from raypref.recipes.ppo import PPOSpec, pack
+from raypref.rewards.world import WeightedJudgeReward
 from raypref.train.spec import StepContext
 
 
@@ -104,6 +105,6 @@ def test_resume_continues_inside_the_same_rollout(sft_dir):
 
 def test_reward_source_refuses_unknown_attributes():
     with pytest.raises(ValueError, match="attributes"):
-        WorldJudgeReward({"charm": 1.0})
-    scores = WorldJudgeReward({"verbosity": -1.0}).score(["p", "p"], ["short", " ".join(["word"] * 80)])
+        WeightedJudgeReward({"charm": 1.0})
+    scores = WeightedJudgeReward({"verbosity": -1.0}).score(["p", "p"], ["short", " ".join(["word"] * 80)])
     assert scores[0] > scores[1]

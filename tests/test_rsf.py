@@ -21,6 +21,14 @@ class RecordingReward(torch.nn.Module):
         return torch.tensor([[-float(len(r.split())), float(r.split().count("the"))] for r in responses])
 
 
+class CharReward(RecordingReward):
+    """Two objectives that rarely tie between candidates: characters, and a checksum of them."""
+
+    def score_objectives(self, prompts, responses):
+        RecordingReward.calls.append((list(prompts), list(responses)))
+        return torch.tensor([[float(len(r)), float(sum(map(ord, r)) % 101)] for r in responses])
+
+
 def direction_words(v):  # the tiny vocabulary cannot spell numbers: a word per angle bucket
     return "please" if v[1] > -0.35 else "please please"
 
@@ -41,13 +49,13 @@ def sft_dir(tmp_path_factory):
     return str(save_pretrained_safetensors(model, tokenizer, tmp_path_factory.mktemp("sft") / "base"))
 
 
-def _spec(sft_dir):
+def _spec(sft_dir, reward=None):
     from raypref.data.world import World
 
     world = World(seed=0)
     prompts = world.prompts(6)
     original = [(p, "the answer is short .") for p in prompts]
-    return RSFSpec(sft_dir, prompts, original, RecordingReward, direction_text=direction_words, n_samples=4,
+    return RSFSpec(sft_dir, prompts, original, reward or RecordingReward, direction_text=direction_words, n_samples=4,
                    directions_per_prompt=2, prompts_per_iteration=2, steps_per_iteration=2, replay_fraction=0.2,
                    max_new_tokens=6)
 
@@ -77,6 +85,26 @@ def test_rejection_sampling_keeps_the_best_candidate_by_v_dot_r(sft_dir):
     for i in range(4):
         # the kept response is on the upper envelope: no candidate beats it on both objectives
         assert not any((rewards[i, c] > kept_scores[i]).all() for c in range(4))
+
+
+def test_kept_candidate_is_the_argmax_of_v_dot_r_under_fixed_directions(sft_dir, monkeypatch):
+    """With the directions fixed, each kept response is the first candidate maximizing v·r,
+    computed here by hand from the recorded rewards."""
+    import raypref.recipes.rsf as rsf
+
+    fixed = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.6, 0.8], [0.8, -0.6]])
+    monkeypatch.setattr(rsf, "sample_directions", lambda n, *args, **kwargs: fixed[:n])
+    spec = _spec(sft_dir, CharReward)
+    RecordingReward.calls.clear()
+    kept = spec.rejection_sample(_ctx(spec), iteration=1)
+    (_, texts), = RecordingReward.calls
+    decided = 0  # groups whose candidates are not all equally good: there the choice matters
+    for i, v in enumerate(fixed.tolist()):
+        candidates = texts[i * 4:(i + 1) * 4]
+        values = [v[0] * len(t) + v[1] * (sum(map(ord, t)) % 101) for t in candidates]
+        assert kept[i][1] == candidates[values.index(max(values))], (v, candidates, kept[i][1])
+        decided += len(set(values)) > 1
+    assert decided == 4
 
 
 def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
@@ -158,7 +186,7 @@ def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(
 
 def test_world_objectives_are_on_one_scale():
     from raypref.data.world import World
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     reward = WorldObjectives(["helpfulness", "verbosity"])
     prompt = World(seed=0).prompts(1)[0]
@@ -175,7 +203,7 @@ def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_help
     import numpy as np
 
     from raypref.data.world import ASPECTS, World
-    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives, judge_objectives
+    from raypref.rewards.world import OVERALL_HELPFULNESS, WorldObjectives, judge_objectives
 
     world = World(seed=0)
     prompts = world.prompts(20)
@@ -197,7 +225,7 @@ def test_helpfulness_length_bias_mixes_length_into_helpfulness_only():
     import numpy as np
 
     from raypref.data.world import World
-    from raypref.recipes.rsf import OVERALL_HELPFULNESS, WorldObjectives
+    from raypref.rewards.world import OVERALL_HELPFULNESS, WorldObjectives
 
     world = World(seed=0)
     prompts = world.prompts(30)
@@ -220,7 +248,7 @@ def test_verbosity_by_length_grades_answers_the_judge_reads_as_zero():
     """Below the world's one-sentence length the judge reads verbosity 0 for every answer; by
     length, 20 and 40 words differ (words / the judge's 1-point), and helpfulness is unchanged."""
     from raypref.data.world import World
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     world = World(seed=0)
     prompt, (zero, one) = world.prompts(1)[0], world.verbosity_words()

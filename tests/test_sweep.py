@@ -348,6 +348,36 @@ def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(t
     monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
     _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
     assert again == reports  # seeded: a trial's score is reproducible
+    # the trial's score is that of an offline soup with its weights (peft-materialized policies,
+    # averaged in full), and another weighting scores differently
+    from dataclasses import replace
+
+    from peft import PeftModel
+
+    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations
+    from raypref.models.factory import load_pretrained
+    from raypref.models.merge import merge_full
+    from raypref.sweep.jobs import target_score
+
+    full = {}
+    for pref, path in adapters.items():
+        base, _ = load_pretrained(str(base_dir))
+        full[pref] = PeftModel.from_pretrained(base, path).merge_and_unload().state_dict()
+    world = World(0, 0.0)
+    prompts = world.prompts(6, split="test")
+
+    def offline_score(weights):
+        model, tok = load_pretrained(str(base_dir))
+        model.load_state_dict(merge_full(full, weights))
+        settings, rewards = GenerationSettings(max_new_tokens=8, seed=cfg.seed), []
+        for start in (0, 3):
+            _, scores = judged_generations(WorldScorer(world), model.eval(), tok, prompts[start:start + 3],
+                                           replace(settings, seed=cfg.seed + start))
+            rewards += [target_score({"P1A": 1.0}, s) for s in scores]
+        return sum(rewards) / len(rewards)
+
+    assert reports[-1]["user_score"] == pytest.approx(offline_score({"P1A": 0.7, "P2A": 0.3}), abs=1e-6)
+    assert reports[-1]["user_score"] != pytest.approx(offline_score({"P1A": 0.0, "P2A": 1.0}), abs=1e-3)
 
 
 def test_trials_the_time_budget_ended_are_not_called_stopped_early_or_failed():

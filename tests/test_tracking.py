@@ -65,3 +65,32 @@ def test_child_run_needs_a_parent_and_step_rows_need_a_step():
             pass
     with pytest.raises(KeyError, match="row 0"):
         tracking.log_step_metrics([{"loss": 1.0}])
+
+
+def test_step_metrics_writer_logs_only_new_rows_to_the_live_run(tmp_path, capsys):
+    with tracking.start_run("unit", {}, tmp_path) as run:
+        target = tracking.live_metrics("train.")
+        assert target == tracking.LiveMetrics(mlflow.get_tracking_uri(), run.info.run_id, "train.")
+        writer = tracking.StepMetricsWriter(target)
+        history = [{"step": 1, "loss": 0.9, "lr": 0.1}, {"step": 2, "loss": 0.8, "lr": 0.1}]
+        writer.write(history)
+        client = mlflow.MlflowClient()
+        assert [m.step for m in client.get_metric_history(run.info.run_id, "train.loss")] == [1, 2]
+        history.append({"step": 3, "loss": 0.7, "lr": 0.05})
+        writer.write(history)  # only step 3 is new
+        losses = client.get_metric_history(run.info.run_id, "train.loss")
+        assert sorted((m.step, m.value) for m in losses) == [(1, 0.9), (2, 0.8), (3, 0.7)]
+    # a store that fails stops the live curves, not the training
+    broken = tracking.StepMetricsWriter(tracking.LiveMetrics(target.tracking_uri, "no-such-run"))
+    broken.write(history)
+    assert broken.failed and "live metrics to run no-such-run" in capsys.readouterr().out
+    with pytest.raises(RuntimeError, match="no active MLflow run"):
+        tracking.live_metrics()
+
+
+def test_progress_line_gives_steps_per_second_and_eta():
+    from raypref.train.runner import _throughput
+
+    assert _throughput(10, 50, 5.0) == " | 2 steps/s, ETA 0:00:25"
+    assert _throughput(1, 7200, 2.0) == " | 0.5 steps/s, ETA 4:00:00"
+    assert _throughput(0, 10, 1.0) == ""

@@ -118,3 +118,16 @@ def test_pmorl_pairs_come_from_the_same_candidates_with_the_same_noise():
         flipped = s.chosen != pair.first.text if preference_labeller(["P1A"])(
             "", pair.first) > preference_labeller(["P1A"])("", pair.second) else s.chosen == pair.first.text
         assert clean != flipped
+
+
+def test_world_from_config_reads_every_world_setting_the_config_has():
+    from raypref.recipes.reward_data import RewardDataConfig
+    from raypref.recipes.sft import SFTConfig
+
+    sft = World.from_config(SFTConfig(world_seed=3, difficulty=0.4, extra_styles=True))
+    assert (sft.seed, sft.difficulty, sft.extra_styles) == (3, 0.4, World(extra_styles=True).extra_styles)
+    assert sft.prompts(5) == World(3, 0.4, extra_styles=True).prompts(5)
+    data = World.from_config(RewardDataConfig(world_seed=2, difficulty=0.5, label_noise=0.05))
+    assert (data.seed, data.difficulty, data.label_noise) == (2, 0.5, 0.05)
+    with pytest.raises(TypeError, match="world_seed"):
+        World.from_config(object())

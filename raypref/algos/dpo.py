@@ -16,6 +16,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from raypref.algos.logprob import causal_logprobs
+
 LOSS_TYPES = ("sigmoid", "ipo")
 
 
@@ -37,9 +39,7 @@ def sequence_logprobs(
         )
     logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
     # Logits at position t predict token t+1: drop the last logit and the first token.
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    targets = input_ids[:, 1:]
-    token_logps = log_probs.gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    token_logps = causal_logprobs(logits, input_ids)
     return (token_logps * labels_mask[:, 1:].to(token_logps.dtype)).sum(dim=-1)
 
 

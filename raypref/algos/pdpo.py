@@ -24,6 +24,7 @@ from raypref.algos.dpo import (  # same package: pure torch
     dpo_loss,
     implicit_reward_accuracy,
 )
+from raypref.algos.logprob import causal_logprobs
 
 
 @dataclass
@@ -89,6 +90,5 @@ def response_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, labels_mask
     if logits.shape[:2] != input_ids.shape or input_ids.shape != labels_mask.shape:
         raise ValueError(f"logits {tuple(logits.shape)}, input_ids {tuple(input_ids.shape)} and labels_mask "
                          f"{tuple(labels_mask.shape)} disagree on [batch, length]")
-    log_probs = torch.log_softmax(logits[:, :-1].float(), dim=-1)
-    token_logps = log_probs.gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    token_logps = causal_logprobs(logits, input_ids)
     return (token_logps * labels_mask[:, 1:].to(token_logps.dtype)).sum(dim=-1)

@@ -93,8 +93,6 @@ def candidate_pairs(world, n: int, seed, construction: str = "contrast",
         raise ValueError(f"construction={construction!r}: use one of {CONSTRUCTIONS}")
     if n < 0:
         raise ValueError(f"candidate_pairs: n must be >= 0, got {n}")
-    from raypref.data.world import _clear_pair  # one definition of "clearly apart"
-
     rng, _ = _streams(seed)
     pool = world.prompt_pool(split)
     pairs = []
@@ -106,7 +104,7 @@ def candidate_pairs(world, n: int, seed, construction: str = "contrast",
             shared = world.sample_response(prompt, rng).latent
             a, b = dict(shared), dict(shared)
             for attribute in CONTRAST_ATTRIBUTES + tuple(getattr(world, "extra_styles", ())):
-                high, low = _clear_pair(attribute, rng)
+                high, low = world.clear_pair(attribute, rng)
                 if rng.random() < 0.5:
                     high, low = low, high
                 a[attribute], b[attribute] = high, low

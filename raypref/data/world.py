@@ -20,6 +20,7 @@ from typing import Sequence
 import numpy as np
 
 from raypref.data import lexicon
+from raypref.data.labelling import labelled_pairs
 from raypref.data.records import PreferenceRecord
 from raypref.data.users import User, psoups_profile, psoups_profiles
 
@@ -67,6 +68,9 @@ class _Draws:
         return seq[self.index(len(seq))]
 
 
+WORLD_SETTINGS = ("difficulty", "label_noise", "attribute_noise", "extra_styles")  # World's keyword arguments
+
+
 class World:
     """Deterministic for (seed, difficulty); see the module docstring."""
 
@@ -90,6 +94,16 @@ class World:
         self._check_lexicon()
         self._split_prompts()
         self._calibrate_verbosity()
+
+    @classmethod
+    def from_config(cls, cfg) -> "World":
+        """The world a config describes: the one way jobs build it. ``cfg`` (an SFT, reward-data
+        or other config) has ``world_seed`` and any of difficulty, label_noise, attribute_noise,
+        extra_styles; the ones it lacks keep World's defaults."""
+        if not hasattr(cfg, "world_seed"):
+            raise TypeError(f"World.from_config: {type(cfg).__name__} has no world_seed field")
+        settings = {name: getattr(cfg, name) for name in WORLD_SETTINGS if hasattr(cfg, name)}
+        return cls(seed=cfg.world_seed, **settings)
 
     # ----- prompts -------------------------------------------------------------------
     def _split_prompts(self) -> None:
@@ -390,8 +404,11 @@ class World:
 
     def labelled_pairs(self, labeller, n: int, seed, **kwargs) -> list[PreferenceRecord]:
         """The one pair path of every arm: see `raypref.data.labelling.labelled_pairs`."""
-        from raypref.data.labelling import labelled_pairs
         return labelled_pairs(self, labeller, n, seed, **kwargs)
+
+    def clear_pair(self, attribute: str, rng: np.random.Generator) -> tuple[float, float]:
+        """(high, low) latent values of ``attribute`` far enough apart that the judge agrees."""
+        return _clear_pair(attribute, rng)
 
     def quality(self, text: str, prompt: str) -> float:
         """General quality in [0, 1]: see `raypref.data.quality.quality`."""

@@ -134,7 +134,7 @@ def evaluate_few_shot(cfg: FewShotConfig, data: RewardDataConfig, eval_pairs_per
     users = [pairs[uid].user for uid in sorted(pairs)]
     choices = choice_matrix(users, questions)
     if scorer is None:
-        scorer = build_scorer(cfg, World(data.world_seed, data.difficulty).vocabulary())
+        scorer = build_scorer(cfg, World.from_config(data).vocabulary())
     rng = np.random.default_rng(cfg.seed)
     selections = {"greedy": [greedy_select(choices, cfg.k)],
                   "random": [random_select(len(questions), cfg.k, rng)

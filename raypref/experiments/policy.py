@@ -29,7 +29,8 @@ from raypref.data.world import World
 from raypref.models.factory import LoraSettings, generate, load_pretrained
 from raypref.models.user_model import UserModelConfig
 from raypref.recipes.pdpo import PDPOSpec
-from raypref.recipes.ppo import PPOConfig, WorldJudgeReward, preference_policy
+from raypref.recipes.ppo import PPOConfig, preference_policy
+from raypref.rewards.world import WeightedJudgeReward
 from raypref.train.runner import Optimization, Resources
 
 
@@ -58,7 +59,7 @@ class PPOJobConfig(PolicyRunConfig):
                                             ("eval_prompts", self.eval_prompts >= 1, "must be >= 1")])
 
 
-def judged_reward(world: World, reward: WorldJudgeReward, model, tokenizer, prompts: list[str],
+def judged_reward(world: World, reward: WeightedJudgeReward, model, tokenizer, prompts: list[str],
                   max_new_tokens: int, seed: int) -> float:
     """Mean reward of sampled responses (temperature 1, fixed seed: base and policy alike)."""
     responses = generate(model, tokenizer, prompts, max_new_tokens, greedy=False, seed=seed)
@@ -79,7 +80,7 @@ def check_length_reach(world: World, attributes, max_new_tokens: int, where: str
 
 def job_world(cfg) -> World:
     """The world a policy job's SFT settings name."""
-    return World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    return World.from_config(cfg.sft)
 
 
 class PPOExperiment(Experiment):
@@ -311,7 +312,7 @@ class RSFJobConfig(PolicyRunConfig):
     verbosity_by_length: bool = True
     # 003's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
     # world's judge does not, and without it every direction rewards shorter answers and the
-    # iterations shrink all of them alike. See recipes.rsf.WorldObjectives
+    # iterations shrink all of them alike. See rewards.world.WorldObjectives
     helpfulness_length_bias: float = 0.3
     # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
     # text (RSFSpec); false for a base that already follows system prompts, as 003's does
@@ -330,7 +331,7 @@ class RSFJobConfig(PolicyRunConfig):
     resources: Resources = field(default_factory=_rsf_resources)
 
     def validate(self) -> None:
-        from raypref.recipes.rsf import objective_ranges
+        from raypref.rewards.world import objective_ranges
 
         self.validate_run("RSFJobConfig")
         self.training.validate("RSFJobConfig.training")
@@ -359,7 +360,8 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
     """Per direction: mean response length (words) and mean judged objectives over ``samples``
     responses to each of ``prompts``, each prompt preceded by the direction's system prompt (the
     same sampling seeds for every direction)."""
-    from raypref.recipes.rsf import WorldObjectives, judge_objectives, spelled_direction
+    from raypref.recipes.rsf import spelled_direction
+    from raypref.rewards.world import WorldObjectives, judge_objectives
 
     judge = WorldObjectives(objectives, world.seed, verbosity_by_length, helpfulness_length_bias)
     rows = []
@@ -379,7 +381,7 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
 def rsf_reward_factory(cfg: RSFJobConfig):
     """What builds the job's frozen multi-objective reward (on each worker): the world's judges
     over ``cfg.objectives`` with the job's verbosity reading and helpfulness length bias."""
-    from raypref.recipes.rsf import WorldObjectives
+    from raypref.rewards.world import WorldObjectives
 
     return functools.partial(WorldObjectives, list(cfg.objectives), cfg.sft.world_seed,
                              verbosity_by_length=cfg.verbosity_by_length,

@@ -142,8 +142,9 @@ def run_experiment(experiment: Experiment, cfg) -> JobResult:
         mlflow.set_tag("raypref.base_policy", run.base_dir)
         run.spec = experiment.spec(run)
         result = runner.run(run.spec, experiment.runner_config(run), restart=cfg.restart,
-                            callbacks=experiment.callbacks or None, **experiment.run_kwargs(run))
-        tracking.log_step_metrics(result.metrics, prefix=experiment.metrics_prefix)
+                            callbacks=experiment.callbacks or None,
+                            live_metrics=tracking.live_metrics(experiment.metrics_prefix),
+                            **experiment.run_kwargs(run))
         train_seconds = time.time() - run.started
         evaluation = experiment.evaluate(run, result)
         tracking.log_metrics({k: v for k, v in _flat_numbers(evaluation).items()})

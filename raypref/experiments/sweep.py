@@ -203,7 +203,7 @@ def _soups_prepare(cfg: SoupsTrialConfig, sweep_dir: Path) -> dict:
         if missing:
             raise FileNotFoundError(f"SoupsTrialConfig.adapters_dir={cfg.adapters_dir}: no adapter for {missing}")
         return {"sft_dir": str(sft_dir), "adapters": adapters}
-    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    world = World.from_config(cfg.sft)
     t, adapters = cfg.adapter_training, {}
     for i, name in enumerate(cfg.preferences):
         final = sweep_dir / "adapters" / name / FINAL_DIR
@@ -238,7 +238,7 @@ def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir
     # merged from the base module: each module's orientation and tied weights are visible
     model = soup_model(cfg.merge_method, base, weights,
                        adapters={p: LoraAdapter.from_dir(shared["adapters"][p]) for p in weights})
-    world = World(seed=cfg.sft.world_seed, difficulty=cfg.sft.difficulty)
+    world = World.from_config(cfg.sft)
     prompts = world.prompts(cfg.n_prompts, split="test")
     eval_cfg = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
     rewards: list[float] = []

@@ -2,7 +2,7 @@
 
 Roles: ``actor`` (SFT + LoRA, trainable), ``critic`` (SFT body + scalar value head, trainable),
 ``reference`` (the SFT policy, frozen) and ``reward`` (frozen; any module whose
-``score(prompts, responses)`` returns one float per response, e.g. `WorldJudgeReward`).
+``score(prompts, responses)`` returns one float per response, e.g. `WeightedJudgeReward`).
 
 Each PPO iteration samples ``rollout_size`` prompts, generates with the actor, scores the
 responses, and builds a rollout buffer (old log-probs, values, KL-penalized rewards, GAE
@@ -24,6 +24,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from raypref.algos.logprob import causal_logprobs
 from raypref.algos.ppo import (
     AdaptiveKLController,
     FixedKLController,
@@ -43,6 +44,7 @@ from raypref.models.factory import (
     generate_ids,
     load_pretrained,
 )
+from raypref.rewards.world import WeightedJudgeReward
 from raypref.train.fingerprint import model_identity
 from raypref.train.runner import Optimization
 from raypref.train.spec import LoopSpec, Role, StepContext, save_module
@@ -50,34 +52,6 @@ from raypref.train.spec import LoopSpec, Role, StepContext, save_module
 POLICY_INFO_FILE = "soup_policy.json"  # the same file DPO policies carry (recipes/dpo.py)
 
 Buffer = dict[str, torch.Tensor]
-
-
-class WorldJudgeReward(nn.Module):
-    """Reward = Σ_a weight_a · judge_a(response) from the simulated world's attribute judges; with
-    ``per_prompt``, each prompt has its own weights (P-MORL: those of the combination it names)."""
-
-    def __init__(self, weights: dict[str, float], world_seed: int = 0,
-                 per_prompt: dict[str, dict[str, float]] | None = None):
-        super().__init__()
-        from raypref.data.world import ATTRIBUTES, World
-
-        for w in ([weights] if per_prompt is None else per_prompt.values()):
-            unknown = sorted(set(w) - set(ATTRIBUTES))
-            if not w or unknown:
-                raise ValueError(f"WorldJudgeReward: weights {w} must name attributes of {ATTRIBUTES}")
-        self.weights, self.per_prompt, self.world = dict(weights), per_prompt, World(seed=world_seed)
-
-    def _weights(self, prompt: str) -> dict[str, float]:
-        if self.per_prompt is None:
-            return self.weights
-        if prompt not in self.per_prompt:
-            raise ValueError(f"WorldJudgeReward: no weights for prompt {prompt!r} (per_prompt has "
-                             f"{len(self.per_prompt)} prompts)")
-        return self.per_prompt[prompt]
-
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        judged = [(self._weights(p), self.world.judge(r, p)) for p, r in zip(prompts, responses)]
-        return torch.tensor([sum(w * s[a] for a, w in weights.items()) for weights, s in judged])
 
 
 class ValueModel(nn.Module):
@@ -97,8 +71,7 @@ class ValueModel(nn.Module):
 
 def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """``[B, L-1]``: log-prob of token t+1 given the tokens up to t."""
-    logits = model(input_ids=input_ids, attention_mask=attention_mask).logits[:, :-1].float()
-    return torch.log_softmax(logits, dim=-1).gather(-1, input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return causal_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
 
 
 def pack(tokenizer, prompts: Sequence[str], responses: Sequence[list[int]], max_length: int) -> Buffer:
@@ -175,7 +148,7 @@ class PPOSpec(LoopSpec):
 
     sft_dir: str
     prompts: list[str]
-    reward_factory: object  # () -> module with score(prompts, responses); e.g. functools.partial(WorldJudgeReward, {...})
+    reward_factory: object  # () -> module with score(prompts, responses); e.g. functools.partial(WeightedJudgeReward, {...})
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     rollout_size: int = 16  # prompts per PPO iteration (per worker)
     ppo_epochs: int = 2
@@ -386,8 +359,8 @@ def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: 
             raise ValueError(f"PPO policy {PMORL}: {len(unnamed)} pairs name no combination in user_text, "
                              f"e.g. prompt {unnamed[0]!r}")
         per_prompt = {rec.prompt: combination_weights(rec.user_text.split("+")) for rec in pairs}
-        reward = functools.partial(WorldJudgeReward, {}, world_seed, per_prompt)
+        reward = functools.partial(WeightedJudgeReward, {}, world_seed, per_prompt)
     else:
         profile = psoups_profile(preference)  # an unknown name is an error naming it
-        reward = functools.partial(WorldJudgeReward, {profile.attribute: profile.direction}, world_seed)
+        reward = functools.partial(WeightedJudgeReward, {profile.attribute: profile.direction}, world_seed)
     return PPOSpec.from_config(cfg, base_dir, prompts, reward, name=preference)

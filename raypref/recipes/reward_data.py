@@ -99,7 +99,7 @@ def build_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
     cfg.validate()
     if cfg.source != WORLD:
         return real_pairs(cfg)
-    world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
+    world = World.from_config(cfg)
     users = population(cfg)
     other = {u.user_id: (users[1 - i] if cfg.population == "two_user_conflict" else None)
              for i, u in enumerate(users)}
@@ -184,7 +184,7 @@ def judge_reference(cfg: RewardDataConfig, eval_pairs_per_user: int) -> dict[str
     0.885 (difficulty 0.1)."""
     if cfg.source != WORLD:
         raise ValueError(f"judge_reference: data.source={cfg.source!r} has no world judge")
-    world = World(cfg.world_seed, cfg.difficulty, label_noise=cfg.label_noise)
+    world = World.from_config(cfg)
     out = {}
     for user_id, up in sorted(build_pairs(cfg).items()):
         test = up.test[:eval_pairs_per_user]

@@ -69,7 +69,7 @@ def sft_world(cfg: SFTConfig):
     """The simulated world the SFT corpus is drawn from (and that judges its policies)."""
     from raypref.data.world import World
 
-    return World(seed=cfg.world_seed, difficulty=cfg.difficulty, extra_styles=cfg.extra_styles)
+    return World.from_config(cfg)
 
 
 def sft_cache_key(cfg: SFTConfig) -> str:

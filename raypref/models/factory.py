@@ -36,13 +36,24 @@ class LoraSettings:
     r: int = 8
     alpha: int = 16
     dropout: float = 0.0
-    target_modules: list[str] = field(default_factory=lambda: ["c_attn", "c_proj"])  # GPT-2 names
+    # module names (suffixes) to adapt; [] = by architecture: GPT-2 c_attn, c_proj; Llama, Qwen,
+    # Mistral, Gemma q_proj, k_proj, v_proj, o_proj
+    target_modules: list[str] = field(default_factory=list)
+    mlp: bool = False  # with target_modules []: the MLP projections too (c_fc; gate/up/down_proj)
 
     def validate(self, where: str = "lora") -> None:
         checks = [("r", self.r >= 1, "must be >= 1"), ("alpha", self.alpha > 0, "must be > 0"),
                   ("dropout", 0.0 <= self.dropout < 1.0, "must be in [0, 1)"),
-                  ("target_modules", bool(self.target_modules), "must name at least one module")]
+                  ("target_modules", all(isinstance(t, str) and t for t in self.target_modules),
+                   "must be module names")]
         check_fields(where, self, checks)
+
+
+# LoRA defaults by the attention projections a model has: (attention, MLP) names
+LORA_DEFAULTS = (
+    (("c_attn", "c_proj"), ("c_fc",)),  # GPT-2 (Conv1D)
+    (("q_proj", "k_proj", "v_proj", "o_proj"), ("gate_proj", "up_proj", "down_proj")),  # Llama family
+)
 
 
 @dataclass
@@ -219,14 +230,59 @@ def build_policy(cfg: ModelConfig, tokenizer):
     return GPT2LMHeadModel(config).to(DTYPES[cfg.dtype])
 
 
+def lora_targets(model, lora: LoraSettings) -> list[str]:
+    """The module names LoRA adapts in model: lora.target_modules, each checked to match a
+    Linear or Conv1D module (as peft matches: the name or a dotted suffix of it), or the
+    defaults of the model's architecture (``LORA_DEFAULTS``)."""
+    from transformers.pytorch_utils import Conv1D
+
+    names = [n for n, m in model.named_modules() if isinstance(m, (torch.nn.Linear, Conv1D))]
+    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+
+    def matches(target: str) -> bool:
+        return any(n == target or n.endswith("." + target) for n in names)
+
+    if lora.target_modules:
+        missing = [t for t in lora.target_modules if not matches(t)]
+        if missing:
+            raise ValueError(f"lora.target_modules {missing} match no Linear/Conv1D module of this "
+                             f"{getattr(model.config, 'model_type', type(model).__name__)} model; "
+                             f"it has {leaves}")
+        return list(lora.target_modules)
+    for attention, mlp in LORA_DEFAULTS:
+        if all(matches(t) for t in attention):
+            return list(attention) + ([t for t in mlp if matches(t)] if lora.mlp else [])
+    raise ValueError(f"lora: no default targets for a {getattr(model.config, 'model_type', '?')} "
+                     f"model; set lora.target_modules to some of {leaves}")
+
+
+def check_lora_targets(name_or_path: str, lora: LoraSettings | None, where: str = "lora") -> list[str]:
+    """lora_targets of a model named in a config, read from its config alone (no weights, so
+    cheap enough to run before Ray starts). ValueError, prefixed with ``where``, if none match."""
+    from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config
+
+    if lora is None:
+        return []
+    if name_or_path == TINY:
+        config = GPT2Config(n_layer=1, n_embd=8, n_head=1, vocab_size=8)
+    else:
+        config = AutoConfig.from_pretrained(resolve_model(name_or_path), trust_remote_code=False)
+    with torch.device("meta"):
+        skeleton = AutoModelForCausalLM.from_config(config)
+    try:
+        return lora_targets(skeleton, lora)
+    except ValueError as e:
+        raise ValueError(f"{where}: {e}") from None
+
+
 def add_lora(model, lora: LoraSettings):
-    """Wrap model with trainable LoRA adapters (base weights frozen)."""
+    """Wrap model with trainable LoRA adapters (base weights frozen) on ``lora_targets``."""
     from peft import LoraConfig, get_peft_model
 
     is_gpt2 = getattr(model.config, "model_type", "") == "gpt2"
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-        target_modules=list(lora.target_modules), task_type="CAUSAL_LM",
+        target_modules=lora_targets(model, lora), task_type="CAUSAL_LM",
         fan_in_fan_out=is_gpt2,  # GPT-2 stores its projections transposed (Conv1D)
     ))
 

@@ -28,7 +28,19 @@ from raypref.models.chat import SEP, Encoded, encode_chat, format_prompt, prompt
 TINY = "tiny"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
 SPECIAL_TOKENS = (PAD, UNK, BOS, EOS, SEP)
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+AUTO = "auto"  # bfloat16 on a GPU that supports it, float16 on an older GPU, float32 on CPU
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    """The torch dtype of a config's dtype name ("auto" decided by this process's device)."""
+    if name == AUTO:
+        if not torch.cuda.is_available():
+            return torch.float32
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    if name not in DTYPES:
+        raise ValueError(f"dtype={name!r}: must be one of {sorted(DTYPES) + [AUTO]}")
+    return DTYPES[name]
 
 
 @dataclass
@@ -65,13 +77,14 @@ class ModelConfig:
     n_head: int = 4
     n_positions: int = 256
     dropout: float = 0.0  # tiny model; 0 keeps runs reproducible
-    dtype: str = "float32"  # "float32" or "bfloat16"
+    dtype: str = "float32"  # "float32", "bfloat16", "float16" or "auto" (bf16 where the GPU has it)
+    gradient_checkpointing: bool = False  # recompute activations in backward: less memory, ~30% slower
     lora: LoraSettings | None = None
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
-        if self.dtype not in DTYPES:
-            raise ValueError(f"ModelConfig.dtype={self.dtype!r}: must be one of {sorted(DTYPES)}")
+        if self.dtype not in (*DTYPES, AUTO):
+            raise ValueError(f"ModelConfig.dtype={self.dtype!r}: must be one of {sorted(DTYPES) + [AUTO]}")
         if self.n_embd % self.n_head:
             raise ValueError(f"ModelConfig.n_embd={self.n_embd} must be divisible by "
                              f"n_head={self.n_head}")
@@ -218,8 +231,9 @@ def build_policy(cfg: ModelConfig, tokenizer):
 
     cfg.validate()
     if cfg.name_or_path != TINY:
-        return AutoModelForCausalLM.from_pretrained(
-            resolve_model(cfg.name_or_path), dtype=DTYPES[cfg.dtype], trust_remote_code=False)
+        model = AutoModelForCausalLM.from_pretrained(
+            resolve_model(cfg.name_or_path), dtype=resolve_dtype(cfg.dtype), trust_remote_code=False)
+        return enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else model
     config = GPT2Config(
         vocab_size=len(tokenizer), n_positions=cfg.n_positions, n_embd=cfg.n_embd,
         n_layer=cfg.n_layer, n_head=cfg.n_head,
@@ -227,7 +241,17 @@ def build_policy(cfg: ModelConfig, tokenizer):
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return GPT2LMHeadModel(config).to(DTYPES[cfg.dtype])
+    model = GPT2LMHeadModel(config).to(resolve_dtype(cfg.dtype))
+    return enable_gradient_checkpointing(model) if cfg.gradient_checkpointing else model
+
+
+def enable_gradient_checkpointing(model):
+    """Recompute each layer's activations in backward instead of keeping them. Non-reentrant,
+    so it works when only LoRA adapters train (the inputs need no gradient)."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ValueError(f"gradient_checkpointing: {type(model).__name__} does not support it")
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model
 
 
 def lora_targets(model, lora: LoraSettings) -> list[str]:
@@ -403,9 +427,10 @@ def save_pretrained_safetensors(model, tokenizer, out_dir: str | Path) -> Path:
     return write_dir_atomically(Path(out_dir), write)
 
 
-def load_pretrained(path: str | Path):
-    """(model, tokenizer) from a folder saved by save_pretrained_safetensors, or a Hugging Face
-    id (downloaded only where HF_HUB_OFFLINE is unset, e.g. on a cluster)."""
+def load_pretrained(path: str | Path, dtype: str | None = None):
+    """(model, tokenizer) from a folder saved by save_pretrained_safetensors, a named model, or a
+    Hugging Face id (downloaded only where HF_HUB_OFFLINE is unset, e.g. on a cluster).
+    ``dtype``: a ``DTYPES`` name or "auto"; None keeps the saved dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = resolve_model(str(path))
@@ -414,8 +439,8 @@ def load_pretrained(path: str | Path):
     if is_local and not (local / "config.json").exists():
         raise FileNotFoundError(f"load_pretrained: no config.json in {local}")
     source = str(local) if is_local else str(path)
-    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local,
-                                                 trust_remote_code=False)
+    model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local, trust_remote_code=False,
+                                                 **({"dtype": resolve_dtype(dtype)} if dtype else {}))
     tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=is_local,
                                               trust_remote_code=False)
     if tokenizer.pad_token is None:

@@ -28,7 +28,7 @@ from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
-from raypref.models.factory import check_lora_targets, encode_example, load_pretrained
+from raypref.models.factory import check_lora_targets, encode_example, load_pretrained, resolve_model
 from raypref.eval.pairs import evaluate_pairs
 from raypref.recipes.dpo import DPOConfig, ShardDPOSpec
 from raypref.recipes.sft import SFTConfig, train_sft
@@ -118,7 +118,7 @@ class SavedTokenizer:
     def __call__(self):
         from transformers import AutoTokenizer
 
-        local = Path(self.model_dir).expanduser()
+        local = Path(resolve_model(self.model_dir)).expanduser()  # a named model: its converted folder
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else self.model_dir,
                                                   local_files_only=local.exists(), trust_remote_code=False)
         if tokenizer.pad_token is None:

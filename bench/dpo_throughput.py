@@ -15,7 +15,10 @@ driven from one process, one side after the other:
 
 The base is the DPO job's default shape (tiny 2 x 128 GPT-2 over the simulated world's word
 vocabulary; ``--n-layer`` / ``--n-embd`` / ``--n-head`` to change it), built untrained: weights
-do not change the cost of a step. The pairs are the world's P-Soups P1A pairs (user 1, the DPO
+do not change the cost of a step. ``--model smollm2-135m-instruct`` (or any model name or folder)
+uses that pretrained model instead, with its chat template on both sides: the platform through
+``models.chat``, trl from conversational rows (user prompt, assistant response), and LoRA on the
+architecture's default targets (q/k/v/o_proj for Llama). The pairs are the world's P-Soups P1A pairs (user 1, the DPO
 job's default). trl gets the platform's batch order (``train_sampling_strategy="sequential"`` on
 the pairs listed in the order ``DPOSpec.batches`` draws them), so both sides train on the same
 micro-batches step by step, pad to the same widths and start from the same LoRA initialisation.
@@ -121,7 +124,15 @@ class TimedSpec(LoopSpec):
     def export(self, models, out_dir):
         self.inner.export(models, out_dir)
         self.stamps["exported"] = time.time()
+        self.stamps["peak_rss_mib"] = peak_rss_mib()
         Path(self.stamp_file).write_text(json.dumps(self.stamps))
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory so far (Linux: ru_maxrss in KiB)."""
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def _ship_this_module_by_value() -> None:
@@ -138,8 +149,11 @@ def _ship_this_module_by_value() -> None:
 def build_base(args, out: Path) -> str:
     """The DPO job's base shape (untrained), saved as SFT saves it; cached by shape under --out."""
     from raypref.data.world import World
-    from raypref.models.factory import ModelConfig, build_policy, build_tokenizer, save_pretrained_safetensors
+    from raypref.models.factory import ModelConfig, build_policy, build_tokenizer, resolve_model, \
+        save_pretrained_safetensors
 
+    if args.model != "tiny":
+        return resolve_model(args.model)  # a named model is converted once into its cache
     target = out / f"base-L{args.n_layer}-E{args.n_embd}-H{args.n_head}"
     if (target / "config.json").exists():
         return str(target)
@@ -171,6 +185,7 @@ def trl_trainer(base_dir: str, pairs, order: list[int], cfg: DPOConfig, args, pe
     from transformers import PrinterCallback
     from trl import DPOConfig as TrlDPOConfig, DPOTrainer
 
+    from raypref.models.chat import has_chat_template
     from raypref.models.factory import format_prompt, load_pretrained
 
     class RecordingDPOTrainer(DPOTrainer):
@@ -184,9 +199,13 @@ def trl_trainer(base_dir: str, pairs, order: list[int], cfg: DPOConfig, args, pe
             return loss
 
     base, tokenizer = load_pretrained(base_dir)
-    # the platform's text format (format_prompt, then " " + response); trl appends the eos itself
-    rows = [{"prompt": format_prompt(pairs[i].prompt), "chosen": " " + pairs[i].chosen,
-             "rejected": " " + pairs[i].rejected} for i in order]
+    if has_chat_template(tokenizer):  # conversational rows: trl applies the chat template itself
+        rows = [{"prompt": [{"role": "user", "content": pairs[i].prompt}],
+                 "chosen": [{"role": "assistant", "content": pairs[i].chosen}],
+                 "rejected": [{"role": "assistant", "content": pairs[i].rejected}]} for i in order]
+    else:  # the platform's text format (format_prompt, then " " + response); trl appends the eos itself
+        rows = [{"prompt": format_prompt(pairs[i].prompt), "chosen": " " + pairs[i].chosen,
+                 "rejected": " " + pairs[i].rejected} for i in order]
     targs = TrlDPOConfig(
         output_dir=str(out_dir), max_steps=cfg.steps, per_device_train_batch_size=cfg.micro_batch_size,
         gradient_accumulation_steps=1, learning_rate=cfg.lr, lr_scheduler_type="linear",
@@ -228,7 +247,7 @@ def loss_check(base_dir: str, pairs, cfg: DPOConfig, args, out: Path) -> dict:
     with torch.no_grad():
         for name, p in ours.named_parameters():
             if "lora_" in name:
-                p.copy_(torch.randn(p.shape, generator=gen) * 0.1)
+                p.copy_(torch.randn(p.shape, generator=gen) * args.adapter_scale)
             theirs[name].copy_(p)
     trl_batch = trainer.data_collator([trainer.train_dataset[i] for i in range(cfg.micro_batch_size)])
     same_tokens = all(torch.equal(trl_batch[a], batch[b]) for a, b in
@@ -272,7 +291,7 @@ def time_platform(base_dir: str, pairs, cfg: DPOConfig, args, storage: Path) -> 
     return {
         "window_s": w, "pairs_per_s": args.measure * cfg.micro_batch_size / w, "ms_per_step": 1000 * w / args.measure,
         "window_cpu_s": cpu, "cpu_pairs_per_s": args.measure * cfg.micro_batch_size / cpu,
-        "end_to_end_s": end - start, "torch_threads": s["torch_threads"],
+        "end_to_end_s": end - start, "torch_threads": s["torch_threads"], "peak_rss_mib": s["peak_rss_mib"],
         "worker": {k: s.get(k) for k in ("threads_at_first_loss", "affinity", "env")},
         "step_wall_s": [b - a for a, b in zip(t, t[1:])], "step_cpu_s": [b - a for a, b in zip(s["cpu_at"], s["cpu_at"][1:])],
         "parts": {"launch (Ray Train controller + worker, import)": s["build"] - start,
@@ -314,6 +333,7 @@ def time_trl(base_dir: str, pairs, cfg: DPOConfig, args, out_dir: Path, peft_con
         "window_cpu_s": cpu, "cpu_pairs_per_s": args.measure * cfg.micro_batch_size / cpu,
         "step_wall_s": [b - a for a, b in zip(t, t[1:])], "step_cpu_s": [b - a for a, b in zip(timer.cpu, timer.cpu[1:])],
         "end_to_end_s": end - start, "torch_threads": torch.get_num_threads(), "optim": trainer.args.optim.value,
+        "peak_rss_mib": peak_rss_mib(),
         "bf16": trainer.args.bf16, "gradient_checkpointing": trainer.args.gradient_checkpointing,
         "parts": {"DPOTrainer() (load base, LoRA, tokenize, accelerate)": built - start,
                   "train() until step 1 begins (dataloader, optimizer)": t[0] - built,
@@ -349,6 +369,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=defaults.max_length)
     p.add_argument("--lora-r", type=int, default=defaults.lora.r)
     p.add_argument("--lora-alpha", type=int, default=defaults.lora.alpha)
+    p.add_argument("--adapter-scale", type=float, default=0.1,
+                   help="std of the random adapter of the same-batch loss check; at 0.1 a 30-layer pretrained "
+                        "model is pushed far from its reference (loss ~7, float32 rounding ~1e-5 relative), "
+                        "0.02 keeps the loss in DPO's usual range")
+    p.add_argument("--model", default="tiny",
+                   help="tiny (an untrained GPT-2 of --n-layer/--n-embd/--n-head), a named model such as "
+                        "smollm2-135m-instruct, or a model folder")
     p.add_argument("--n-layer", type=int, default=2)
     p.add_argument("--n-embd", type=int, default=128)
     p.add_argument("--n-head", type=int, default=4)
@@ -405,6 +432,7 @@ def main(argv=None) -> dict:
     log(f"ray.init: {ray_start:.1f} s (once, not in either figure)")
     # trl gets the platform's own LoraConfig, as add_lora builds it
     peft_config = DPOSpec.from_config(cfg, base_dir, pairs).build_model().peft_config["default"]
+    args.lora_targets = sorted(peft_config.target_modules)
     reps = []
     try:
         for r in range(args.repeats):
@@ -436,8 +464,8 @@ def main(argv=None) -> dict:
 
 def report(args, cfg: DPOConfig, check: dict, ray_start: float, reps: list[dict]) -> dict:
     side = ("platform", "trl")
-    print(f"\nDPO, LoRA r{cfg.lora.r}/alpha {cfg.lora.alpha} on c_attn/c_proj, GPT-2 {args.n_layer} x "
-          f"{args.n_embd}, beta {cfg.beta}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, linear decay), clip "
+    model = f"GPT-2 {args.n_layer} x {args.n_embd}" if args.model == "tiny" else args.model
+    print(f"\nDPO, LoRA r{cfg.lora.r}/alpha {cfg.lora.alpha} on {'/'.join(sorted(args.lora_targets))}, {model}, beta {cfg.beta}, lr {cfg.lr} (warm-up {cfg.warmup_steps}, linear decay), clip "
           f"{cfg.grad_clip}, {cfg.micro_batch_size} pairs/step, {cfg.steps} steps on {args.pairs} pairs, "
           f"max_length {cfg.max_length}")
     print(f"platform: DPOSpec -> runner.run, 1 Ray Train worker, DeepSpeed ZeRO-{args.zero_stage}, "
@@ -481,6 +509,11 @@ def report(args, cfg: DPOConfig, check: dict, ray_start: float, reps: list[dict]
         print(f"  noise: repeats differ by {100 * spread['platform']:.0f} % (platform), "
               f"{100 * spread['trl']:.0f} % (trl)"
               + ("  <- the machine was busy, read the ratio with care" if max(spread.values()) > 0.15 else ""))
+
+    print(f"{'peak resident memory, MiB':<34}{reps[0]['platform']['peak_rss_mib']:>12.0f}"
+          f"{reps[0]['trl']['peak_rss_mib']:>12.0f}")
+    print("  (platform: its Ray worker process; trl: this process, which also ran the same-batch loss "
+          "check and holds the pairs, so an upper bound)")
 
     print_report_waits(args, cfg, reps)
 

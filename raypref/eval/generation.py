@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from raypref.data.users import preference_table, psoups_profile
+from raypref.models.chat import has_chat_template
 from raypref.models.factory import generate
 
 Scores = dict[str, float]
@@ -94,8 +95,8 @@ class JudgeScorer:
 
 def judged_generations(scorer, model, tokenizer, prompts: list[str], cfg,
                        instruction: str | None = None) -> tuple[list[str], list[Scores]]:
-    """Generate ``samples_per_prompt`` responses per prompt (the instruction, if any, written
-    after the prompt) and score each on the *bare* prompt.
+    """Generate ``samples_per_prompt`` responses per prompt (the instruction, if any, as the
+    system message, or written after the prompt in the tiny format) and score each on the *bare* prompt.
 
     Every method sees the same prompts and seeds, so comparisons between methods are paired.
     Returns texts and scores in the order prompt 0..n-1 for sample 0, then for sample 1, ...
@@ -103,13 +104,15 @@ def judged_generations(scorer, model, tokenizer, prompts: list[str], cfg,
     if cfg.samples_per_prompt < 1:  # e.g. the soups EvalConfig's 0 = "by seed count", unresolved
         raise ValueError(f"judged_generations: samples_per_prompt={cfg.samples_per_prompt} must be >= 1")
     texts: list[str] = []
-    shown = [f"{p} {instruction}" if instruction else p for p in prompts]
+    # a chat template takes the instruction as the system message; the tiny format after the prompt
+    system = instruction if instruction and has_chat_template(tokenizer) else None
+    shown = [f"{p} {instruction}" if instruction and system is None else p for p in prompts]
     for sample in range(cfg.samples_per_prompt):
         for start in range(0, len(shown), cfg.batch_size):
             texts += generate(model, tokenizer, shown[start:start + cfg.batch_size],
                               max_new_tokens=cfg.max_new_tokens, greedy=cfg.greedy,
                               temperature=cfg.temperature,
-                              seed=cfg.seed + 100_003 * sample + start)
+                              seed=cfg.seed + 100_003 * sample + start, system=system)
     return texts, scorer.score(texts, list(prompts) * cfg.samples_per_prompt)
 
 

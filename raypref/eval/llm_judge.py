@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from raypref.models.chat import has_chat_template, prompt_text
 from raypref.models.factory import TINY, ModelConfig
 
 RATINGS = ("1", "2", "3", "4", "5")
@@ -89,6 +90,10 @@ class ScoringJudge:
         the LM would see for "... rating : 3", where the tokenizer allows). A too long
         question loses its start, never the rating question at its end."""
         text = self.template.format(preference=preference, prompt=prompt, response=response)
+        if has_chat_template(self.tokenizer):  # an instruct judge: asked in a user turn, answers as itself
+            question = self._ids(prompt_text(self.tokenizer, text))
+            answers = [self._ids(rating) for rating in RATINGS]
+            return question[-(self.max_length - max(map(len, answers))):], answers
         question = self._ids(text)
         answers = []
         for rating in RATINGS:

@@ -107,7 +107,7 @@ class SavedTokenizer:
     def __call__(self):
         from transformers import AutoTokenizer
 
-        local = Path(self.model_dir).expanduser()
+        local = Path(resolve_model(self.model_dir)).expanduser()  # a named model: its converted folder
         tokenizer = AutoTokenizer.from_pretrained(str(local) if local.exists() else self.model_dir,
                                                   local_files_only=local.exists(), trust_remote_code=False)
         if tokenizer.pad_token is None:

@@ -18,6 +18,7 @@ from typing import Any
 import mlflow
 
 from raypref import atomic, tracking
+from raypref.models.factory import LoraSettings, check_lora_targets
 from raypref.recipes.sft import SFTConfig, train_sft
 from raypref.train import runner
 from raypref.train.runner import RunnerConfig, RunResult
@@ -128,9 +129,18 @@ class Experiment:
         """Lines for the console once the job is done."""
 
 
+def _check_lora(cfg) -> None:
+    """A LoRA whose targets match no module of the base is refused here, before Ray starts,
+    naming the modules the model has (read from the base's config alone)."""
+    lora = getattr(getattr(cfg, "training", None), "lora", None) or getattr(cfg, "lora", None)
+    if isinstance(cfg, PolicyRunConfig) and isinstance(lora, LoraSettings):
+        check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, lora, f"{type(cfg).__name__}.lora")
+
+
 def run_experiment(experiment: Experiment, cfg) -> JobResult:
     """Run `experiment` on `cfg` (see the module docstring)."""
     cfg.validate()
+    _check_lora(cfg)
     name = experiment.run_name(cfg)
     out = experiment.folder(cfg, name)
     out.mkdir(parents=True, exist_ok=True)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from raypref.models.factory import format_prompt, load_pretrained
+from raypref.models.factory import load_pretrained, prompt_text
 from raypref.models.lora import LoraAdapter
 from raypref.models.merge import merge_lora_into
 from raypref.serve.policies import SoupPolicies
@@ -68,7 +68,7 @@ class SoupEngine:
 
     def prompt_length(self, prompt: str) -> int:
         with self._tokenizer_lock:
-            return len(self.tokenizer(format_prompt(prompt), add_special_tokens=False)["input_ids"])
+            return len(self.tokenizer(prompt_text(self.tokenizer, prompt), add_special_tokens=False)["input_ids"])
 
     # ------------------------------------------------------------ cache
 
@@ -125,7 +125,7 @@ class SoupEngine:
         with self._tokenizer_lock:
             side, tok.padding_side = tok.padding_side, "left"
             try:
-                enc = tok([format_prompt(r.prompt) for r in batch], return_tensors="pt", padding=True,
+                enc = tok([prompt_text(tok, r.prompt) for r in batch], return_tensors="pt", padding=True,
                           add_special_tokens=False)
             finally:
                 tok.padding_side = side

@@ -33,6 +33,7 @@ import torch
 
 from raypref import atomic, ray_session
 from raypref.config import check_fields
+from raypref.models.factory import enable_gradient_checkpointing
 from raypref.train import storage
 from raypref.train.fingerprint import check_fingerprint, run_fingerprint
 from raypref.train.spec import LoopSpec, Role, StepContext
@@ -68,6 +69,8 @@ class RunnerConfig:
     name: str = "run"  # a run with the same storage_path/name resumes (if its fingerprint matches)
     seed: int = 0
     bf16: bool = False  # off by default: CPU runs stay in fp32
+    fp16: bool = False  # GPUs without bf16 (V100, T4): fp16 with dynamic loss scaling
+    gradient_checkpointing: bool = False  # trainable roles recompute activations in backward
     log_every: int = 10  # rank 0 prints progress and reports metrics every this many steps
     strict_code: bool = False  # refuse to resume a run trained by another raypref code version
 
@@ -92,6 +95,8 @@ class RunnerConfig:
             ("storage_path", bool(self.storage_path), "must name a folder or URI"),
             ("name", storage.is_run_name(self.name), storage.RUN_NAME_RULE),
             ("log_every", self.log_every >= 1, "must be >= 1"),
+            ("fp16", not (self.fp16 and self.bf16), "cannot be on with bf16: choose one precision"),
+            ("fp16", not self.fp16 or self.use_gpu, "needs use_gpu (DeepSpeed's fp16 is for GPUs)"),
         ]
         check_fields("RunnerConfig", self, checks)
 
@@ -129,6 +134,8 @@ class Resources:
     use_gpu: bool = False
     zero_stage: int = 0  # DeepSpeed ZeRO stage 0-3 (LoRA states are tiny; 2/3 for big bases)
     bf16: bool = False  # on for GPUs that support it
+    fp16: bool = False  # GPUs without bf16: fp16 with dynamic loss scaling (exclusive with bf16)
+    gradient_checkpointing: bool = False  # less activation memory for about 30% more compute
     max_failures: int = 1  # restarts from the latest checkpoint before the run fails
     checkpoint_every: int = 50  # optimizer steps between checkpoints
     eval_every: int = 0  # optimizer steps between evaluations (0 = only at the end)
@@ -150,6 +157,7 @@ def runner_config(training: Optimization, resources: Resources, *, name: str, st
     cfg = RunnerConfig(
         num_workers=resources.num_workers, cpus_per_worker=resources.cpus_per_worker,
         use_gpu=resources.use_gpu, zero_stage=resources.zero_stage, bf16=resources.bf16,
+        fp16=resources.fp16, gradient_checkpointing=resources.gradient_checkpointing,
         max_failures=resources.max_failures, checkpoint_every=resources.checkpoint_every,
         eval_every=resources.eval_every, strict_code=resources.strict_code,
         lr=training.lr, weight_decay=training.weight_decay, warmup_steps=training.warmup_steps,
@@ -198,6 +206,8 @@ def deepspeed_config(cfg: RunnerConfig, group_lrs: list[float] | None = None) ->
         "scheduler": scheduler,
         "zero_optimization": {"stage": cfg.zero_stage},
         "bf16": {"enabled": cfg.bf16},
+        # loss_scale 0 = dynamic: start at 2**16, halve on overflow (the step is skipped)
+        "fp16": {"enabled": cfg.fp16, "loss_scale": 0, "initial_scale_power": 16},
         "steps_per_print": 10**9,  # progress is printed by the runner
         "wall_clock_breakdown": False,
     }
@@ -387,10 +397,13 @@ def _build_roles(spec: LoopSpec, cfg: RunnerConfig, deepspeed) -> tuple[dict, di
     for name, role in spec.roles().items():
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
         model = spec.build_model(name)
-        if not role.trainable:
+        if not role.trainable:  # reference, reward, judge: in the run's precision
             model.requires_grad_(False)
-            models[name] = model.to(device).eval()
+            half = torch.bfloat16 if cfg.bf16 else torch.float16 if cfg.fp16 else None
+            models[name] = model.to(device, dtype=half).eval()
             continue
+        if cfg.gradient_checkpointing:
+            enable_gradient_checkpointing(model)
         groups = spec.param_groups(name, model)
         default_lr = role.lr if role.lr is not None else cfg.lr
         default_wd = role.weight_decay if role.weight_decay is not None else cfg.weight_decay

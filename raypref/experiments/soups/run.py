@@ -40,7 +40,7 @@ from raypref.experiments.soups.training import (
     training_jobs,
     training_key,
 )
-from raypref.models.factory import load_pretrained, save_pretrained_safetensors
+from raypref.models.factory import check_lora_targets, load_pretrained, save_pretrained_safetensors
 from raypref.models.merge import LoraAdapter, soup_model
 from raypref.recipes.sft import sft_world, train_sft
 from raypref.train import storage
@@ -131,6 +131,8 @@ def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
     cfg.validate()
+    check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, cfg.policy_training.lora,
+                       "ppo.lora" if cfg.algo == "ppo" else "training.lora")
     cfg = dataclasses.replace(cfg, eval=ev.for_seeds(cfg.eval, cfg.seeds))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -11,8 +11,12 @@ from typing import Annotated
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from raypref.serve.soup_model import GREEDY_BELOW_TEMPERATURE
+
 MAX_PROMPT_CHARS = 8000
 MAX_TEMPERATURE = 2.0
+MAX_PREFERENCE_KEYS = 64  # a request naming more preferences is refused before anything is looked up
+MAX_BODY_BYTES = 128 * 1024  # request bodies over this are answered 413 unread
 SUM_TOLERANCE = 1e-6
 Weight = Annotated[float, Field(ge=0.0, allow_inf_nan=False)]
 
@@ -31,11 +35,12 @@ class GenerateRequest(BaseModel):
 
     prompt: str = Field(min_length=1, max_length=MAX_PROMPT_CHARS, description="the user's prompt")
     preferences: dict[str, Weight] = Field(
-        min_length=1, description="soup weights by preference name; sum to 1 unless normalize")
+        min_length=1, max_length=MAX_PREFERENCE_KEYS,
+        description="soup weights by preference name; sum to 1 unless normalize")
     max_new_tokens: int | None = Field(None, ge=1, description="at most the server's limit (GET /v1/preferences); "
                                                                "default min(32, that limit)")
     temperature: float = Field(0.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
-                               description="0 = greedy")
+                               description=f"0 = greedy; below {GREEDY_BELOW_TEMPERATURE} also greedy")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="sampling seed (same seed, same text)")
     normalize: bool = Field(False, description="divide the weights by their sum instead of requiring sum 1")
 
@@ -57,8 +62,7 @@ class GenerateResponse(BaseModel):
 
 class PreferencesResponse(BaseModel):
     preferences: list[str]
-    run_dir: str
-    base_dir: str
+    run: str = Field(description="the served run (training key); no server paths are disclosed")
     model_version: str
     max_new_tokens: int
     max_prompt_tokens: int
@@ -67,9 +71,13 @@ class PreferencesResponse(BaseModel):
 def soup_weights(req: GenerateRequest, names: list[str]) -> tuple[float, ...]:
     """The request's weights ordered like ``names`` (absent names 0), normalized if asked."""
     unknown = sorted(set(req.preferences) - set(names))
-    if unknown:
-        raise InvalidField("preferences", f"unknown preference(s) {unknown}; served: {names}")
-    total = math.fsum(req.preferences.values())
+    if unknown:  # name a few, not all: the echo stays small whatever was sent
+        shown = [n[:40] for n in unknown[:5]] + (["..."] if len(unknown) > 5 else [])
+        raise InvalidField("preferences", f"unknown preference(s) {shown}; served: {names}")
+    try:
+        total = math.fsum(req.preferences.values())
+    except OverflowError:  # finite weights whose sum is not (e.g. 1e308 + 1e308)
+        raise InvalidField("preferences", "weights are too large to sum; send weights of at most 1e300") from None
     if not math.isfinite(total) or total <= 0:
         raise InvalidField("preferences", f"weights must have a positive, finite sum, got {total}")
     if not req.normalize and abs(total - 1.0) > SUM_TOLERANCE:

@@ -3,6 +3,9 @@
     POST /v1/generate     {prompt, preferences: {name: weight}, max_new_tokens, temperature, seed,
                            normalize} -> {text, weights, model_version, served_by, n_tokens}
     GET  /v1/preferences  the served preferences, the run they came from, the limits
+    POST /v1/chat/completions  OpenAI-compatible (messages, max_tokens, temperature, seed, stream;
+                          the soup weights in the extra body field ``preferences``)
+    GET  /v1/models       OpenAI-compatible: the runs served
     GET  /healthz         liveness
     GET  /openapi.json    the schema (FastAPI)
 
@@ -34,7 +37,6 @@ or an authenticating reverse proxy in front. See docs/SERVING.md.
 """
 
 import asyncio
-import hmac
 import ipaddress
 import logging
 import os
@@ -44,80 +46,32 @@ from pathlib import Path
 from fastapi import FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, ValidationError, model_validator
 from ray import serve
 
 from raypref import tracking
+from raypref.serve import guard
+from raypref.serve.guard import RequestGuard, read_token
 
 from raypref.serve.engine import GenerationError, GenerationRequest, SoupEngine, memory_needed
 from raypref.serve.policies import (PolicyDiscoveryError, SoupPolicies, find_policies, finished_runs,
                                     is_finished_run)
-from raypref.serve.schema import (MAX_BODY_BYTES, GenerateRequest, GenerateResponse, InvalidField,
-                                  PreferencesResponse, check_lengths, soup_weights)
+from raypref.serve.openai_api import chat_completion_body
+from raypref.serve.schema import (ChatCompletionRequest, GenerateRequest, GenerateResponse,
+                                  InvalidField, PreferencesResponse, check_lengths, soup_weights)
 
 DEFAULT_MAX_NEW_TOKENS = 32  # when a request does not say (capped by the server's limit)
 MAX_RUNS_PER_REPLICA = 3  # multiplexed runs a replica keeps loaded (least recently used unloaded)
 MODEL_ID_HEADER = "serve_multiplexed_model_id"  # Ray Serve's multiplexing header
 MAX_ONGOING_REQUESTS = 16  # per replica, in the batcher or decoding
 MAX_QUEUED_REQUESTS = 64  # per replica waiting for a slot; past this Serve answers 503
-OPEN_PATHS = ("/healthz",)  # answered without the bearer token
 logger = logging.getLogger(__name__)
 
 api = FastAPI(title="raypref P-Soups server",
               description="Personalized soups of LoRA policies, weighted per request (exact: base + Σ wᵢ ΔWᵢ).")
-api.state.auth_token = None  # set by the replica when ServerArgs.auth_token_file is given
 
 
-class _RequestGuard:
-    """ASGI middleware in front of every route: the bearer token (when the replica has one) and
-    the body-size limit. The body is read here, at most ``MAX_BODY_BYTES`` of it, then replayed
-    to the app, so an oversized body is refused (413) before anything parses it."""
-
-    def __init__(self, app):
-        self.app = app
-
-    async def __call__(self, scope, receive, send):
-        if scope["type"] != "http":
-            return await self.app(scope, receive, send)
-        headers = dict(scope.get("headers") or [])
-        token = api.state.auth_token
-        if token and scope.get("path") not in OPEN_PATHS:
-            given = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(given, b"Bearer " + token.encode()):
-                return await _reply(scope, send, 401, "missing or wrong bearer token", {b"www-authenticate": b"Bearer"})
-        length = headers.get(b"content-length", b"0")
-        if not length.isdigit():
-            return await _reply(scope, send, 400, "bad content-length header")
-        if int(length) > MAX_BODY_BYTES:
-            return await _reply(scope, send, 413, f"request body over {MAX_BODY_BYTES} bytes")
-        body, more = b"", True
-        while more:  # chunked bodies have no content-length: count what arrives
-            message = await receive()
-            if message["type"] != "http.request":
-                return  # the client went away
-            body += message.get("body", b"")
-            more = message.get("more_body", False)
-            if len(body) > MAX_BODY_BYTES:
-                return await _reply(scope, send, 413, f"request body over {MAX_BODY_BYTES} bytes")
-        replayed = False
-
-        async def replay():
-            nonlocal replayed
-            if not replayed:
-                replayed = True
-                return {"type": "http.request", "body": body, "more_body": False}
-            return await receive()
-
-        return await self.app(scope, replay, send)
-
-
-async def _reply(scope, send, status: int, message: str, headers: dict | None = None) -> None:
-    response = JSONResponse(status_code=status, content={"detail": [{"loc": [], "msg": message, "type": "http"}]},
-                            headers={k.decode(): v.decode() for k, v in (headers or {}).items()})
-    await response(scope, None, send)
-
-
-api.add_middleware(_RequestGuard)
+api.add_middleware(RequestGuard)
 
 
 @api.exception_handler(RequestValidationError)
@@ -171,6 +125,53 @@ class ServerArgs(BaseModel):
             raise PolicyDiscoveryError(str(e)) from None
 
 
+def _unknown_run() -> HTTPException:
+    return HTTPException(status_code=404, detail=[{
+        "loc": ["header", MODEL_ID_HEADER], "type": "value_error",
+        "msg": "no finished run of that name is served here (GET /v1/models lists them)"}])
+
+
+def check_memory(policies: SoupPolicies, cache_size: int, available: int | None = None) -> int:
+    """Refuse to start when the runs a replica may hold (the default one + ``MAX_RUNS_PER_REPLICA``
+    multiplexed) with their model copies do not fit ``available`` bytes (default: the free memory)."""
+    if available is None:
+        import psutil
+
+        available = psutil.virtual_memory().available
+    runs = 1 + MAX_RUNS_PER_REPLICA
+    needed = memory_needed(policies.base_dir, policies.adapters.values(), cache_size, runs)
+    if needed > available:
+        raise MemoryError(f"serving needs about {needed / 2**30:.2f} GiB ({runs} runs x (base + soup + "
+                          f"cache_size={cache_size} merged copies)) but {available / 2**30:.2f} GiB is free; "
+                          f"lower cache_size or give the replica more memory")
+    return needed
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_bind(host: str, allow_remote: bool, auth_token_file: str | None) -> None:
+    """Loopback unless told otherwise; beyond it, say loudly what protects the API."""
+    if is_loopback(host):
+        return
+    if not allow_remote:
+        raise ValueError(f"refusing to bind {host!r}: the API would be reachable beyond this machine. Pass "
+                         f"allow_remote (jobs/serve.py --allow-remote) and protect it with auth_token_file "
+                         f"or an authenticating reverse proxy (docs/SERVING.md)")
+    if not auth_token_file:
+        print(f"WARNING: serving on {host} WITHOUT authentication: anyone who reaches this port can use "
+              f"the API. Put an authenticating reverse proxy in front, or set auth_token_file.",
+              file=sys.stderr, flush=True)
+
+
+# (the helpers above come before the class: Serve serializes it when decorated, and a module
+# function defined below it was a NameError in the replica)
 @serve.deployment(ray_actor_options={"num_cpus": 1}, max_ongoing_requests=MAX_ONGOING_REQUESTS,
                   max_queued_requests=MAX_QUEUED_REQUESTS)
 @serve.ingress(api)
@@ -181,7 +182,7 @@ class SoupsServer:
         self.args = ServerArgs.model_validate(args) if isinstance(args, dict) else args
         if self.args.torch_threads:
             torch.set_num_threads(self.args.torch_threads)
-        api.state.auth_token = read_token(self.args.auth_token_file)
+        guard.set_token(read_token(self.args.auth_token_file))
         self.output_dir = self.args.resolved_output_dir()
         self.policies = find_policies(self.output_dir, self.args.training_key, self.args.preferences)
         check_memory(self.policies, self.args.cache_size)  # on the replica's own node
@@ -234,6 +235,12 @@ class SoupsServer:
     @api.post("/v1/generate", response_model=GenerateResponse)
     async def generate(self, req: GenerateRequest) -> GenerateResponse:
         policies, engine = await self._served()
+        result, weights = await self._generate_one(req, engine)
+        return GenerateResponse(text=result.text, weights=weights, model_version=policies.version,
+                                served_by=result.served_by, token_ids=result.token_ids)
+
+    async def _generate_one(self, req: GenerateRequest, engine: SoupEngine):
+        """Validate against the served run, then decode in a batch: (result, the weights used)."""
         max_new = req.max_new_tokens or min(self.args.max_new_tokens, DEFAULT_MAX_NEW_TOKENS)
         req = req.model_copy(update={"max_new_tokens": max_new})
         try:
@@ -244,11 +251,40 @@ class SoupsServer:
             raise HTTPException(status_code=422, detail=e.detail()) from None
         except ArithmeticError as e:  # any other arithmetic failure on the request's own values is its fault
             raise HTTPException(status_code=422, detail=InvalidField("preferences", type(e).__name__).detail()) from None
-        item = GenerationRequest(req.prompt, weights, max_new, req.temperature, req.seed)
-        result = await self._submit(item)
-        return GenerateResponse(text=result.text, weights=dict(zip(engine.names, weights)),
-                                model_version=policies.version, served_by=result.served_by,
-                                token_ids=result.token_ids)
+        result = await self._submit(GenerationRequest(req.prompt, weights, max_new, req.temperature, req.seed))
+        return result, dict(zip(engine.names, weights))
+
+    @api.get("/v1/models")
+    async def models(self) -> dict:
+        """OpenAI's model list: the finished runs of the output folder (pick one with the
+        ``serve_multiplexed_model_id`` header; the default run needs none)."""
+        runs = await asyncio.to_thread(finished_runs, self.output_dir)
+        return {"object": "list", "data": [{"id": run, "object": "model", "created": 0, "owned_by": "raypref"}
+                                           for run in runs]}
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, req: ChatCompletionRequest):
+        """OpenAI-compatible chat completion on the same per-request soups as /v1/generate."""
+        policies, engine = await self._served()
+        run = policies.run_dir.name
+        if req.model != run:  # routing to a replica holding a run goes by the header, not the body
+            raise HTTPException(status_code=404, detail=[{
+                "loc": ["body", "model"], "type": "value_error",
+                "msg": f"this request is served by run {run!r}; to use another, send it in the header "
+                       f"{MODEL_ID_HEADER} as well (GET /v1/models lists the runs)"}])
+        try:
+            gen = GenerateRequest(prompt=req.prompt(), preferences=req.preferences or {n: 1.0 for n in engine.names},
+                                  normalize=req.normalize or req.preferences is None,
+                                  max_new_tokens=req.max_tokens or req.max_completion_tokens,
+                                  temperature=req.temperature, seed=req.seed or 0)
+        except InvalidField as e:
+            raise HTTPException(status_code=422, detail=e.detail()) from None
+        except ValidationError as e:  # e.g. a blank last user message
+            raise HTTPException(status_code=422, detail=[{"loc": ["body", "messages"], "type": "value_error",
+                                                          "msg": err.get("msg", "")} for err in e.errors()]) from None
+        result, weights = await self._generate_one(gen, engine)
+        return chat_completion_body(result, run, weights, policies.version, engine.prompt_length(gen.prompt),
+                                    engine.tokenizer.eos_token_id, req.stream, engine.tokenizer)
 
     async def _submit(self, item: GenerationRequest):
         """Into the batcher, with the request timeout; this request's own failure is its own 500."""
@@ -267,64 +303,6 @@ class SoupsServer:
         # off the event loop, so requests keep queueing for the next batch meanwhile; per-request
         # results or GenerationErrors, so one failing request does not fail its batch
         return await asyncio.to_thread(engine.generate, items)
-
-
-def _unknown_run() -> HTTPException:
-    return HTTPException(status_code=404, detail=[{
-        "loc": ["header", MODEL_ID_HEADER], "type": "value_error",
-        "msg": "no finished run of that name is served here (GET /v1/models lists them)"}])
-
-
-def read_token(path: str | None) -> str | None:
-    """The bearer token from ``path`` (stripped); an empty or unreadable file is an error."""
-    if not path:
-        return None
-    try:
-        token = Path(path).read_text().strip()
-    except OSError as e:
-        raise ValueError(f"auth_token_file {path}: {e.strerror}") from None
-    if len(token) < 16:
-        raise ValueError(f"auth_token_file {path}: the token must have at least 16 characters")
-    return token
-
-
-def check_memory(policies: SoupPolicies, cache_size: int, available: int | None = None) -> int:
-    """Refuse to start when the runs a replica may hold (the default one + ``MAX_RUNS_PER_REPLICA``
-    multiplexed) with their model copies do not fit ``available`` bytes (default: the free memory)."""
-    if available is None:
-        import psutil
-
-        available = psutil.virtual_memory().available
-    runs = 1 + MAX_RUNS_PER_REPLICA
-    needed = memory_needed(policies.base_dir, policies.adapters.values(), cache_size, runs)
-    if needed > available:
-        raise MemoryError(f"serving needs about {needed / 2**30:.2f} GiB ({runs} runs x (base + soup + "
-                          f"cache_size={cache_size} merged copies)) but {available / 2**30:.2f} GiB is free; "
-                          f"lower cache_size or give the replica more memory")
-    return needed
-
-
-def is_loopback(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
-
-
-def check_bind(host: str, allow_remote: bool, auth_token_file: str | None) -> None:
-    """Loopback unless told otherwise; beyond it, say loudly what protects the API."""
-    if is_loopback(host):
-        return
-    if not allow_remote:
-        raise ValueError(f"refusing to bind {host!r}: the API would be reachable beyond this machine. Pass "
-                         f"allow_remote (jobs/serve.py --allow-remote) and protect it with auth_token_file "
-                         f"or an authenticating reverse proxy (docs/SERVING.md)")
-    if not auth_token_file:
-        print(f"WARNING: serving on {host} WITHOUT authentication: anyone who reaches this port can use "
-              f"the API. Put an authenticating reverse proxy in front, or set auth_token_file.",
-              file=sys.stderr, flush=True)
 
 
 def prepare(args: dict | ServerArgs, available_memory: int | None = None) -> tuple[ServerArgs, SoupPolicies]:

@@ -7,7 +7,7 @@ token length) raise ``InvalidField``, which the app turns into a 422 of the same
 from __future__ import annotations
 
 import math
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
@@ -95,3 +95,47 @@ def check_lengths(req: GenerateRequest, prompt_tokens: int, max_new_tokens: int,
     if prompt_tokens + req.max_new_tokens > max_positions:
         raise InvalidField("max_new_tokens", f"prompt ({prompt_tokens} tokens) + max_new_tokens "
                                              f"({req.max_new_tokens}) exceeds the model's context {max_positions}")
+
+
+# ------------------------------------------------------------ OpenAI-compatible chat completions
+
+MAX_MESSAGES = 64
+
+
+class ChatMessage(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAX_PROMPT_CHARS)
+
+
+class ChatCompletionRequest(BaseModel):
+    """The subset of OpenAI's chat completions request this server honours; other OpenAI fields
+    are refused (422) rather than silently ignored. ``preferences`` (an extra body field: the
+    ``openai`` client's ``extra_body``) are the soup weights, as in ``/v1/generate``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str = Field(max_length=255, description="a served run (GET /v1/models)")
+    messages: list[ChatMessage] = Field(min_length=1, max_length=MAX_MESSAGES)
+    max_tokens: int | None = Field(None, ge=1, description="as /v1/generate's max_new_tokens")
+    max_completion_tokens: int | None = Field(None, ge=1, description="OpenAI's newer name for max_tokens")
+    temperature: float = Field(1.0, ge=0.0, le=MAX_TEMPERATURE, allow_inf_nan=False,
+                               description=f"OpenAI's default 1; 0 (or below {GREEDY_BELOW_TEMPERATURE}) is greedy")
+    seed: int | None = Field(None, ge=0, le=2**31 - 1)
+    stream: bool = False
+    n: int = Field(1, ge=1, le=1, description="one choice per request")
+    user: str | None = Field(None, max_length=256)
+    preferences: dict[str, Weight] | None = Field(
+        None, min_length=1, max_length=MAX_PREFERENCE_KEYS,
+        description="soup weights by preference name (default: equal weights over the served preferences)")
+    normalize: bool = False
+
+    def prompt(self) -> str:
+        """The text the policies see. The tiny models have no chat template: the last user
+        message is the prompt. (Integration point: with a tokenizer that has one, build it with
+        raypref.models.chat from all the messages.)"""
+        users = [m.content for m in self.messages if m.role == "user"]
+        if not users:
+            raise InvalidField("messages", "no message with role 'user'")
+        return users[-1]

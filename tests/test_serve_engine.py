@@ -290,3 +290,48 @@ def test_a_run_is_found_and_hashed_off_the_event_loop(tmp_path, monkeypatch):
     policies, engine = asyncio.run(cls._load_run.__wrapped__(server, "train-other"))
     assert policies.run_dir.name == "train-other" and engine.names == ["P1A"]
     assert on_loop == [False]
+
+
+def _asgi_call(app, path, body=b"", headers=(), chunk=None):
+    """One HTTP request through an ASGI app without a server: (status, body)."""
+    import asyncio
+
+    parts = [body[i:i + chunk] for i in range(0, len(body), chunk)] if chunk else [body]
+    messages = [{"type": "http.request", "body": p, "more_body": i < len(parts) - 1} for i, p in enumerate(parts)]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers), "query_string": b""}
+    asyncio.run(app(scope, receive, send))
+    return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
+
+
+def test_request_guard_checks_the_token_and_the_body_size(monkeypatch):
+    """The guard in front of every route, without Ray: 401 without the token (but /healthz),
+    413 for a body over the limit whether or not it has a content-length, the body replayed
+    whole to the app otherwise."""
+    from raypref.serve import guard
+    from raypref.serve.schema import MAX_BODY_BYTES
+
+    async def echo(scope, receive, send):
+        message = await receive()
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": message["body"]})
+
+    app = guard.RequestGuard(echo)
+    monkeypatch.setattr(guard, "_token", None)
+    assert _asgi_call(app, "/v1/generate", b"abc" * 100, chunk=7) == (200, b"abc" * 100)
+    big = b"x" * (MAX_BODY_BYTES + 1)
+    assert _asgi_call(app, "/v1/generate", big, [(b"content-length", str(len(big)).encode())])[0] == 413
+    assert _asgi_call(app, "/v1/generate", big, chunk=4096)[0] == 413  # chunked: no length given
+    assert _asgi_call(app, "/v1/generate", b"", [(b"content-length", b"-1")])[0] == 400
+    monkeypatch.setattr(guard, "_token", "t" * 20)
+    assert _asgi_call(app, "/v1/generate", b"{}")[0] == 401
+    assert _asgi_call(app, "/v1/generate", b"{}", [(b"authorization", b"Bearer nope")])[0] == 401
+    assert _asgi_call(app, "/v1/generate", b"{}", [(b"authorization", b"Bearer " + b"t" * 20)]) == (200, b"{}")
+    assert _asgi_call(app, "/healthz")[0] == 200

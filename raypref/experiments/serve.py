@@ -9,7 +9,9 @@ soups, batched.
          -d '{"prompt": "tell me about rivers", "preferences": {"P1A": 0.5, "P2A": 0.5}}'
 
 The config file is a Ray Serve config (``serve run configs/serve.yaml`` works too); flags
-override its app args and HTTP options. Ctrl-C or SIGTERM shuts Serve down cleanly.
+override its app args and HTTP options. Ctrl-C or SIGTERM shuts Serve down cleanly. A host other
+than loopback is refused unless ``--allow_remote`` (then use ``--auth_token_file`` or an
+authenticating proxy: docs/SERVING.md).
 """
 from __future__ import annotations
 
@@ -50,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
     flag("host", help="bind address (default from the config: 127.0.0.1)")
     flag("port", type=int)
     flag("num_replicas", type=int, help="fixed replica count (replaces autoscaling)")
+    flag("allow_remote", action="store_true", help="allow a --host beyond loopback (read docs/SERVING.md)")
+    flag("auth_token_file", help="require 'Authorization: Bearer <token>' with the token in this file")
     return p
 
 
@@ -69,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             app_args[field] = getattr(args, flag)
     if args.tracking_uri:
         app_args["tracking_uri"] = args.tracking_uri
+    if args.auth_token_file:
+        app_args["auth_token_file"] = args.auth_token_file
     if args.num_replicas:
         deployment.pop("autoscaling_config", None)
         deployment["num_replicas"] = args.num_replicas
@@ -78,13 +84,12 @@ def main(argv: list[str] | None = None) -> None:
     from ray import serve
 
     from raypref import ray_session
-    from raypref.serve.app import SoupsServer, ServerArgs
-    from raypref.serve.policies import PolicyDiscoveryError, find_policies
+    from raypref.serve.app import SoupsServer, check_bind, prepare
 
     try:
-        server_args = ServerArgs.model_validate(app_args)
-        policies = find_policies(server_args.resolved_output_dir(), server_args.training_key, server_args.preferences)
-    except (ValueError, PolicyDiscoveryError) as e:  # pydantic's ValidationError is a ValueError
+        server_args, policies = prepare(app_args)
+        check_bind(host, args.allow_remote, server_args.auth_token_file)
+    except (ValueError, MemoryError) as e:  # pydantic's ValidationError and PolicyDiscoveryError are ValueErrors
         raise SystemExit(f"serve: {e}") from None
     ray_session.init(include_dashboard=False, configure_logging=False)
     serve.start(http_options={"host": host, "port": port})

@@ -5,12 +5,16 @@ A batch is split by weight vector: rows whose weights have a cached merged model
 (grouped by vector); all other rows run together on the hooked base (``SoupForward``), each with
 its own weights. A weight vector is materialized (``merge_lora_into``, exact) once it has been
 asked for ``hot_after`` times; the least recently used merged model is recycled as the buffer.
+
+A group that fails is retried row by row, so one failing request gets its own error
+(``GenerationError``) and the others of its batch their results.
 """
 from __future__ import annotations
 
 import copy
+import logging
 import threading
-from collections import Counter, OrderedDict
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -22,6 +26,8 @@ from raypref.serve.policies import SoupPolicies
 from raypref.serve.soup_model import SoupForward, decode
 
 WeightKey = tuple[float, ...]
+ASKED_LIMIT = 4096  # weight vectors whose request counts are kept (least recently asked dropped)
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -40,6 +46,25 @@ class GenerationResult:
     served_by: str  # "soup" (per-request) or "cache" (materialized merge)
 
 
+class GenerationError(RuntimeError):
+    """Generation failed for this request alone (returned in its place, not raised for the batch)."""
+
+
+def model_copies(cache_size: int) -> int:
+    """Copies of the base one engine holds: the base, the soup's hooked copy, the merge cache."""
+    return 2 + cache_size
+
+
+def memory_needed(base_dir, adapter_dirs, cache_size: int, runs: int) -> int:
+    """Bytes of ``runs`` engines, from the weight files' sizes (float32 weights load at about
+    their file size; a half-precision file underestimates by 2x)."""
+    from pathlib import Path
+
+    base = sum(f.stat().st_size for f in Path(base_dir).glob("*.safetensors"))
+    adapters = sum(f.stat().st_size for d in adapter_dirs for f in Path(d).glob("*.safetensors"))
+    return runs * (model_copies(cache_size) * base + adapters)
+
+
 class SoupEngine:
     def __init__(self, base_model: torch.nn.Module, tokenizer, adapters: dict[str, LoraAdapter],
                  cache_size: int = 4, hot_after: int = 3, version: str = ""):
@@ -51,7 +76,7 @@ class SoupEngine:
         self._soup = SoupForward(copy.deepcopy(self._base), adapters)
         self.cache_size, self.hot_after = cache_size, hot_after
         self._cache: OrderedDict[WeightKey, torch.nn.Module] = OrderedDict()
-        self._asked: Counter[WeightKey] = Counter()
+        self._asked: OrderedDict[WeightKey, int] = OrderedDict()  # bounded: ASKED_LIMIT
         self._lock = threading.Lock()  # one batch at a time touches the cache
         # a fast tokenizer keeps its padding settings in shared state that every call resets:
         # prompt_length (request handler) during a batch's padded encode made that batch's rows
@@ -74,7 +99,10 @@ class SoupEngine:
 
     def _lookup(self, key: WeightKey) -> torch.nn.Module | None:
         """The cached merged model for ``key``, if any (counts the request)."""
-        self._asked[key] += 1
+        self._asked[key] = self._asked.get(key, 0) + 1
+        self._asked.move_to_end(key)
+        if len(self._asked) > ASKED_LIMIT:  # a stream of distinct vectors cannot grow it forever
+            self._asked.popitem(last=False)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
@@ -83,7 +111,7 @@ class SoupEngine:
     def _promote(self, keys: set[WeightKey]) -> None:
         """Materialize the weight vectors that became hot (after a batch, so no model in use is recycled)."""
         for key in keys:
-            if self.cache_size <= 0 or key in self._cache or self._asked[key] < self.hot_after:
+            if self.cache_size <= 0 or key in self._cache or self._asked.get(key, 0) < self.hot_after:
                 continue
             if len(self._cache) >= self.cache_size:
                 _, buffer = self._cache.popitem(last=False)  # recycle the least recently used
@@ -97,28 +125,44 @@ class SoupEngine:
 
     # ------------------------------------------------------------ generation
 
-    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult]:
+    def generate(self, requests: list[GenerationRequest]) -> list[GenerationResult | GenerationError]:
+        """One result per request, in order; a request whose generation fails gets a
+        ``GenerationError`` in its place and the rest of the batch is unaffected."""
         with self._lock:
             groups: dict[object, tuple[torch.nn.Module | None, list[int]]] = {}
             for i, r in enumerate(requests):
                 model = self._lookup(r.weights)
                 key = r.weights if model is not None else "soup"
                 groups.setdefault(key, (model, []))[1].append(i)
-            results: list[GenerationResult | None] = [None] * len(requests)
-            for key, (model, rows) in groups.items():
-                batch = [requests[i] for i in rows]
-                if model is None:
-                    w = torch.tensor([r.weights for r in batch], dtype=torch.float32)
-                    with self._soup.weights(w) as hooked:
-                        ids = self._decode(hooked, batch)
-                else:
-                    ids = self._decode(model, batch)
-                for i, seq in zip(rows, ids):
-                    with self._tokenizer_lock:
-                        text = self.tokenizer.decode(seq, skip_special_tokens=True).strip()
-                    results[i] = GenerationResult(text, seq, "soup" if model is None else "cache")
+            results: list[GenerationResult | GenerationError | None] = [None] * len(requests)
+            for model, rows in groups.values():
+                try:
+                    done = self._generate_group(model, [requests[i] for i in rows])
+                except Exception as e:  # one row may be the cause: retry each alone
+                    logger.warning("generation failed for a group of %d, retrying row by row: %r", len(rows), e)
+                    done = [self._generate_alone(model, requests[i]) for i in rows]
+                for i, result in zip(rows, done):
+                    results[i] = result
             self._promote({r.weights for r in requests})
             return results  # type: ignore[return-value]
+
+    def _generate_alone(self, model, request: GenerationRequest) -> GenerationResult | GenerationError:
+        try:
+            return self._generate_group(model, [request])[0]
+        except Exception as e:
+            logger.exception("generation failed for one request")
+            return GenerationError(f"generation failed: {type(e).__name__}")
+
+    def _generate_group(self, model, batch: list[GenerationRequest]) -> list[GenerationResult]:
+        if model is None:
+            w = torch.tensor([r.weights for r in batch], dtype=torch.float32)
+            with self._soup.weights(w) as hooked:
+                ids = self._decode(hooked, batch)
+        else:
+            ids = self._decode(model, batch)
+        with self._tokenizer_lock:
+            texts = [self.tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]
+        return [GenerationResult(text, seq, "soup" if model is None else "cache") for text, seq in zip(texts, ids)]
 
     def _decode(self, model, batch: list[GenerationRequest]) -> list[list[int]]:
         tok = self.tokenizer

@@ -43,6 +43,32 @@ def _content_hash(paths: list[Path]) -> str:
     return h.hexdigest()[:12]
 
 
+def _valid_run_name(name: str) -> bool:
+    return bool(name) and name not in (".", "..") and "\x00" not in name and Path(name).name == name \
+        and "\\" not in name
+
+
+def finished_runs(output_dir: str | Path) -> list[str]:
+    """Names (training keys) of the runs under ``output_dir/runs`` with at least one finished policy."""
+    runs = Path(output_dir).expanduser().resolve() / "runs"
+    if not runs.is_dir():
+        return []
+    return sorted(p.name for p in runs.iterdir()
+                  if p.is_dir() and any(p.glob(f"*/{FINAL_DIR}/{POLICY_INFO_FILE}")))
+
+
+def is_finished_run(output_dir: str | Path, name: str) -> bool:
+    """Cheap check (no hashing, no loading) that ``name`` is a run of ``output_dir`` with a
+    finished policy: the server asks this before Serve's multiplexer may evict a loaded run."""
+    if not isinstance(name, str) or len(name) > 255 or not _valid_run_name(name):
+        return False
+    run_dir = Path(output_dir).expanduser().resolve() / "runs" / name
+    try:
+        return run_dir.is_dir() and any(run_dir.glob(f"*/{FINAL_DIR}/{POLICY_INFO_FILE}"))
+    except (OSError, ValueError):  # e.g. a name too long for the filesystem
+        return False
+
+
 def find_policies(output_dir: str | Path, training_key: str | None = None,
                   preferences: list[str] | None = None) -> SoupPolicies:
     """The policies of the soups run in ``output_dir`` (its newest ``runs/<key>`` unless ``training_key``)."""
@@ -51,7 +77,7 @@ def find_policies(output_dir: str | Path, training_key: str | None = None,
     if not runs.is_dir():
         raise PolicyDiscoveryError(f"{out} is not a soups output folder: it has no runs/ folder")
     if training_key:
-        if training_key in (".", "..") or Path(training_key).name != training_key:
+        if not _valid_run_name(training_key):
             raise PolicyDiscoveryError(f"run name {training_key!r} is not a folder name under {runs}")
         run_dir = runs / training_key
         if not run_dir.is_dir():

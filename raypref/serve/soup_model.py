@@ -24,6 +24,11 @@ import torch
 
 from raypref.models.lora import LoraAdapter, ModuleFactors, adapter_factors, module_kinds
 
+# a temperature below this decodes greedily (as 0): logits / T overflows float32 near T = 1e-37
+# (softmax then gives NaN and sampling fails), and at T = 1e-3 sampling is already argmax for
+# any logit gap above ~0.1
+GREEDY_BELOW_TEMPERATURE = 1e-3
+
 
 class _ModuleSoup:
     """The k adapters of one module as one concatenated low-rank map ``x -> (x·L ⊙ scale) U``."""
@@ -171,7 +176,7 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
            max_new_tokens: list[int], temperatures: list[float], seeds: list[int],
            eos_token_id: int, pad_token_id: int) -> list[list[int]]:
     """Left-padded batch decoding with a KV cache; per row its own length limit, temperature
-    (0 = greedy) and seeded sampler, so a row's tokens do not depend on the rest of the batch.
+    (0, or below ``GREEDY_BELOW_TEMPERATURE``: greedy) and seeded sampler, so a row's tokens do not depend on the rest of the batch.
     Each row's ids end at its eos (included) or at its limit."""
     batch = input_ids.shape[0]
     gens = [torch.Generator().manual_seed(int(s)) for s in seeds]
@@ -187,7 +192,7 @@ def decode(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torc
         for b in range(batch):
             if done[b]:
                 continue
-            if temperatures[b] > 0:
+            if temperatures[b] >= GREEDY_BELOW_TEMPERATURE:
                 probs = torch.softmax(logits[b] / temperatures[b], dim=-1)
                 chosen[b] = torch.multinomial(probs, 1, generator=gens[b])[0]
             tokens[b].append(int(chosen[b]))

@@ -248,16 +248,21 @@ def test_reward_refuses_bad_settings():
 
 
 def test_judges_fetch_nothing_at_run_time():
-    """textstat (syllables) and VADER with every socket refused; NLTK never imported (textstat
-    >= 0.7.9 downloads NLTK's cmudict on first use). MiniLM loads with local_files_only."""
+    """The calls Expertise and Friendliness make, in a fresh process with every socket refused
+    (raypref itself is not imported: torch would make this slow); NLTK is never imported
+    (textstat >= 0.7.9 downloads NLTK's cmudict on first use). MiniLM loads with
+    local_files_only, the fluency LM is passed in."""
     script = (
         "import socket, sys\n"
         "def refuse(*a, **k): raise RuntimeError('network used')\n"
         "socket.socket.connect = refuse; socket.create_connection = refuse\n"
         "socket.getaddrinfo = refuse\n"
-        "from raypref.rewards.text import Expertise, Friendliness\n"
-        "text = ['Photosynthesis converts light. Lovely!']\n"
-        "assert Expertise()(['q'], text)[0] > 0 and Friendliness()(['q'], text)[0] > 0\n"
+        "import textstat\n"
+        "from vaderSentiment.vaderSentiment import SentimentIntensityAnalyzer\n"
+        "text = 'Photosynthesis converts light. Lovely!'\n"
+        "assert textstat.flesch_kincaid_grade(text) > 5\n"
+        "assert textstat.dale_chall_readability_score(text) > 5\n"
+        "assert SentimentIntensityAnalyzer().polarity_scores(text)['compound'] > 0\n"
         "assert 'nltk' not in sys.modules\n"
         "print('ok')\n")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)

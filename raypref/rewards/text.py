@@ -155,6 +155,7 @@ class Relevance(TextJudge):
         for i in range(0, len(texts), self.batch_size):
             batch = self.tokenizer(texts[i:i + self.batch_size], padding=True, truncation=True,
                                    max_length=self.max_tokens, return_tensors="pt")
+            batch = batch.to(next(self.model.parameters()).device)
             hidden = self.model(**batch).last_hidden_state
             mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
             pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
@@ -162,7 +163,7 @@ class Relevance(TextJudge):
         return torch.cat(out)
 
     def _score(self, prompts, texts):
-        return (self.embed(prompts) * self.embed(texts)).sum(-1).numpy()
+        return (self.embed(prompts) * self.embed(texts)).sum(-1).cpu().numpy()
 
 
 class Repetition(TextJudge):
@@ -249,8 +250,9 @@ class Fluency(TextJudge):
                 sums = sequence_logprobs(self.model, input_ids, attention, labels)
                 counts = labels.sum(1)
                 uniform = -math.log(len(self.tokenizer))
-                out[i:i + len(rows)] = torch.where(counts > 0, sums / counts.clamp(min=1),
-                                                   torch.full_like(sums, uniform)).numpy()
+                means = torch.where(counts > 0, sums / counts.clamp(min=1),
+                                    torch.full_like(sums, uniform))
+                out[i:i + len(rows)] = means.float().cpu().numpy()
             return out
         finally:
             self.model.train(was_training)

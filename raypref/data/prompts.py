@@ -41,14 +41,14 @@ def read_prompts(path: str | Path | None = None) -> list[Prompt]:
     path = Path(path) if path is not None else DEFAULT_PROMPTS
     if not path.is_file():
         raise FileNotFoundError(f"prompts file {path} does not exist (or is not a file)")
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except UnicodeDecodeError as err:
-        raise PromptFileError(f"{path}: not UTF-8 text ({err})") from None
     suffix = path.suffix.lower()
     if suffix not in (".jsonl", ".txt"):
         raise PromptFileError(f"{path}: use a .jsonl (a 'prompt' field a line) or .txt "
                               "(one prompt a line) file")
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except UnicodeDecodeError as err:
+        raise PromptFileError(f"{path}: not UTF-8 text ({err})") from None
     parse = _parse_json_line if suffix == ".jsonl" else _parse_text_line
     rows = [(n, *parse(path, n, line)) for n, line in enumerate(lines, 1) if line.strip()]
     if not rows:

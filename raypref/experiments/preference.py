@@ -29,7 +29,7 @@ from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
-from raypref.models.factory import encode_example, load_pretrained
+from raypref.models.factory import encode_example, load_pretrained, resolve_model
 from raypref.recipes import pair_methods, recipe
 from raypref.recipes.dpo import DPOConfig
 from raypref.experiments.run import SUMMARY_FILE, Experiment, JobResult, PolicyRunConfig, Run, run_experiment

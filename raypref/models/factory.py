@@ -13,8 +13,6 @@ import fcntl
 import functools
 import hashlib
 import os
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path

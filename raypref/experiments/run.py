@@ -132,9 +132,14 @@ class Experiment:
 def _check_lora(cfg) -> None:
     """A LoRA whose targets match no module of the base is refused here, before Ray starts,
     naming the modules the model has (read from the base's config alone)."""
-    lora = getattr(getattr(cfg, "training", None), "lora", None) or getattr(cfg, "lora", None)
-    if isinstance(cfg, PolicyRunConfig) and isinstance(lora, LoraSettings):
-        check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, lora, f"{type(cfg).__name__}.lora")
+    if not isinstance(cfg, PolicyRunConfig):
+        return
+    for where in ("training.lora", "lora"):  # the pair methods' section, or P-DPO's own field
+        owner, name = (getattr(cfg, "training", None), "lora") if where == "training.lora" else (cfg, "lora")
+        lora = getattr(owner, name, None)
+        if isinstance(lora, LoraSettings):
+            check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, lora, f"{type(cfg).__name__}.{where}")
+            return
 
 
 def run_experiment(experiment: Experiment, cfg) -> JobResult:

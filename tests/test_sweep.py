@@ -429,6 +429,9 @@ def test_a_dpo_sweep_trial_and_jobs_dpo_train_on_the_same_batches(ray_local, tmp
         raise Captured
 
     monkeypatch.setattr(runner, "run", fake_run)
+    import ray.tune.integration.ray_train as tune_train  # outside a Tune session: a stand-in callback
+
+    monkeypatch.setattr(tune_train, "TuneReportCallback", lambda: "tune-report-callback")
     job_config = {**_tiny_job(tmp_path, 8), "base_policy": str(base)}
     sweep = plan(SweepConfig(job="dpo", job_config=job_config, output_dir=str(tmp_path / "sweeps"), grace_period=4))
     drawn = {"training.beta": 0.3, "training.lr": 2e-3, "training.lora.r": 1}  # r: index 1 -> 4

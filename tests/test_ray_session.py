@@ -57,7 +57,10 @@ for p in mine:
         p.send_signal(signal.SIGTERM)
     except psutil.Error:
         pass
-psutil.wait_procs(mine, timeout=20)
+_, alive = psutil.wait_procs(mine, timeout=10)
+for p in alive:  # the GCS server outlives SIGTERM (so does `ray stop`'s first try)
+    p.kill()
+psutil.wait_procs(alive, timeout=10)
 '''
 
 _PROBE = r'''

@@ -215,8 +215,10 @@ class Fluency(TextJudge):
 
     ``floor`` / ``fluent``: `gate` is 0 at or below ``floor`` and 1 at or above ``fluent``.
     The defaults are set for SmolLM2-135M-Instruct from the check set
-    (tests/fixtures/text_judge_checks.jsonl), where fluent answers scored −1.6 to −5.3,
-    broken grammar −5.6 to −7.2 and word salad −8.7 to −9.8; set them for another LM."""
+    (tests/fixtures/text_judge_checks.jsonl): the fluent answers of its fluency items scored
+    −2.7 to −4.2, broken grammar −5.6 to −7.2, word salad −8.7 to −9.8 (and fragments of two
+    or three words, "Mostly contentment.", −7.7 to −8.8); the model's own sampled answers
+    average −1.7 to −2.0. Set them for another LM."""
 
     name, unit = "fluency", "nats per token"
 

@@ -135,6 +135,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sf
     assert saved == ["psoups-P2A_0p500-P3A_0p500", "psoups-P2A_0p700-P3A_0p300"]
     for name in saved:
         assert (merged / name / "model.safetensors").exists()
+    _assert_saved_soups_are_their_named_merges(Path(cfg.output_dir), merged, saved)
     registered = {m.name for m in mlflow.MlflowClient().search_registered_models()}
     assert set(saved) <= registered
 
@@ -464,3 +465,27 @@ def test_train_concurrently_keeps_at_most_max_concurrent_runs_going(ray_local, m
         assert running <= 2, f"submission {k} found {running} runs still going"
     with pytest.raises(ValueError, match="max_concurrent=-1"):
         concurrent.train_concurrently(jobs, max_concurrent=-1)
+
+
+def _assert_saved_soups_are_their_named_merges(out: Path, merged: Path, saved: list[str]) -> None:
+    """Each saved soup's name, its soup_weights.json and its weights agree: the weights are
+    Σ wᵢ · (policy i materialized by peft), with wᵢ read from the name (P2A_0p700 = 0.7)."""
+    import torch
+    from peft import PeftModel
+    from safetensors.torch import load_file
+
+    from raypref.models.factory import load_pretrained
+    from raypref.models.merge import merge_full
+
+    for name in saved:
+        named = {part.split("_")[0]: float(part.split("_")[1].replace("p", ".")) for part in name.split("-")[1:]}
+        assert json.loads((merged / name / "soup_weights.json").read_text()) == pytest.approx(named)
+        full = {}
+        for pref in named:
+            adapter, = out.glob(f"runs/*/{pref}-s0/final")
+            base, _ = load_pretrained(json.loads((adapter / "soup_policy.json").read_text())["sft_dir"])
+            full[pref] = PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().state_dict()
+        expected = merge_full(full, named)
+        got = load_file(str(merged / name / "model.safetensors"))
+        for key, tensor in got.items():
+            assert torch.allclose(tensor, expected[key], atol=1e-5), f"{name}: {key} differs"

@@ -292,7 +292,7 @@ def test_a_run_is_found_and_hashed_off_the_event_loop(tmp_path, monkeypatch):
     assert on_loop == [False]
 
 
-def _asgi_call(app, path, body=b"", headers=(), chunk=None):
+def _asgi_call(app, path, body=b"", headers=(), chunk=None, root_path=""):
     """One HTTP request through an ASGI app without a server: (status, body)."""
     import asyncio
 
@@ -306,7 +306,8 @@ def _asgi_call(app, path, body=b"", headers=(), chunk=None):
     async def send(message):
         sent.append(message)
 
-    scope = {"type": "http", "method": "POST", "path": path, "headers": list(headers), "query_string": b""}
+    scope = {"type": "http", "method": "POST", "path": root_path + path, "root_path": root_path,
+             "headers": list(headers), "query_string": b""}
     asyncio.run(app(scope, receive, send))
     return sent[0]["status"], b"".join(m.get("body", b"") for m in sent[1:])
 
@@ -335,3 +336,5 @@ def test_request_guard_checks_the_token_and_the_body_size(monkeypatch):
     assert _asgi_call(app, "/v1/generate", b"{}", [(b"authorization", b"Bearer nope")])[0] == 401
     assert _asgi_call(app, "/v1/generate", b"{}", [(b"authorization", b"Bearer " + b"t" * 20)]) == (200, b"{}")
     assert _asgi_call(app, "/healthz")[0] == 200
+    assert _asgi_call(app, "/healthz", root_path="/tight")[0] == 200  # an app under a route prefix
+    assert _asgi_call(app, "/v1/generate", root_path="/healthz")[0] == 401

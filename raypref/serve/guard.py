@@ -49,7 +49,10 @@ class RequestGuard:
             return await self.app(scope, receive, send)
         headers = dict(scope.get("headers") or [])
         token = _token
-        if token and scope.get("path") not in OPEN_PATHS:
+        path, root = scope.get("path", ""), scope.get("root_path", "")
+        if root and path.startswith(root):  # an app under a route prefix: its own path
+            path = path[len(root):]
+        if token and path not in OPEN_PATHS:
             given = headers.get(b"authorization", b"")
             if not hmac.compare_digest(given, b"Bearer " + token.encode()):
                 return await _reply(scope, send, 401, "missing or wrong bearer token", {b"www-authenticate": b"Bearer"})

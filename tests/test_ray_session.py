@@ -43,15 +43,18 @@ def second_ray():
         yield f"127.0.0.1:{port}"
     finally:
         # stop only this instance (plain `ray stop` would stop every Ray on the machine)
-        subprocess.run([sys.executable, "-c", _STOP, temp], env=env, timeout=120)
+        subprocess.run([sys.executable, "-c", _STOP, temp, str(port)], env=env, timeout=120)
         shutil.rmtree(temp, ignore_errors=True)
 
 
-# the processes of the instance started under --temp-dir, found by their command lines
+# the processes of the instance started under --temp-dir, found by their command lines (the GCS
+# server's names its port, not the folder)
 _STOP = r'''
 import os, signal, sys
 import psutil
-mine = [p for p in psutil.process_iter(["cmdline"]) if any(sys.argv[1] in a for a in (p.info["cmdline"] or []))]
+marks = (sys.argv[1], f"--gcs_server_port={sys.argv[2]}")
+mine = [p for p in psutil.process_iter(["cmdline"])
+        if p.pid != os.getpid() and any(m in a for a in (p.info["cmdline"] or []) for m in marks)]
 for p in mine:
     try:
         p.send_signal(signal.SIGTERM)

@@ -9,6 +9,7 @@ step ends the run FAILED, and every job writes `<run folder>/summary.json` the s
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import mlflow
 from raypref import atomic, tracking
 from raypref.models.factory import LoraSettings, check_lora_targets
 from raypref.recipes.sft import SFTConfig, train_sft
-from raypref.train import runner
+from raypref.train import runner, storage
 from raypref.train.runner import RunnerConfig, RunResult
 from raypref.train.spec import LoopSpec
 
@@ -35,11 +36,12 @@ class RunConfig:
     output_dir: str = "outputs"  # the run's files go to <output_dir>/<run_name>/; MLflow to <output_dir>/mlflow.db
     run_name: str = ""  # "" = the job's own default name; an existing name resumes that run
     seed: int = 0
-    restart: bool = False  # start the run over even if its folder holds one made with other code or settings
+    restart: bool = False  # start the run over even if its folder holds one made with other settings
+    strict_code: bool = False  # refuse to resume a run trained by another raypref code version (else: a warning)
 
     def validate_run(self, where: str) -> None:
-        if "/" in self.run_name:
-            raise ValueError(f"{where}.run_name={self.run_name!r}: must be a folder name, without '/'")
+        if self.run_name and not storage.is_run_name(self.run_name):
+            raise ValueError(f"{where}.run_name={self.run_name!r}: {storage.RUN_NAME_RULE}")
 
 
 @dataclass
@@ -156,7 +158,10 @@ def run_experiment(experiment: Experiment, cfg) -> JobResult:
         run.base_dir = experiment.base_policy(run)
         mlflow.set_tag("raypref.base_policy", run.base_dir)
         run.spec = experiment.spec(run)
-        result = runner.run(run.spec, experiment.runner_config(run), restart=cfg.restart,
+        runner_cfg = experiment.runner_config(run)
+        if cfg.strict_code:
+            runner_cfg = dataclasses.replace(runner_cfg, strict_code=True)
+        result = runner.run(run.spec, runner_cfg, restart=cfg.restart,
                             callbacks=experiment.callbacks or None,
                             live_metrics=tracking.live_metrics(experiment.metrics_prefix),
                             **experiment.run_kwargs(run))

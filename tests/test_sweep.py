@@ -357,7 +357,7 @@ def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(t
     from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations
     from raypref.models.factory import load_pretrained
     from raypref.models.merge import merge_full
-    from raypref.sweep.jobs import target_score
+    from raypref.experiments.sweep import target_score
 
     full = {}
     for pref, path in adapters.items():

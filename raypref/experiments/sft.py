@@ -20,7 +20,7 @@ def run_sft_job(cfg: SFTConfig) -> Path:
         path = train_sft(cfg)
         tracking.log_step_metrics(read_metrics(path))
         model, tokenizer = load_pretrained(path)
-        prompts = World(cfg.world_seed, cfg.difficulty).prompts(N_SAMPLES, split="test")
+        prompts = World.from_config(cfg).prompts(N_SAMPLES, split="test")
         responses = generate(model, tokenizer, prompts, max_new_tokens=cfg.max_length)
         samples = [{"prompt": p, "response": r} for p, r in zip(prompts, responses)]
         tracking.log_dict({"model_dir": str(path), "cache_hit": cached, "samples": samples},

@@ -6,14 +6,7 @@ user's accuracy and the wall time of a run. Writes <output_dir>/comparison.md an
 comparison.json; the table's last row is the world judge's own accuracy on the same test pairs
 (a reference, not a bound).
 
-The issue-8 table (fine-tuned MiniLM, 200 steps, 3 seeds) was run at difficulty 0.1 with the
-fresh parts at lr 1e-3 (``--head_lr 1e-3 --data.difficulty 0.1``, now the reward job's
-defaults). Mean test accuracy over 3 seeds: BT 0.505, VAE 0.500, VAE + adaptive 0.905,
-VAE + contrastive 0.953, VAE + PCGrad 0.512; the world judge's reference 0.912. The plain VAE
-(and PCGrad on it) scored both users as one in every seed; with the contrastive loss, or with
-adaptive sampling (later in training), it told them apart. With every part at 1e-4 the plain
-VAE stayed at chance even on the clean world; at difficulty 0.25 even VAE + contrastive still
-scored both users as one after 100 steps.
+Measured tables: docs/RESULTS.md.
 """
 from __future__ import annotations
 

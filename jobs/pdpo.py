@@ -1,4 +1,4 @@
-"""P-DPO / P-IPO (seed 004) on the simulated length conflict: 70% of annotators prefer longer
+"""P-DPO / P-IPO on the simulated length conflict: 70% of annotators prefer longer
 responses, 30% shorter; a LoRA and a user model (soft prompt of T_u user tokens) trained jointly.
 
     python jobs/pdpo.py                                          # individual user model, DPO loss

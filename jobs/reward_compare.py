@@ -1,4 +1,4 @@
-"""The reward-model comparison table (001 Tables 2-4): each arm x each seed trained as the reward
+"""The reward-model comparison table (Liu 2025 Tables 2-4): each arm x each seed trained as the reward
 job trains it, then mean ± std test accuracy, converged runs, steps to 95%, the worst user.
 
     python jobs/reward_compare.py [--arms '[BT, VAE]'] [--seeds '[0, 1, 2]']

@@ -1,4 +1,4 @@
-"""DPA rejection-sampling fine-tuning (seed 003 §2.2) on the simulated world: directions v over
+"""DPA rejection-sampling fine-tuning (DPA §2.2) on the simulated world: directions v over
 (overall helpfulness, verbosity), the best of n sampled responses by v·r kept, v in the system prompt.
 
     python jobs/rsf.py                                   # on the SFT warm start, 3 iterations

@@ -1,4 +1,4 @@
-"""DPA (seed 003 §2.2): direction sampling, best-of-n by v·r, the system prompt, the data schedule."""
+"""DPA (DPA §2.2): direction sampling, best-of-n by v·r, the system prompt, the data schedule."""
 
 from __future__ import annotations
 

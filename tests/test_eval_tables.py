@@ -1,4 +1,4 @@
-"""002's tables: per-combination W/L/T, average column, criteria-wise win rate; quality checks."""
+"""P-Soups' tables: per-combination W/L/T, average column, criteria-wise win rate; quality checks."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""P-DPO / P-IPO loss and the P-RLHF user models (seed 004 §4.3-4.4, §F.3)."""
+"""P-DPO / P-IPO loss and the P-RLHF user models (P-RLHF §4.3-4.4, §F.3)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The comparison table's arithmetic (001 Tables 2-4) on known histories."""
+"""The comparison table's arithmetic (Liu 2025 Tables 2-4) on known histories."""
 
 import pytest
 

@@ -1,4 +1,4 @@
-"""Few-shot prompting baseline (001 §3.3): prompts, letter scoring, greedy vs random."""
+"""Few-shot prompting baseline (Liu 2025 §3.3): prompts, letter scoring, greedy vs random."""
 import sys
 from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Greedy information-gain selection of demonstrations (001 eq. 5-7)."""
+"""Greedy information-gain selection of demonstrations (Liu 2025 eq. 5-7)."""
 import numpy as np
 import pytest
 

@@ -1,4 +1,4 @@
-"""The personalized RM over a P-RLHF user model (004 §F.2): loss, gradients, interface."""
+"""The personalized RM over a P-RLHF user model (P-RLHF §F.2): loss, gradients, interface."""
 import pytest
 import torch
 

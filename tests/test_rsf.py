@@ -149,7 +149,7 @@ def test_selection_metrics_report_how_kept_length_follows_the_direction():
 
 
 def test_direction_prompt_is_readable_by_the_word_level_tokenizer_once_extended(sft_dir):
-    """The tiny tokenizer has no digits: 003's system prompt would read as <unk>s. Spelled token by
+    """The tiny tokenizer has no digits: DPA's system prompt would read as <unk>s. Spelled token by
     token and with the missing words added (embeddings grown), every token is known and two
     directions give different ids."""
     from raypref.models.factory import extend_vocabulary, load_pretrained
@@ -197,7 +197,7 @@ def test_world_objectives_are_on_one_scale():
 
 
 def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_helpfulness():
-    """003's helpfulness objective: the mean of UltraFeedback's four ratings, each judged by the world.
+    """DPA's helpfulness objective: the mean of UltraFeedback's four ratings, each judged by the world.
     On sampled world responses it takes more distinct values than the single helpfulness rating
     (which is what lets v·r trade it against length in small steps)."""
     import numpy as np
@@ -221,7 +221,7 @@ def test_overall_helpfulness_is_the_mean_of_the_four_aspects_and_finer_than_help
 def test_helpfulness_length_bias_mixes_length_into_helpfulness_only():
     """b = 0 leaves the judged objectives as they are; b > 0 turns a helpfulness objective into
     (1 - b) × judged + b × length (words / the verbosity judge's 1-point, clipped), so it grows with
-    length as 003's reward model's does; other objectives and bad values are refused or untouched."""
+    length as DPA's reward model's does; other objectives and bad values are refused or untouched."""
     import numpy as np
 
     from raypref.data.world import World

@@ -105,7 +105,7 @@ def test_each_population_draws_pairs_its_own_way():
     world, rng = World(0), np.random.default_rng(0)
     helpful, honest = population_users("two_user_conflict")
     conflict = simulate_population(world, "two_user_conflict", [helpful, honest], 3, rng)
-    for record in conflict:  # both users order every pair oppositely (001 §3.5.1)
+    for record in conflict:  # both users order every pair oppositely (Liu 2025 §3.5.1)
         user, other = (helpful, honest) if record.user_id == 1 else (honest, helpful)
         assert user.utility(record.chosen_scores) > user.utility(record.rejected_scores)
         assert other.utility(record.chosen_scores) < other.utility(record.rejected_scores)

@@ -35,7 +35,7 @@ def test_cluster_population_groups_have_their_dirichlet_means_in_the_paper_order
         assert len(members) == size
         expected = np.array(alpha) / sum(alpha)
         np.testing.assert_allclose(_weights(members).mean(axis=0), expected, atol=0.1)
-    # 000 §3.3.1 order: instruction-following, honesty, truthfulness, helpfulness
+    # Liu 2024 §3.3.1 order: instruction-following, honesty, truthfulness, helpfulness
     cluster2 = [u for u in users if u.group == "cluster2"]
     assert np.argmax(_weights(cluster2).mean(axis=0)) == DIRICHLET_ASPECT_ORDER.index("truthfulness")
     cluster3 = [u for u in users if u.group == "cluster3"]

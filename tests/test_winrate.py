@@ -1,4 +1,4 @@
-"""Aggregated win rate (seed 002 App. E.1) on hand-made judge scores."""
+"""Aggregated win rate (P-Soups App. E.1) on hand-made judge scores."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""P3C (sassy) and P3D (sarcastic), the style preferences of 002 §B.2: 16 combinations."""
+"""P3C (sassy) and P3D (sarcastic), the style preferences of P-Soups §B.2: 16 combinations."""
 import numpy as np
 import pytest
 
@@ -64,7 +64,7 @@ def test_new_preferences_label_the_shared_pairs_on_their_own_attribute(world):
 
 
 def test_the_sixteen_combination_soups_config_reaches_the_world_and_the_sweeps():
-    """configs/soups-16.yaml (002 §B.2): the SFT world gets the extra styles, P3C/P3D label
+    """configs/soups-16.yaml (P-Soups §B.2): the SFT world gets the extra styles, P3C/P3D label
     the shared candidates on their own attribute, and style's sweep stays P3A vs P3B."""
     from pathlib import Path
 

@@ -1,4 +1,4 @@
-"""Contrastive loss on latent user means (001 eq. 12), pure torch.
+"""Contrastive loss on latent user means (Liu 2025 eq. 12), pure torch.
 
 CL = Σ_{i≠j} [−1(h_i = h_j) + 1(h_i ≠ h_j)] · cos(μ_i, μ_j): pulls means of the same user
 together and pushes different users apart. Averaged over the ordered pairs i ≠ j (the paper

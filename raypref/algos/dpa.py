@@ -1,4 +1,4 @@
-"""Directional Preference Alignment (seed 003 §2.2, §3.1), the pure parts: preference directions,
+"""Directional Preference Alignment (DPA §2.2, §3.1), the pure parts: preference directions,
 best-of-n selection by ``v·r``, the system prompt that states ``v``, and the data schedule of the
 iterative rejection-sampling fine-tuning (alternating prompt halves, a replay share of original data).
 
@@ -65,7 +65,7 @@ def best_of_n(directions: torch.Tensor, rewards: torch.Tensor) -> torch.Tensor:
 
 
 def direction_system_prompt(direction: Sequence[float], objectives: Sequence[str]) -> str:
-    """The system prompt that states the direction, as in 003 Fig. 1, e.g.
+    """The system prompt that states the direction, as in DPA Fig. 1, e.g.
     ``You are a helpful assistant. Your response should maximize weighted rating =
     helpfulness*0.8 - verbosity*0.6``. Weights are rounded to 2 decimals."""
     if len(direction) != len(objectives) or not objectives:
@@ -95,7 +95,7 @@ def prompt_half(prompts: Sequence, iteration: int) -> list:
 
 def with_replay(selected: Sequence, original: Sequence, fraction: float, rng: random.Random) -> list:
     """``selected`` plus enough examples drawn from ``original`` that they make ``fraction`` of
-    the result (003: about 15%), shuffled."""
+    the result (DPA: about 15%), shuffled."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"replay fraction={fraction}: must be in [0, 1)")
     n_replay = round(len(selected) * fraction / (1.0 - fraction))

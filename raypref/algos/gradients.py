@@ -1,13 +1,13 @@
-"""Gradient manipulation over per-user objectives (001 §4.3), pure torch.
+"""Gradient manipulation over per-user objectives (Liu 2025 §4.3), pure torch.
 
 Each objective i (the loss on one user's data) has a flat gradient g_i; these functions
 turn the stack G = [g_1; ...; g_m] into one update direction:
 
 * MGDA (Désidéri 2012): the min-norm point of the convex hull, Σ α_i g_i with
-  α = argmin_{α ∈ Δ_m} ||Σ α_i g_i||² (001 eq. 10), solved by Frank-Wolfe (Jaggi 2013)
+  α = argmin_{α ∈ Δ_m} ||Σ α_i g_i||² (Liu 2025 eq. 10), solved by Frank-Wolfe (Jaggi 2013)
   on the m × m Gram matrix, with exact line search.
 * PCGrad (Yu et al. 2020): each g_i loses its component along every g_j it conflicts
-  with (g_i·g_j < 0), 001 eq. 11, in a random order of j; the direction is the sum.
+  with (g_i·g_j < 0), Liu 2025 eq. 11, in a random order of j; the direction is the sum.
 """
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def _check_stack(grads: torch.Tensor, name: str) -> None:
 
 def min_norm_weights(grads: torch.Tensor, max_iter: int = 1000,
                      tol: float = 1e-12) -> torch.Tensor:
-    """Simplex weights α minimizing ||αᵀG||² (MGDA's dual, 001 eq. 10), by Frank-Wolfe with
+    """Simplex weights α minimizing ||αᵀG||² (MGDA's dual, Liu 2025 eq. 10), by Frank-Wolfe with
     away steps (Lacoste-Julien & Jaggi 2015): plain Frank-Wolfe zig-zags for thousands of
     steps when the optimum lies on a face of the simplex; away steps converge linearly.
     Stops when the duality gap is below ``tol``."""
@@ -69,7 +69,7 @@ def mgda_direction(grads: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def pcgrad_direction(grads: torch.Tensor,
                      generator: torch.Generator | None = None) -> torch.Tensor:
-    """Sum of the projected gradients (001 eq. 11); j visited in a random order per i."""
+    """Sum of the projected gradients (Liu 2025 eq. 11); j visited in a random order per i."""
     _check_stack(grads, "pcgrad_direction")
     m = grads.shape[0]
     sq_norms = (grads * grads).sum(dim=1)

@@ -1,4 +1,4 @@
-"""Greedy information-gain choice of few-shot demonstrations (001 §3.3.1, eq. 5-7).
+"""Greedy information-gain choice of few-shot demonstrations (Liu 2025 §3.3.1, eq. 5-7).
 
 ``choices[z, j]`` is the answer user z prefers most for question j (an index into that
 question's responses). Users are equally likely and deterministic, so the information the

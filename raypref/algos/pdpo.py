@@ -1,4 +1,4 @@
-"""Personalized DPO / IPO (P-RLHF, seed 004 §4.4 and §F.3), pure torch.
+"""Personalized DPO / IPO (P-RLHF §4.4 and §F.3), pure torch.
 
 P-DPO mixes two preference losses over the same pairs:
 

@@ -1,5 +1,5 @@
 """Reward-model losses, pure torch: Bradley-Terry, the personalized (conditional) BT of
-004 §F.2, multi-objective regression (003 §2.1) and linear scalarization."""
+P-RLHF §F.2, multi-objective regression (DPA §2.1) and linear scalarization."""
 from __future__ import annotations
 
 import torch
@@ -14,7 +14,7 @@ def _same_shape(name: str, *tensors: torch.Tensor) -> None:
 
 def bt_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
             weights: torch.Tensor | None = None) -> torch.Tensor:
-    """Mean Bradley-Terry negative log-likelihood, -log sigmoid(r_w - r_l) (001 eq. 2).
+    """Mean Bradley-Terry negative log-likelihood, -log sigmoid(r_w - r_l) (Liu 2025 eq. 2).
 
     ``weights`` (one per pair, e.g. per-user loss weights) turn the mean into a weighted mean.
     """
@@ -31,7 +31,7 @@ def bt_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
 def personalized_bt_loss(user_chosen: torch.Tensor, user_rejected: torch.Tensor,
                          generic_chosen: torch.Tensor, generic_rejected: torch.Tensor,
                          alpha: float) -> torch.Tensor:
-    """004 §F.2: α·BT(rewards under the user's embedding) + (1−α)·BT(under generic user 0)."""
+    """P-RLHF §F.2: α·BT(rewards under the user's embedding) + (1−α)·BT(under generic user 0)."""
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"personalized_bt_loss: alpha must be in [0, 1], got {alpha}")
     return (alpha * bt_loss(user_chosen, user_rejected)
@@ -47,7 +47,7 @@ def pair_accuracy(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) 
 def rescale(scores: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor | float,
             top: float = 100.0) -> torch.Tensor:
     """Map scores on [low, high] (per attribute, broadcast over the last dim) to [0, top]:
-    003 §3.1 rescales every reward dimension to 0-100 before regression."""
+    DPA §3.1 rescales every reward dimension to 0-100 before regression."""
     low_t = torch.as_tensor(low, dtype=scores.dtype)
     high_t = torch.as_tensor(high, dtype=scores.dtype)
     if (high_t <= low_t).any():
@@ -57,7 +57,7 @@ def rescale(scores: torch.Tensor, low: torch.Tensor | float, high: torch.Tensor 
 
 def multi_objective_mse(predicted: torch.Tensor, target: torch.Tensor,
                         mask: torch.Tensor | None = None) -> torch.Tensor:
-    """003 eq. 1: mean over responses of ||r̃(x, y) − r(x, y)||² (summed over attributes).
+    """DPA eq. 1: mean over responses of ||r̃(x, y) − r(x, y)||² (summed over attributes).
 
     ``mask`` [B, k] (bool) drops attributes a source does not rate (e.g. HelpSteer rows
     carry no UltraFeedback aspect).
@@ -74,7 +74,7 @@ def multi_objective_mse(predicted: torch.Tensor, target: torch.Tensor,
 
 
 def scalarize(rewards: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
-    """Linear scalarization v·r(x, y) (003 §2.2): rewards [B, k], weights [k] or [B, k] -> [B]."""
+    """Linear scalarization v·r(x, y) (DPA §2.2): rewards [B, k], weights [k] or [B, k] -> [B]."""
     if rewards.dim() != 2:
         raise ValueError(f"scalarize: rewards must be [batch, k], got {tuple(rewards.shape)}")
     k = rewards.shape[-1]

@@ -1,4 +1,4 @@
-"""The VAE conditional reward model's objective (001 eq. 8), pure torch.
+"""The VAE conditional reward model's objective (Liu 2025 eq. 8), pure torch.
 
 The encoder gives a diagonal Gaussian q(z | demonstrations) = N(mu, diag(exp(logvar)));
 z is drawn by reparameterization so gradients reach mu and logvar.
@@ -33,7 +33,7 @@ def kl_to_standard_normal(mu: torch.Tensor, logvar: torch.Tensor) -> torch.Tenso
 def vae_reward_loss(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor,
                     mu: torch.Tensor, logvar: torch.Tensor,
                     beta: float) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Negative of 001 eq. 8: BT NLL + β·KL(q(z | demos) ‖ N(0, I)), batch means.
+    """Negative of Liu 2025 eq. 8: BT NLL + β·KL(q(z | demos) ‖ N(0, I)), batch means.
 
     Returns the loss and its detached parts ("bt", "kl").
     """

@@ -1,6 +1,6 @@
 """How users of a population agree: opinion differences, similarity, mutual neighbours.
 
-Following 000 §3.2.2 / §3.3.1: each user's choices over a set of queries become one
+Following Liu 2024 §3.2.2 / §3.3.1: each user's choices over a set of queries become one
 preference vector; the *difference* matrix counts queries where two users pick a different
 best response, the *similarity* matrix holds cosine similarities of preference vectors,
 and two users are linked when each is among the other's top-5 most similar users.
@@ -25,7 +25,7 @@ Query = Sequence[dict[str, float]]  # latent scores of the candidate responses o
 def sample_queries(world: World, n: int, rng: np.random.Generator, k: int = 4,
                    split: str = "test", non_dominated: bool = True) -> list[list[dict]]:
     """``n`` queries of ``k`` candidates each (their latent scores). With ``non_dominated``
-    keep only queries where no candidate dominates another on the aspects (000 §3.3.1)."""
+    keep only queries where no candidate dominates another on the aspects (Liu 2024 §3.3.1)."""
     pool = world.prompt_pool(split)
     queries: list[list[dict]] = []
     for _ in range(200 * n + 100):

@@ -1,4 +1,4 @@
-"""One labelling path for every arm of a preference experiment (seed 002 §2).
+"""One labelling path for every arm of a preference experiment (P-Soups §2).
 
 Every learner (each P-Soups preference, P-MORL's combinations, a later PPO reward) gets its
 pairs the same way: the same candidate pairs (prompts and two responses, drawn from
@@ -7,7 +7,7 @@ A labeller is any callable ``(prompt, response) -> reward`` (higher is better):
 
 - `preference_labeller(["P1A"])`: one P-Soups preference's judge;
 - `preference_labeller(["P1A", "P2B", "P3A"])`: P-MORL's combination, the mean of the
-  per-preference rewards (002 §2.2);
+  per-preference rewards (P-Soups §2.2);
 - a reward model: ``lambda prompt, response: rm(prompt, response.text)``.
 
 The preference labellers read the *latent* scores, the truth the annotator sees; the text
@@ -132,7 +132,7 @@ def combination_labelled_pairs(world, pairs: Sequence[CandidatePair],
                                combinations: Sequence[Sequence[str]], seed, *,
                                source: str = "world:pmorl",
                                stats: LabelStats | None = None) -> list[PreferenceRecord]:
-    """P-MORL's pairs (002 §2.2) from the same candidates as every other arm: pair i goes to
+    """P-MORL's pairs (P-Soups §2.2) from the same candidates as every other arm: pair i goes to
     combination ``i % len(combinations)``, whose instruction is written after the prompt and
     whose mean reward labels it; noise and tie draws as in `label_pairs` with ``seed``."""
     if not combinations:

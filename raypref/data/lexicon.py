@@ -163,7 +163,7 @@ TRUTH_LAYOUT = {5: (2, 0), 4: (1, 0), 3: (1, 1), 2: (0, 1), 1: (0, 2)}
 # filler that keeps the length when a level uses fewer than two facts
 TRUTH_FILLER = "that is worth knowing ."
 
-# sass and sarcasm (the P3C / P3D styles of seed 002 §B.2), shown only by a world built with
+# sass and sarcasm (the P3C / P3D styles of P-Soups §B.2), shown only by a world built with
 # extra_styles=True: one 7-token sentence per slot with 0, 1 or 2 key tokens for the levels
 # 0, 0.5, 1 (the judge reads keys / 2), so the level never changes the length.
 SASS_KEYS = frozenset({"sweetie", "obviously", "duh", "darling", "seriously"})

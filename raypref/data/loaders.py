@@ -467,7 +467,7 @@ def load_prism_profiles(survey_path: str | Path) -> dict[str, dict]:
 
 def prism(*, user_map: UserIdMap, survey_path: str | Path | None = None,
           max_pairs_per_conversation: int = 64) -> MapRow:
-    """PRISM conversations.jsonl: each turn is a comparison (seed 004, §5.3).
+    """PRISM conversations.jsonl: each turn is a comparison (P-RLHF, §5.3).
 
     Assumes `conversation_history` is a list of messages with `turn`, `role`
     ("user"/"model"), `content`, and for model messages `score` (1-100) and `if_chosen`.

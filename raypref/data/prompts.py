@@ -4,7 +4,7 @@ The default, ``questions.jsonl`` beside this module, holds 360 everyday question
 the project (18 topics: science, cooking, history, health, money, programming, travel,
 language, ...), each with a fixed ``split``: 4 of every 20 per topic are ``test``.
 
-A user's file (e.g. the 50 Koala prompts of 002 App. F) is either JSON lines (``.jsonl``), one
+A user's file (e.g. the 50 Koala prompts of P-Soups App. F) is either JSON lines (``.jsonl``), one
 object per line with a non-empty string ``prompt`` (or ``instruction``, as P-Soups files name
 it) and optionally ``split`` ("train" or "test"), or plain text (``.txt``), one prompt per
 line. Blank lines are skipped. A file without ``split`` fields is split

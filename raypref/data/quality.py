@@ -1,4 +1,4 @@
-"""General quality of a text in the simulated world (the helpfulness check of 002 Fig. 2).
+"""General quality of a text in the simulated world (the helpfulness check of P-Soups Fig. 2).
 
 Independent of the preference attributes (length, expertise, style), so a policy cannot buy
 quality by moving them. Four parts, each in [0, 1], multiplied so any one failure sinks the

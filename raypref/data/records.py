@@ -12,7 +12,7 @@ import numbers
 import unicodedata
 from dataclasses import dataclass, field
 
-UNKNOWN_USER = 0  # user id of an unknown / generic user (seed 004 §4.1)
+UNKNOWN_USER = 0  # user id of an unknown / generic user (P-RLHF §4.1)
 MAX_USER_ID = 2**31 - 1  # ids must fit int32: embedding tables and Arrow columns downstream
 # Scores are a handful of named ratings per response (UltraFeedback 4, HelpSteer 5); these caps
 # keep a hostile row from carrying an unbounded dict through every copy of the pipeline.

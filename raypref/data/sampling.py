@@ -1,12 +1,12 @@
 """Which (user, example) pairs a reward-model step trains on.
 
-* `AdaptiveSampler` (001 §4.2.2): users pass through groups A (to train), B (training, one
+* `AdaptiveSampler` (Liu 2025 §4.2.2): users pass through groups A (to train), B (training, one
   user per phase) and C (done). Each batch takes N_A : N_B : N_C examples in a configured
   ratio (default 1 : 2 : 4) over the non-empty groups; a group's share is split evenly over
   its users. After the last phase every user is in C.
 * `UniformSampler`: the plain baseline, examples drawn uniformly over all users' pools.
 * `DemonstrationSampler`: the N demonstrations that identify the user of a query, drawn
-  from that user's pool (default 8 of 100, 001 Table 1), fresh per epoch.
+  from that user's pool (default 8 of 100, Liu 2025 Table 1), fresh per epoch.
 
 Both batch samplers are deterministic functions of (seed, step), so a resumed run draws
 the same batches as an uninterrupted one.

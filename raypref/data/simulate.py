@@ -34,7 +34,7 @@ def _pairs_for_user(world: World, user: User, users: list[User], n: int, rng: np
 
 def _conflicting_pairs(world: World, user: User, users: list[User], n: int, rng: np.random.Generator,
                        split: str) -> list[PreferenceRecord]:
-    # only pairs the two users order oppositely (001 §3.5.1)
+    # only pairs the two users order oppositely (Liu 2025 §3.5.1)
     other = next(u for u in users if u.user_id != user.user_id)
     return world.pairs_for_user(user, n, rng, require_conflict_with=other, split=split)
 

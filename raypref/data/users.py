@@ -1,7 +1,7 @@
 """Simulated users of the seed papers: weight vectors over the world's attributes.
 
 A user scores a response by ``w · scores`` over the response's latent attribute scores
-(000 §3.3.1). User ids start at 1; id 0 is the unknown / generic user (004 §4.1).
+(Liu 2024 §3.3.1). User ids start at 1; id 0 is the unknown / generic user (P-RLHF §4.1).
 """
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from typing import NamedTuple
 
 import numpy as np
 
-# UltraFeedback aspect order of the Dirichlet parameters in 000 §3.3.1 / 001 §3.3.1
+# UltraFeedback aspect order of the Dirichlet parameters in Liu 2024 §3.3.1 / Liu 2025 §3.3.1
 # ("instruction-following, honesty, truthfulness, and helpfulness")
 DIRICHLET_ASPECT_ORDER = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 UNIFORM_WEIGHTS = {aspect: 0.25 for aspect in DIRICHLET_ASPECT_ORDER}
@@ -68,14 +68,14 @@ def ultrafeedback_cluster(seed: int = 0) -> list[User]:
 
 
 def two_user_conflict() -> list[User]:
-    """001 §3.5.1: weights [1,0,0,0] vs [0,1,0,0] in its order (helpfulness, honesty, ...)."""
+    """Liu 2025 §3.5.1: weights [1,0,0,0] vs [0,1,0,0] in its order (helpfulness, honesty, ...)."""
     zeros = {aspect: 0.0 for aspect in DIRICHLET_ASPECT_ORDER}
     return [User(1, {**zeros, "helpfulness": 1.0}, None, "helpfulness"),
             User(2, {**zeros, "honesty": 1.0}, None, "honesty")]
 
 
 def length_conflict(n_annotators: int = 10, seed: int = 0) -> list[User]:
-    """004 §5.1: a random 70% of annotators prefer longer responses, the other 30% shorter."""
+    """P-RLHF §5.1: a random 70% of annotators prefer longer responses, the other 30% shorter."""
     if n_annotators < 2:
         raise ValueError(f"length_conflict: n_annotators must be >= 2, got {n_annotators}")
     rng = np.random.default_rng(seed)
@@ -87,7 +87,7 @@ def length_conflict(n_annotators: int = 10, seed: int = 0) -> list[User]:
 
 
 class PSoupsProfile(NamedTuple):
-    """One preference of 002 Table 4."""
+    """One preference of P-Soups Table 4."""
     name: str           # P1A ... P3B
     dimension: str      # the paper's dimension: expertise / informativeness / style
     attribute: str      # the world attribute that measures it
@@ -100,8 +100,8 @@ class PSoupsProfile(NamedTuple):
 
 
 def psoups_profiles(extended: bool = False) -> list[PSoupsProfile]:
-    """The six conflicting preferences of 002 Table 4 (user ids 1..6 in this order); with
-    ``extended``, also the style preferences P3C (sassy) and P3D (sarcastic) of 002 §B.2
+    """The six conflicting preferences of P-Soups Table 4 (user ids 1..6 in this order); with
+    ``extended``, also the style preferences P3C (sassy) and P3D (sarcastic) of P-Soups §B.2
     (ids 7, 8), which the world shows only when built with ``extra_styles=True``."""
     rows = (
         ("P1A", "expertise", "expertise", -1.0,
@@ -151,8 +151,8 @@ def psoups_profile(name: str) -> PSoupsProfile:
 
 
 def psoups_combinations(extended: bool = False) -> list[list[str]]:
-    """The 8 combinations AAA, AAB, ..., BBB (one preference per dimension, 002 Table 4);
-    ``extended``: the 16 of 002 §B.2 (style also C = sassy, D = sarcastic)."""
+    """The 8 combinations AAA, AAB, ..., BBB (one preference per dimension, P-Soups Table 4);
+    ``extended``: the 16 of P-Soups §B.2 (style also C = sassy, D = sarcastic)."""
     styles = "ABCD" if extended else "AB"
     return [[f"P1{a}", f"P2{b}", f"P3{c}"] for a in "AB" for b in "AB" for c in styles]
 

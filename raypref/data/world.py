@@ -28,7 +28,7 @@ ASPECTS = ("instruction_following", "honesty", "truthfulness", "helpfulness")
 ATTRIBUTES = ("verbosity", "expertise", "style") + ASPECTS
 MAX_SENTENCES = 6
 STYLE_LEVELS = (-1.0, -0.5, 0.0, 0.5, 1.0)
-# P3C / P3D of 002 §B.2, only in a world built with extra_styles=True
+# P3C / P3D of P-Soups §B.2, only in a world built with extra_styles=True
 EXTRA_STYLES = ("sass", "sarcasm")
 EXTRA_STYLE_LEVELS = (0.0, 0.5, 1.0)
 _EXTRA_PHRASES = {"sass": lexicon.SASS_PHRASES, "sarcasm": lexicon.SARCASM_PHRASES}
@@ -81,7 +81,7 @@ class World:
             if value is not None and not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"World: {name} must be in [0, 1], got {value}")
         self.seed, self.difficulty = int(seed), float(difficulty)
-        # the sassy / sarcastic styles (P3C / P3D, 002 §B.2): off by default so the six-
+        # the sassy / sarcastic styles (P3C / P3D, P-Soups §B.2): off by default so the six-
         # preference world keeps its texts, vocabulary and random draws
         self.extra_styles = EXTRA_STYLES if extra_styles else ()
         self.attributes = ATTRIBUTES + self.extra_styles
@@ -347,7 +347,7 @@ class World:
         """``n`` pairs the user chose by utility over latent scores (exact ties skipped).
 
         With ``require_conflict_with``, pairs that both users order the same way, or that
-        either ties, are dropped (001 §3.5.1). Choices flip with probability label_noise.
+        either ties, are dropped (Liu 2025 §3.5.1). Choices flip with probability label_noise.
         """
         for who in (user, require_conflict_with):
             if who is not None and set(who.weights) - set(self.attributes):
@@ -381,7 +381,7 @@ class World:
 
     def pairs_for_preference(self, pref_name: str, n: int, rng: np.random.Generator,
                              split: str = "train") -> list[PreferenceRecord]:
-        """``n`` pairs for one P-Soups preference (002 Table 4): chosen is clearly better on
+        """``n`` pairs for one P-Soups preference (P-Soups Table 4): chosen is clearly better on
         that preference's dimension; the other attributes are random but equal in both."""
         profiles = psoups_profiles(extended=True)
         profile = psoups_profile(pref_name)

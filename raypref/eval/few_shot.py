@@ -1,8 +1,8 @@
-"""Few-shot prompting baseline of the conditional reward models (001 §3.3): no training; a
+"""Few-shot prompting baseline of the conditional reward models (Liu 2025 §3.3): no training; a
 causal LM reads k of a user's labelled comparisons and then judges a new pair.
 
 Which k questions to ask a user: greedily by information gain about who the user is
-(001 eq. 5-7, `algos.info_gain`) or at random. The questions are the users' demonstration
+(Liu 2025 eq. 5-7, `algos.info_gain`) or at random. The questions are the users' demonstration
 pools, pooled; ``choices[z, j]`` is what user z prefers on question j, by the user's utility
 over the pair's latent scores (the world's noise-free answer). Greedy picks one question set
 for the whole population; each user's prompt carries that user's own answers.

@@ -2,7 +2,7 @@
 
 The evaluation of method A against B is a grid: training seeds × evaluation rows (prompt ×
 sample) × preference combinations. Seeds and prompts are the random parts of the design, the
-combinations are fixed (the 8 users of 002 §E.1). A bootstrap replicate resamples seeds and
+combinations are fixed (the 8 users of P-Soups §E.1). A bootstrap replicate resamples seeds and
 prompts with replacement (a crossed, paired bootstrap: the same resampled prompts for every
 seed, combination and sample of the prompt, and, through ``seed``, for every pair of methods)
 and recomputes ``wins / (wins + losses)``; the interval is the percentile interval.
@@ -117,7 +117,7 @@ def win_rate_intervals(methods_per_seed: Sequence[Mapping[str, MethodScores]],
                        preferences: PreferenceTable, groups: Sequence[int] | None = None, *,
                        tol: float = 0.0, n_boot: int = 2000, level: float = 0.95, seed: int = 0,
                        resample_seeds: bool = True) -> dict[tuple[str, str], Interval]:
-    """Intervals for every ordered pair of methods (002 Table 2 with intervals).
+    """Intervals for every ordered pair of methods (P-Soups Table 2 with intervals).
 
     ``methods_per_seed[s]``: {method: {combination: scores per row}} of training seed s; every
     seed must hold the same methods and combinations. One bootstrap seed for every pair, so

@@ -1,4 +1,4 @@
-"""A causal LM as judge in scoring mode (seed 001 §5.3.2): it rates ONE response at a time
+"""A causal LM as judge in scoring mode (Liu 2025 §5.3.2): it rates ONE response at a time
 against one preference text, so the order of two candidates cannot bias it.
 
 The score of a response is its *expected rating*: the judge's next-token probabilities of the

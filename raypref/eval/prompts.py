@@ -1,4 +1,4 @@
-"""Evaluation prompts from a file the user gives (e.g. the 50 Koala prompts of 002 App. F).
+"""Evaluation prompts from a file the user gives (e.g. the 50 Koala prompts of P-Soups App. F).
 
 The one loader of prompts files is `raypref.data.prompts.load_prompts` (``.txt``: one prompt a
 line; ``.jsonl``: a ``prompt`` or ``instruction`` field a line); it is re-exported here for

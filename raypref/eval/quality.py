@@ -1,4 +1,4 @@
-"""Quality checks beside the win rates (002 Fig. 2): a personalized arm should not buy its
+"""Quality checks beside the win rates (P-Soups Fig. 2): a personalized arm should not buy its
 wins by losing general quality (here: the world's `quality` judge, or any scorer)."""
 from __future__ import annotations
 
@@ -32,7 +32,7 @@ def quality_holds(qualities: Sequence[float], reference: float, margin: float = 
 
 def quality_win_rate(a: MethodScores, b: MethodScores, tol: float = 0.0,
                      key: str = QUALITY_KEY) -> WinRate:
-    """002 Fig. 2's helpfulness comparison: A's win rate over B on the quality score alone
+    """P-Soups Fig. 2's helpfulness comparison: A's win rate over B on the quality score alone
     (scores[key] of every row of every combination), W/L/T kept per combination."""
     table = {key: (key, 1)}
     per_combo = {}

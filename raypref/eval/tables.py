@@ -1,4 +1,4 @@
-"""The tables of seed 002 from win-rate results: per-combination W/L/T (Table 6, Fig. 3),
+"""The tables of P-Soups from win-rate results: per-combination W/L/T (Table 6, Fig. 3),
 each method's average over its opponents (the Avg. column of Tables 2-3) and the
 criteria-wise win rate (§E.3, Fig. 6)."""
 from __future__ import annotations
@@ -13,7 +13,7 @@ from raypref.eval.winrate import (Combination, MethodScores, PreferenceTable, Wi
 
 
 def combination_label(combo: Combination) -> str:
-    """("P1A", "P2B", "P3A") -> "ABA" (the letters of 002 Table 4)."""
+    """("P1A", "P2B", "P3A") -> "ABA" (the letters of P-Soups Table 4)."""
     return "".join(name[-1] for name in combo)
 
 
@@ -83,7 +83,7 @@ def concat_seeds(per_seed: Sequence[MethodScores]) -> MethodScores:
 
 
 def average_win_rates(names: Sequence[str], rates: np.ndarray) -> dict[str, float | None]:
-    """Each row method's mean win rate over the other methods (the Avg. column of 002
+    """Each row method's mean win rate over the other methods (the Avg. column of P-Soups
     Table 2); cells without a decisive comparison (NaN) are left out."""
     rates = np.asarray(rates, dtype=float)
     if rates.shape != (len(names), len(names)):
@@ -98,7 +98,7 @@ def average_win_rates(names: Sequence[str], rates: np.ndarray) -> dict[str, floa
 
 def criteria_win_rates(a: MethodScores, b: MethodScores, preferences: PreferenceTable,
                        tol: float = 0.0) -> dict[str, float | None]:
-    """002 §E.3: for each preference, the mean over the combinations containing it of A's win
+    """P-Soups §E.3: for each preference, the mean over the combinations containing it of A's win
     rate over B on that preference's criterion alone (wins / (wins + losses), ties left out).
 
     E.g. P1A averages the elementary-level win rates of AAA, AAB, ABA and ABB. None where no

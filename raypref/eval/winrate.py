@@ -1,4 +1,4 @@
-"""Aggregated pairwise win rate of Personalized Soups (seed 002, Appendix E.1).
+"""Aggregated pairwise win rate of Personalized Soups (P-Soups, Appendix E.1).
 
 For one prompt and one preference combination (e.g. ``("P1A", "P2B", "P3A")``), each preference
 compares the two outputs on its own dimension: WIN = +1, TIE = 0, LOSE = -1. The sum over the
@@ -93,7 +93,7 @@ def win_rate(a: MethodScores, b: MethodScores, preferences: PreferenceTable, tol
 def win_rate_matrix(
     methods: Mapping[str, MethodScores], preferences: PreferenceTable, tol: float = 0.0
 ) -> tuple[list[str], np.ndarray, dict[tuple[str, str], WinRate]]:
-    """Win rate of every row method over every column method (seed 002 Table 2 layout).
+    """Win rate of every row method over every column method (P-Soups Table 2 layout).
 
     Returns ``(names, rates, details)``: ``rates[i, j]`` is the win rate of ``names[i]`` over
     ``names[j]`` (NaN on the diagonal and where no comparison was decisive); ``details`` holds the counts.

@@ -168,7 +168,7 @@ def _pdpo_resources() -> Resources:
 
 @dataclass
 class PDPOJobConfig(PolicyRunConfig):
-    """P-DPO / P-IPO (seed 004) on the simulated length conflict: 70% of annotators prefer longer
+    """P-DPO / P-IPO on the simulated length conflict: 70% of annotators prefer longer
     responses, 30% shorter; a few more annotators are held out to measure the generic user."""
 
     user_model: str = "individual"  # none (vanilla DPO) | individual (e_0 + o_i) | cluster (V·w_i)
@@ -182,7 +182,7 @@ class PDPOJobConfig(PolicyRunConfig):
     # cluster user's K weights must travel O(1): at the LoRA's 5e-4 the cluster model never split
     # the minority (18.8% after 150 steps), at 5e-2 it reaches 100% (jobs/pdpo.py, measured)
     user_lr: float = 5e-2
-    n_annotators: int = 10  # seen in training (004 §5.1: 10)
+    n_annotators: int = 10  # seen in training (P-RLHF §5.1: 10)
     unseen_annotators: int = 10  # drawn with the same 70/30 split, never trained on (Accuracy-generic)
     pairs_per_user: int = 64
     eval_pairs_per_user: int = 16  # held-out prompts (the world's test split)
@@ -295,14 +295,14 @@ def _rsf_resources() -> Resources:
 
 @dataclass
 class RSFJobConfig(PolicyRunConfig):
-    """DPA (seed 003): rejection-sampling fine-tuning on directions v over two objectives judged by
+    """DPA: rejection-sampling fine-tuning on directions v over two objectives judged by
     the simulated world, with v written in the system prompt; then the direction sweep."""
 
-    # 003's helpfulness (the mean of the four UltraFeedback aspects, graded) and verbosity; the
+    # DPA's helpfulness (the mean of the four UltraFeedback aspects, graded) and verbosity; the
     # world's single helpfulness rating moves in coarse steps, see recipes.rsf.DERIVED_OBJECTIVES
     objectives: list[str] = field(default_factory=lambda: ["overall_helpfulness", "verbosity"])
-    n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (003: 16)
-    directions_per_prompt: int = 4  # 003: 5
+    n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (DPA: 16)
+    directions_per_prompt: int = 4  # DPA: 5
     prompts_per_iteration: int = 24
     steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
     replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
@@ -310,12 +310,12 @@ class RSFJobConfig(PolicyRunConfig):
     # verbosity as words / (words where the judge reads 1): the judge itself reads 0 below ~62
     # words, where the policy's answers fall, and gives v·r no length to trade (WorldObjectives)
     verbosity_by_length: bool = True
-    # 003's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
+    # DPA's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
     # world's judge does not, and without it every direction rewards shorter answers and the
     # iterations shrink all of them alike. See rewards.world.WorldObjectives
     helpfulness_length_bias: float = 0.3
     # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
-    # text (RSFSpec); false for a base that already follows system prompts, as 003's does
+    # text (RSFSpec); false for a base that already follows system prompts, as DPA's does
     bare_first_iteration: bool = True
     max_length: int = 224
     n_prompts: int = 256  # training prompts (two halves, alternating by iteration)

@@ -6,7 +6,7 @@ report per-user accuracy.
         [--alpha 0.5 --conditioning head|soft_prompt --user_model.kind individual|cluster]
         [--data.difficulty 0.1] [--head_lr 1e-3] [--training.steps 200] [--freeze_query_encoder true] ...
 
-Defaults: the two-user conflict (001 §3.5.1) at world difficulty 0.1, the offline MiniLM
+Defaults: the two-user conflict (Liu 2025 §3.5.1) at world difficulty 0.1, the offline MiniLM
 encoder (fine-tuned at lr 1e-4, the parts trained from scratch at 1e-3), Ray Train + DeepSpeed
 on one worker. These are the issue-8 table's settings (jobs/reward_compare.py): at difficulty
 0.1 the unconditional BT RM stays near 50% and VAE + contrastive (``--contrastive 0.5``)
@@ -17,7 +17,7 @@ output_dir. Per-user accuracy of every evaluation goes to MLflow with a curve pl
 
 ``--method few_shot`` trains nothing: it evaluates few-shot prompting of a causal LM
 (``--few_shot.model.name_or_path``, the untrained tiny GPT-2 by default) with greedy
-information-gain vs random demonstrations (001 §3.3, `eval.few_shot`).
+information-gain vs random demonstrations (Liu 2025 §3.3, `eval.few_shot`).
 """
 from __future__ import annotations
 
@@ -83,7 +83,7 @@ def demo_cache(cfg: RewardJobConfig) -> Path | None:
 
 
 def plot_user_curves(history: list[dict], path: Path) -> Path | None:
-    """Per-user evaluation accuracy against step (001 figs. 8, 12)."""
+    """Per-user evaluation accuracy against step (Liu 2025 figs. 8, 12)."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -104,7 +104,7 @@ def plot_user_curves(history: list[dict], path: Path) -> Path | None:
 
 
 def plot_latent_tsne(latents_file: Path, users: dict[int, str], path: Path) -> Path | None:
-    """t-SNE of the latent means at the first, middle and last evaluation (001 fig. 15),
+    """t-SNE of the latent means at the first, middle and last evaluation (Liu 2025 fig. 15),
     coloured by user group."""
     import matplotlib
     matplotlib.use("Agg")
@@ -137,7 +137,7 @@ def plot_latent_tsne(latents_file: Path, users: dict[int, str], path: Path) -> P
 
 
 def run_few_shot(cfg: RewardJobConfig) -> dict:
-    """001 §3.3: no training; per-user accuracy of greedy vs random few-shot prompts."""
+    """Liu 2025 §3.3: no training; per-user accuracy of greedy vs random few-shot prompts."""
     name = f"reward-few_shot-{config_hash(cfg)}"
     with tracking.start_run("reward", cfg, Path(cfg.output_dir), run_name=name):
         final = evaluate_few_shot(cfg.few_shot, cfg.data, cfg.eval_pairs_per_user)

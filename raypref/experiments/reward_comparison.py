@@ -1,4 +1,4 @@
-"""The reward-model comparison of 001 Tables 2-4 (``jobs/reward_compare.py``): arms (BT, VAE,
+"""The reward-model comparison of Liu 2025 Tables 2-4 (``jobs/reward_compare.py``): arms (BT, VAE,
 VAE + adaptive sampling, VAE + contrastive, VAE + PCGrad) × seeds, each trained by the reward
 job's experiment with its settings, summarized as mean ± std test accuracy, the number of runs
 that converged (final accuracy > 0.6), the steps to reach 95% of the final accuracy, the worst
@@ -71,7 +71,7 @@ def h_min(history: list[dict]) -> float:
 
 
 def format_table(rows: list[dict], reference: dict[str, float] | None = None) -> str:
-    """A markdown table like 001 Tables 2-4; ``reference`` (`recipes.reward_data.judge_reference`)
+    """A markdown table like Liu 2025 Tables 2-4; ``reference`` (`recipes.reward_data.judge_reference`)
     adds the world judge's own accuracy on the same pairs as a last row."""
     lines = ["| arm | test acc (mean ± std) | converged (acc > 0.6) | steps to 95% of final "
              "| worst user acc | s / run |", "|---|---|---|---|---|---|"]

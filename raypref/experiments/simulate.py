@@ -36,9 +36,9 @@ class SimulateConfig:
     conflict_pairs_per_user: int = 2000  # each of the two users of two_user_conflict
     pairs_per_preference: int = 1000     # each P-Soups preference P1A..P3B
     test_pairs_per_user: int = 20        # held-out pairs on test prompts, per user / preference
-    length_annotators: int = 10          # 10 or 40 in 004 §5.1
+    length_annotators: int = 10          # 10 or 40 in P-RLHF §5.1
     shard_size: int = 5000
-    analysis_queries: int = 95           # non-dominated test queries, as in 000 §3.3.1
+    analysis_queries: int = 95           # non-dominated test queries, as in Liu 2024 §3.3.1
 
     def __post_init__(self):
         unknown = sorted(set(self.populations) - set(POPULATIONS))

@@ -120,12 +120,12 @@ def _dpo_trial(cfg: DPOJobConfig, shared: dict, trial_name: str, sweep_dir: Path
     _trial_run(PreferenceExperiment, cfg, trial_name, sweep_dir)
 
 
-# reward models: by default the VAE conditional RM with adaptive sampling on 001's two-user
+# reward models: by default the VAE conditional RM with adaptive sampling on Liu 2025's two-user
 # conflict; the query encoder frozen (the heads train on cached MiniLM embeddings: seconds per
-# trial on CPU); set freeze_query_encoder: false to fine-tune it as 001 does (a GPU sweep)
+# trial on CPU); set freeze_query_encoder: false to fine-tune it as Liu 2025 does (a GPU sweep)
 REWARD_TRIAL_DEFAULTS = {
     "method": "vae", "sampling": "adaptive", "freeze_query_encoder": True, "contrastive": 0.5,
-    "training": {"steps": 100, "warmup_steps": 3},  # 001 Table 1 trains 200 at lr 1e-4
+    "training": {"steps": 100, "warmup_steps": 3},  # Liu 2025 Table 1 trains 200 at lr 1e-4
     "resources": {"eval_every": 20, "num_workers": 1, "zero_stage": 0},
 }
 

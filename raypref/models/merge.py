@@ -1,4 +1,4 @@
-"""Personalized Soups merging (seed 002 eq. 5): π* = Σ wᵢ πᵢ with Σ wᵢ = 1.
+"""Personalized Soups merging (P-Soups eq. 5): π* = Σ wᵢ πᵢ with Σ wᵢ = 1.
 
 Every per-preference policy is the same base plus a LoRA update, so the soup of the materialized
 policies is exactly ``base + Σ wᵢ · scalingᵢ · ΔWᵢ`` on each LoRA-targeted weight

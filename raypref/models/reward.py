@@ -1,5 +1,5 @@
 """Reward-model modules: a pooled text encoder, BT and multi-objective heads on it, and the
-VAE conditional reward model of 001 §3.4 (fig. 5).
+VAE conditional reward model of Liu 2025 §3.4 (fig. 5).
 
 The encoder backbone is the offline MiniLM (`factory.load_encoder`) by default; "tiny" builds
 a small BERT from a config over MiniLM's tokenizer (tests, benchmarks); anything else is a HF
@@ -104,7 +104,7 @@ def build_frozen_encoder(cfg: EncoderConfig) -> TextEncoder:
 def embed_frozen(encoder: TextEncoder, prompts: Sequence[str], responses: Sequence[str],
                  batch_size: int = 64) -> torch.Tensor:
     """Embeddings of many (prompt, response) pairs with a frozen encoder: [n, hidden] fp32.
-    The VAE RM computes its demonstration embeddings once with this (001 §3.4: the
+    The VAE RM computes its demonstration embeddings once with this (Liu 2025 §3.4: the
     demonstration encoder is frozen)."""
     was_training = encoder.training
     encoder.eval()
@@ -135,7 +135,7 @@ class ScalarRewardModel(nn.Module):
 
 
 class MultiObjectiveRewardModel(nn.Module):
-    """003 §2.1: one regression output per attribute (targets on 0-100)."""
+    """DPA §2.1: one regression output per attribute (targets on 0-100)."""
 
     def __init__(self, encoder: TextEncoder, attributes: Sequence[str]):
         super().__init__()
@@ -158,13 +158,13 @@ VAE_DECODERS = ("mlp", "bilinear")
 
 @dataclass
 class VAEConfig:
-    """Sub-module sizes of the VAE RM; 001 Table 1 uses 512 for all of them."""
+    """Sub-module sizes of the VAE RM; Liu 2025 Table 1 uses 512 for all of them."""
     pair_hidden: int = 512
     pair_out: int = 512
     latent: int = 512
     decoder_hidden: int = 512
     attention_heads: int = 4
-    # "mlp": 001 fig. 5, an MLP on [query embedding; z]. "bilinear": <W z, h> + <u, h> + b, where z
+    # "mlp": Liu 2025 fig. 5, an MLP on [query embedding; z]. "bilinear": <W z, h> + <u, h> + b, where z
     # scales the embedding directly (on the two-user conflict the MLP decoder left the latent
     # unused: the users' latent means separated while both were scored as user 1)
     decoder: str = "mlp"
@@ -223,7 +223,7 @@ class UserPosterior(nn.Module):
 
 
 class VAERewardModel(nn.Module):
-    """001 fig. 5: r(x, y | z) = decoder([query_encoder(x, y); z]), z ~ q(z | demonstrations).
+    """Liu 2025 fig. 5: r(x, y | z) = decoder([query_encoder(x, y); z]), z ~ q(z | demonstrations).
 
     The demonstrations arrive as embeddings from a frozen encoder (precomputed once); the
     query encoder is trained. z is sampled while training and is mu at evaluation.
@@ -279,7 +279,7 @@ CONDITIONINGS = ("head", "soft_prompt")
 
 
 class PersonalizedRewardModel(nn.Module):
-    """004 §F.2: a personalized RM r(x, y, u) over a P-RLHF user model (`models.user_model`).
+    """P-RLHF §F.2: a personalized RM r(x, y, u) over a P-RLHF user model (`models.user_model`).
 
     * ``head``: e_u (T_u = 1, dimension = the encoder's hidden size) is the linear head,
       r = <e_u, h(x, y)> + b with h the pooled last hidden state; works on cached embeddings.

@@ -1,4 +1,4 @@
-"""P-RLHF user models and the soft prompt that carries them into a causal LM (seed 004 §4.2-4.4).
+"""P-RLHF user models and the soft prompt that carries them into a causal LM (P-RLHF §4.2-4.4).
 
 A user is (optional text u^t, id u^p). Seen users have ids 1..m; id 0 is the generic user,
 which is also what any unseen user gets. The implicit user model maps an id to ``T_u`` token

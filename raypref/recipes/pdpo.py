@@ -1,4 +1,4 @@
-"""Loop spec: P-DPO / P-IPO (seed 004 §4.4, §F.3): a LoRA policy and a user model trained jointly.
+"""Loop spec: P-DPO / P-IPO (P-RLHF §4.4, §F.3): a LoRA policy and a user model trained jointly.
 
 The policy is a `PersonalizedLM`: the SFT model with a fresh LoRA, and in front of it a user
 model whose embeddings are a soft prompt. Each pair is scored twice, with its annotator's id and
@@ -6,7 +6,7 @@ with the generic id 0, and the loss mixes the two terms by ``alpha``; the refere
 model (the LoRA disabled) with no user tokens. ``user_model=None`` is vanilla DPO through the
 same code: a uniform user model with no tokens and ``alpha = 1``.
 
-Evaluation (004 §C.3): the implicit reward ``β·log π_p(y|x,u)/π_ref(y|x)`` ranks each held-out
+Evaluation (P-RLHF §C.3): the implicit reward ``β·log π_p(y|x,u)/π_ref(y|x)`` ranks each held-out
 pair; users seen in training are scored with their own id, every other user with the generic
 id 0. Reported: accuracy per user, Accuracy-top (pooled over seen users), Accuracy-generic
 (pooled over unseen users) and, given ``groups``, the mean per-user accuracy of each group.

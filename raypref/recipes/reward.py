@@ -1,8 +1,8 @@
 """Recipe: reward models on per-user preference pairs — Bradley-Terry (unconditional),
-multi-objective regression (003 §2.1), the personalized RM over a P-RLHF user model (004 §F.2:
-α·BT(user) + (1−α)·BT(generic user 0)) and the VAE conditional RM (001 §3.4) with adaptive
-sampling (001 §4.2.2), a contrastive term on latent means (001 eq. 12) and MGDA / PCGrad over
-per-user objectives (001 §4.3). `RewardConfig` + `RewardSpec`, trained by `train.runner.run`;
+multi-objective regression (DPA §2.1), the personalized RM over a P-RLHF user model (P-RLHF §F.2:
+α·BT(user) + (1−α)·BT(generic user 0)) and the VAE conditional RM (Liu 2025 §3.4) with adaptive
+sampling (Liu 2025 §4.2.2), a contrastive term on latent means (Liu 2025 eq. 12) and MGDA / PCGrad over
+per-user objectives (Liu 2025 §4.3). `RewardConfig` + `RewardSpec`, trained by `train.runner.run`;
 `evaluate` gives per-user test accuracy.
 
 Per-user gradient surgery inside the runner: `loss` takes the per-user gradients itself,
@@ -42,13 +42,13 @@ METHODS = ("bt", "multi_objective", "user_model", "vae")
 SAMPLINGS = ("uniform", "adaptive")
 GRADIENTS = ("sum", "pcgrad", "mgda")
 ROLE = "reward"
-LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (001 fig. 15)
+LATENTS_FILE = "latent_means.safetensors"  # vae: latent means per evaluation (Liu 2025 fig. 15)
 LATENT_DRAWS = 20  # demonstration sets per user embedded at each evaluation
 
 
 @dataclass
 class RewardTraining(Optimization):
-    """001 Table 1: lr 1e-4, AdamW weight decay 1e-3, 3% warm-up (6 of 200 steps)."""
+    """Liu 2025 Table 1: lr 1e-4, AdamW weight decay 1e-3, 3% warm-up (6 of 200 steps)."""
     steps: int = 200
     micro_batch_size: int = 8
     lr: float = 1e-4
@@ -65,17 +65,17 @@ class RewardConfig:
     # issue's acceptance setting fine-tunes it (False)
     freeze_query_encoder: bool = False
     vae: VAEConfig = field(default_factory=VAEConfig)
-    # user_model (004 §F.2): individual e_0 + o_i or cluster V·w_i embeddings, used as the
+    # user_model (P-RLHF §F.2): individual e_0 + o_i or cluster V·w_i embeddings, used as the
     # linear head (n_tokens must be 1) or as a soft prompt of n_tokens tokens
     user_model: UserModelConfig = field(default_factory=lambda: UserModelConfig(n_tokens=1))
     conditioning: str = "head"                   # head | soft_prompt
     alpha: float = 0.5                           # weight of the user term; 1 - alpha: generic
-    beta: float = 1e-3                           # KL weight (001 eq. 8: 0 or small)
+    beta: float = 1e-3                           # KL weight (Liu 2025 eq. 8: 0 or small)
     sampling: str = "uniform"                    # uniform | adaptive
     adaptive_ratio: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # N_A:N_B:N_C
     phase_steps: int = 0                         # steps per adaptive phase; 0 = steps // users
     user_order: list[int] | None = None          # order users enter group B; None = by id
-    contrastive: float = 0.0                     # coefficient of 001 eq. 12 (0.5 in the report)
+    contrastive: float = 0.0                     # coefficient of Liu 2025 eq. 12 (0.5 in the report)
     gradient: str = "sum"                        # sum | pcgrad | mgda over per-user losses
     eval_pairs_per_user: int = 100
     # peak lr of the parts trained from scratch (heads, user model, VAE posterior and decoder);
@@ -265,7 +265,7 @@ class RewardSpec(LoopSpec):
             return loss, {**metrics, "mse": float(loss.detach())}
         per_pair = -torch.nn.functional.logsigmoid(out["r_chosen"] - out["r_rejected"])
         if self.cfg.method == "user_model" and self.cfg.alpha < 1:
-            # 004 §F.2 (algos.reward.personalized_bt_loss) kept per pair, so that gradient
+            # P-RLHF §F.2 (algos.reward.personalized_bt_loss) kept per pair, so that gradient
             # surgery can split it by user
             generic = -torch.nn.functional.logsigmoid(out["generic_chosen"] - out["generic_rejected"])
             per_pair = self.cfg.alpha * per_pair + (1 - self.cfg.alpha) * generic
@@ -375,7 +375,7 @@ class RewardSpec(LoopSpec):
 
     def _snapshot_latents(self, model, ctx: StepContext) -> None:
         """Latent means of LATENT_DRAWS demonstration sets per user, kept per evaluation step
-        (in the spec state, so a resumed run keeps them) for the t-SNE of 001 fig. 15."""
+        (in the spec state, so a resumed run keeps them) for the t-SNE of Liu 2025 fig. 15."""
         sampler = self._demo_sampler(seed=20_000 + self.seed)
         for uid in self.pairs:
             pool = self.demos()[uid]

@@ -1,11 +1,11 @@
 """Preference data of the reward-model recipes: per-user train / test pairs from the simulated
 world, each user's demonstration pool, and the pool's frozen embeddings (computed once).
 
-Populations: "two_user_conflict" (001 §3.5.1: helpfulness-only vs honesty-only, pairs both
-users order alike dropped) or "cluster" (001 §3.3.1's Dirichlet cluster users; ``n_users``
+Populations: "two_user_conflict" (Liu 2025 §3.5.1: helpfulness-only vs honesty-only, pairs both
+users order alike dropped) or "cluster" (Liu 2025 §3.3.1's Dirichlet cluster users; ``n_users``
 taken round-robin over the three clusters).
 
-Real fine-grained ratings instead (multi-objective regression, 003 §2.1): ``source`` a local
+Real fine-grained ratings instead (multi-objective regression, DPA §2.1): ``source`` a local
 file or folder read with the loader ``schema`` (helpsteer | ultrafeedback), validated with a
 quarantine; its pairs belong to one user (id 1) whose weights are the loader's quality
 weights, shuffled by ``world_seed`` and split into test and train pairs.
@@ -43,7 +43,7 @@ class RewardDataConfig:
     train_pairs_per_user: int = 400
     test_pairs_per_user: int = 100
     demo_pool: int = 100          # the first demo_pool train pairs of a user are its pool
-    n_demos: int = 8              # demonstrations per query (001 Table 1: 8 of 100)
+    n_demos: int = 8              # demonstrations per query (Liu 2025 Table 1: 8 of 100)
     source: str = WORLD           # "world" (simulated users) or a local file / folder of ratings
     schema: str = "helpsteer"     # loader schema of a real source: helpsteer | ultrafeedback
     max_quarantine_fraction: float = 0.5  # real source: HelpSteer has many equal-quality ties

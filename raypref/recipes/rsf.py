@@ -1,19 +1,19 @@
-"""Loop spec: DPA rejection-sampling fine-tuning (seed 003 §2.2, §3.1).
+"""Loop spec: DPA rejection-sampling fine-tuning (DPA §2.2, §3.1).
 
 Iteration t (``steps_per_iteration`` optimizer steps each) first builds its dataset D_t with
 the current policy: for prompts from one half of the prompt pool (halves alternate), sample
 directions v, generate ``n_samples`` responses to "<direction text> <prompt>" in one batched
 call, and keep the response with the highest ``v·r`` under the frozen multi-objective reward.
 D_t plus a replay share of original (prompt, response) data is then fitted with the SFT loss.
-Deviations from 003: the policy keeps training across iterations (003 restarts each iteration
+Deviations from DPA: the policy keeps training across iterations (DPA restarts each iteration
 from the SFT checkpoint and only samples with the last policy). With ``bare_first_iteration``
 (default) D_1's candidates are sampled from the bare prompt and stored under the conditioned
-one: 003's base (Mistral-7B-Instruct) follows a system prompt it was never tuned on, a small SFT
+one: DPA's base (Mistral-7B-Instruct) follows a system prompt it was never tuned on, a small SFT
 base does not (the tiny default's answers fall from ~75 to ~16-32 words when the unseen
 direction text is prepended, below the verbosity judge's range, so v·r would rank on
 helpfulness alone and no length control could be learned).
 
-The direction text defaults to 003's system prompt (``algos.dpa.direction_system_prompt``);
+The direction text defaults to DPA's system prompt (``algos.dpa.direction_system_prompt``);
 a tokenizer must be able to spell its numbers, which the tiny word-level one cannot.
 """
 
@@ -56,7 +56,7 @@ def selection_metrics(directions: torch.Tensor, kept: list[str], objectives: lis
 
 
 def spelled_direction(direction, objectives) -> str:
-    """003's system prompt with its numbers spelled token by token (for word-level tokenizers)."""
+    """DPA's system prompt with its numbers spelled token by token (for word-level tokenizers)."""
     return spelled(direction_system_prompt(direction, objectives))
 
 
@@ -71,11 +71,11 @@ class RSFSpec(LoopSpec):
     reward_factory: Callable
     objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
     direction_text: Callable | None = None
-    n_samples: int = 16  # responses per (prompt, direction); 003 keeps 1 of 16
-    directions_per_prompt: int = 5  # 003: 5
+    n_samples: int = 16  # responses per (prompt, direction); DPA keeps 1 of 16
+    directions_per_prompt: int = 5  # DPA: 5
     prompts_per_iteration: int = 32
     steps_per_iteration: int = 50
-    replay_fraction: float = 0.15  # 003: about 15% of each iteration's data
+    replay_fraction: float = 0.15  # DPA: about 15% of each iteration's data
     angle_range: tuple[float, float] = DEFAULT_ANGLES
     max_new_tokens: int = 48
     max_length: int = 160

@@ -42,7 +42,7 @@ class SFTConfig:
     resources: Resources = field(default_factory=_default_resources)
     world_seed: int = 0
     difficulty: float = 0.0  # World difficulty in [0, 1]
-    # the sassy / sarcastic styles (P3C / P3D, 002 §B.2) in the world, its corpus and vocabulary
+    # the sassy / sarcastic styles (P3C / P3D, P-Soups §B.2) in the world, its corpus and vocabulary
     extra_styles: bool = False
     corpus_size: int = 4000  # (prompt, response) pairs drawn from the world
     corpus_seed: int = 0

@@ -5,7 +5,7 @@
 * `MultiObjectiveReward`: scalarizes its per-attribute outputs with the user's weights
   (a vector, an id looked up in ``user_weights``, uniform for the generic user, or fitted
   to demonstrations by BT likelihood on the predicted attribute differences).
-* `PersonalizedReward` (004 §F.2): the user's learned embedding e_u by id; the generic user
+* `PersonalizedReward` (P-RLHF §F.2): the user's learned embedding e_u by id; the generic user
   (id 0) gets e_0. An id the user model has not seen raises, or, only when built with
   ``fallback_to_generic=True``, is scored as the generic user (P-RLHF's rule for unseen
   users). Weight vectors and demonstrations are not understood and raise.

@@ -92,7 +92,7 @@ class WeightedJudgeReward(nn.Module):
         return torch.tensor([sum(w * s[a] for a, w in weights.items()) for weights, s in judged])
 
 
-# 003 §3.1 takes "helpfulness" as the mean of UltraFeedback's four ratings; the world judges the
+# DPA §3.1 takes "helpfulness" as the mean of UltraFeedback's four ratings; the world judges the
 # same four aspects. Unlike the world's single helpfulness rating (marker words, steps of 0.25 on
 # the 0..1 scale) the mean is graded, so v·r can trade it against length a little at a time.
 OVERALL_HELPFULNESS = "overall_helpfulness"
@@ -112,7 +112,7 @@ def judge_objectives(world, response: str, prompt: str) -> dict[str, float]:
     return scores
 
 
-# 003 §3.1 builds on helpfulness and verbosity rewards that correlate positively (Singhal et al.:
+# DPA §3.1 builds on helpfulness and verbosity rewards that correlate positively (Singhal et al.:
 # reward models favour longer answers), which is why it samples only v2 <= 0. The world's judged
 # helpfulness barely tracks length (correlation -0.2..+0.1 on the SFT policy's samples), so the
 # reward model's length bias is modelled: helpfulness' = (1 - b) helpfulness + b length.
@@ -125,7 +125,7 @@ class WorldObjectives(nn.Module):
 
     ``helpfulness_length_bias`` b: a helpfulness objective reads (1 - b) × judged + b × length,
     length = words / (the word count where the verbosity judge reads 1), clipped to [0, 1]; the
-    length bias 003's reward model has and the world's judge lacks (HELPFULNESS_OBJECTIVES).
+    length bias DPA's reward model has and the world's judge lacks (HELPFULNESS_OBJECTIVES).
 
     ``verbosity_by_length``: verbosity reads words / (the word count where the judge reads 1),
     clipped to [0, 1]. The world's judge reads 0 for anything shorter than its one-sentence

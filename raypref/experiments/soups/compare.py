@@ -1,9 +1,9 @@
 """From judged scores of every seed to the numbers of the report (pure: no models, no files).
 
-Win rates pooled over seeds with bootstrap intervals over prompts and seeds (002 Table 2 with
+Win rates pooled over seeds with bootstrap intervals over prompts and seeds (P-Soups Table 2 with
 intervals), each method's average win rate, the per-combination W/L/T table of P-Soups against
-every other arm (002 Table 6), the criteria-wise win rate (002 §E.3), mean general quality per
-arm against SFT's (002 Fig. 2), and the weight sweep averaged over seeds with its quality.
+every other arm (P-Soups Table 6), the criteria-wise win rate (P-Soups §E.3), mean general quality per
+arm against SFT's (P-Soups Fig. 2), and the weight sweep averaged over seeds with its quality.
 """
 from __future__ import annotations
 

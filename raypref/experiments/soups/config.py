@@ -31,7 +31,7 @@ def _soups_resources() -> Resources:
 
 @dataclass
 class SoupsConfig:
-    """Personalized Soups (seed 002): per-preference policies, trained concurrently, merged post hoc."""
+    """Personalized Soups: per-preference policies, trained concurrently, merged post hoc."""
 
     output_dir: str = "outputs/soups"
     # where the training runs' checkpoints live: "" = <output_dir>/runs; a shared filesystem
@@ -43,7 +43,7 @@ class SoupsConfig:
     seeds: int = 1
     algo: str = "dpo"  # the per-preference method, by registry name (raypref.recipes): dpo, ipo, ppo, ...
     preferences: list[str] = field(default_factory=lambda: [p.name for p in psoups_profiles()])
-    # soups to build and compare; default: the 8 combinations of 002 Table 4 (uniform weights)
+    # soups to build and compare; default: the 8 combinations of P-Soups Table 4 (uniform weights)
     combinations: list[list[str]] = field(default_factory=psoups_combinations)
     # an extra user's soup, e.g. {"P1A": 0.5, "P2B": 0.3, "P3A": 0.2}
     user_weights: dict[str, float] = field(default_factory=dict)
@@ -116,7 +116,7 @@ class SoupsConfig:
             raise ValueError(f"preferences: unknown {unknown}; known: {sorted(known)}")
         extra = sorted(set(self.preferences) - {p.name for p in psoups_profiles()})
         if extra and not self.psoups_files and not self.sft.extra_styles:
-            raise ValueError(f"preferences: {extra} (002 §B.2) need the world's extra styles: "
+            raise ValueError(f"preferences: {extra} (P-Soups §B.2) need the world's extra styles: "
                              "set sft.extra_styles=true (configs/soups-16.yaml)")
         for i, combo in enumerate(self.combinations):
             missing = sorted(set(combo) - set(self.preferences))

@@ -31,7 +31,7 @@ class EvalConfig:
     seed: int = 0                # same seed for every method: paired comparisons
     batch_size: int = 96
     weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    tie_tolerance: float = 0.05  # judge differences within this are ties (002 §E.1)
+    tie_tolerance: float = 0.05  # judge differences within this are ties (P-Soups §E.1)
     # an arm whose mean quality is below SFT's by more than this gets a report line, and a
     # weight sweep whose quality falls that far below SFT's is not counted as monotone
     quality_margin: float = 0.05
@@ -39,7 +39,7 @@ class EvalConfig:
     # combination's instruction in the prompt too) and "ab_avg" (lora_factors_linear merge)
     arms: list[str] = field(default_factory=lambda: list(SOUP_ARMS))
     n_boot: int = 2000           # bootstrap replicates of the win-rate intervals
-    # "" = the simulated world's judges; else a causal LM judge in scoring mode (seed 001
+    # "" = the simulated world's judges; else a causal LM judge in scoring mode (Liu 2025
     # §5.3.2): "tiny" (tests) or a Hugging Face id / local folder. Required with real data.
     judge_model: str = ""
     # evaluation prompts (.txt one a line, or .jsonl); "" = the world's test-split prompts

@@ -1,4 +1,4 @@
-"""Each training seed's preference pairs, from one labelling path for every arm (seed 002 §2).
+"""Each training seed's preference pairs, from one labelling path for every arm (P-Soups §2).
 
 Simulated world: one set of candidate pairs per seed (train-split prompts) and one of
 held-out pairs (test-split prompts); each P-Soups preference labels the same candidates, and

@@ -63,7 +63,7 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
     judge = (f"LM judge `{cfg.eval.judge_model}` in scoring mode" if cfg.eval.judge_model
              else "the simulated world's judges")
     lines = ["# Personalized Soups report", ""]
-    lines += [f"Method: seed 002 (P-Soups), per-preference trainer `{cfg.algo}`, merge "
+    lines += [f"Method: P-Soups, per-preference trainer `{cfg.algo}`, merge "
               f"`{cfg.merge_method}`; {len(cfg.preferences)} preferences, "
               f"{len(cfg.combinations)} combinations, {cfg.seeds} training seed(s), "
               f"{n_prompts} held-out prompts × {cfg.eval.samples_per_prompt} samples, "
@@ -85,7 +85,7 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
                      if any(n.startswith("P-MORL-") for n in failed) else ""),
                   "A rerun with the same config retrains only the failed runs.", ""]
 
-    lines += ["## General quality (002 Fig. 2)", "",
+    lines += ["## General quality (P-Soups Fig. 2)", "",
               "Mean quality judge score per arm (0..1) and its quality win rate over SFT.", "",
               "| arm | mean quality | quality win rate vs SFT |", "|---|---|---|"]
     lines += [f"| {name} | {q:.3f} | {_pct(c.quality_vs_sft.get(name))} |"
@@ -113,11 +113,11 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
         lines += ["", "![weight sweep](sweep.png)", ""]
 
     if c.names:
-        lines += ["## Aggregated win rates (002 §E.1, ties excluded)", "",
+        lines += ["## Aggregated win rates (P-Soups §E.1, ties excluded)", "",
                   "Cells: win rate of the row over the column in % with its bootstrap "
                   f"{100 * next(iter(c.intervals.values())).level:.0f}% interval over prompts "
                   "and seeds, then wins/losses/ties; Avg.: the row's mean win rate over the "
-                  "other columns (002 Table 2).", "",
+                  "other columns (P-Soups Table 2).", "",
                   "| row vs column | " + " | ".join(c.names) + " | Avg. |",
                   "|---|" + "---|" * (len(c.names) + 1)]
         for row_name in c.names:
@@ -132,10 +132,10 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
         plot_win_rates(c.names, c.rates, folder / "win_rates.png")
         lines += ["", "![win rates](win_rates.png)", ""]
         if c.wlt:
-            lines += ["## P-Soups per combination (002 Table 6: W/L/T)", "", wlt_markdown(c.wlt), ""]
+            lines += ["## P-Soups per combination (P-Soups Table 6: W/L/T)", "", wlt_markdown(c.wlt), ""]
         if c.criteria:
             prefs = sorted({p for rates in c.criteria.values() for p in rates})
-            lines += ["## Criteria-wise win rate of P-Soups (002 §E.3)", "",
+            lines += ["## Criteria-wise win rate of P-Soups (P-Soups §E.3)", "",
                       "Per preference: the mean, over the combinations containing it, of "
                       "P-Soups' win rate on that preference's criterion alone.", "",
                       "| P-Soups vs | " + " | ".join(prefs) + " |", "|---|" + "---|" * len(prefs)]

@@ -1,11 +1,11 @@
-"""Personalized Soups end to end (seed 002): the library behind ``jobs/soups.py``.
+"""Personalized Soups end to end (P-Soups): the library behind ``jobs/soups.py``.
 
 1. the SFT base (cached by config hash), or a given base policy;
 2. each seed's preference pairs: one candidate set labelled by every arm (P-MORL included);
 3. one LoRA policy per preference per seed, all trained at once as separate Ray Train runs
    (a failed run is retried from its checkpoint, then reported; finished runs are reused);
 4. held-out implicit-reward accuracy of every policy;
-5. soups merged post hoc for every combination (002 eq. 5), a weight sweep per dimension,
+5. soups merged post hoc for every combination (P-Soups eq. 5), a weight sweep per dimension,
    and every arm's generations judged (the world's judges, or an LM judge on real data);
 6. win rates with intervals over prompts and seeds, tables, quality, report, merged models,
    and an MLflow child run per policy and baseline per seed.

@@ -25,6 +25,7 @@ import torch
 
 from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
+from raypref.recipes import recipe
 from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
@@ -132,7 +133,7 @@ def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
     cfg.validate()
     check_lora_targets(cfg.base_policy or cfg.sft.model.name_or_path, cfg.policy_training.lora,
-                       "ppo.lora" if cfg.algo == "ppo" else "training.lora")
+                       f"{recipe(cfg.algo).section}.lora")
     cfg = dataclasses.replace(cfg, eval=ev.for_seeds(cfg.eval, cfg.seeds))
     out = Path(cfg.output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)

@@ -35,3 +35,11 @@ def test_job_is_a_thin_entry_point(path):
 @pytest.mark.parametrize("path", JOBS, ids=lambda p: p.name)
 def test_job_runs_through_run_job(path):
     assert "run_job(main)" in path.read_text()
+
+
+def test_no_method_is_picked_by_an_algo_branch():
+    """Methods are looked up by name in the registry (raypref.recipes), never by `algo == ...`."""
+    root = Path(__file__).resolve().parents[1] / "raypref"
+    branches = [f"{p.relative_to(root)}:{i}" for p in root.rglob("*.py")
+                for i, line in enumerate(p.read_text().splitlines(), 1) if "algo ==" in line]
+    assert not branches, f"algo branches (use recipes.recipe(name)): {branches}"

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -239,7 +240,9 @@ def test_step_metrics_reach_mlflow_while_the_job_trains(ray_local, tmp_path):
     cfg = job_config(tmp_path, test_data="", max_quarantine_fraction=0.0,
                      training=DPOConfig(steps=30, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH),
                      resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=30))
-    client = mlflow.MlflowClient()
+    # the store the job logs to (the suite's autouse fixture sets it); a bare MlflowClient() would
+    # read a tracking URI an earlier test set in this process
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
     seen: list[int] = []  # history lengths read while the run was RUNNING
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
         job = pool.submit(train_dpo, cfg)

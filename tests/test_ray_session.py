@@ -136,6 +136,23 @@ def test_no_report_while_nothing_waits(ray_local, capsys):
     assert "[ray]" not in capsys.readouterr().out
 
 
+def _p1a_shards(tmp_path: Path) -> dict:
+    """The preference job's train and test shards: P1A's pairs from the simulated world."""
+    import dataclasses
+
+    import numpy as np
+
+    from raypref.data.simulate import write_shards
+    from raypref.data.world import World
+
+    world, paths = World(seed=0), {}
+    for key, n, split in (("train_data", 64, "train"), ("test_data", 32, "test")):
+        pairs = world.pairs_for_preference("P1A", n, np.random.default_rng(0), split=split)
+        write_shards([dataclasses.replace(p, user_id=1) for p in pairs], tmp_path / "shards" / split, 1000)
+        paths[key] = str(tmp_path / "shards" / split)
+    return paths
+
+
 @pytest.mark.slow
 def test_a_sweep_whose_trial_asha_stops_finishes_beside_a_second_ray(second_ray, tmp_path):
     """The stall of issue 21: ASHA stops a trial, its Ray Train controller dies with it and only
@@ -146,13 +163,13 @@ def test_a_sweep_whose_trial_asha_stops_finishes_beside_a_second_ray(second_ray,
     space = {"training.lr": {"distribution": "choice", "values": [1e-2, 1e-7]}}
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"params": space}))
-    job = {"sft": {"output_dir": str(ROOT / "outputs" / "sft")}, "training": {"steps": 8, "warmup_steps": 0},
-           "report_every": 2, "pairs": 64, "heldout_pairs": 32}
+    job = {"sft": {"output_dir": str(ROOT / "outputs" / "sft")}, **_p1a_shards(tmp_path),
+           "training": {"steps": 8, "warmup_steps": 0}, "resources": {"eval_every": 2}}
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(PYTHONPATH=str(ROOT), RAY_AUTH_MODE="token", RAY_USAGE_STATS_ENABLED="0",
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RAYPREF_RESOURCE_WAIT_LIMIT_S="300")
-    args = ["--name", "beside", "--storage_path", str(tmp_path / "sweeps"), "--space", str(space_file),
+    args = ["--name", "beside", "--output_dir", str(tmp_path / "sweeps"), "--space", str(space_file),
             "--num_samples", "4", "--grace_period", "4", "--reduction_factor", "2",
             "--progress_every_s", "10", "--seed", "0", "--job_config", json.dumps(job)]
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], env=env,

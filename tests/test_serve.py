@@ -259,11 +259,12 @@ TOKEN = "a-test-token-0123456789"
 @pytest.fixture(scope="module")
 def tight_app(server, soups_run, tmp_path_factory):
     """One request in flight and one queued per replica; a batch waits 1 s but a request only
-    0.3 s; a bearer token."""
+    0.02 s, less than 100 sampled tokens take on any CPU; a bearer token."""
     token_file = tmp_path_factory.mktemp("secret") / "token"
     token_file.write_text(TOKEN + "\n")
     return _extra_app(server, soups_run, "tight", {"max_ongoing_requests": 1, "max_queued_requests": 1},
-                      batch_wait_timeout_s=1.0, request_timeout_s=0.3, auth_token_file=str(token_file))
+                      batch_wait_timeout_s=1.0, request_timeout_s=0.02, max_new_tokens=100,
+                      auth_token_file=str(token_file))
 
 
 def test_bearer_token_guards_every_route_but_health(tight_app):
@@ -278,7 +279,9 @@ def test_bearer_token_guards_every_route_but_health(tight_app):
 def test_overload_is_a_503_and_a_slow_request_a_504(tight_app):
     """The queue was unbounded and nothing timed out. Now, past max_ongoing + max_queued, Serve
     answers 503 at once; a request not answered within request_timeout_s gets 504."""
-    body = {"prompt": PROMPT, "preferences": {"P1A": 1.0}, "max_new_tokens": 2}
+    # 100 sampled tokens: an admitted request cannot finish within the timeout, however fast the
+    # machine (with 2 greedy tokens an idle machine answered one in time: a 200)
+    body = {"prompt": PROMPT, "preferences": {"P1A": 1.0}, "max_new_tokens": 100, "temperature": 1.0, "seed": 0}
     auth = {"Authorization": f"Bearer {TOKEN}"}
     started = time.time()
     with ThreadPoolExecutor(8) as pool:

@@ -131,3 +131,47 @@ def fit_weights(score_diffs: torch.Tensor, steps: int = 500, lr: float = 1.0) ->
         w = w * np.exp(lr * grad)
         w /= w.sum()
     return torch.from_numpy(w).float()
+
+
+class JudgeWeightedReward(RewardFunction):
+    """A reward that is a user's weighted sum of judged attribute scores. Subclasses give
+    ``attributes``, ``users`` (id -> profile with ``weights``), ``attribute_scores`` and
+    ``generic_weights``; a user is read from explicit weights, demonstrations (weights fitted to
+    their score differences), the generic id, or a known id."""
+
+    attributes: list[str]
+    users: dict
+
+    @abstractmethod
+    def attribute_scores(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
+        """[n, k] scores in ``attributes`` order."""
+
+    @abstractmethod
+    def generic_weights(self) -> torch.Tensor:
+        """[k] weights of the generic user (id 0)."""
+
+    def weights_for(self, user: UserRef) -> torch.Tensor:
+        """The user's weight vector over ``attributes``."""
+        name = type(self).__name__
+        if user.weights is not None:
+            return torch.tensor(user.weights, dtype=torch.float64)
+        if user.demonstrations is not None:
+            demos = user.demonstrations
+            prompts = [d.prompt for d in demos]
+            diffs = (self.attribute_scores(prompts, [d.chosen for d in demos])
+                     - self.attribute_scores(prompts, [d.rejected for d in demos]))
+            return fit_weights(diffs).double()
+        if user.is_generic:
+            return self.generic_weights()
+        if user.user_id not in self.users:
+            raise UnknownUserError(f"{name}: unknown user id {user.user_id}; known: "
+                                   f"{sorted(self.users)} and 0 (generic)")
+        weights = self.users[user.user_id].weights
+        outside = {a for a, w in weights.items() if w and a not in self.attributes}
+        if outside:
+            raise ValueError(f"{name}: user {user.user_id} weighs {sorted(outside)}, "
+                             f"outside this reward's attributes {self.attributes}")
+        return torch.tensor([weights.get(a, 0.0) for a in self.attributes], dtype=torch.float64)
+
+    def _score(self, prompts, responses, user):
+        return self.attribute_scores(prompts, responses) @ self.weights_for(user)

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from raypref.data.users import User
-from raypref.rewards.base import RewardFunction, UnknownUserError, UserRef, fit_weights
+from raypref.rewards.base import JudgeWeightedReward
 
 _WORD = re.compile(r"[A-Za-z0-9]+(?:['’][A-Za-z]+)*")
 _SENTENCE_END = re.compile(r"(?<=[.!?])\s+")
@@ -341,7 +341,7 @@ def judge_correlations(scores: Mapping[str, np.ndarray], method: str = "spearman
                         ).corr(method=method)
 
 
-class TextJudgeReward(RewardFunction):
+class TextJudgeReward(JudgeWeightedReward):
     """A user's reward is ``Σ_a w_a · score_a / scale_a`` over ``attributes`` judged by a
     `TextJudges` panel. ``scales`` (default 1: raw units) put the judges on one footing, e.g.
     their standard deviations on the candidate pool (`pool_scales`). Users by id come from
@@ -374,32 +374,11 @@ class TextJudgeReward(RewardFunction):
         raw = torch.tensor(np.stack([scores[a] for a in self.attributes], axis=1), dtype=torch.float64)
         return raw / self.scales
 
-    def weights_for(self, user: UserRef) -> torch.Tensor:
-        """The user's weight vector over ``attributes``."""
-        if user.weights is not None:
-            return torch.tensor(user.weights, dtype=torch.float64)
-        if user.demonstrations is not None:
-            demos = user.demonstrations
-            prompts = [d.prompt for d in demos]
-            diffs = (self.attribute_scores(prompts, [d.chosen for d in demos])
-                     - self.attribute_scores(prompts, [d.rejected for d in demos]))
-            return fit_weights(diffs).double()
-        if user.is_generic:
-            if "quality" in self.attributes:
-                return torch.tensor([float(a == "quality") for a in self.attributes], dtype=torch.float64)
-            return torch.full((len(self.attributes),), 1.0 / len(self.attributes), dtype=torch.float64)
-        if user.user_id not in self.users:
-            raise UnknownUserError(f"TextJudgeReward: unknown user id {user.user_id}; known: "
-                                   f"{sorted(self.users)} and 0 (generic)")
-        weights = self.users[user.user_id].weights
-        outside = {a for a, w in weights.items() if w and a not in self.attributes}
-        if outside:
-            raise ValueError(f"TextJudgeReward: user {user.user_id} weighs {sorted(outside)}, "
-                             f"outside this reward's attributes {self.attributes}")
-        return torch.tensor([weights.get(a, 0.0) for a in self.attributes], dtype=torch.float64)
-
-    def _score(self, prompts, responses, user):
-        return self.attribute_scores(prompts, responses) @ self.weights_for(user)
+    def generic_weights(self) -> torch.Tensor:
+        """Quality alone where it is an attribute, else every attribute alike."""
+        if "quality" in self.attributes:
+            return torch.tensor([float(a == "quality") for a in self.attributes], dtype=torch.float64)
+        return torch.full((len(self.attributes),), 1.0 / len(self.attributes), dtype=torch.float64)
 
 
 def pool_scales(scores: Mapping[str, np.ndarray]) -> dict[str, float]:

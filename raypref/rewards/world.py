@@ -20,10 +20,10 @@ from torch import nn
 from raypref.data.labelling import ATTRIBUTE_RANGES
 from raypref.data.users import DIRICHLET_ASPECT_ORDER, UNIFORM_WEIGHTS, User
 from raypref.data.world import ATTRIBUTES, World
-from raypref.rewards.base import RewardFunction, UnknownUserError, UserRef, fit_weights
+from raypref.rewards.base import JudgeWeightedReward
 
 
-class WorldJudgeReward(RewardFunction):
+class WorldJudgeReward(JudgeWeightedReward):
     def __init__(self, world: World, users: Sequence[User] = (),
                  attributes: Sequence[str] = DIRICHLET_ASPECT_ORDER):
         unknown = set(attributes) - set(ATTRIBUTES)
@@ -35,35 +35,13 @@ class WorldJudgeReward(RewardFunction):
         if len(self.users) != len(users):
             raise ValueError("WorldJudgeReward: duplicate user ids in users")
 
-    def _judged(self, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def attribute_scores(self, prompts, responses) -> torch.Tensor:
         """[n, len(ATTRIBUTES judged)] judged scores in ``self.attributes`` order."""
         return torch.tensor([[self.world.judge(r, p)[a] for a in self.attributes]
                              for p, r in zip(prompts, responses)], dtype=torch.float64)
 
-    def weights_for(self, user: UserRef) -> torch.Tensor:
-        """The user's weight vector over ``attributes``."""
-        if user.weights is not None:
-            return torch.tensor(user.weights, dtype=torch.float64)
-        if user.demonstrations is not None:
-            demos = user.demonstrations
-            chosen = self._judged([d.prompt for d in demos], [d.chosen for d in demos])
-            rejected = self._judged([d.prompt for d in demos], [d.rejected for d in demos])
-            return fit_weights(chosen - rejected).double()
-        if user.is_generic:
-            return torch.tensor([UNIFORM_WEIGHTS.get(a, 0.0) for a in self.attributes],
-                                dtype=torch.float64)
-        if user.user_id not in self.users:
-            raise UnknownUserError(f"WorldJudgeReward: unknown user id {user.user_id}; known: "
-                                   f"{sorted(self.users)} and 0 (generic)")
-        weights = self.users[user.user_id].weights
-        outside = {a for a, w in weights.items() if w and a not in self.attributes}
-        if outside:
-            raise ValueError(f"WorldJudgeReward: user {user.user_id} weighs {sorted(outside)}, "
-                             f"outside this reward's attributes {self.attributes}")
-        return torch.tensor([weights.get(a, 0.0) for a in self.attributes], dtype=torch.float64)
-
-    def _score(self, prompts, responses, user):
-        return self._judged(prompts, responses) @ self.weights_for(user)
+    def generic_weights(self) -> torch.Tensor:
+        return torch.tensor([UNIFORM_WEIGHTS.get(a, 0.0) for a in self.attributes], dtype=torch.float64)
 
 
 class WeightedJudgeReward(nn.Module):

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypref.cli import job_main, run_job
-from raypref.experiments.policy import PDPOJobConfig, train_pdpo
+from raypref.experiments.pdpo import PDPOJobConfig, train_pdpo
 
 main = job_main(PDPOJobConfig, train_pdpo, __doc__)
 

@@ -14,7 +14,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypref.cli import job_main, run_job
-from raypref.experiments.policy import PPOJobConfig, train_ppo
+from raypref.experiments.ppo import PPOJobConfig, train_ppo
 
 main = job_main(PPOJobConfig, train_ppo, __doc__)
 

@@ -146,7 +146,7 @@ def test_user_model_lifts_the_minority_above_vanilla_dpo(sft_dir):
     the individual user model also serves the minority (measured: shorter-group accuracy 0.25
     vanilla, 0.53 P-DPO, on 16 held-out pairs per annotator)."""
     from raypref.data.world import World
-    from raypref.experiments.policy import PDPOJobConfig, length_conflict_data
+    from raypref.experiments.pdpo import PDPOJobConfig, length_conflict_data
 
     cfg = PDPOJobConfig(n_annotators=6, unseen_annotators=0, pairs_per_user=32, eval_pairs_per_user=16)
     train, held_out, groups = length_conflict_data(cfg, World(seed=0))

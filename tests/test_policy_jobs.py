@@ -124,7 +124,8 @@ def test_ppo_export_is_a_soups_policy(tiny_base, tmp_path):
 
 
 def test_job_configs_name_bad_fields():
-    from raypref.experiments.policy import PDPOJobConfig, PPOJobConfig
+    from raypref.experiments.pdpo import PDPOJobConfig
+    from raypref.experiments.ppo import PPOJobConfig
 
     with pytest.raises(ValueError, match="user_model"):
         PDPOJobConfig(user_model="both").validate()
@@ -204,7 +205,7 @@ def test_pdpo_job_through_runner_reports_accuracies_and_reloads(ray_local, tiny_
 
     from raypref.config import parse_args
     from raypref.data.world import World
-    from raypref.experiments.policy import PDPOJobConfig, length_conflict_data, train_pdpo
+    from raypref.experiments.pdpo import PDPOJobConfig, length_conflict_data, train_pdpo
     from raypref.models.factory import load_pretrained
     from raypref.models.user_model import PersonalizedLM, UserModel
     from raypref.recipes.pdpo import PDPOSpec
@@ -371,7 +372,7 @@ def test_generation_budgets_too_short_for_the_verbosity_judge_are_refused():
     """Below ~100 new tokens every sample reads verbosity 0 (PPO on P2A/P2B and RSF learned nothing
     that way, twice): the jobs refuse such a budget before any work, naming the field."""
     from raypref.data.world import World
-    from raypref.experiments.policy import check_length_reach
+    from raypref.experiments.world import check_length_reach
 
     world = World(seed=0)
     zero, one = world.verbosity_words()

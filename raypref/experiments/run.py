@@ -181,6 +181,13 @@ def run_experiment(experiment: Experiment, cfg) -> JobResult:
     return job_result
 
 
+def report_paths(job: str, result: JobResult) -> None:
+    """The console lines every policy job ends with: where the policy and the MLflow run are."""
+    print(f"[{job}] policy: {result.policy_dir}")
+    print(f"[{job}] summary: {result.output_dir / SUMMARY_FILE}; MLflow run {result.run_id} in "
+          f"{result.tracking_uri}")
+
+
 def _flat_numbers(d: dict, prefix: str = "") -> dict[str, float]:
     """The numbers of a nested dict as {"a.b": x} (lists and strings are left to the summary)."""
     out = {}

@@ -37,7 +37,7 @@ RECIPES: dict[str, Method] = {m.name: m for m in (
     pair_method("ipo", DPOConfig, DPOSpec, dpo_loss, "IPO: DPO's squared-margin variant",
                 metric="reward_accuracy", summary=PAIR_SUMMARY, loss_type="ipo"),
     Method("pdpo", Optimization, PDPOSpec, pdpo_loss, USERS, about="P-DPO / P-IPO with a user model "
-           "(experiments/policy.py PDPOJobConfig holds its settings)"),
+           "(experiments/pdpo.py PDPOJobConfig holds its settings)"),
     Method("ppo", PPOConfig, PPOSpec.from_config, policy_loss, PROMPTS, section="ppo",
            summary=("reward/score", "kl/per_response"), per_preference=_ppo_policy,
            about="PPO against a reward (Soups: the preference's world judge)"),

@@ -85,7 +85,7 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
                     resources=Resources(checkpoint_every=200, zero_stage=0))
     settings = dict(preferences=["P2A", "P2B", "P3A", "P3B"],
                     combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
-                    user_weights={"P2A": 0.7, "P3A": 0.3})
+                    user_weights={"P2A": 0.7, "P3A": 0.3}, user_target={"P2A": 0.5, "P3A": 0.5})
     settings.update(overrides)
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
@@ -100,7 +100,7 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
 
 
 @pytest.mark.slow
-def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sft_cache, ray_local):
+def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sft_cache, ray_local, monkeypatch):
     # P2B's worker dies once (Ray Train restarts it from its checkpoint); P3B's dies on every
     # attempt, so it is reported, and P2B+P3B is left out of every comparison.
     cfg = tiny_config(tmp_path, sft_cache, inject_failures={"P2B": "once", "P3B": "always"})
@@ -177,6 +177,19 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sf
     assert outcomes["P3B-s0"].ok and outcomes["P3B-s0"].result.final_step == cfg.training.steps
     assert outcomes["P2A-s0"].result.metrics[-1]["step"] == cfg.training.steps
 
+    # the user's soup is scored for its user, and a soups sweep trial of this very config (its
+    # runs where the sweep keeps them: <sweep>/soups) reuses the runs and reports the same score
+    from ray import tune
+
+    from raypref.experiments.sweep import _soups_trial
+
+    assert 0.0 <= result.user_score <= 1.0 and run.data.metrics["user_score"] == pytest.approx(result.user_score)
+    reports = []
+    monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
+    _soups_trial(cfg, {}, "trial_001", tmp_path)
+    assert reports[-1]["prompts"] == cfg.eval.n_prompts
+    assert reports[-1]["user_score"] == pytest.approx(result.user_score, abs=1e-9)
+
 
 @pytest.mark.slow
 def test_real_data_is_judged_by_the_lm_judge_on_the_prompts_file(tmp_path, sft_cache, ray_local):
@@ -188,7 +201,7 @@ def test_real_data_is_judged_by_the_lm_judge_on_the_prompts_file(tmp_path, sft_c
     cfg = tiny_config(tmp_path, sft_cache, preferences=["P1A"], combinations=[["P1A"]],
                       baselines=["sft", "prompting"], psoups_files={"P1A": str(fixture)},
                       max_quarantine_fraction=0.5, register_models=False)
-    cfg.user_weights = {}
+    cfg.user_weights, cfg.user_target = {}, {}
     cfg.training.steps = 2
     cfg.training.micro_batch_size = 1  # the fixture's 2 valid rows: 1 trains, 1 is held out
     cfg.eval = ev.EvalConfig(judge_model="tiny", prompts_file=str(prompts), arms=[],

@@ -158,13 +158,19 @@ def test_simplex_weights_lie_on_the_simplex_above_the_floor():
     assert simplex_weights({"a": 1.0, "b": 1.0}) == {"a": 0.5, "b": 0.5}
 
 
-def test_soups_space_must_name_the_jobs_adapters_and_target_scores_in_0_1():
-    from raypref.experiments.sweep import SoupsTrialConfig, target_score
+def test_soups_space_must_name_the_jobs_preferences_and_target_scores_in_0_1():
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.run import target_score
 
+    sweep = plan(SweepConfig(job="soups"))  # the soups job's own config with the sweep's defaults
+    assert sweep.job.config is SoupsConfig and [p.path for p in sweep.space.params] == ["user_weights"]
     with pytest.raises(SpaceError, match="P2B"):
-        parse_space({"weights": {"distribution": "simplex", "keys": ["P1A", "P2B"]}}, SoupsTrialConfig)
-    with pytest.raises(ValueError, match="target.*have no adapter"):
-        SoupsTrialConfig(target={"P1B": 1.0}).validate()
+        parse_space({"user_weights": {"distribution": "simplex", "keys": ["P1A", "P2B"]}}, SoupsConfig,
+                    sweep.base)
+    with pytest.raises(ValueError, match="user_target.*not in preferences"):
+        dataclasses.replace(sweep.base_config, user_target={"P1B": 1.0}).validate()
+    with pytest.raises(ValueError, match="user_target.*needs user_weights"):
+        dataclasses.replace(sweep.base_config, user_weights={}).validate()
     scores = {"expertise": 0.0, "verbosity": 1.0, "style": 0.0}
     # P1A wants low expertise (reward 1), P2A low verbosity (reward 0)
     assert target_score({"P1A": 1.0}, scores) == pytest.approx(1.0)
@@ -313,19 +319,25 @@ def test_a_killed_sweep_rerun_with_its_name_runs_only_the_remaining_trials(tmp_p
 
 
 @pytest.mark.slow
-def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(tmp_path, monkeypatch):
-    """No training: a tiny base, two random LoRA adapters; the trial merges them with the
-    trial's weights and reports the target user's judged score after every chunk of prompts."""
+def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batch(tmp_path, monkeypatch):
+    """A trial is the soups job's config + sampled user_weights: the job's training stage (here
+    handing over a tiny base and two random LoRA adapters, as a finished run would), then the
+    job's own user-soup scoring, reported after every eval batch. Its score equals that of an
+    offline soup with its weights, and another weighting scores differently."""
     import torch
     from ray import tune
 
     from raypref.data.world import World
+    from raypref.experiments.soups import run as soups_run
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.sweep import _soups_trial
+    from raypref.eval.generation import WorldScorer, judged_generations
     from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy,
                                         build_tokenizer, save_pretrained_safetensors)
-    from raypref.experiments.sweep import SoupsTrialConfig, _soups_trial
 
     model_cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2)
-    tokenizer = build_tokenizer(model_cfg, World(0, 0.0).vocabulary())
+    world = World(0, 0.0)
+    tokenizer = build_tokenizer(model_cfg, world.vocabulary())
     torch.manual_seed(0)
     base_dir = save_pretrained_safetensors(build_policy(model_cfg, tokenizer), tokenizer, tmp_path / "base")
     adapters = {}
@@ -336,48 +348,60 @@ def test_soups_trial_merges_the_adapters_and_reports_the_users_score_per_chunk(t
             if "lora_B" in name:
                 torch.nn.init.normal_(param, std=0.5)  # a non-zero update to merge
         peft_model.save_pretrained(tmp_path / pref)
-        adapters[pref] = str(tmp_path / pref)
+        adapters[pref] = tmp_path / pref
+    stages = []
+
+    def trained_policies(cfg, out):  # the job's training stage, its runs already finished
+        stages.append(out)
+        # the world's judges, as ev.make_scorer gives them (which refuses 8 tokens for a verbosity preference)
+        return soups_run.TrainedPolicies(str(base_dir), world, WorldScorer(world), soups_run.ev.eval_prompts(
+            cfg.eval, world), [], {}, [], {}, [adapters], 0.0)
+
+    monkeypatch.setattr(soups_run, "trained_policies", trained_policies)
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
-    cfg = SoupsTrialConfig(preferences=["P1A", "P2A"], target={"P1A": 1.0}, weights={"P1A": 0.7, "P2A": 0.3},
-                           n_prompts=6, report_every=3, max_new_tokens=8)
-    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    space = tmp_path / "two.yaml"  # configs/sweeps/soups.yaml over two of its preferences
+    space.write_text(yaml.safe_dump({"params": {"user_weights": {"distribution": "simplex", "keys": ["P1A", "P2A"]}}}))
+    sweep = plan(SweepConfig(job="soups", space=str(space), grace_period=3, job_config={
+        "preferences": ["P1A", "P2A"], "user_weights": {"P1A": 0.5, "P2A": 0.5}, "user_target": {"P1A": 1.0},
+        "eval": {"n_prompts": 6, "batch_size": 3, "max_new_tokens": 8}}))
+    cfg = sweep.space.apply(SoupsConfig, sweep.base, {"user_weights[P1A]": 0.7, "user_weights[P2A]": 0.3})
+    weights = cfg.user_weights  # what the simplex made of the draws; jobs/soups.py would read the same
+    assert set(weights) == {"P1A", "P2A"} and weights["P1A"] < weights["P2A"] and sum(weights.values()) == pytest.approx(1)
+    _soups_trial(cfg, {}, "trial_001", tmp_path)
+    assert stages == [tmp_path / "soups"]  # the sweep's runs, where prepare trained them
     assert [r["prompts"] for r in reports] == [3, 6]
     assert all(0.0 <= r["user_score"] <= 1.0 for r in reports)
     again = []
     monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
-    _soups_trial(cfg, {"sft_dir": str(base_dir), "adapters": adapters}, "trial_001", tmp_path)
+    _soups_trial(cfg, {}, "trial_001", tmp_path)
     assert again == reports  # seeded: a trial's score is reproducible
     # the trial's score is that of an offline soup with its weights (peft-materialized policies,
-    # averaged in full), and another weighting scores differently
-    from dataclasses import replace
-
+    # averaged in full), sampled as the soups job samples seed 0's arms, batch by batch
     from peft import PeftModel
 
-    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations
     from raypref.models.factory import load_pretrained
     from raypref.models.merge import merge_full
-    from raypref.experiments.sweep import target_score
 
     full = {}
     for pref, path in adapters.items():
         base, _ = load_pretrained(str(base_dir))
-        full[pref] = PeftModel.from_pretrained(base, path).merge_and_unload().state_dict()
-    world = World(0, 0.0)
+        full[pref] = PeftModel.from_pretrained(base, str(path)).merge_and_unload().state_dict()
     prompts = world.prompts(6, split="test")
+    settings = dataclasses.replace(cfg.eval, seed=cfg.eval.seed + cfg.seed)
 
     def offline_score(weights):
         model, tok = load_pretrained(str(base_dir))
         model.load_state_dict(merge_full(full, weights))
-        settings, rewards = GenerationSettings(max_new_tokens=8, seed=cfg.seed), []
+        rewards = []
         for start in (0, 3):
             _, scores = judged_generations(WorldScorer(world), model.eval(), tok, prompts[start:start + 3],
-                                           replace(settings, seed=cfg.seed + start))
-            rewards += [target_score({"P1A": 1.0}, s) for s in scores]
+                                           dataclasses.replace(settings, seed=settings.seed + start))
+            rewards += [soups_run.target_score({"P1A": 1.0}, s) for s in scores]
         return sum(rewards) / len(rewards)
 
-    assert reports[-1]["user_score"] == pytest.approx(offline_score({"P1A": 0.7, "P2A": 0.3}), abs=1e-6)
-    assert reports[-1]["user_score"] != pytest.approx(offline_score({"P1A": 0.0, "P2A": 1.0}), abs=1e-3)
+    assert reports[-1]["user_score"] == pytest.approx(offline_score(weights), abs=1e-6)
+    assert reports[-1]["user_score"] != pytest.approx(offline_score({"P1A": 1.0, "P2A": 0.0}), abs=1e-3)
 
 
 def test_trials_the_time_budget_ended_are_not_called_stopped_early_or_failed():

@@ -9,26 +9,25 @@ schedules on comes from the job's own training run. (The Tune / Optuna / ASHA ma
             (job_config: {method: orpo}); metric: held-out accuracy of that method, every
             resources.eval_every steps
     reward  the reward job (experiments/reward.py); metric: the users' mean test accuracy
-    soups   merge weights over trained adapters (no training; its own trial config, below)
+    soups   the soups job (experiments/soups/): the user's merge weights (user_weights) over the
+            per-preference policies the sweep trains once; metric: the user's judged score
 """
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-
-import numpy as np
 
 from raypref import atomic
 from raypref.experiments.preference import DPOJobConfig, PreferenceExperiment
 from raypref.experiments.reward import RewardExperiment, RewardJobConfig, demo_cache
 from raypref.experiments.run import SUMMARY_FILE, run_experiment
-from raypref.models.factory import LoraSettings, ModelConfig
+from raypref.experiments.soups.config import SoupsConfig
+from raypref.models.factory import ModelConfig
 from raypref.recipes import recipe
-from raypref.recipes.dpo import DPOConfig, DPOSpec
 from raypref.recipes.sft import SFTConfig, train_sft
 from raypref.sweep.run import SweepConfig, SweepJob, run_sweep as _run_sweep
-from raypref.train.runner import HISTORY_FILE, Optimization, Resources, runner_config
+from raypref.train.runner import HISTORY_FILE, Optimization, Resources
 
 SWEEP_SPACES = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
 TRIALS_DIR = "trials"  # <sweep>/trials/<trial>: each trial's job run folder
@@ -143,117 +142,71 @@ def _reward_trial(cfg: RewardJobConfig, shared: dict, trial_name: str, sweep_dir
 
 
 # ---------------------------------------------------------------- soups (merge weights)
-# Not yet a trial of the soups job's own config: the soups job trains and evaluates every
-# combination at once, while this trial only merges given adapters with sampled weights.
+# A trial is the soups job's own config (experiments/soups/config.py) with the sampled
+# user_weights: it runs the job's training stage, which reuses the per-preference runs the
+# sweep's preparation trained (same fingerprint: nothing is retrained), then the job's own
+# scoring of the user's soup (`user_soup_score`), reported after every eval.batch_size prompts.
+# `jobs/soups.py` with the same config and user_weights prints the same score.
+
+SOUPS_TRIAL_DEFAULTS = {
+    "sft": _tiny_sft(),
+    "preferences": ["P1A", "P2A", "P3B"],
+    "combinations": [], "baselines": [],  # one user's soup: no comparison arms, no P-MORL
+    "user_weights": {"P1A": 1 / 3, "P2A": 1 / 3, "P3B": 1 / 3},  # sampled by the space
+    "user_target": {"P1A": 0.6, "P2A": 0.3, "P3B": 0.1},
+    "pairs_per_preference": 256,
+    "training": {"steps": 40, "micro_batch_size": 8, "warmup_steps": 4,
+                 "lora": {"r": 4, "alpha": 8}},
+    "resources": {"checkpoint_every": 40},
+    "register_models": False,
+    # 48 held-out prompts, one sample each, a report every 8 (what ASHA compares trials on)
+    "eval": {"n_prompts": 48, "samples_per_prompt": 1, "batch_size": 8, "max_new_tokens": 64},
+}
 
 
-@dataclass
-class SoupsTrialConfig:
-    """A soups trial: no training. Merge per-preference LoRA adapters with `weights` (exactly:
-    base + sum w_i B_i A_i) and score generations with the world's judges as a target user
-    would (the mean over the user's preferences of each preference's 0..1 reward). Reported
-    every `report_every` prompts, so ASHA can drop a poor weighting early."""
-
-    sft: SFTConfig = field(default_factory=_tiny_sft)
-    preferences: list[str] = field(default_factory=lambda: ["P1A", "P2A", "P3B"])
-    # folder with one adapter folder per preference (e.g. a soups run's runs/<key>/<P>/final);
-    # "" = train them once per sweep (into <sweep>/adapters/, reused when resumed)
-    adapters_dir: str = ""
-    adapter_pairs: int = 256
-    adapter_training: DPOConfig = field(default_factory=lambda: DPOConfig(
-        steps=40, micro_batch_size=8, warmup_steps=4, lora=LoraSettings(r=4, alpha=8)))
-    weights: dict[str, float] = field(default_factory=dict)  # searched; {} = uniform
-    target: dict[str, float] = field(default_factory=lambda: {"P1A": 0.6, "P2A": 0.3, "P3B": 0.1})
-    merge_method: str = "exact_lora"
-    n_prompts: int = 48  # held-out prompts
-    report_every: int = 8  # prompts between reports
-    max_new_tokens: int = 64
-    seed: int = 0
-
-    def validate(self) -> None:
-        from raypref.data.users import psoups_profile
-        from raypref.models.merge import METHODS, validate_weights
-
-        for name in [*self.preferences, *self.target]:
-            psoups_profile(name)  # raises naming an unknown preference
-        if self.weights:
-            validate_weights(self.weights, self.preferences)
-        missing = sorted(set(self.target) - set(self.preferences))
-        if missing:
-            raise ValueError(f"SoupsTrialConfig.target: {missing} have no adapter (preferences "
-                             f"{self.preferences}); the sweep would score what it cannot merge")
-        if any(w < 0 for w in self.target.values()) or sum(self.target.values()) <= 0:
-            raise ValueError(f"SoupsTrialConfig.target={self.target}: weights must be >= 0, not all 0")
-        if self.merge_method not in METHODS:
-            raise ValueError(f"SoupsTrialConfig.merge_method={self.merge_method!r}: one of {METHODS}")
-        if not 1 <= self.report_every <= self.n_prompts:
-            raise ValueError("SoupsTrialConfig.report_every: must be in [1, n_prompts]")
+def _soups_folder(sweep_dir: Path) -> Path:
+    """Where the sweep's soups runs live: the trained policies under runs/<training key>/."""
+    return sweep_dir / "soups"
 
 
-def _soups_prepare(cfg: SoupsTrialConfig, sweep_dir: Path) -> dict:
-    """The SFT base and one trained adapter per preference (trained here unless given)."""
-    from raypref.data.world import World
-    from raypref.recipes.sft import train_sft
-    from raypref.train.runner import FINAL_DIR, run
-
-    sft_dir = train_sft(cfg.sft)
-    if cfg.adapters_dir:
-        adapters = {p: str(Path(cfg.adapters_dir).expanduser().resolve() / p) for p in cfg.preferences}
-        missing = [p for p, path in adapters.items() if not (Path(path) / "adapter_config.json").exists()]
-        if missing:
-            raise FileNotFoundError(f"SoupsTrialConfig.adapters_dir={cfg.adapters_dir}: no adapter for {missing}")
-        return {"sft_dir": str(sft_dir), "adapters": adapters}
-    world = World.from_config(cfg.sft)
-    t, adapters = cfg.adapter_training, {}
-    for i, name in enumerate(cfg.preferences):
-        final = sweep_dir / "adapters" / name / FINAL_DIR
-        if not (final / "adapter_config.json").exists():
-            pairs = world.pairs_for_preference(name, cfg.adapter_pairs, np.random.default_rng([cfg.seed, i]))
-            spec = DPOSpec.from_config(t, str(sft_dir), pairs, name=name, seed=cfg.seed)
-            print(f"[sweep] training the {name} adapter ({t.steps} steps)", flush=True)
-            run(spec, runner_config(t, Resources(zero_stage=0, checkpoint_every=t.steps), name=name,
-                                    storage_path=str(sweep_dir / "adapters"), seed=cfg.seed))
-        adapters[name] = str(final)
-    return {"sft_dir": str(sft_dir), "adapters": adapters}
+def _soups_check(cfg: SoupsConfig) -> None:
+    if not cfg.user_target:
+        raise ValueError("job_config.user_target: the sweep maximizes the user's score; name the user's weights")
 
 
-def target_score(target: dict[str, float], scores: dict[str, float]) -> float:
-    """The target user's 0..1 reward of one judged text: its preferences' rewards, weighted."""
-    from raypref.data.labelling import preference_reward
+def _soups_prepare(cfg: SoupsConfig, sweep_dir: Path) -> dict:
+    """The soups job's training stage once, on the driver: the SFT base and one policy per
+    preference (the trials find them finished and reuse them)."""
+    from raypref.experiments.soups.run import trained_policies
 
-    total = sum(target.values())
-    return sum(w * preference_reward(p, scores) for p, w in target.items()) / total
+    _soups_check(cfg)
+    stage = trained_policies(cfg, _soups_folder(sweep_dir))
+    if stage.failed:
+        raise RuntimeError(f"the sweep's policies failed to train: {stage.failed}")
+    return {}
 
 
-def _soups_trial(cfg: SoupsTrialConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
+def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
     from ray import tune
 
-    from raypref.data.world import World
-    from raypref.eval.generation import GenerationSettings, WorldScorer, judged_generations
-    from raypref.models.factory import load_pretrained
-    from raypref.models.merge import LoraAdapter, soup_model
+    from raypref.experiments.soups.run import Souper, seed_eval, trained_policies, user_soup_score
 
-    weights = cfg.weights or {p: 1.0 / len(cfg.preferences) for p in cfg.preferences}
-    base, tokenizer = load_pretrained(shared["sft_dir"])
-    # merged from the base module: each module's orientation and tied weights are visible
-    model = soup_model(cfg.merge_method, base, weights,
-                       adapters={p: LoraAdapter.from_dir(shared["adapters"][p]) for p in weights})
-    world = World.from_config(cfg.sft)
-    prompts = world.prompts(cfg.n_prompts, split="test")
-    eval_cfg = GenerationSettings(max_new_tokens=cfg.max_new_tokens, seed=cfg.seed)
-    rewards: list[float] = []
-    for start in range(0, len(prompts), cfg.report_every):
-        chunk = prompts[start:start + cfg.report_every]
-        _, scores = judged_generations(WorldScorer(world), model, tokenizer, chunk, replace(eval_cfg, seed=cfg.seed + start))
-        rewards += [target_score(cfg.target, s) for s in scores]
-        tune.report({"prompts": len(rewards), "user_score": float(np.mean(rewards))})
+    _soups_check(cfg)
+    cfg.validate()
+    stage = trained_policies(cfg, _soups_folder(sweep_dir))  # reuses the runs prepare trained
+    if stage.failed:
+        raise RuntimeError(f"trial {trial_name}: policies failed to train: {stage.failed}")
+    souper = Souper(cfg, stage.sft_dir, {p: stage.trained[0][p] for p in cfg.user_weights})
+    user_soup_score(cfg, souper, stage.scorer, stage.prompts, seed_eval(cfg, 0),
+                    report=lambda n, score: tune.report({"prompts": n, "user_score": score}))
 
 
 JOBS: dict[str, SweepJob] = {
     "soups": SweepJob(
-        name="soups", config=SoupsTrialConfig, metric="user_score", mode="max", time_attr="prompts",
-        max_t=lambda cfg: cfg.n_prompts, prepare=_soups_prepare, trial=_soups_trial,
-        default_space=SWEEP_SPACES / "soups.yaml", model_path=lambda sweep_dir, trial: None),
+        name="soups", config=SoupsConfig, metric="user_score", mode="max", time_attr="prompts",
+        max_t=lambda cfg: cfg.eval.n_prompts, prepare=_soups_prepare, trial=_soups_trial,
+        default_space=SWEEP_SPACES / "soups.yaml", defaults=SOUPS_TRIAL_DEFAULTS,
+        model_path=lambda sweep_dir, trial: None),
     "dpo": SweepJob(
         name="dpo", config=DPOJobConfig, metric=_dpo_metric, mode="max", time_attr="step",
         max_t=lambda cfg: cfg.training.steps, prepare=_dpo_prepare, trial=_dpo_trial,

@@ -19,10 +19,10 @@ from typing import Any, Callable
 import yaml
 
 from raypref import ray_session
-from raypref.config import check_fields, from_dict, _merge, to_dict
+from raypref.config import check_fields, from_dict, to_dict
 from raypref.sweep.report import (BudgetWatch, ProgressTable, MLflowTrials, trial_rows, trial_name,
                                   write_summary)
-from raypref.sweep.space import SearchSpace, load_space
+from raypref.sweep.space import SearchSpace, SpaceError, field_type_of, load_space
 
 STATE_FILE = "sweep.json"  # the sweep's own state: MLflow parent run, space, job
 ATTEMPTS_DIR = "attempts"  # attempts/<trial>.txt: one line (the Ray node id) per attempt
@@ -104,8 +104,8 @@ def plan(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> Sweep:
     if cfg.job not in jobs:
         raise ValueError(f"SweepConfig.job={cfg.job!r}: unknown; known: {sorted(jobs)}")
     job = jobs[cfg.job]
-    defaults = _merge(to_dict(job.config()), to_dict_deep(job.defaults))
-    base = from_dict(job.config, _merge(defaults, cfg.job_config), "job_config.")
+    defaults = overridden(job.config, to_dict(job.config()), to_dict_deep(job.defaults))
+    base = from_dict(job.config, overridden(job.config, defaults, cfg.job_config), "job_config.")
     if hasattr(base, "validate"):
         base.validate()
     if callable(job.metric):  # e.g. the preference job's: the chosen method's held-out score
@@ -119,6 +119,22 @@ def plan(cfg: SweepConfig, jobs: dict[str, SweepJob]) -> Sweep:
         raise ValueError(f"SweepConfig.grace_period={cfg.grace_period}: must be in [1, {sweep.max_t}] "
                          f"(the trial's {job.time_attr}s)")
     return sweep
+
+
+def overridden(config_cls: type, base: dict, override: dict) -> dict:
+    """``base`` (a config as a dict) with ``override``: a config section is overridden field by
+    field, any other value (a dict-valued field such as soup weights too) replaced whole."""
+    out = dict(base)
+    for key, value in override.items():
+        try:
+            tp = field_type_of(config_cls, key, "job_config")
+        except SpaceError:  # not a field: from_dict names it
+            tp = None
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and dataclasses.is_dataclass(tp):
+            out[key] = overridden(tp, out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def to_dict_deep(d: dict) -> dict:

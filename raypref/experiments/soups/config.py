@@ -47,6 +47,10 @@ class SoupsConfig:
     combinations: list[list[str]] = field(default_factory=psoups_combinations)
     # an extra user's soup, e.g. {"P1A": 0.5, "P2B": 0.3, "P3A": 0.2}
     user_weights: dict[str, float] = field(default_factory=dict)
+    # how that user weighs its preferences, e.g. {"P1A": 0.6, "P2A": 0.3, "P3B": 0.1}: its soup is
+    # then judged on the held-out prompts and scored as the weighted mean of the preferences'
+    # 0..1 rewards (user_score; the merge-weight sweep maximizes it over user_weights)
+    user_target: dict[str, float] = field(default_factory=dict)
     merge_method: str = "exact_lora"    # see raypref.models.merge.METHODS
     merge_density: float = 0.5          # ties / dare only
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
@@ -126,9 +130,24 @@ class SoupsConfig:
         if bad:
             raise ValueError(f"baselines: unknown {bad}; known: {list(BASELINES)}")
         if self.user_weights:
-            from raypref.models.merge import validate_weights
+            from raypref.models.merge import MergeError, validate_weights
 
-            validate_weights(self.user_weights, self.preferences)
+            try:
+                validate_weights(self.user_weights, self.preferences)
+            except MergeError as e:
+                raise ValueError(f"user_weights={self.user_weights}: {e}") from None
+        if self.user_target:
+            stray = sorted(set(self.user_target) - set(self.preferences))
+            if stray:
+                raise ValueError(f"user_target: {stray} are not in preferences {self.preferences}; "
+                                 "the user's soup cannot hold them")
+            if any(w < 0 for w in self.user_target.values()) or sum(self.user_target.values()) <= 0:
+                raise ValueError(f"user_target={self.user_target}: weights must be >= 0, not all 0")
+            if not self.user_weights:
+                raise ValueError("user_target: needs user_weights (the soup it scores)")
+            if self.eval.judge_model or self.psoups_files:
+                raise ValueError("user_target: the user's score reads the simulated world's judges; "
+                                 "not available with eval.judge_model or psoups_files")
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
             raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
         stray = sorted(set(self.psoups_files) - set(self.preferences))

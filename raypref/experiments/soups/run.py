@@ -60,6 +60,7 @@ class SoupsResult:
     win_rates: dict = field(default_factory=dict)
     quality: dict = field(default_factory=dict)
     sft_scores: dict = field(default_factory=dict)            # SFT's mean judge scores
+    user_score: float | None = None  # the user soup's score for user_target, mean over seeds
 
 
 def _log(msg: str) -> None:
@@ -124,10 +125,104 @@ def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
     result = run_soups(cfg)
     print(f"\nreport: {result.report_path}")
     print(f"mlflow: run {result.run_id} in {result.tracking_uri}")
+    if result.user_score is not None:
+        print(f"user soup {cfg.user_weights}: score {result.user_score:.4f} for the user {cfg.user_target}")
     if result.failed:
         print(f"failed runs: {sorted(result.failed)}; combinations left out of the comparison: "
               f"{result.excluded or 'none'} (a rerun retrains only the failed runs)")
     return result
+
+
+@dataclass
+class TrainedPolicies:
+    """Steps 1-3 of the job: the base, the judge and prompts, each seed's pairs, and every
+    per-preference policy (finished runs of the same fingerprint reused, not retrained)."""
+
+    sft_dir: str
+    world: object
+    scorer: object
+    prompts: list[str]
+    data: list  # per seed: SeedData
+    outcomes: dict
+    reused: list[str]
+    failed: dict[str, str]  # run name -> whole cause line
+    trained: list[dict[str, Path]]  # per seed: {policy: its adapter folder}
+    train_seconds: float
+
+
+def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
+    """Steps 1-3 (the soups job's, and a soups sweep trial's): runs live in
+    ``<storage_path or out/runs>/<training key>``, so a second call with the same training
+    settings reuses every finished run."""
+    if not ray.is_initialized():
+        # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
+        ray_session.init(include_dashboard=False, configure_logging=False)
+    if cfg.base_policy:
+        _log(f"1/6 base policy: {cfg.base_policy}")
+        sft_dir = cfg.base_policy
+    else:
+        _log("1/6 SFT base policy (cached by config hash)")
+        sft_dir = str(train_sft(cfg.sft))
+    world = sft_world(cfg.sft)
+    # the judge and the prompts first: a bad judge id or prompts file fails before training
+    scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
+    prompts = ev.eval_prompts(cfg.eval, world)
+
+    _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
+    if cfg.psoups_files:
+        data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
+    else:
+        data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
+
+    runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
+    jobs = training_jobs(cfg, sft_dir, data, runs_dir)
+    at_once = cfg.max_concurrent_runs or runs_that_fit(cfg.resources, ray.cluster_resources())
+    _log(f"3/6 training {len(jobs)} policies, up to {at_once} at once: {', '.join(jobs)}")
+    t0 = time.time()
+    outcomes, reused = train_policies(
+        jobs, cfg.restart, _log, max_concurrent=at_once, on_tick=lambda running: _log("    " + ", ".join(
+            f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.policy_training.steps}"
+            for n in running) + " (steps checkpointed)"))
+    train_seconds = time.time() - t0
+    failed = {n: cause_line(o) for n, o in outcomes.items() if not o.ok}
+    trained = [{p: _local_copy(outcomes[run_name(p, k)].result.export_path,
+                               out / "adapters" / run_name(p, k))
+                for p in list(data[k].train) + ([PMORL] if data[k].pmorl else [])
+                if outcomes[run_name(p, k)].ok} for k in range(cfg.seeds)]
+    return TrainedPolicies(sft_dir, world, scorer, prompts, data, outcomes, reused, failed, trained,
+                           train_seconds)
+
+
+def seed_eval(cfg: SoupsConfig, k: int) -> ev.EvalConfig:
+    """How seed k's generations are sampled (every arm of that seed alike)."""
+    return dataclasses.replace(ev.for_seeds(cfg.eval, cfg.seeds), seed=cfg.eval.seed + cfg.seed + k)
+
+
+def user_soup_score(cfg: SoupsConfig, souper: Souper, scorer, prompts: list[str], eval_cfg,
+                    report=None) -> float:
+    """The extra user's soup (``user_weights``) judged as that user would (``user_target``):
+    per response, its preferences' 0..1 rewards weighted by the target, averaged over the
+    responses. Generated ``eval.batch_size`` prompts at a time, each batch with the seeds
+    `judged_generations` gives it within the whole run, so ``report(prompts so far, score so
+    far)`` after each batch (a sweep trial's progress) sees a prefix of the same score."""
+    model = souper.model(cfg.user_weights)
+    rewards: list[float] = []
+    for start in range(0, len(prompts), eval_cfg.batch_size):
+        chunk = prompts[start:start + eval_cfg.batch_size]
+        _, scores = ev.judged_generations(scorer, model, souper.tokenizer, chunk,
+                                          dataclasses.replace(eval_cfg, seed=eval_cfg.seed + start))
+        rewards += [target_score(cfg.user_target, s) for s in scores]
+        if report is not None:
+            report(start + len(chunk), sum(rewards) / len(rewards))
+    return sum(rewards) / len(rewards)
+
+
+def target_score(target: dict[str, float], scores: dict[str, float]) -> float:
+    """A user's 0..1 reward of one judged text: its preferences' rewards, weighted by ``target``."""
+    from raypref.data.labelling import preference_reward
+
+    total = sum(target.values())
+    return sum(w * preference_reward(p, scores) for p, w in target.items()) / total
 
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
@@ -139,42 +234,15 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     with tracking.start_run("soups", cfg, out) as run:
-        if not ray.is_initialized():
-            # log_to_driver: each run prints its [runner] progress (cli.quiet_console filters the noise)
-            ray_session.init(include_dashboard=False, configure_logging=False)
-        if cfg.base_policy:
-            _log(f"1/6 base policy: {cfg.base_policy}")
-            sft_dir = cfg.base_policy
-        else:
-            _log("1/6 SFT base policy (cached by config hash)")
-            sft_dir = str(train_sft(cfg.sft))
-        world = sft_world(cfg.sft)
-        # the judge and the prompts first: a bad judge id or prompts file fails before training
-        scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
-        prompts = ev.eval_prompts(cfg.eval, world)
-
-        _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
-        if cfg.psoups_files:
-            data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
-        else:
-            data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
+        stage = trained_policies(cfg, out)
+        sft_dir, world, scorer, prompts, data = stage.sft_dir, stage.world, stage.scorer, stage.prompts, stage.data
+        outcomes, reused, failed, trained = stage.outcomes, stage.reused, stage.failed, stage.trained
+        train_seconds = stage.train_seconds
         tracking.log_metrics({f"pairs.{k}": len(v) for k, v in data[0].train.items()})
         tracking.log_metrics({f"label.{k}.{f}": getattr(s, f) for k, s in data[0].stats.items()
                               for f in ("flipped", "ties")})
         if (out / "quarantine").exists():
             tracking.log_artifact(out / "quarantine", "quarantine")
-
-        runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
-        jobs = training_jobs(cfg, sft_dir, data, runs_dir)
-        at_once = cfg.max_concurrent_runs or runs_that_fit(cfg.resources, ray.cluster_resources())
-        _log(f"3/6 training {len(jobs)} policies, up to {at_once} at once: {', '.join(jobs)}")
-        t0 = time.time()
-        outcomes, reused = train_policies(
-            jobs, cfg.restart, _log, max_concurrent=at_once, on_tick=lambda running: _log("    " + ", ".join(
-                f"{n} {_last_checkpoint_step(runs_dir, n)}/{cfg.policy_training.steps}"
-                for n in running) + " (steps checkpointed)"))
-        train_seconds = time.time() - t0
-        failed = {n: cause_line(o) for n, o in outcomes.items() if not o.ok}
         tracking.log_metrics({"train_seconds": train_seconds, "failed_runs": len(failed),
                               "reused_runs": len(reused)})
         if failed:
@@ -182,10 +250,6 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
                 {n: {"cause": failed[n], "error": o.error, "details": o.details}
                  for n, o in outcomes.items() if not o.ok}, indent=2))
             tracking.log_artifact(out / "failures.json")
-        trained = [{p: _local_copy(outcomes[run_name(p, k)].result.export_path,
-                                   out / "adapters" / run_name(p, k))
-                    for p in list(data[k].train) + ([PMORL] if data[k].pmorl else [])
-                    if outcomes[run_name(p, k)].ok} for k in range(cfg.seeds)]
         # a preference is usable when every seed trained it (intervals need the same arms per seed)
         prefs = [p for p in cfg.preferences if all(p in t for t in trained)]
         if not prefs:
@@ -224,12 +288,16 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         tracking.log_artifact(report.parent, artifact_path="report")
         tracking.log_metrics({"total_seconds": time.time() - started})
         sft_rows = [r for s in seeds for r in s["sft"]]
+        user_scores = [s["user_score"] for s in seeds if s["user_score"] is not None]
+        user_score = sum(user_scores) / len(user_scores) if user_scores else None
+        if user_score is not None:
+            tracking.log_metrics({"user_score": user_score})
         result = SoupsResult(
             out, report, run.info.run_id, tracking.tracking_uri(out), failed,
             ["+".join(c) for c in excluded], reused, sweep,
             {"names": comparison.names, "rates": comparison.rates.tolist(),
              "intervals": {f"{a} vs {b}": i.text() for (a, b), i in comparison.intervals.items()}},
-            comparison.quality, ev.mean_scores(sft_rows))
+            comparison.quality, ev.mean_scores(sft_rows), user_score)
     return result
 
 
@@ -246,7 +314,7 @@ def _heldout_accuracy(cfg, sft_dir, adapter: Path, pairs, name: str) -> dict[str
 
 def _evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combos, with_pmorl) -> dict:
     """Seed k's judged scores of every arm, its weight sweep and a few samples."""
-    eval_cfg = dataclasses.replace(cfg.eval, seed=cfg.eval.seed + cfg.seed + k)
+    eval_cfg = seed_eval(cfg, k)
     souper = Souper(cfg, sft_dir, {p: trained[p] for p in prefs})
 
     def generate(model, instruction=None):
@@ -281,14 +349,19 @@ def _evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, comb
             if k == 0:
                 samples[f"{name} {'+'.join(combo)}"] = texts[:3]
         _log(f"    seed {k}: judged {'+'.join(combo)}")
+    user_score = None
     if cfg.user_weights:
         if set(cfg.user_weights) <= set(prefs):
             soups[soup_name(cfg.user_weights)] = dict(cfg.user_weights)
+            if cfg.user_target:
+                user_score = user_soup_score(cfg, souper, scorer, prompts, eval_cfg)
+                _log(f"    seed {k}: the user's soup {cfg.user_weights} scores {user_score:.4f} "
+                     f"for the user {cfg.user_target}")
         else:
             _log(f"    not building the user soup {cfg.user_weights}: "
                  f"{sorted(set(cfg.user_weights) - set(prefs))} failed to train")
     return {"methods": methods, "sft": sft, "sweep": sweep, "samples": samples,
-            "soups": soups, "souper": souper}
+            "soups": soups, "souper": souper, "user_score": user_score}
 
 
 def _pmorl_model(sft_dir, adapter: Path) -> torch.nn.Module:

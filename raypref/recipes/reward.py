@@ -56,6 +56,9 @@ class RewardTraining(Optimization):
     weight_decay: float = 1e-3
 
 
+VAE_CONTRASTIVE = 0.5  # the VAE's default coefficient of Liu 2025 eq. 12 (0.5 in the report)
+
+
 @dataclass
 class RewardConfig:
     method: str = "vae"                          # bt | multi_objective | user_model | vae
@@ -75,7 +78,10 @@ class RewardConfig:
     adaptive_ratio: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])  # N_A:N_B:N_C
     phase_steps: int = 0                         # steps per adaptive phase; 0 = steps // users
     user_order: list[int] | None = None          # order users enter group B; None = by id
-    contrastive: float = 0.0                     # coefficient of Liu 2025 eq. 12 (0.5 in the report)
+    # coefficient of Liu 2025 eq. 12; None = the method's default: 0.5 for vae (the VAE that
+    # learns: without it the VAE scored both users as one at chance, docs/RESULTS.md), 0 for the
+    # others. 0 with method=vae is the bare VAE, an ablation
+    contrastive: float | None = None
     gradient: str = "sum"                        # sum | pcgrad | mgda over per-user losses
     eval_pairs_per_user: int = 100
     # peak lr of the parts trained from scratch (heads, user model, VAE posterior and decoder);
@@ -85,6 +91,13 @@ class RewardConfig:
     data: RewardDataConfig = field(default_factory=RewardDataConfig)
     training: RewardTraining = field(default_factory=RewardTraining)
 
+    @property
+    def contrastive_weight(self) -> float:
+        """The contrastive coefficient this method trains with (`contrastive`, resolved)."""
+        if self.contrastive is None:
+            return VAE_CONTRASTIVE if self.method == "vae" else 0.0
+        return self.contrastive
+
     def validate(self) -> None:
         checks = [("method", self.method in METHODS, f"expected one of {METHODS}"),
                   ("sampling", self.sampling in SAMPLINGS, f"expected one of {SAMPLINGS}"),
@@ -93,14 +106,14 @@ class RewardConfig:
                   ("conditioning", self.conditioning in CONDITIONINGS,
                    f"expected one of {CONDITIONINGS}"),
                   ("alpha", 0.0 <= self.alpha <= 1.0, "must be in [0, 1]"),
-                  ("contrastive", self.contrastive >= 0, "must be >= 0"),
+                  ("contrastive", self.contrastive is None or self.contrastive >= 0, "must be >= 0"),
                   ("phase_steps", self.phase_steps >= 0, "must be >= 0"),
                   ("eval_pairs_per_user", self.eval_pairs_per_user >= 1, "must be >= 1"),
                   ("head_lr", 0 <= self.head_lr <= 1, "must be in [0, 1] (0 = training.lr)"),
                   ("adaptive_ratio", len(self.adaptive_ratio) == 3 and min(self.adaptive_ratio) >= 0
                    and sum(self.adaptive_ratio) > 0, "must be 3 non-negative numbers, not all 0")]
         check_fields("RewardConfig", self, checks)
-        if self.method != "vae" and self.contrastive:
+        if self.method != "vae" and self.contrastive:  # an explicit coefficient only
             raise ValueError(f"RewardConfig.contrastive={self.contrastive}: only the vae method "
                              "has latent means to contrast")
         if self.method == "multi_objective" and self.gradient != "sum":
@@ -276,8 +289,8 @@ class RewardSpec(LoopSpec):
             per_pair = per_pair + self.cfg.beta * kl
             metrics["kl"] = float(kl.detach().mean())
         shared = torch.zeros((), device=per_pair.device)
-        if self.cfg.contrastive and len(batch["user_ids"]) >= 2:
-            shared = self.cfg.contrastive * latent_contrastive_loss(out["mu"], batch["user_ids"])
+        if self.cfg.contrastive_weight and len(batch["user_ids"]) >= 2:
+            shared = self.cfg.contrastive_weight * latent_contrastive_loss(out["mu"], batch["user_ids"])
         metrics["contrastive"] = float(shared.detach())
         loss = per_pair.mean() + shared
         metrics["bt"] = float(bt_loss(out["r_chosen"], out["r_rejected"]).detach())

@@ -1,7 +1,7 @@
 """Train a reward model on the simulated world's users and report per-user accuracy.
 
     python jobs/reward.py --method bt|multi_objective|user_model|vae|few_shot [--sampling adaptive]
-        [--contrastive 0.5] [--gradient pcgrad|mgda] [--data.population cluster]
+        [--contrastive 0] [--gradient pcgrad|mgda] [--data.population cluster]
         [--data.difficulty 0.1] [--head_lr 1e-3] [--training.steps 200] ...
 
 Defaults, measured choices and the few-shot path: raypref/experiments/reward.py.

@@ -2,15 +2,17 @@
 report per-user accuracy.
 
     python jobs/reward.py --method bt|multi_objective|user_model|vae|few_shot [--sampling adaptive]
-        [--contrastive 0.5] [--gradient pcgrad|mgda] [--data.population cluster]
+        [--contrastive 0] [--gradient pcgrad|mgda] [--data.population cluster]
         [--alpha 0.5 --conditioning head|soft_prompt --user_model.kind individual|cluster]
         [--data.difficulty 0.1] [--head_lr 1e-3] [--training.steps 200] [--freeze_query_encoder true] ...
 
 Defaults: the two-user conflict (Liu 2025 §3.5.1) at world difficulty 0.1, the offline MiniLM
 encoder (fine-tuned at lr 1e-4, the parts trained from scratch at 1e-3), Ray Train + DeepSpeed
 on one worker. These are the issue-8 table's settings (jobs/reward_compare.py): at difficulty
-0.1 the unconditional BT RM stays near 50% and VAE + contrastive (``--contrastive 0.5``)
-reached 0.95; with every part at 1e-4 the plain VAE stayed at chance even on the clean world.
+0.1 the unconditional BT RM stays near 50% and VAE + contrastive reached 0.95, while the bare
+VAE stayed at 0.50; so ``--method vae`` trains with the contrastive term (0.5) by default and
+``--contrastive 0`` is the bare-VAE ablation. With every part at 1e-4 the plain VAE stayed at
+chance even on the clean world.
 The VAE's frozen demonstration embeddings are computed once per data config and cached under
 output_dir. Per-user accuracy of every evaluation goes to MLflow with a curve plot; the model
 (safetensors + its config) is registered there.

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypref.algos.dpa import directions_between  # noqa: E402
 from raypref.algos.sft import sft_loss  # noqa: E402
 from raypref.data.world import World  # noqa: E402
-from raypref.experiments.policy import direction_sweep  # noqa: E402
+from raypref.experiments.rsf import direction_sweep  # noqa: E402
 from raypref.models.factory import encode_example, extend_vocabulary, load_pretrained  # noqa: E402
 from raypref.recipes.rsf import spelled_direction  # noqa: E402
 from raypref.recipes.sft import collate  # noqa: E402

@@ -240,7 +240,7 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
     direction prompt's tokens, training runs through the runner, and the sweep reports length and
     both objectives per direction for the base and the trained policy."""
     from raypref.config import parse_args
-    from raypref.experiments.policy import RSFJobConfig, train_rsf
+    from raypref.experiments.rsf import RSFJobConfig, train_rsf
     from raypref.models.factory import load_pretrained
     from raypref.recipes.rsf import spelled_direction
 

@@ -293,7 +293,7 @@ def test_first_iteration_samples_from_the_bare_prompt_and_stores_the_conditioned
 def test_direction_sweep_averages_over_its_samples(sft_dir):
     """Two samples per prompt give the mean of the two one-sample sweeps at the seeds it uses."""
     from raypref.data.world import World
-    from raypref.experiments.policy import direction_sweep
+    from raypref.experiments.rsf import direction_sweep
     from raypref.models.factory import load_pretrained
 
     model, tokenizer = load_pretrained(sft_dir)
@@ -310,7 +310,7 @@ def test_direction_sweep_averages_over_its_samples(sft_dir):
 def test_rsf_job_reward_carries_the_job_settings():
     """The frozen reward the RSF job trains against reads its objectives, verbosity by length and
     helpfulness length bias from the job config (a wiring slip would silently change the experiment)."""
-    from raypref.experiments.policy import RSFJobConfig, rsf_reward_factory
+    from raypref.experiments.rsf import RSFJobConfig, rsf_reward_factory
 
     reward = rsf_reward_factory(RSFJobConfig(helpfulness_length_bias=0.2, verbosity_by_length=False))()
     assert reward.objectives == ["overall_helpfulness", "verbosity"]

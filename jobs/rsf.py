@@ -13,7 +13,7 @@ if __package__ in (None, ""):  # run as a script without the package installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypref.cli import job_main, run_job
-from raypref.experiments.policy import RSFJobConfig, train_rsf
+from raypref.experiments.rsf import RSFJobConfig, train_rsf
 
 main = job_main(RSFJobConfig, train_rsf, __doc__)
 

@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from raypref.algos.dpa import directions_between  # noqa: E402
 from raypref.algos.sft import sft_loss  # noqa: E402
 from raypref.data.world import World  # noqa: E402
-from raypref.experiments.policy import direction_sweep  # noqa: E402
+from raypref.experiments.rsf import direction_sweep  # noqa: E402
 from raypref.models.factory import encode_example, extend_vocabulary, load_pretrained  # noqa: E402
 from raypref.recipes.rsf import spelled_direction  # noqa: E402
 from raypref.recipes.sft import collate  # noqa: E402
@@ -59,8 +59,10 @@ def main(argv: list[str] | None = None) -> list[tuple[int, list[float]]]:
         model.train()
         while done < target:
             picks = rng.integers(len(examples), size=args.batch)
-            batch = collate([encode_example(tokenizer, *examples[i], args.max_length) for i in picks],
-                            tokenizer.pad_token_id)
+            # (prompt, response, system) examples; older checkpoints hold (prompt, response)
+            batch = collate([encode_example(tokenizer, examples[i][0], examples[i][1], args.max_length,
+                                            system=examples[i][2] if len(examples[i]) > 2 else None)
+                             for i in picks], tokenizer.pad_token_id)
             logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
             loss = sft_loss(logits, batch["input_ids"], batch["response_mask"])
             optimizer.zero_grad()

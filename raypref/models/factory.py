@@ -329,16 +329,19 @@ def load_encoder():
 @torch.no_grad()
 def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
                  greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-                 system: str | None = None) -> list[list[int]]:
+                 system: str | list[str | None] | None = None) -> list[list[int]]:
     """New token ids per prompt (batched, left-padded); each ends at its eos if one came.
-    ``system``: one system text for every prompt (needs a chat template)."""
+    ``system``: one system text for every prompt, or one per prompt (needs a chat template)."""
     if not prompts:
         return []
+    systems = system if isinstance(system, list) else [system] * len(prompts)
+    if len(systems) != len(prompts):
+        raise ValueError(f"generate_ids: {len(systems)} system texts for {len(prompts)} prompts")
     was_training, side = model.training, tokenizer.padding_side
     model.eval()
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
     try:
-        inputs = tokenizer([prompt_text(tokenizer, p, system) for p in prompts], return_tensors="pt",
+        inputs = tokenizer([prompt_text(tokenizer, p, s) for p, s in zip(prompts, systems)], return_tensors="pt",
                            padding=True, add_special_tokens=False)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
@@ -355,7 +358,7 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
 
 def generate(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
              greedy: bool = True, temperature: float = 1.0, seed: int = 0,
-             system: str | None = None) -> list[str]:
+             system: str | list[str | None] | None = None) -> list[str]:
     """Responses to prompts as text (special tokens dropped)."""
     ids = generate_ids(model, tokenizer, prompts, max_new_tokens, greedy, temperature, seed, system)
     return [tokenizer.decode(seq, skip_special_tokens=True).strip() for seq in ids]

@@ -42,7 +42,7 @@ RECIPES: dict[str, Method] = {m.name: m for m in (
            summary=("reward/score", "kl/per_response"), per_preference=_ppo_policy,
            about="PPO against a reward (Soups: the preference's world judge)"),
     Method("rsf", Optimization, RSFSpec, sft_loss, PROMPTS, about="DPA rejection-sampling fine-tuning "
-           "(experiments/policy.py RSFJobConfig holds its settings)"),
+           "(experiments/rsf.py RSFJobConfig holds its settings)"),
     *(Method(f"reward_{kind}", RewardConfig, RewardSpec, loss, USERS,
              about=f"reward model: RewardConfig.method={kind!r} (jobs/reward.py --method {kind})")
       for kind, loss in REWARD_LOSSES.items()),

@@ -2,8 +2,9 @@
 
 Iteration t (``steps_per_iteration`` optimizer steps each) first builds its dataset D_t with
 the current policy: for prompts from one half of the prompt pool (halves alternate), sample
-directions v, generate ``n_samples`` responses to "<direction text> <prompt>" in one batched
-call, and keep the response with the highest ``v·r`` under the frozen multi-objective reward.
+directions v, generate ``n_samples`` responses to the prompt conditioned on v (`direction_query`)
+in one batched call, and keep the response with the highest ``v·r`` under the frozen
+multi-objective reward.
 D_t plus a replay share of original (prompt, response) data is then fitted with the SFT loss.
 Deviations from DPA: the policy keeps training across iterations (DPA restarts each iteration
 from the SFT checkpoint and only samples with the last policy). With ``bare_first_iteration``
@@ -13,8 +14,10 @@ base does not (the tiny default's answers fall from ~75 to ~16-32 words when the
 direction text is prepended, below the verbosity judge's range, so v·r would rank on
 helpfulness alone and no length control could be learned).
 
-The direction text defaults to DPA's system prompt (``algos.dpa.direction_system_prompt``);
-a tokenizer must be able to spell its numbers, which the tiny word-level one cannot.
+Where v goes (`direction_query`): a tokenizer with a chat template (SmolLM2) reads DPA's system
+prompt (``algos.dpa.direction_system_prompt``, numbers as digits) as the system message, as DPA
+writes it; a tokenizer without one (the tiny word-level model) reads ``direction_text(v)``
+(default: the same prompt spelled token by token) before the prompt.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from raypref.algos.dpa import (
     with_replay,
 )
 from raypref.algos.sft import sft_loss
+from raypref.models.chat import has_chat_template
 from raypref.models.factory import encode_example, generate_ids, load_pretrained
 from raypref.recipes.sft import collate
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext, save_module
@@ -60,14 +64,27 @@ def spelled_direction(direction, objectives) -> str:
     return spelled(direction_system_prompt(direction, objectives))
 
 
+def direction_query(tokenizer, direction, objectives, prompt: str,
+                    direction_text: Callable | None = None) -> tuple[str, str | None]:
+    """(prompt text, system text) that ask for ``direction``: with a chat template, the prompt as
+    the user message and DPA's system prompt as the system message; without one, the tiny format
+    has no system message, so ``direction_text(v)`` (default `spelled_direction`) precedes the prompt."""
+    direction = [float(x) for x in direction]
+    if has_chat_template(tokenizer):
+        return prompt, direction_system_prompt(direction, objectives)
+    text = direction_text(direction) if direction_text else spelled_direction(direction, objectives)
+    return f"{text} {prompt}", None
+
+
 @dataclass
 class RSFSpec(LoopSpec):
     """``reward_factory()`` builds a module with ``score_objectives(prompts, responses) -> [B, k]``
-    over ``objectives`` (in order). ``direction_text(v)`` writes v into the prompt."""
+    over ``objectives`` (in order). ``direction_text(v)`` writes v before the prompt of a tokenizer
+    without a chat template (`direction_query`). Examples are (prompt, response, system) triples."""
 
     sft_dir: str
     prompts: list[str]
-    original: list[tuple[str, str]]  # (prompt, response) pairs replayed into every D_t
+    original: list[tuple[str, str]]  # (prompt, response) pairs replayed (without a system text) into every D_t
     reward_factory: Callable
     objectives: list[str] = field(default_factory=lambda: ["helpfulness", "verbosity"])
     direction_text: Callable | None = None
@@ -90,7 +107,7 @@ class RSFSpec(LoopSpec):
                 raise ValueError(f"RSFSpec.{name}={getattr(self, name)}: must be >= 1")
         self._tokenizer = None
         self.iteration = 0  # the iteration whose dataset is held
-        self.examples: list[tuple[str, str]] = []
+        self.examples: list[tuple[str, str, str | None]] = []
         self.selection_metrics: dict[str, float] = {}  # of the held dataset (selection_metrics)
 
     def __getstate__(self) -> dict:
@@ -110,13 +127,11 @@ class RSFSpec(LoopSpec):
         model, self._tokenizer = load_pretrained(self.sft_dir)
         return model
 
-    def conditioned(self, direction: torch.Tensor, prompt: str) -> str:
-        text = (self.direction_text(direction.tolist()) if self.direction_text
-                else direction_system_prompt(direction.tolist(), self.objectives))
-        return f"{text} {prompt}"
+    def conditioned(self, direction: torch.Tensor, prompt: str) -> tuple[str, str | None]:
+        return direction_query(self.tokenizer(), direction.tolist(), self.objectives, prompt, self.direction_text)
 
     @torch.no_grad()
-    def rejection_sample(self, ctx: StepContext, iteration: int) -> list[tuple[str, str]]:
+    def rejection_sample(self, ctx: StepContext, iteration: int) -> list[tuple[str, str, str | None]]:
         """D_t: the best of ``n_samples`` responses by ``v·r`` for each (prompt, direction)."""
         rng = random.Random(ctx.seed * 1_000_003 + ctx.rank * 7919 + iteration)
         pool = prompt_half(self.prompts, iteration)
@@ -129,18 +144,21 @@ class RSFSpec(LoopSpec):
         repeated = [q for q in queries for _ in range(self.n_samples)]
         sampled_from = repeated
         if iteration == 1 and self.bare_first_iteration:
-            sampled_from = [p for p in prompts for _ in range(self.directions_per_prompt * self.n_samples)]
+            sampled_from = [(p, None) for p in prompts for _ in range(self.directions_per_prompt * self.n_samples)]
         tokenizer = self.tokenizer()
-        ids = generate_ids(ctx.models[PRIMARY_ROLE], tokenizer, sampled_from, self.max_new_tokens, greedy=False,
-                           temperature=self.temperature, seed=rng.randrange(2**31))
+        ids = generate_ids(ctx.models[PRIMARY_ROLE], tokenizer, [p for p, _ in sampled_from], self.max_new_tokens,
+                           greedy=False, temperature=self.temperature, seed=rng.randrange(2**31),
+                           system=[s for _, s in sampled_from] if has_chat_template(tokenizer) else None)
         texts = [tokenizer.decode(x, skip_special_tokens=True).strip() for x in ids]
-        rewards = ctx.models["reward"].score_objectives(repeated, texts).float()
+        # the judges read the prompt as the user wrote it (a tiny-format query keeps its direction text)
+        rewards = ctx.models["reward"].score_objectives([p for p, _ in repeated], texts).float()
         if rewards.shape != (len(repeated), len(self.objectives)):
             raise ValueError(f"reward score_objectives gave {tuple(rewards.shape)}, expected "
                              f"({len(repeated)}, {len(self.objectives)}) for objectives {self.objectives}")
         best = best_of_n(directions, rewards.view(len(queries), self.n_samples, -1))
-        kept = [(q, texts[i * self.n_samples + int(b)]) for i, (q, b) in enumerate(zip(queries, best))]
-        self.selection_metrics = selection_metrics(directions, [r for _, r in kept], self.objectives)
+        kept = [(p, texts[i * self.n_samples + int(b)], system)
+                for i, ((p, system), b) in enumerate(zip(queries, best))]
+        self.selection_metrics = selection_metrics(directions, [r for _, r, _ in kept], self.objectives)
         return kept
 
     def batches(self, ctx: StepContext) -> Iterator[dict]:
@@ -151,12 +169,13 @@ class RSFSpec(LoopSpec):
             iteration = (step - 1) // self.steps_per_iteration + 1
             if iteration != self.iteration:
                 selected = self.rejection_sample(ctx, iteration)
-                self.examples = with_replay(selected, self.original, self.replay_fraction,
-                                            random.Random(ctx.seed * 31 + iteration))
+                self.examples = with_replay(selected, [(p, r, None) for p, r in self.original],
+                                            self.replay_fraction, random.Random(ctx.seed * 31 + iteration))
                 self.iteration = iteration
             picks = np.random.default_rng([ctx.seed, ctx.rank, index]).integers(len(self.examples),
                                                                                 size=ctx.micro_batch_size)
-            encoded = [encode_example(tokenizer, *self.examples[i], self.max_length) for i in picks]
+            encoded = [encode_example(tokenizer, prompt, response, self.max_length, system=system)
+                       for prompt, response, system in (self.examples[i] for i in picks)]
             yield collate(encoded, tokenizer.pad_token_id)
             index += 1
 
@@ -178,5 +197,7 @@ class RSFSpec(LoopSpec):
                 "selection_metrics": dict(self.selection_metrics)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.iteration, self.examples = int(state["iteration"]), [tuple(e) for e in state["examples"]]
+        # a checkpoint from before system texts holds (prompt, response) pairs
+        self.iteration = int(state["iteration"])
+        self.examples = [(e[0], e[1], e[2] if len(e) > 2 else None) for e in state["examples"]]
         self.selection_metrics = dict(state.get("selection_metrics", {}))

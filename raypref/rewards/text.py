@@ -389,3 +389,58 @@ def pool_scales(scores: Mapping[str, np.ndarray]) -> dict[str, float]:
         std = float(np.std(np.asarray(values, dtype=np.float64)))
         out[name] = std if std > 0 else 1.0
     return out
+
+
+class TextObjectives(torch.nn.Module):
+    """The text judges as a multi-objective reward for DPA's v·r (``score_objectives(prompts,
+    responses) -> [n, k]`` over ``objectives``, in order), each on a footing near [0, 1]:
+    quality and its parts as judged; verbosity as words / ``verbosity_words`` (1 at that many
+    words, not clipped); expertise as grade / 20; friendliness as judged ([−1, 1]).
+    ``helpfulness`` is the quality judge under DPA's name for it, so a direction's system
+    prompt reads "helpfulness*0.8 - verbosity*0.6" as DPA writes it.
+
+    ``lm``: (model, tokenizer) of the frozen LM for fluency, or a model name / folder to load;
+    needed only when quality or fluency is an objective."""
+
+    SCALES = {"expertise": 20.0}
+    KNOWN = ("helpfulness", "verbosity", "expertise", "friendliness", "relevance", "repetition", "fluency",
+             "quality")
+
+    def __init__(self, objectives: Sequence[str], verbosity_words: float = 100.0, lm=None, encoder=None):
+        super().__init__()
+        unknown = [o for o in objectives if o not in self.KNOWN]
+        if not objectives or unknown or len(set(objectives)) != len(objectives):
+            raise ValueError(f"TextObjectives: objectives {list(objectives)} must be distinct names of {self.KNOWN}")
+        if not verbosity_words > 0:
+            raise ValueError(f"TextObjectives: verbosity_words={verbosity_words} must be > 0")
+        self.objectives, self.verbosity_words = list(objectives), float(verbosity_words)
+        needs_lm = bool({"helpfulness", "quality", "fluency"} & set(objectives))
+        if needs_lm and lm is None:
+            raise ValueError(f"TextObjectives: objectives {self.objectives} need a fluency LM (lm=...)")
+        if needs_lm and (isinstance(lm, str) or hasattr(lm, "__fspath__")):
+            from raypref.models.factory import load_pretrained
+
+            lm = load_pretrained(lm)
+        judges = [Verbosity()]
+        if "expertise" in objectives:
+            judges.append(Expertise())
+        if "friendliness" in objectives:
+            judges.append(Friendliness())
+        if {"relevance", "repetition", "quality", "helpfulness"} & set(objectives):
+            judges += [Relevance(encoder), Repetition()]
+        if needs_lm:
+            judges.append(Fluency(*lm))
+        self.judges = TextJudges(judges)
+
+    def raw(self, prompts: Sequence[str], responses: Sequence[str]) -> dict[str, np.ndarray]:
+        """Every judge's scores in its own units (`TextJudges.score`), helpfulness as quality."""
+        raw = self.judges.score(prompts, responses)
+        if "quality" in raw:
+            raw["helpfulness"] = raw["quality"]
+        return raw
+
+    def score_objectives(self, prompts, responses) -> torch.Tensor:
+        raw = self.raw(prompts, responses)
+        scale = {**self.SCALES, "verbosity": self.verbosity_words}
+        return torch.tensor(np.stack([raw[o] / scale.get(o, 1.0) for o in self.objectives], axis=1),
+                            dtype=torch.float32)

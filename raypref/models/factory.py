@@ -339,7 +339,7 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
     try:
         inputs = tokenizer([prompt_text(tokenizer, p, system) for p in prompts], return_tensors="pt",
-                           padding=True, add_special_tokens=False)
+                           padding=True, add_special_tokens=False).to(next(model.parameters()).device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = model.generate(

@@ -52,9 +52,9 @@ def test_evaluation_on_workers_equals_the_in_process_path(base_and_adapters, tmp
     base, adapters, judge_dir = base_and_adapters
     world = World(seed=0)
     cfg = SoupsConfig(output_dir=str(tmp_path), preferences=PREFS,
-                      combinations=[["P1A", "P3A"], ["P1B", "P3B"]], baselines=["sft", "prompting"],
+                      combinations=[["P1A", "P3A"]], baselines=["sft", "prompting"],
                       user_weights={"P1A": 0.75, "P3A": 0.25},
-                      eval=ev.EvalConfig(n_prompts=3, samples_per_prompt=2, max_new_tokens=6, batch_size=2,
+                      eval=ev.EvalConfig(n_prompts=3, samples_per_prompt=2, max_new_tokens=4, batch_size=2,
                                          weight_grid=[0.0, 1.0], n_boot=10,
                                          judge_model=judge_dir if judge == "lm" else ""))
     cfg.validate()

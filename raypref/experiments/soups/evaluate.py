@@ -50,10 +50,10 @@ class EvalConfig:
     # the LM judge's dtype ("auto": bf16 on a GPU that has it, fp16 on one without, fp32 on CPU),
     # decided on the evaluation worker that loads it
     judge_dtype: str = "auto"
-    # evaluation (generation, judging, held-out accuracy, merging) runs on Ray workers, one actor
-    # per training seed; the driver only aggregates. GPUs per actor ("auto": 1 when the cluster
-    # has GPUs, else 0); CPUs per actor, also its torch threads (at most the cluster's CPUs)
+    # evaluation (merging, generation, judging, held-out accuracy) runs on Ray workers, one actor
+    # per training seed; the driver only aggregates. GPUs per actor ("auto": 1 when the cluster has GPUs, else 0)
     num_gpus: float | str = "auto"
+    # CPUs per evaluation actor, also its torch threads (capped at the cluster's CPUs)
     num_cpus: float = 2.0
 
     def validate(self) -> None:

@@ -551,6 +551,9 @@ def print_report_waits(args, cfg: DPOConfig, reps: list[dict]) -> None:
     interval = os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "2 (default)")
     print(f"\nPlatform steps in the window that end with a metrics report (every {every} steps; "
           f"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S={interval}) vs the others, ms (median over repeats):")
+    if every == 1:  # a short run (< 20 steps) reports at every step: nothing to split
+        print("  every step ends with a report (a run of fewer than 20 steps): no split")
+        return
     rows = {"plain": [], "report": [], "wait": [], "n": [], "trl": []}
     for r in reps:
         walls = r["platform"]["step_wall_s"]

@@ -160,7 +160,7 @@ def test_simplex_weights_lie_on_the_simplex_above_the_floor():
 
 def test_soups_space_must_name_the_jobs_preferences_and_target_scores_in_0_1():
     from raypref.experiments.soups.config import SoupsConfig
-    from raypref.experiments.soups.run import target_score
+    from raypref.experiments.soups.seed_eval import target_score
 
     sweep = plan(SweepConfig(job="soups"))  # the soups job's own config with the sweep's defaults
     assert sweep.job.config is SoupsConfig and [p.path for p in sweep.space.params] == ["user_weights"]

@@ -189,7 +189,9 @@ def _soups_prepare(cfg: SoupsConfig, sweep_dir: Path) -> dict:
 def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
     from ray import tune
 
-    from raypref.experiments.soups.run import Souper, seed_eval, trained_policies, user_soup_score
+    from raypref.experiments.soups import evaluate as ev
+    from raypref.experiments.soups.run import trained_policies
+    from raypref.experiments.soups.seed_eval import Souper, seed_eval_config, user_soup_score
 
     _soups_check(cfg)
     cfg.validate()
@@ -197,7 +199,8 @@ def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Pat
     if stage.failed:
         raise RuntimeError(f"trial {trial_name}: policies failed to train: {stage.failed}")
     souper = Souper(cfg, stage.sft_dir, {p: stage.trained[0][p] for p in cfg.user_weights})
-    user_soup_score(cfg, souper, stage.scorer, stage.prompts, seed_eval(cfg, 0),
+    scorer = ev.make_scorer(cfg.eval, stage.world, cfg.preferences)
+    user_soup_score(cfg, souper, scorer, stage.prompts, seed_eval_config(cfg, 0),
                     report=lambda n, score: tune.report({"prompts": n, "user_score": score}))
 
 

@@ -341,8 +341,9 @@ def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
     model.eval()
     tokenizer.padding_side = "left"  # new tokens must follow the prompt directly
     try:
-        inputs = tokenizer([prompt_text(tokenizer, p, s) for p, s in zip(prompts, systems)], return_tensors="pt",
-                           padding=True, add_special_tokens=False)
+        texts = [prompt_text(tokenizer, p, s) for p, s in zip(prompts, systems)]
+        inputs = tokenizer(texts, return_tensors="pt", padding=True,
+                           add_special_tokens=False).to(next(model.parameters()).device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             out = model.generate(

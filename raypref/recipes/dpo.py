@@ -133,11 +133,13 @@ def evaluate_pairs(model: torch.nn.Module, tokenizer, pairs: Sequence[Preference
     chosen, rejected = [], []
     try:
         encoded = encode_pairs(tokenizer, pairs, max_length)
+        device = next(model.parameters()).device
         for start in range(0, len(encoded), batch_size):
             batch = collate_pairs(encoded[start : start + batch_size], tokenizer.pad_token_id)
+            batch = {k: v.to(device) for k, v in batch.items()}  # an evaluation worker's GPU
             _, c, r = dpo_step_outputs(model, batch, beta)
-            chosen.append(c)
-            rejected.append(r)
+            chosen.append(c.cpu())
+            rejected.append(r.cpu())
     finally:
         model.train(was_training)
     c, r = torch.cat(chosen), torch.cat(rejected)

@@ -51,21 +51,29 @@ def train_concurrently(jobs: dict[str, tuple[Any, RunnerConfig]],
                        on_done: Callable[[RunOutcome], None] | None = None,
                        on_tick: Callable[[list[str]], None] | None = None,
                        tick_seconds: float = 30.0, restart: bool = False,
-                       max_concurrent: int = 0) -> dict[str, RunOutcome]:
+                       max_concurrent: int | Callable[[], int] = 0) -> dict[str, RunOutcome]:
     """Run every (spec, runner config), at most ``max_concurrent`` at a time (0: all at once),
     starting the next one in ``jobs`` order as one ends; return outcomes keyed by name.
+    ``max_concurrent`` may be a function, asked again before each launch (as a run ends and at
+    each tick): an autoscaling cluster that grows while runs wait gets more of them at once.
 
     A cap matters on a small machine: every Ray Train run brings its own controller and helper
     actors (about 1 GB of processes), whether or not its workers have CPUs to run on yet.
     ``on_done`` is called as each run ends; ``on_tick`` every ``tick_seconds`` with the names
     still running (for progress output); ``restart`` starts existing runs over."""
-    if max_concurrent < 0:
-        raise ValueError(f"max_concurrent={max_concurrent}: must be >= 0 (0 = all at once)")
+    def cap() -> int:
+        n = max_concurrent() if callable(max_concurrent) else max_concurrent
+        if n < 0:
+            raise ValueError(f"max_concurrent={n}: must be >= 0 (0 = all at once)")
+        return n
+
+    cap()  # a bad cap fails before anything starts
     waiting = list(jobs.items())
     pending: dict = {}
 
     def launch() -> None:
-        while waiting and (not max_concurrent or len(pending) < max_concurrent):
+        limit = cap()
+        while waiting and (not limit or len(pending) < limit):
             name, (spec, cfg) = waiting.pop(0)
             pending[_drive.remote(name, spec, cfg, restart)] = name
 

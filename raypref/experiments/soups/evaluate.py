@@ -12,8 +12,11 @@ import numpy as np
 
 from raypref.config import check_fields
 from raypref.data.users import psoups_profile
+from raypref.models.factory import AUTO, DTYPES
 from raypref.eval.generation import (JudgeScorer, Scores, WorldScorer, judged_generations,  # noqa: F401
                                      mean_scores, with_weights)
+
+DTYPE_NAMES = sorted(DTYPES) + [AUTO]
 
 # extra P-Soups arms -> the name they carry in the tables
 SOUP_ARMS = {"instructed": "P-Soups+instr", "ab_avg": "P-Soups (A/B avg)"}
@@ -44,6 +47,14 @@ class EvalConfig:
     judge_model: str = ""
     # evaluation prompts (.txt one a line, or .jsonl); "" = the world's test-split prompts
     prompts_file: str = ""
+    # the LM judge's dtype ("auto": bf16 on a GPU that has it, fp16 on one without, fp32 on CPU),
+    # decided on the evaluation worker that loads it
+    judge_dtype: str = "auto"
+    # evaluation (merging, generation, judging, held-out accuracy) runs on Ray workers, one actor
+    # per training seed; the driver only aggregates. GPUs per actor ("auto": 1 when the cluster has GPUs, else 0)
+    num_gpus: float | str = "auto"
+    # CPUs per evaluation actor, also its torch threads (capped at the cluster's CPUs)
+    num_cpus: float = 2.0
 
     def validate(self) -> None:
         checks = [("n_prompts", self.n_prompts >= 1, "must be >= 1"),
@@ -56,7 +67,11 @@ class EvalConfig:
                   ("tie_tolerance", self.tie_tolerance >= 0, "must be >= 0"),
                   ("quality_margin", self.quality_margin >= 0, "must be >= 0"),
                   ("arms", set(self.arms) <= set(SOUP_ARMS), f"must be among {list(SOUP_ARMS)}"),
-                  ("n_boot", self.n_boot >= 1, "must be >= 1")]
+                  ("n_boot", self.n_boot >= 1, "must be >= 1"),
+                  ("judge_dtype", self.judge_dtype in DTYPE_NAMES, f"must be one of {DTYPE_NAMES}"),
+                  ("num_gpus", self.num_gpus == "auto" or (not isinstance(self.num_gpus, str)
+                                                          and self.num_gpus >= 0), 'must be "auto" or >= 0'),
+                  ("num_cpus", self.num_cpus > 0, "must be > 0")]
         check_fields("eval", self, checks)
 
 
@@ -65,9 +80,9 @@ def for_seeds(cfg: EvalConfig, seeds: int) -> EvalConfig:
     return dataclasses.replace(cfg, samples_per_prompt=cfg.samples_per_prompt or (2 if seeds == 1 else 1))
 
 
-def make_scorer(cfg: EvalConfig, world, preferences: list[str]):
-    """The world's judges, or the LM judge of ``cfg.judge_model`` over ``preferences``
-    (Table-4 texts for a real judge, word-level ones the tiny judge's vocabulary knows)."""
+def check_scorer(cfg: EvalConfig, world, preferences: list[str]) -> None:
+    """What the driver checks before training, without loading a judge: responses long enough
+    for the world's verbosity judge; a judge folder that exists."""
     if not cfg.judge_model:
         low, high = world.verbosity_words()
         verbosity = [n for n in preferences if psoups_profile(n).attribute == "verbosity"]
@@ -76,12 +91,39 @@ def make_scorer(cfg: EvalConfig, world, preferences: list[str]):
             raise ValueError(f"eval.max_new_tokens={cfg.max_new_tokens}: the world's verbosity "
                              f"judge (of {verbosity}) reads 0 up to {low:.0f} words and 1 from "
                              f"{high:.0f}; responses cut this short all score 0 (use >= {high:.0f})")
+        return
+    from pathlib import Path
+
+    from raypref.models.factory import NAMED_MODELS
+
+    folder = Path(cfg.judge_model).expanduser()
+    looks_local = folder.exists() or cfg.judge_model.startswith((".", "/", "~"))
+    if cfg.judge_model != "tiny" and cfg.judge_model not in NAMED_MODELS and looks_local \
+            and not (folder / "config.json").exists():
+        raise FileNotFoundError(f"eval.judge_model={cfg.judge_model!r}: no config.json in {folder}")
+
+
+def scoring_table(cfg: EvalConfig, preferences: list[str]) -> dict[str, tuple[str, int]]:
+    """{preference: (score key, direction)} the comparison reads: the world's attributes, or the
+    LM judge's preference names (the same as the scorer's own ``table``, without a judge)."""
+    return JudgeScorer(None, {}).table(preferences) if cfg.judge_model \
+        else WorldScorer(None).table(preferences)
+
+
+def make_scorer(cfg: EvalConfig, world, preferences: list[str], device=None):
+    """The world's judges, or the LM judge of ``cfg.judge_model`` over ``preferences``
+    (Table-4 texts for a real judge, word-level ones the tiny judge's vocabulary knows), in
+    ``cfg.judge_dtype`` on ``device`` (default: the CPU)."""
+    check_scorer(cfg, world, preferences)
+    if not cfg.judge_model:
         return WorldScorer(world)
     from raypref.eval.llm_judge import JudgeConfig, ScoringJudge
 
     tiny = cfg.judge_model == "tiny"
-    judge = ScoringJudge.from_config(JudgeConfig(model=cfg.judge_model),
+    judge = ScoringJudge.from_config(JudgeConfig(model=cfg.judge_model, dtype=cfg.judge_dtype),
                                      vocabulary=world.vocabulary() if tiny else ())
+    if device is not None:
+        judge.model.to(device)
     texts = {n: psoups_profile(n).instruction if tiny else psoups_profile(n).prompt
              for n in preferences}
     return JudgeScorer(judge, texts)

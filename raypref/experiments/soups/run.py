@@ -7,6 +7,8 @@
 4. held-out implicit-reward accuracy of every policy;
 5. soups merged post hoc for every combination (P-Soups eq. 5), a weight sweep per dimension,
    and every arm's generations judged (the world's judges, or an LM judge on real data);
+   4 and 5 run on Ray workers, an actor per seed with a GPU where the cluster has one
+   (``seed_eval``); the driver gathers their numbers;
 6. win rates with intervals over prompts and seeds, tables, quality, report, merged models,
    and an MLflow child run per policy and baseline per seed.
 """
@@ -21,12 +23,10 @@ from pathlib import Path
 
 import mlflow
 import ray
-import torch
 
 from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
 from raypref.recipes import recipe
-from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig
@@ -36,13 +36,13 @@ from raypref.experiments.soups.training import (
     PMORL,
     cause_line,
     run_name,
-    runs_that_fit,
+    runs_that_fit_now,
     train_policies,
     training_jobs,
     training_key,
 )
-from raypref.models.factory import check_lora_targets, load_pretrained, save_pretrained_safetensors
-from raypref.models.merge import LoraAdapter, soup_model
+from raypref.experiments.soups.seed_eval import evaluate_on_workers, soup_name  # noqa: F401 (soup_name: the job's API)
+from raypref.models.factory import check_lora_targets
 from raypref.recipes.sft import sft_world, train_sft
 from raypref.train import storage
 
@@ -84,14 +84,7 @@ def _local_copy(export_path, local: Path) -> Path:
     return local
 
 
-# ---------------------------------------------------------------- merging
-
-def soup_name(weights: dict[str, float]) -> str:
-    """A name that states the weights, e.g. psoups-P1A_0p333-P2B_0p333-P3A_0p333
-    (MLflow model names may not contain '.')."""
-    parts = [f"{k}_{v:.3f}".replace(".", "p") for k, v in sorted(weights.items()) if v > 0]
-    return "psoups-" + "-".join(parts)
-
+# ---------------------------------------------------------------- combinations
 
 def usable_combinations(combinations: list[list[str]], trained: list[str]
                         ) -> tuple[list[tuple[str, ...]], list[tuple[str, ...]]]:
@@ -99,23 +92,6 @@ def usable_combinations(combinations: list[list[str]], trained: list[str]
     whole (never judged as a soup of the rest under its own name)."""
     kept = [tuple(c) for c in combinations if set(c) <= set(trained)]
     return kept, [tuple(c) for c in combinations if not set(c) <= set(trained)]
-
-
-class Souper:
-    """Merges soups from the trained adapters on the shared SFT base."""
-
-    def __init__(self, cfg: SoupsConfig, sft_dir, adapters: dict[str, Path]):
-        self.cfg = cfg
-        self.base_model, self.tokenizer = load_pretrained(sft_dir)
-        self.base_model.eval()
-        self.adapters = {name: LoraAdapter.from_dir(path) for name, path in adapters.items()}
-
-    def model(self, weights: dict[str, float], method: str | None = None) -> torch.nn.Module:
-        """The soup Σ wᵢ πᵢ by ``method`` (default: the config's merge method)."""
-        # the base module itself (not a clone of its state): tied weights and each module's type
-        # stay visible to the merge, so an adapter on a tied embedding also updates the head
-        return soup_model(method or self.cfg.merge_method, self.base_model, weights,
-                          adapters={k: self.adapters[k] for k in weights}, density=self.cfg.merge_density)
 
 
 # ---------------------------------------------------------------- the job
@@ -135,12 +111,11 @@ def run_soups_job(cfg: SoupsConfig) -> SoupsResult:
 
 @dataclass
 class TrainedPolicies:
-    """Steps 1-3 of the job: the base, the judge and prompts, each seed's pairs, and every
+    """Steps 1-3 of the job: the base, the world and prompts, each seed's pairs, and every
     per-preference policy (finished runs of the same fingerprint reused, not retrained)."""
 
     sft_dir: str
     world: object
-    scorer: object
     prompts: list[str]
     data: list  # per seed: SeedData
     outcomes: dict
@@ -164,8 +139,9 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
         _log("1/6 SFT base policy (cached by config hash)")
         sft_dir = str(train_sft(cfg.sft))
     world = sft_world(cfg.sft)
-    # the judge and the prompts first: a bad judge id or prompts file fails before training
-    scorer = ev.make_scorer(cfg.eval, world, cfg.preferences)
+    # the judge and the prompts first: a bad judge folder or prompts file fails before
+    # training (the judge itself is loaded by the evaluation workers, not here)
+    ev.check_scorer(cfg.eval, world, cfg.preferences)
     prompts = ev.eval_prompts(cfg.eval, world)
 
     _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
@@ -173,11 +149,12 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
         data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
     else:
         data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
-
     runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
     jobs = training_jobs(cfg, sft_dir, data, runs_dir)
-    at_once = cfg.max_concurrent_runs or runs_that_fit(cfg.resources, ray.cluster_resources())
-    _log(f"3/6 training {len(jobs)} policies, up to {at_once} at once: {', '.join(jobs)}")
+    fit_now = runs_that_fit_now(cfg.resources)  # re-read before each launch: the cluster may grow
+    at_once = cfg.max_concurrent_runs or fit_now
+    _log(f"3/6 training {len(jobs)} policies, up to "
+         f"{cfg.max_concurrent_runs or f'{fit_now()} (as the cluster is now)'} at once: {', '.join(jobs)}")
     t0 = time.time()
     outcomes, reused = train_policies(
         jobs, cfg.restart, _log, max_concurrent=at_once, on_tick=lambda running: _log("    " + ", ".join(
@@ -189,40 +166,8 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
                                out / "adapters" / run_name(p, k))
                 for p in list(data[k].train) + ([PMORL] if data[k].pmorl else [])
                 if outcomes[run_name(p, k)].ok} for k in range(cfg.seeds)]
-    return TrainedPolicies(sft_dir, world, scorer, prompts, data, outcomes, reused, failed, trained,
+    return TrainedPolicies(sft_dir, world, prompts, data, outcomes, reused, failed, trained,
                            train_seconds)
-
-
-def seed_eval(cfg: SoupsConfig, k: int) -> ev.EvalConfig:
-    """How seed k's generations are sampled (every arm of that seed alike)."""
-    return dataclasses.replace(ev.for_seeds(cfg.eval, cfg.seeds), seed=cfg.eval.seed + cfg.seed + k)
-
-
-def user_soup_score(cfg: SoupsConfig, souper: Souper, scorer, prompts: list[str], eval_cfg,
-                    report=None) -> float:
-    """The extra user's soup (``user_weights``) judged as that user would (``user_target``):
-    per response, its preferences' 0..1 rewards weighted by the target, averaged over the
-    responses. Generated ``eval.batch_size`` prompts at a time, each batch with the seeds
-    `judged_generations` gives it within the whole run, so ``report(prompts so far, score so
-    far)`` after each batch (a sweep trial's progress) sees a prefix of the same score."""
-    model = souper.model(cfg.user_weights)
-    rewards: list[float] = []
-    for start in range(0, len(prompts), eval_cfg.batch_size):
-        chunk = prompts[start:start + eval_cfg.batch_size]
-        _, scores = ev.judged_generations(scorer, model, souper.tokenizer, chunk,
-                                          dataclasses.replace(eval_cfg, seed=eval_cfg.seed + start))
-        rewards += [target_score(cfg.user_target, s) for s in scores]
-        if report is not None:
-            report(start + len(chunk), sum(rewards) / len(rewards))
-    return sum(rewards) / len(rewards)
-
-
-def target_score(target: dict[str, float], scores: dict[str, float]) -> float:
-    """A user's 0..1 reward of one judged text: its preferences' rewards, weighted by ``target``."""
-    from raypref.data.labelling import preference_reward
-
-    total = sum(target.values())
-    return sum(w * preference_reward(p, scores) for p, w in target.items()) / total
 
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
@@ -235,7 +180,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
     started = time.time()
     with tracking.start_run("soups", cfg, out) as run:
         stage = trained_policies(cfg, out)
-        sft_dir, world, scorer, prompts, data = stage.sft_dir, stage.world, stage.scorer, stage.prompts, stage.data
+        sft_dir, world, prompts, data = stage.sft_dir, stage.world, stage.prompts, stage.data
         outcomes, reused, failed, trained = stage.outcomes, stage.reused, stage.failed, stage.trained
         train_seconds = stage.train_seconds
         tracking.log_metrics({f"pairs.{k}": len(v) for k, v in data[0].train.items()})
@@ -243,6 +188,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
                               for f in ("flipped", "ties")})
         if (out / "quarantine").exists():
             tracking.log_artifact(out / "quarantine", "quarantine")
+
         tracking.log_metrics({"train_seconds": train_seconds, "failed_runs": len(failed),
                               "reused_runs": len(reused)})
         if failed:
@@ -259,14 +205,11 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         for combo in excluded:
             _log(f"    leaving out {'+'.join(combo)}: a preference of it failed to train")
 
-        _log("4/6 held-out implicit-reward accuracy of each policy")
-        accuracy = [{p: _heldout_accuracy(cfg, sft_dir, t[p], d.held_out[p], run_name(p, k))
-                     for p in prefs} for k, (t, d) in enumerate(zip(trained, data))]
-
-        _log("5/6 merging soups and judging generations")
-        seeds = [_evaluate_seed(cfg, k, sft_dir, trained[k], scorer, world, prompts, prefs,
-                                combos, with_pmorl) for k in range(cfg.seeds)]
-        table = scorer.table(cfg.preferences)
+        _log("4-5/6 on the workers: held-out implicit-reward accuracy of each policy, "
+             "merging soups and judging generations")
+        accuracy, seeds = evaluate_on_workers(cfg, sft_dir, world, trained, [d.held_out for d in data],
+                                              prompts, prefs, combos, with_pmorl, out / "merged")
+        table = ev.scoring_table(cfg.eval, cfg.preferences)
         comparison = compare([s["methods"] for s in seeds], [s["sft"] for s in seeds], table,
                              len(prompts), cfg.eval.samples_per_prompt,
                              tol=cfg.eval.tie_tolerance, margin=cfg.eval.quality_margin,
@@ -276,7 +219,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         for line in comparison.quality_lines:
             _log(f"    quality: {line}")
         _log_summary_metrics(comparison, sweep)
-        registered = _save_soups(cfg, seeds[0]["souper"], seeds[0]["soups"], out / "merged")
+        registered = _register_soups(cfg, seeds[0]["saved"], seeds[0]["soups"])
         _log_children(cfg, data, outcomes, reused, failed, accuracy, seeds, trained)
 
         _log("6/6 report")
@@ -299,97 +242,6 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
              "intervals": {f"{a} vs {b}": i.text() for (a, b), i in comparison.intervals.items()}},
             comparison.quality, ev.mean_scores(sft_rows), user_score)
     return result
-
-
-def _heldout_accuracy(cfg, sft_dir, adapter: Path, pairs, name: str) -> dict[str, float]:
-    from peft import PeftModel
-
-    base, tokenizer = load_pretrained(sft_dir)
-    model = PeftModel.from_pretrained(base, str(adapter))
-    result = evaluate_pairs(model, tokenizer, pairs, cfg.training.beta,
-                            max_length=cfg.training.max_length)
-    _log(f"    {name}: held-out reward accuracy {result['reward_accuracy']:.3f}")
-    return result
-
-
-def _evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combos, with_pmorl) -> dict:
-    """Seed k's judged scores of every arm, its weight sweep and a few samples."""
-    eval_cfg = seed_eval(cfg, k)
-    souper = Souper(cfg, sft_dir, {p: trained[p] for p in prefs})
-
-    def generate(model, instruction=None):
-        return ev.judged_generations(scorer, model, souper.tokenizer, prompts, eval_cfg, instruction)
-
-    _, sft = generate(souper.base_model)
-    sweep = _weight_sweep(cfg, souper, scorer, generate, prefs, k)
-    arms = [SOUPS] + [ev.SOUP_ARMS[a] for a in cfg.eval.arms
-                      if not (a == "ab_avg" and cfg.merge_method == "lora_factors_linear")]
-    names = arms + [n for n, on in (("SFT", "sft" in cfg.baselines),
-                                    ("Prompting", "prompting" in cfg.baselines),
-                                    (PMORL, with_pmorl)) if on]
-    methods = {n: {} for n in names}
-    pmorl_model = _pmorl_model(sft_dir, trained[PMORL]) if with_pmorl else None
-    samples, soups = {}, {}
-    hf_base = bool(cfg.base_policy)
-    for combo in combos:
-        weights = {p: 1.0 / len(combo) for p in combo}
-        soups[soup_name(weights)] = weights
-        instruction = ev.instruction_text(world, combo, hf_base)
-        soup = souper.model(weights)
-        for name in names:
-            if name == "SFT":
-                texts, methods[name][combo] = None, sft
-                continue
-            model = {SOUPS: soup, ev.SOUP_ARMS["instructed"]: soup, PMORL: pmorl_model,
-                     "Prompting": souper.base_model}.get(name)
-            if name == ev.SOUP_ARMS["ab_avg"]:
-                model = souper.model(weights, "lora_factors_linear")
-            instructed = name in (ev.SOUP_ARMS["instructed"], "Prompting", PMORL)
-            texts, methods[name][combo] = generate(model, instruction if instructed else None)
-            if k == 0:
-                samples[f"{name} {'+'.join(combo)}"] = texts[:3]
-        _log(f"    seed {k}: judged {'+'.join(combo)}")
-    user_score = None
-    if cfg.user_weights:
-        if set(cfg.user_weights) <= set(prefs):
-            soups[soup_name(cfg.user_weights)] = dict(cfg.user_weights)
-            if cfg.user_target:
-                user_score = user_soup_score(cfg, souper, scorer, prompts, eval_cfg)
-                _log(f"    seed {k}: the user's soup {cfg.user_weights} scores {user_score:.4f} "
-                     f"for the user {cfg.user_target}")
-        else:
-            _log(f"    not building the user soup {cfg.user_weights}: "
-                 f"{sorted(set(cfg.user_weights) - set(prefs))} failed to train")
-    return {"methods": methods, "sft": sft, "sweep": sweep, "samples": samples,
-            "soups": soups, "souper": souper, "user_score": user_score}
-
-
-def _pmorl_model(sft_dir, adapter: Path) -> torch.nn.Module:
-    from peft import PeftModel
-
-    base, _ = load_pretrained(sft_dir)
-    return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
-
-
-def _weight_sweep(cfg, souper, scorer, generate, prefs, k) -> dict:
-    """For each dimension: judge score of its attribute (and quality) vs the merge weight of
-    the preference raising it (other dimensions held at 50/50)."""
-    dims = ev.dimensions_of(prefs)
-    sweep = {}
-    for dim, (up, down) in dims.items():
-        key = scorer.sweep_key(up)
-        values, quality = [], []
-        for t in cfg.eval.weight_grid:
-            _, scores = generate(souper.model(ev.sweep_weights(dims, dim, t)))
-            means = ev.mean_scores(scores)
-            values.append(means[key])
-            quality.append(means["quality"])
-        sweep[dim] = {"attribute": key, "raised_by": up, "lowered_by": down,
-                      "weights": list(cfg.eval.weight_grid), "scores": values, "quality": quality}
-        _log(f"    seed {k} {dim}: {key} = " + ", ".join(f"{v:.3f}" for v in values)
-             + ", quality = " + ", ".join(f"{q:.3f}" for q in quality)
-             + f" for w({up}) = {cfg.eval.weight_grid}")
-    return sweep
 
 
 def metric_name(arm: str) -> str:
@@ -452,15 +304,10 @@ def _log_eval_means(by_combo: dict) -> None:
         tracking.log_metrics({f"eval.{key}": v for key, v in ev.mean_scores(rows).items()})
 
 
-def _save_soups(cfg, souper, soups: dict[str, dict[str, float]], models_dir: Path) -> list[str]:
-    """Seed 0's merged policies as safetensors folders; registered in the MLflow model registry."""
-    saved = []
-    for name, weights in soups.items():
-        model = souper.model(weights)
-        path = save_pretrained_safetensors(model, souper.tokenizer, models_dir / name)
-        atomic.write_text(path / "soup_weights.json", json.dumps(weights, indent=2))
-        if cfg.register_models:
-            tracking.register_model_dir(path, name, tags={
-                "soup_weights": json.dumps(weights), "merge_method": cfg.merge_method})
-        saved.append(name)
-    return saved
+def _register_soups(cfg, saved: dict[str, str], soups: dict[str, dict[str, float]]) -> list[str]:
+    """Seed 0's merged soups (written by its evaluation worker) into the MLflow model registry."""
+    if cfg.register_models:
+        for name, path in saved.items():
+            tracking.register_model_dir(Path(path), name, tags={
+                "soup_weights": json.dumps(soups[name]), "merge_method": cfg.merge_method})
+    return list(saved)

@@ -89,10 +89,18 @@ def runs_that_fit(resources, cluster: dict[str, float]) -> int:
     return max(1, fits)
 
 
+def runs_that_fit_now(resources):
+    """A function giving ``runs_that_fit`` on the cluster as it is when called: ``train_concurrently``
+    asks it before each launch, so runs that wait start as an autoscaling cluster adds workers."""
+    import ray
+
+    return lambda: runs_that_fit(resources, ray.cluster_resources())
+
+
 def train_policies(jobs: dict[str, tuple], restart: bool = False, log=print,
-                   on_tick=None, max_concurrent: int = 0) -> tuple[dict[str, RunOutcome], list[str]]:
+                   on_tick=None, max_concurrent=0) -> tuple[dict[str, RunOutcome], list[str]]:
     """Outcomes of every job and the names of those reused (finished before, not retrained).
-    At most ``max_concurrent`` runs at once (0: all)."""
+    At most ``max_concurrent`` runs at once (0: all; a function: asked before each launch)."""
     outcomes, todo = {}, {}
     for name, (spec, runner_cfg) in jobs.items():
         result = None if restart else completed_result(spec, runner_cfg)

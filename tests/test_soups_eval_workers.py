@@ -1,0 +1,164 @@
+"""The soups job's evaluation on Ray workers: the same numbers as in the driver's process, a GPU
+asked for where the cluster has one, and training runs that start as the cluster grows."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from raypref.data.world import World
+from raypref.experiments.soups import evaluate as ev
+from raypref.experiments.soups.config import SoupsConfig
+from raypref.experiments.soups.seed_eval import (actor_options, evaluate_on_workers, evaluate_seed,
+                                                 heldout_accuracy)
+from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy, build_tokenizer,
+                                    load_pretrained, save_pretrained_safetensors)
+from raypref.train.runner import Resources
+
+PREFS = ["P1A", "P1B", "P3A", "P3B"]  # no verbosity preference: short generations are allowed
+
+
+@pytest.fixture(scope="module")
+def base_and_adapters(tmp_path_factory):
+    """An untrained 1-layer GPT-2 base, a random non-zero LoRA adapter per preference (so every
+    soup differs from the base and from each other), and a saved LM judge folder."""
+    root = tmp_path_factory.mktemp("soups-workers")
+    world = World(seed=0)
+    tokenizer = build_tokenizer(ModelConfig(), world.vocabulary())
+    torch.manual_seed(0)
+    base = save_pretrained_safetensors(build_policy(ModelConfig(n_layer=1, n_embd=32, n_head=2), tokenizer),
+                                       tokenizer, root / "base")
+    adapters = {}
+    for i, pref in enumerate(PREFS):
+        torch.manual_seed(10 + i)
+        model = add_lora(load_pretrained(base)[0], LoraSettings())
+        with torch.no_grad():
+            for name, p in model.named_parameters():
+                if "lora_" in name:
+                    p.normal_(0.0, 0.3)
+        model.save_pretrained(root / pref)  # the adapter alone (safetensors)
+        adapters[pref] = root / pref
+    from raypref.eval.llm_judge import JudgeConfig, ScoringJudge
+    torch.manual_seed(1)
+    judge = ScoringJudge.from_config(JudgeConfig(), vocabulary=world.vocabulary())
+    judge_dir = save_pretrained_safetensors(judge.model, judge.tokenizer, root / "judge")
+    return str(base), adapters, str(judge_dir)
+
+
+@pytest.mark.parametrize("judge", ["world", "lm"])
+def test_evaluation_on_workers_equals_the_in_process_path(base_and_adapters, tmp_path, ray_local, judge):
+    """Same seeds, same generations, scores, sweeps, held-out accuracy and merged soups, whether
+    a seed is evaluated by its worker actor or in this process (the path the driver used)."""
+    base, adapters, judge_dir = base_and_adapters
+    world = World(seed=0)
+    cfg = SoupsConfig(output_dir=str(tmp_path), preferences=PREFS,
+                      combinations=[["P1A", "P3A"]], baselines=["sft", "prompting"],
+                      user_weights={"P1A": 0.75, "P3A": 0.25},
+                      eval=ev.EvalConfig(n_prompts=3, samples_per_prompt=2, max_new_tokens=4, batch_size=2,
+                                         weight_grid=[0.0, 1.0], n_boot=10,
+                                         judge_model=judge_dir if judge == "lm" else ""))
+    cfg.validate()
+    prompts = ev.eval_prompts(cfg.eval, world)
+    combos = [tuple(c) for c in cfg.combinations]
+    rng = np.random.default_rng(0)
+    held_out = {p: world.pairs_for_preference(p, 3, rng) for p in PREFS}
+
+    scorer = ev.make_scorer(cfg.eval, world, PREFS)
+    here = evaluate_seed(cfg, 0, base, adapters, scorer, world, prompts, PREFS, combos, False,
+                         models_dir=tmp_path / "here")
+    here_accuracy = {p: heldout_accuracy(cfg, base, adapters[p], held_out[p], p) for p in PREFS}
+
+    accuracy, seeds = evaluate_on_workers(cfg, base, world, [adapters], [held_out], prompts, PREFS, combos,
+                                          False, tmp_path / "workers")
+    there = seeds[0]
+    assert accuracy == [here_accuracy]
+    for key in ("methods", "sft", "sweep", "samples", "soups"):
+        assert there[key] == here[key], key
+    # the arms really differ (a comparison of identical constants would prove nothing)
+    texts = [t for group in here["samples"].values() for t in group]
+    assert len(set(texts)) > 1
+    first = here["methods"]["P-Soups"][combos[0]]
+    assert first != here["methods"]["Prompting"][combos[0]]
+    if judge == "lm":
+        assert set(first[0]) == set(PREFS) | {"quality"} and 1.0 <= first[0]["P1A"] <= 5.0
+    # the worker wrote the same merged soups (the user's soup included)
+    from safetensors.torch import load_file
+    assert sorted(there["saved"]) == sorted(here["saved"]) and "psoups-P1A_0p750-P3A_0p250" in there["saved"]
+    for name in here["saved"]:
+        a = load_file(Path(here["saved"][name]) / "model.safetensors")
+        b = load_file(Path(there["saved"][name]) / "model.safetensors")
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_an_evaluation_actor_asks_for_a_gpu_when_the_cluster_has_one():
+    auto = ev.EvalConfig()
+    assert actor_options(auto, {"CPU": 2.0}) == {"num_cpus": 2.0, "num_gpus": 0.0}
+    assert actor_options(auto, {"CPU": 64.0, "GPU": 8.0}) == {"num_cpus": 2.0, "num_gpus": 1.0}
+    assert actor_options(auto, {"CPU": 1.0}) == {"num_cpus": 1.0, "num_gpus": 0.0}  # capped: it can start
+    assert actor_options(ev.EvalConfig(num_gpus=0), {"CPU": 8.0, "GPU": 8.0})["num_gpus"] == 0.0
+    for bad, field in ((dict(num_gpus=-1), "num_gpus"), (dict(num_gpus="some"), "num_gpus"),
+                       (dict(num_cpus=0), "num_cpus"), (dict(judge_dtype="fp8"), "judge_dtype")):
+        with pytest.raises(ValueError, match=f"eval.{field}"):
+            ev.EvalConfig(**bad).validate()
+
+
+def test_the_7b_config_places_its_judge_and_evaluation_on_gpu_workers_in_bf16():
+    from raypref.config import from_dict, load_yaml
+
+    repo = Path(__file__).resolve().parents[1]
+    cfg = from_dict(SoupsConfig, load_yaml(repo / "configs" / "soups-7b-8gpu.yaml"))
+    cfg.validate()
+    assert cfg.eval.judge_dtype == "bfloat16"
+    node = {"CPU": 64.0, "GPU": 8.0, "memory": 512e9}  # its 8-GPU node
+    options = actor_options(cfg.eval, node)
+    assert options["num_gpus"] == 1.0 and options["num_cpus"] >= 4
+
+
+def test_judge_checked_in_the_driver_without_loading_it(tmp_path):
+    with pytest.raises(FileNotFoundError, match="eval.judge_model=.*no config.json"):
+        ev.check_scorer(ev.EvalConfig(judge_model=str(tmp_path / "nothing")), World(seed=0), ["P1A"])
+    assert ev.scoring_table(ev.EvalConfig(judge_model="x/y"), ["P1A"]) == \
+        ev.JudgeScorer(None, {}).table(["P1A"])
+
+
+def test_runs_start_as_the_cluster_grows(ray_local, monkeypatch, tmp_path):
+    """``runs_that_fit_now`` reads the cluster again before each launch: a cluster of 1 CPU
+    runs one 1-CPU run; once it has 4 (an autoscaler added a node) the 4 waiting runs start
+    together."""
+    import time
+
+    import ray
+
+    import raypref.train.concurrent as concurrent
+    from raypref.experiments.soups.training import runs_that_fit_now
+
+    @ray.remote(num_cpus=0)
+    def fake_drive(name, spec, cfg, restart=False):
+        time.sleep(spec)
+        (tmp_path / f"{name}.end").write_text(repr(time.time()))
+        return concurrent.RunOutcome(name, True, spec)
+
+    submitted = []
+
+    class Recording:
+        def remote(self, name, *args):
+            submitted.append((name, time.time()))
+            return fake_drive.remote(name, *args)
+
+    reads = []
+
+    def growing_cluster():  # one CPU until the first run has ended, then four
+        reads.append(1)
+        return {"CPU": 4.0 if (tmp_path / "r0.end").exists() else 1.0}
+
+    monkeypatch.setattr(concurrent, "_drive", Recording())
+    monkeypatch.setattr(ray, "cluster_resources", growing_cluster)
+    jobs = {f"r{i}": (0.5, None) for i in range(5)}
+    outcomes = concurrent.train_concurrently(jobs, tick_seconds=0.1,
+                                             max_concurrent=runs_that_fit_now(Resources(cpus_per_worker=1.0)))
+    assert all(o.ok for o in outcomes.values()) and [n for n, _ in submitted] == list(jobs)
+    ends = {n: float((tmp_path / f"{n}.end").read_text()) for n in jobs}
+    assert submitted[1][1] > ends["r0"]  # alone while the cluster had one CPU
+    later = [t for _, t in submitted[1:]]
+    assert max(later) < min(ends[n] for n in list(jobs)[1:])  # then all four at once
+    assert len(reads) >= 3

@@ -1,0 +1,171 @@
+"""Bring your own data: TRL's preference formats from jsonl, parquet, save_to_disk folders and
+(where reachable) the hub, through the loaders' validation and quarantine. Every file is
+written by the test itself."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from raypref.data.loaders import UserIdMap, WrongColumns, load_records, load_validated
+from raypref.data.quarantine import Quarantine
+
+STANDARD = [
+    {"prompt": "Name a fruit.", "chosen": "An apple.", "rejected": "A chair."},
+    {"prompt": "Say hi.", "chosen": "Hello!", "rejected": "Go away.", "score_chosen": 8.0, "score_rejected": 2.0},
+    {"prompt": "Count to two.", "chosen": "One, two.", "rejected": "Seven."},
+]
+
+
+def user(text):
+    return {"role": "user", "content": text}
+
+
+def assistant(text):
+    return {"role": "assistant", "content": text}
+
+
+def write_jsonl(path, rows, extra_lines=()):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows) + "".join(extra_lines))
+    return path
+
+
+def load(path, tmp_path, **options):
+    quarantine = Quarantine(tmp_path / "quarantine.jsonl")
+    records = list(load_records(str(path), schema="trl", quarantine=quarantine, **options))
+    return records, quarantine.summary(), [json.loads(x) for x in (tmp_path / "quarantine.jsonl").read_text().splitlines()] \
+        if (tmp_path / "quarantine.jsonl").exists() else []
+
+
+def test_standard_jsonl_with_malformed_rows_quarantined_and_counted(tmp_path):
+    bad = [{"prompt": "Q?", "chosen": "A.", "rejected": "  "},          # blank response
+           {"prompt": "Q?", "chosen": "Same.", "rejected": "Same."},     # no preference
+           {"prompt": 3, "chosen": "A.", "rejected": "B."}]              # prompt not text
+    path = write_jsonl(tmp_path / "prefs.jsonl", STANDARD + bad, extra_lines=["{not json\n"])
+    records, summary, entries = load(path, tmp_path)
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [
+        (r["prompt"], r["chosen"], r["rejected"]) for r in STANDARD]
+    assert records[1].chosen_scores == {"score": 8.0} and records[1].rejected_scores == {"score": 2.0}
+    assert records[0].user_id == 0 and records[0].source == "trl"
+    assert summary["rows_total"] == 7 and summary["rows_valid"] == 3 and summary["rows_quarantined"] == 4
+    assert summary["by_reason"] == {"empty_text": 1, "identical_responses": 1, "undecodable_line": 1,
+                                    "wrong_type": 1}
+    assert sorted(e["line"] for e in entries) == [4, 5, 6, 7]
+    assert all(e["shard"] == str(path) for e in entries)
+
+
+def test_conversational_jsonl_last_assistant_turn_is_the_response(tmp_path):
+    rows = [
+        # implicit prompt: the conversations carry their context
+        {"chosen": [user("Hi?"), assistant("Hello.")], "rejected": [user("Hi?"), assistant("Bye.")]},
+        # explicit prompt as messages, responses alone
+        {"prompt": [user("Capital of France?")], "chosen": [assistant("Paris.")],
+         "rejected": [assistant("Rome.")]},
+        # a system message and earlier turns: a transcript
+        {"prompt": [{"role": "system", "content": "Be brief."}, user("A colour?"), assistant("Red."),
+                    user("Another?")], "chosen": [assistant("Blue.")], "rejected": [assistant("Red again.")]},
+        # binarized UltraFeedback's layout: prompt text repeating the conversation's first user turn
+        {"prompt": "2+2?", "chosen": [user("2+2?"), assistant("4")], "rejected": [user("2+2?"), assistant("5")]},
+    ]
+    bad = [
+        {"chosen": [user("A?"), assistant("x")], "rejected": [user("B?"), assistant("y")]},  # different context
+        {"prompt": "Q?", "chosen": [assistant("x"), user("y")], "rejected": [assistant("z")]},  # ends with user
+        {"chosen": [assistant("x")], "rejected": [assistant("y")]},  # no context at all
+        {"prompt": "Q?", "chosen": [{"role": "robot", "content": "x"}], "rejected": [assistant("y")]},
+    ]
+    records, summary, entries = load(write_jsonl(tmp_path / "chat.jsonl", rows + bad), tmp_path)
+    assert [(r.prompt, r.chosen, r.rejected) for r in records] == [
+        ("Hi?", "Hello.", "Bye."),
+        ("Capital of France?", "Paris.", "Rome."),
+        ("System: Be brief.\nUser: A colour?\nAssistant: Red.\nUser: Another?\nAssistant:", "Blue.", "Red again."),
+        ("2+2?", "4", "5"),
+    ]
+    assert summary["by_reason"] == {"missing_field": 1, "unmappable": 3}
+    details = sorted(e["detail"] for e in entries)
+    assert any("differ before their last assistant message" in d for d in details)
+    assert any("does not end with an assistant message" in d for d in details)
+    assert any("chosen[0] is not a message" in d for d in details)
+
+
+def test_parquet_file_and_folder_of_shards(tmp_path):
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(STANDARD[:2]), folder / "part-0.parquet")
+    pq.write_table(pa.Table.from_pylist(STANDARD[2:]), folder / "part-1.parquet")
+    records, summary, _ = load(folder / "part-0.parquet", tmp_path)
+    assert [r.chosen for r in records] == ["An apple.", "Hello!"]
+    records, summary, _ = load(folder, tmp_path)
+    assert [r.chosen for r in records] == ["An apple.", "Hello!", "One, two."]
+    assert summary["shards_total"] == 2 and summary["rows_quarantined"] == 0
+
+
+def test_conversational_parquet(tmp_path):
+    rows = [{"chosen": [user(f"Q{i}?"), assistant(f"good {i}")], "rejected": [user(f"Q{i}?"), assistant(f"bad {i}")]}
+            for i in range(3)]
+    pq.write_table(pa.Table.from_pylist(rows), tmp_path / "chat.parquet")
+    records, _, _ = load(tmp_path / "chat.parquet", tmp_path)
+    assert [(r.prompt, r.chosen) for r in records] == [(f"Q{i}?", f"good {i}") for i in range(3)]
+
+
+def test_save_to_disk_folders(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list(STANDARD).save_to_disk(str(tmp_path / "one"))
+    records, summary, _ = load(tmp_path / "one", tmp_path)
+    assert [r.chosen for r in records] == ["An apple.", "Hello!", "One, two."] and summary["shards_total"] == 1
+
+    chat = [{"chosen": [user("Hi?"), assistant("Hello.")], "rejected": [user("Hi?"), assistant("")]},
+            {"chosen": [user("Yo?"), assistant("Hey.")], "rejected": [user("Yo?"), assistant("No.")]}]
+    splits = datasets.DatasetDict({"train": datasets.Dataset.from_list(chat),
+                                   "test": datasets.Dataset.from_list(STANDARD)})
+    splits.save_to_disk(str(tmp_path / "dict"))
+    records, summary, entries = load(tmp_path / "dict", tmp_path, split="train")
+    assert [r.chosen for r in records] == ["Hey."]
+    assert summary["by_reason"] == {"empty_text": 1} and entries[0]["shard"].endswith("dict:train")
+    with pytest.raises(ValueError, match=r"splits \['train', 'test'\]; pass one as split="):
+        list(load_records(str(tmp_path / "dict"), schema="trl"))
+
+
+def test_wrong_columns_one_error_naming_file_found_and_expected(tmp_path):
+    kto = write_jsonl(tmp_path / "kto.jsonl", [{"prompt": "Q?", "completion": "A.", "label": True}] * 3)
+    with pytest.raises(WrongColumns) as err:
+        load_validated(str(kto), schema="trl", quarantine_path=tmp_path / "q.jsonl")
+    message = str(err.value)
+    assert str(kto) in message
+    assert "found ['prompt', 'completion', 'label']" in message and "missing ['chosen', 'rejected']" in message
+    assert "'prompt', 'chosen', 'rejected' as text" in message  # what is expected
+    assert (tmp_path / "q.jsonl").read_text() == ""  # no row was read, so none quarantined
+
+    # text responses without a prompt column; a folder names the offending file, not its first
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_jsonl(folder / "a.jsonl", STANDARD)
+    pq.write_table(pa.Table.from_pylist([{k: r[k] for k in ("chosen", "rejected")} for r in STANDARD]),
+                   folder / "b.parquet")
+    with pytest.raises(WrongColumns, match=r"b\.parquet: .*found \['chosen', 'rejected'\], missing \['prompt'\]"):
+        list(load_records(str(folder), schema="trl", quarantine=Quarantine(tmp_path / "q2.jsonl")))
+
+    # a named user column the data does not have
+    with pytest.raises(WrongColumns, match=r"missing \['annotator'\]"):
+        list(load_records(str(folder / "a.jsonl"), schema="trl", user_column="annotator"))
+
+    # SFT-style messages are no preference data
+    datasets = pytest.importorskip("datasets")
+    datasets.Dataset.from_list([{"messages": [user("Hi"), assistant("Hello")]}]).save_to_disk(str(tmp_path / "sft"))
+    with pytest.raises(WrongColumns, match=r"found \['messages'\], missing \['chosen', 'rejected'\]"):
+        list(load_records(str(tmp_path / "sft"), schema="trl"))
+
+
+def test_user_column_maps_to_stable_user_ids(tmp_path):
+    rows = [dict(r, annotator=name) for r, name in zip(STANDARD, ["ann", "bob", "ann"])]
+    rows.append({"prompt": "Q?", "chosen": "A.", "rejected": "B."})  # no user: quarantined
+    user_map = UserIdMap({"bob": 1})
+    records, summary, _ = load(write_jsonl(tmp_path / "users.jsonl", rows), tmp_path,
+                               user_column="annotator", user_map=user_map)
+    assert [r.user_id for r in records] == [2, 1, 2] and user_map.ids == {"bob": 1, "ann": 2}
+    assert summary["by_reason"] == {"missing_field": 1}
+
+
+def test_hub_name_offline_says_it_needs_the_hub(monkeypatch):
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(RuntimeError, match=r"'someone/prefs' is no local file or folder.*needs the Hugging Face hub"):
+        list(load_records("someone/prefs", schema="trl", split="train"))

@@ -169,3 +169,89 @@ def test_hub_name_offline_says_it_needs_the_hub(monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     with pytest.raises(RuntimeError, match=r"'someone/prefs' is no local file or folder.*needs the Hugging Face hub"):
         list(load_records("someone/prefs", schema="trl", split="train"))
+
+
+# ---------------------------------------------------------------- the DPO job on your own data
+
+def tiny_base(folder):
+    """An untrained tiny GPT-2 over the world's words, saved as a base policy (no SFT run)."""
+    from raypref.data.world import World
+    from raypref.models.factory import ModelConfig, build_policy, build_tokenizer, save_pretrained_safetensors
+
+    cfg = ModelConfig(n_layer=1, n_embd=32, n_head=2, n_positions=128)
+    tokenizer = build_tokenizer(cfg, World(seed=0).vocabulary())
+    return str(save_pretrained_safetensors(build_policy(cfg, tokenizer), tokenizer, folder))
+
+
+def own_data_job(tmp_path, source, base_policy="", **data):
+    from raypref.experiments.preference import DPOJobConfig, PreferenceSource
+    from raypref.recipes.dpo import DPOConfig
+    from raypref.train.runner import Resources
+
+    return DPOJobConfig(
+        data=PreferenceSource(source=str(source), **data), output_dir=str(tmp_path / "dpo"), run_name="mine",
+        base_policy=base_policy, max_quarantine_fraction=0.1,
+        training=DPOConfig(steps=4, micro_batch_size=4, warmup_steps=1, max_length=64),
+        resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=4), shuffle_buffer=0,
+        data_cpus=0.5)
+
+
+def test_dpo_job_wrong_columns_stop_before_ray_and_training(tmp_path, monkeypatch):
+    from raypref.experiments import preference
+    from raypref.experiments.run import Run
+
+    def no_ray(*args, **kwargs):
+        raise AssertionError("Ray was started")
+
+    monkeypatch.setattr(preference.ray_session, "init", no_ray)
+    monkeypatch.setattr(preference.ray, "is_initialized", lambda: False)
+    bad = write_jsonl(tmp_path / "mine.jsonl", [{"question": "Q?", "good": "A.", "bad": "B."}] * 4)
+    cfg = own_data_job(tmp_path, bad)
+    cfg.validate()
+    # the job's first step (run_experiment calls it before the base policy and the runner)
+    with pytest.raises(WrongColumns, match=r"mine\.jsonl: wrong columns for schema 'trl': found "
+                                           r"\['question', 'good', 'bad'\], missing \['chosen', 'rejected'\]"):
+        preference.PreferenceExperiment().prepare(Run(cfg, "mine", tmp_path / "dpo" / "mine"))
+    assert not (tmp_path / "dpo" / "mine" / "data").exists()
+
+
+def test_dpo_job_data_section_from_the_command_line():
+    from raypref.config import parse_args
+    from raypref.experiments.preference import DPOJobConfig
+
+    cfg = parse_args(DPOJobConfig, ["--data.source", "prefs.jsonl", "--data.format", "trl",
+                                    "--data.user_column", "annotator", "--data.test_fraction", "0.2"])
+    assert (cfg.data.source, cfg.data.format, cfg.data.user_column, cfg.data.test_fraction) == (
+        "prefs.jsonl", "trl", "annotator", 0.2)
+    for flags, message in ((["--data.format", "hh"], r"data\.format='hh'"),
+                           (["--data.user_column", "u", "--data.format", "prism"], r"only the trl format"),
+                           (["--data.test_fraction", "1"], r"data\.test_fraction=1\.0")):
+        with pytest.raises(ValueError, match=message):
+            parse_args(DPOJobConfig, ["--data.source", "x.jsonl", *flags])
+
+
+@pytest.mark.slow  # ~30 s on 2 cores: one 4-step Ray Train DPO run on a saved tiny base (no SFT)
+def test_dpo_job_trains_on_a_users_trl_jsonl_file(ray_local, tmp_path):
+    import numpy as np
+    from safetensors.torch import load_file
+
+    from raypref.data.world import World
+    from raypref.experiments.preference import train_dpo
+
+    pairs = World(seed=0).pairs_for_preference("P1A", 20, np.random.default_rng(0))
+    rows = [{"chosen": [user(p.prompt), assistant(p.chosen)], "rejected": [user(p.prompt), assistant(p.rejected)]}
+            for p in pairs]
+    rows.insert(5, {"chosen": [user("hi")], "rejected": [user("hi"), assistant("x")]})  # no response
+    path = write_jsonl(tmp_path / "mine.jsonl", rows, extra_lines=['{"chosen": [\n'])
+    cfg = own_data_job(tmp_path, path, base_policy=tiny_base(tmp_path / "base"), test_fraction=0.2)
+    result = train_dpo(cfg)  # user_ids stays [1]: no users here
+
+    source = result.summary["quarantine"]["source"]
+    assert (source["rows_total"], source["rows_valid"], source["rows_quarantined"]) == (22, 20, 2)
+    assert source["by_reason"] == {"undecodable_line": 1, "unmappable": 1}
+    entries = [json.loads(x) for x in (result.output_dir / "quarantine_source.jsonl").read_text().splitlines()]
+    assert sorted(e["line"] for e in entries) == [6, 22]
+    assert result.summary["train_pairs"] == 16 and result.summary["eval"]["pairs"] == 4
+    assert result.summary["steps"] == 4
+    weights = load_file(result.adapter_dir / "adapter_model.safetensors")
+    assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # trained: LoRA B starts at 0

@@ -255,3 +255,65 @@ def test_dpo_job_trains_on_a_users_trl_jsonl_file(ray_local, tmp_path):
     assert result.summary["steps"] == 4
     weights = load_file(result.adapter_dir / "adapter_model.safetensors")
     assert any(t.abs().sum() > 0 for k, t in weights.items() if "lora_B" in k)  # trained: LoRA B starts at 0
+
+
+# ---------------------------------------------------------------- the other jobs' data sections
+
+def test_prism_through_the_data_section_keeps_its_users_and_their_text(tmp_path):
+    from pathlib import Path
+
+    from raypref.data.source import PreferenceSource, read_source
+
+    fixtures = Path(__file__).parent / "fixtures"
+    src = PreferenceSource(source=str(fixtures / "prism_conversations.jsonl"), format="prism",
+                           survey=str(fixtures / "prism_survey.jsonl"), test_fraction=0.0)
+    assert src.has_users
+    pairs = read_source(src, tmp_path, seed=0, max_quarantine_fraction=1.0, log=lambda m: None)
+    assert len(pairs.train) == 4 and pairs.test == []  # as test_loaders' PRISM test: 4 pairs
+    assert pairs.users == {1: "user17", 2: "user42"}
+    assert {r.user_id for r in pairs.train} == {1, 2}
+    assert any("self_description: I am a teacher" in (r.user_text or "") for r in pairs.train)
+    assert pairs.quarantine["by_reason"] == {"tie": 1, "unmappable": 1}  # the fixture's own bad turns
+    assert (tmp_path / "quarantine_source.jsonl").exists() and (tmp_path / "data" / "user_ids.json").exists()
+
+
+def test_pdpo_needs_users_and_reads_them_before_the_base(tmp_path):
+    from raypref.data.source import PreferenceSource
+    from raypref.experiments.policy import PDPOExperiment, PDPOJobConfig
+    from raypref.experiments.run import Run
+
+    path = write_jsonl(tmp_path / "mine.jsonl", [dict(r, annotator=a) for r, a in zip(STANDARD * 2, "ababab")])
+    with pytest.raises(ValueError, match=r"PDPOJobConfig.data: P-DPO learns each user.*data.user_column"):
+        PDPOJobConfig(data=PreferenceSource(source=str(path))).validate()
+    cfg = PDPOJobConfig(data=PreferenceSource(source=str(path), user_column="annotator", test_fraction=0.5))
+    cfg.validate()
+    run = Run(cfg, "mine", tmp_path / "run")
+    PDPOExperiment().prepare(run)
+    train, held_out, groups = run.data["pairs"]
+    assert len(train) == 3 and len(held_out) == 3 and groups == {}
+    assert run.data["users"] == {1: "a", 2: "b"}
+
+    bad = write_jsonl(tmp_path / "bad.jsonl", STANDARD)  # no annotator column
+    cfg = PDPOJobConfig(data=PreferenceSource(source=str(bad), user_column="annotator"))
+    with pytest.raises(WrongColumns, match=r"missing \['annotator'\]"):
+        PDPOExperiment().prepare(Run(cfg, "bad", tmp_path / "bad"))
+
+
+def test_reward_data_reads_trl_pairs_per_user(tmp_path):
+    from raypref.recipes.reward import RewardConfig
+    from raypref.recipes.reward_data import RewardDataConfig, build_pairs
+
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}", "who": who}
+            for i, who in enumerate(["ann"] * 12 + ["bob"] * 4)]
+    path = write_jsonl(tmp_path / "rm.jsonl", rows)
+    data = RewardDataConfig(source=str(path), schema="trl", user_column="who", test_pairs_per_user=3,
+                            n_demos=2, demo_pool=5, train_pairs_per_user=5)
+    pairs = build_pairs(data)
+    assert sorted(pairs) == [1]  # bob's 4 pairs cannot give 3 test pairs and 2 demonstrations
+    assert len(pairs[1].test) == 3 and len(pairs[1].train) == 5
+    assert {r.chosen for r in pairs[1].test + pairs[1].train} <= {f"good {i}" for i in range(12)}
+    RewardConfig(method="bt", data=data).validate()
+    with pytest.raises(ValueError, match=r"preference pairs carry no per-attribute ratings"):
+        RewardConfig(method="multi_objective", data=data).validate()
+    with pytest.raises(ValueError, match=r"data.user_column='who': only the trl schema"):
+        RewardDataConfig(source=str(path), schema="prism", user_column="who").validate()

@@ -317,3 +317,26 @@ def test_reward_data_reads_trl_pairs_per_user(tmp_path):
         RewardConfig(method="multi_objective", data=data).validate()
     with pytest.raises(ValueError, match=r"data.user_column='who': only the trl schema"):
         RewardDataConfig(source=str(path), schema="prism", user_column="who").validate()
+
+
+def test_soups_reads_a_trl_file_per_preference(tmp_path):
+    from types import SimpleNamespace
+
+    from raypref.experiments.soups.preferences import _user_id, file_data
+
+    rows = [{"prompt": f"Q{i}?", "chosen": [assistant(f"good {i}")], "rejected": [assistant(f"bad {i}")]}
+            for i in range(20)]
+    files = {"P1A": str(write_jsonl(tmp_path / "p1a.jsonl", rows)),
+             "P2B": str(write_jsonl(tmp_path / "p2b.jsonl", rows[:10] + [{"prompt": "x", "chosen": "", "rejected": "y"}]))}
+    cfg = SimpleNamespace(preferences=["P1A", "P2B"], psoups_files=files, psoups_format="trl", psoups_split="",
+                          output_dir=str(tmp_path / "soups"), max_quarantine_fraction=0.1,
+                          training=SimpleNamespace(micro_batch_size=2), resources=SimpleNamespace(num_workers=1))
+    data = file_data(cfg, log=lambda m: None)
+    assert (len(data.train["P1A"]), len(data.held_out["P1A"]), len(data.train["P2B"])) == (18, 2, 9)
+    first = data.train["P2B"][0]
+    assert (first.prompt, first.chosen, first.user_id, first.user_text) == ("Q0?", "good 0", _user_id("P2B"), "P2B")
+    entries = (tmp_path / "soups" / "quarantine" / "P2B.jsonl").read_text().splitlines()
+    assert [json.loads(e)["reason"] for e in entries] == ["empty_text"]
+    cfg.psoups_format = "psoups"  # a TRL file read as P-Soups': one error naming the columns
+    with pytest.raises(WrongColumns, match=r"p1a\.jsonl: wrong columns for schema 'psoups'"):
+        file_data(cfg, log=lambda m: None)

@@ -340,3 +340,43 @@ def test_soups_reads_a_trl_file_per_preference(tmp_path):
     cfg.psoups_format = "psoups"  # a TRL file read as P-Soups': one error naming the columns
     with pytest.raises(WrongColumns, match=r"p1a\.jsonl: wrong columns for schema 'psoups'"):
         file_data(cfg, log=lambda m: None)
+
+
+# ---------------------------------------------------------------- SFT examples
+
+def test_sft_examples_prompt_response_or_messages_with_quarantine(tmp_path):
+    from raypref.data.loaders import load_sft_examples
+
+    rows = [{"prompt": "Say hi.", "response": "Hello!"},
+            {"messages": [{"role": "system", "content": "Be kind."}, user("Help?"), assistant("Sure.")]},
+            {"messages": [user("Hi?"), assistant("Hey.")]},
+            {"prompt": "Empty?", "response": " "},                       # blank response
+            {"messages": [user("Only a question?")]}]                    # no response
+    path = write_jsonl(tmp_path / "sft.jsonl", rows)
+    examples, summary = load_sft_examples(str(path), quarantine_path=tmp_path / "q.jsonl", max_quarantine_fraction=0.5)
+    assert examples == [("Say hi.", "Hello!"), ("System: Be kind.\nUser: Help?\nAssistant:", "Sure."), ("Hi?", "Hey.")]
+    assert summary["by_reason"] == {"empty_text": 1, "unmappable": 1} and summary["rows_total"] == 5
+    wrong = write_jsonl(tmp_path / "pairs.jsonl", STANDARD)
+    with pytest.raises(WrongColumns, match=r"pairs\.jsonl: wrong columns for schema 'sft': found \['prompt', 'chosen', "
+                                           r"'rejected', 'score_chosen', 'score_rejected'\], missing \['response'\]; "
+                                           r"expected 'prompt' and 'response' as text, or 'messages'"):
+        load_sft_examples(str(wrong), quarantine_path=tmp_path / "q2.jsonl")
+
+
+def test_sft_config_reads_own_data_and_keys_the_cache_by_its_content(tmp_path):
+    from raypref.data.world import World
+    from raypref.recipes.sft import SFTConfig, corpus_vocabulary, sft_cache_key, sft_corpus
+
+    path = write_jsonl(tmp_path / "sft.jsonl", [{"prompt": "zebra question", "response": "quokka answer"}])
+    world_key = sft_cache_key(SFTConfig())
+    cfg = SFTConfig(data=str(path), output_dir=str(tmp_path / "sft"))
+    corpus = sft_corpus(cfg, World(seed=0))
+    assert corpus == [("zebra question", "quokka answer")]
+    assert {"zebra", "quokka"} <= set(corpus_vocabulary(World(seed=0), corpus))  # the tiny model can read them
+    key = sft_cache_key(cfg)
+    assert key != world_key and (tmp_path / "sft" / "quarantine" / f"sft-{key}.jsonl").exists()
+    moved = tmp_path / "elsewhere.jsonl"
+    moved.write_bytes(path.read_bytes())
+    assert sft_cache_key(SFTConfig(data=str(moved), output_dir=str(tmp_path / "sft"))) == key  # content, not place
+    write_jsonl(path, [{"prompt": "zebra question", "response": "another answer"}])
+    assert sft_cache_key(cfg) != key

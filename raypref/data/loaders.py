@@ -29,7 +29,8 @@ import pyarrow.parquet as pq
 
 from raypref import atomic
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
-from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, is_blank, validate_row
+from raypref.data.records import (UNKNOWN_USER, InvalidRecord, PreferenceRecord, check_text, is_blank,
+                                   validate_row)
 
 MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
@@ -773,6 +774,77 @@ def get_schema(name: str) -> Schema:
     if name not in SCHEMAS:
         raise ValueError(f"unknown schema {name!r}; known: {sorted(SCHEMAS)}")
     return SCHEMAS[name]
+
+
+# ---------------------------------------------------------------- SFT examples
+
+SFT_EXAMPLES = Schema(
+    "sft", lambda **options: None,
+    columns=lambda sample, options: ("messages",) if "messages" in sample else ("prompt", "response"),
+    columns_hint="'prompt' and 'response' as text, or 'messages': a list of {'role', 'content'} "
+                 "messages ending with the assistant's response")
+
+
+def sft_example(row: dict, max_chars: int) -> tuple[str, str]:
+    """(prompt, response) of one SFT row: `prompt` / `response` text, or `messages` whose last
+    assistant turn is the response and whose earlier turns (`render_context`) the prompt.
+    Raises InvalidRecord naming the field and the problem."""
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise InvalidRecord("unmappable", "'messages' must end with an assistant turn after at least one other")
+        if messages[-2]["role"] == "assistant":
+            raise InvalidRecord("unmappable", "the context ends with an assistant turn: nothing asks for the response")
+        row = {"prompt": render_context(messages[:-1]), "response": messages[-1]["content"]}
+    try:
+        return tuple(check_text(row, name, max_chars) for name in ("prompt", "response"))
+    except InvalidRecord:
+        raise
+    except Exception as err:  # as validate_row: an odd row is an entry, never a crash
+        raise InvalidRecord("unexpected", f"{type(err).__name__} while validating the row") from err
+
+
+def source_digest(source: str) -> str:
+    """A hash of a local source's files (names and bytes; a folder's, sorted), for cache keys:
+    the same data gives the same key wherever it lies. A hub name is its own key."""
+    import hashlib
+
+    path = Path(source)
+    if not path.exists():
+        return source
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():  # a shard's place in the folder is part of the data; a lone file's name is not
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as stream:
+            while chunk := stream.read(2**20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_sft_examples(source: str, *, quarantine_path: str | Path, split: str | None = None,
+                      max_quarantine_fraction: float = 0.05,
+                      max_chars: int = 20000) -> tuple[list[tuple[str, str]], dict]:
+    """Every valid (prompt, response) of `source` (file, folder of shards, save_to_disk folder
+    or hub name, as `load_records`) and the quarantine summary: bad rows go to
+    `quarantine_path` with reason, file and line; wrong columns raise one `WrongColumns`;
+    more than `max_quarantine_fraction` bad rows raise `QuarantineExceeded`."""
+    quarantine = Quarantine(quarantine_path, max_fraction=max_quarantine_fraction)
+    rows = _iter_source(source, config=None, split=split, on_shard=quarantine.note_shard,
+                        check=lambda where, columns, sample: check_columns(where, columns, sample, SFT_EXAMPLES, {}))
+    examples = []
+    for shard, line, row, raw in rows:
+        quarantine.count_rows()
+        try:
+            if isinstance(row, InvalidRecord):
+                raise row
+            examples.append(sft_example(row, max_chars))
+        except InvalidRecord as err:
+            quarantine.add(reason=err.code, detail=err.detail, shard=shard, line=line, raw=raw)
+            continue
+        quarantine.count_valid()
+    return examples, quarantine.check()
 
 
 # ---------------------------------------------------------------- dispatch

@@ -87,6 +87,19 @@ def test_conversational_jsonl_last_assistant_turn_is_the_response(tmp_path):
     assert any("chosen[0] is not a message" in d for d in details)
 
 
+def test_binarized_ultrafeedback_reads_the_same_as_trl_conversations(tmp_path):
+    from pathlib import Path
+
+    fixture = str(Path(__file__).parent / "fixtures" / "ultrafeedback_binarized.parquet")
+    quarantine = Quarantine(tmp_path / "a.jsonl")
+    as_trl = list(load_records(fixture, schema="trl", quarantine=quarantine))
+    assert quarantine.summary()["by_reason"] == {"identical_responses": 1, "tie": 1, "unmappable": 1}
+    as_own = list(load_records(fixture, schema="ultrafeedback_binarized", quarantine=Quarantine(tmp_path / "b.jsonl")))
+    assert len(as_trl) == 2  # of 5 rows: one tie, one identical pair, one not ending with the assistant
+    assert [(r.prompt, r.chosen, r.rejected, r.chosen_scores) for r in as_trl] == [
+        (r.prompt, r.chosen, r.rejected, r.chosen_scores) for r in as_own]
+
+
 def test_parquet_file_and_folder_of_shards(tmp_path):
     folder = tmp_path / "shards"
     folder.mkdir()

@@ -550,7 +550,8 @@ def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) ->
     """TRL's preference formats (the DPO/reward trainers' datasets): standard rows of text
     `prompt` / `chosen` / `rejected`, or conversational rows whose `chosen` / `rejected` are
     message lists (see `_trl_conversation`; the context becomes the prompt through
-    `render_context`). `score_chosen` / `score_rejected`, if present, become {"score": s}.
+    `render_context`). `score_chosen` / `score_rejected`, if present, become {"score": s}; equal
+    scores carry no preference and are quarantined as a tie.
     With `user_column`, that column's value (a user or preference name) is the row's user,
     mapped to a stable id through `user_map`; a row without it is quarantined."""
     if user_column and user_map is None:
@@ -570,6 +571,8 @@ def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) ->
             user_id = user_map(key)
         scores = {side: ({} if row.get(f"score_{side}") is None else {"score": row[f"score_{side}"]})
                   for side in ("chosen", "rejected")}
+        if scores["chosen"] and scores["chosen"] == scores["rejected"]:  # rated alike: no preference
+            raise InvalidRecord("tie", f"score_chosen == score_rejected == {row['score_chosen']}")
         yield PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, user_id=user_id,
                                chosen_scores=scores["chosen"], rejected_scores=scores["rejected"],
                                source="trl")

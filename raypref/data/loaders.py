@@ -3,10 +3,13 @@
 Each schema is a `Schema` entry of the `SCHEMAS` registry: a factory
 `mapper(**options) -> map_row`, where `map_row(row)` yields a `PreferenceRecord` or an
 `InvalidRecord` per comparison it finds in one source row, and what loading it needs
-(a user-id map, the hub config name). `load_records` reads the rows (local jsonl,
-jsonl.gz, json or parquet file or folder, or a hub name through `datasets.load_dataset`),
-maps them, validates every record, and sends whatever cannot be mapped to the quarantine:
-nothing is dropped silently. `load_validated` does the same into a fresh quarantine file
+(a user-id map, the hub config name, the columns it needs). `load_records` reads the rows
+(local jsonl, jsonl.gz, json or parquet file or folder, a `datasets` save_to_disk folder, or a
+hub name through `datasets.load_dataset`), checks each file's columns first (`WrongColumns`:
+one error naming the file, the columns found and expected), maps the rows, validates every
+record, and sends whatever cannot be mapped to the quarantine: nothing is dropped silently.
+Schema `trl` reads TRL's preference formats (your own data); `load_sft_examples` reads
+prompt / response (or messages) rows for SFT the same way. `load_validated` does the same into a fresh quarantine file
 and applies its limit, for callers outside Ray Data.
 
 Files are read by `read_shard`, which never raises for a file's content: a file that
@@ -194,9 +197,9 @@ def _file_columns(file: Path) -> tuple[list[str] | None, dict | None]:
     if suffix == ".parquet":
         try:
             parquet = pq.ParquetFile(file)
+            first = next(parquet.iter_batches(batch_size=1), None)
         except Exception:  # unreadable: read_shard quarantines it by name
             return None, None
-        first = next(parquet.iter_batches(batch_size=1), None)
         return parquet.schema_arrow.names, (first.to_pylist()[0] if first is not None and first.num_rows else None)
     if suffix not in (".jsonl", ".jsonl.gz"):
         return None, None

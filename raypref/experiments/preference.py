@@ -2,6 +2,9 @@
 library behind ``jobs/dpo.py``. The method (DPO by default; IPO, ORPO, ... any preference-pair
 method of the registry, ``--method``) is looked up by name in ``raypref.recipes``.
 
+0. with ``--data.source`` (your own data, e.g. TRL's formats): read and validated in the driver
+   before Ray starts (wrong columns: one error), bad rows to ``quarantine_source.jsonl``, the
+   valid pairs split and written as the run's own train / test shards, read on as below;
 1. a validation pass over the shards (train, and test if given): every bad row goes to the
    quarantine file, and too many bad rows stop the job *before* any training time is spent;
 2. the SFT base (cached by config hash) or a given base policy;

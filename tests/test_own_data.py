@@ -305,6 +305,9 @@ def test_pdpo_needs_users_and_reads_them_before_the_base(tmp_path):
     train, held_out, groups = run.data["pairs"]
     assert len(train) == 3 and len(held_out) == 3 and groups == {}
     assert run.data["users"] == {1: "a", 2: "b"}
+    run.base_dir = str(tmp_path / "base")  # the spec only names it; the workers load it
+    spec = PDPOExperiment().spec(run)
+    assert sorted(spec.seen_users) == sorted({r.user_id for r in train}) and spec.groups == {}
 
     bad = write_jsonl(tmp_path / "bad.jsonl", STANDARD)  # no annotator column
     cfg = PDPOJobConfig(data=PreferenceSource(source=str(bad), user_column="annotator"))

@@ -396,3 +396,17 @@ def test_sft_config_reads_own_data_and_keys_the_cache_by_its_content(tmp_path):
     assert sft_cache_key(SFTConfig(data=str(moved), output_dir=str(tmp_path / "sft"))) == key  # content, not place
     write_jsonl(path, [{"prompt": "zebra question", "response": "another answer"}])
     assert sft_cache_key(cfg) != key
+
+
+def test_shards_with_the_wrong_columns_are_one_error_before_any_row_is_read(tmp_path):
+    from raypref.data.pipeline import read_preference_shards
+
+    folder = tmp_path / "shards"
+    folder.mkdir()
+    pq.write_table(pa.Table.from_pylist(STANDARD), folder / "a.parquet")
+    write_jsonl(folder / "b.jsonl", [{"question": "Q?", "answer": "A."}])
+    # raised before the quarantine actor or any Ray task is made: no Ray needed here
+    with pytest.raises(WrongColumns, match=r"b\.jsonl: wrong columns for schema 'preference shards': found "
+                                           r"\['question', 'answer'\], missing \['prompt', 'chosen', 'rejected'\].*"
+                                           r"go through a job's data\.source"):
+        read_preference_shards(str(folder), quarantine_path=str(tmp_path / "q.jsonl"), suffixes=(".parquet", ".jsonl"))

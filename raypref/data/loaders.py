@@ -190,7 +190,7 @@ class WrongColumns(ValueError):
 COLUMN_SAMPLE_ROWS = 100
 
 
-def _file_columns(file: Path) -> tuple[list[str] | None, dict | None]:
+def file_columns(file: Path) -> tuple[list[str] | None, dict | None]:
     """The columns of one shard and its first row; (None, None) where they cannot be known
     up front (a .json list, a file with no readable row: its rows are quarantined instead)."""
     suffix = shard_suffix(file.name)
@@ -287,7 +287,7 @@ def _iter_source(source: str, *, config: str | None, split: str | None,
     elif path.exists() or path.is_symlink():
         files = _shard_files(path)
         for file in files:
-            check(str(file), *_file_columns(file))
+            check(str(file), *file_columns(file))
         for file in files:
             on_shard(str(file))
             for line, row, raw in read_shard(str(file), lambda file=file: file.open("rb")):

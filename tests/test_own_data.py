@@ -410,3 +410,30 @@ def test_shards_with_the_wrong_columns_are_one_error_before_any_row_is_read(tmp_
                                            r"\['question', 'answer'\], missing \['prompt', 'chosen', 'rejected'\].*"
                                            r"go through a job's data\.source"):
         read_preference_shards(str(folder), quarantine_path=str(tmp_path / "q.jsonl"), suffixes=(".parquet", ".jsonl"))
+
+
+def test_dpo_own_data_becomes_the_runs_shards_and_user_selection(tmp_path, monkeypatch):
+    from raypref.data.pipeline import check_shard_columns, list_shards
+    from raypref.data.records import validate_row
+    from raypref.experiments import preference
+
+    monkeypatch.setattr(preference.tracking, "log_metrics", lambda *a, **k: None)  # no MLflow run here
+    monkeypatch.setattr(preference.tracking, "log_artifact", lambda *a, **k: None)
+    rows = [{"prompt": f"Q{i}?", "chosen": f"good {i}", "rejected": f"bad {i}", "who": "ab"[i % 2]} for i in range(10)]
+    path = write_jsonl(tmp_path / "mine.jsonl", rows)
+
+    cfg, quarantine = preference.own_data(own_data_job(tmp_path, path, test_fraction=0.2), tmp_path / "run")
+    assert cfg.user_ids == [] and quarantine["rows_valid"] == 10  # no user column: every row is kept
+    assert cfg.shard_formats == ["parquet"] and cfg.test_data.endswith("test.parquet")
+    filesystem, shards = list_shards(cfg.train_data)
+    check_shard_columns(filesystem, shards)  # the written shard is what the pipeline reads
+    train = [validate_row(r) for r in pq.read_table(cfg.train_data).to_pylist()]
+    test = [validate_row(r) for r in pq.read_table(cfg.test_data).to_pylist()]
+    assert len(train) == 8 and len(test) == 2
+    assert sorted(r.chosen for r in train + test) == sorted(r["chosen"] for r in rows)
+
+    cfg, _ = preference.own_data(own_data_job(tmp_path, path, user_column="who"), tmp_path / "users")
+    assert cfg.user_ids == [1]  # the job's default: the first user of the source
+    train = [validate_row(r) for r in pq.read_table(cfg.train_data).to_pylist()]
+    assert {r.user_id for r in train} == {1, 2}
+    assert json.loads((tmp_path / "users" / "data" / "user_ids.json").read_text()) == {"a": 1, "b": 2}

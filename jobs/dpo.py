@@ -4,6 +4,7 @@ through Ray Data into Ray Train.
     python jobs/simulate.py --populations '[psoups]'        # writes outputs/simulate/psoups{,_test}/
     python jobs/dpo.py                                      # P-Soups preference P1A (user 1)
     python jobs/dpo.py --train_data s3://bucket/prefs/ --test_data '' --user_ids '[]'
+    python jobs/dpo.py --data.source prefs.jsonl --data.format trl  # your own data (README)
     python jobs/dpo.py --config dpo.yaml --training.steps 500 --resources.num_workers 2
 
 Bad rows go to <output_dir>/<run_name>/quarantine.jsonl; more than max_quarantine_fraction of

@@ -198,7 +198,7 @@ def test_schema_registry_names_the_known_schemas():
     assert get_schema("prism").hub_config == "conversations" and get_schema("prism").uses_user_map
     assert not get_schema("ultrafeedback").uses_user_map
     with pytest.raises(ValueError, match=r"unknown schema 'hh'; known: \['helpsteer', 'prism', 'psoups', 'summarize_from_feedback', "
-                                         r"'ultrafeedback', 'ultrafeedback_binarized'\]"):
+                                         r"'trl', 'ultrafeedback', 'ultrafeedback_binarized'\]"):
         get_schema("hh")
 
 

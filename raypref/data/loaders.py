@@ -3,10 +3,13 @@
 Each schema is a `Schema` entry of the `SCHEMAS` registry: a factory
 `mapper(**options) -> map_row`, where `map_row(row)` yields a `PreferenceRecord` or an
 `InvalidRecord` per comparison it finds in one source row, and what loading it needs
-(a user-id map, the hub config name). `load_records` reads the rows (local jsonl,
-jsonl.gz, json or parquet file or folder, or a hub name through `datasets.load_dataset`),
-maps them, validates every record, and sends whatever cannot be mapped to the quarantine:
-nothing is dropped silently. `load_validated` does the same into a fresh quarantine file
+(a user-id map, the hub config name, the columns it needs). `load_records` reads the rows
+(local jsonl, jsonl.gz, json or parquet file or folder, a `datasets` save_to_disk folder, or a
+hub name through `datasets.load_dataset`), checks each file's columns first (`WrongColumns`:
+one error naming the file, the columns found and expected), maps the rows, validates every
+record, and sends whatever cannot be mapped to the quarantine: nothing is dropped silently.
+Schema `trl` reads TRL's preference formats (your own data); `load_sft_examples` reads
+prompt / response (or messages) rows for SFT the same way. `load_validated` does the same into a fresh quarantine file
 and applies its limit, for callers outside Ray Data.
 
 Files are read by `read_shard`, which never raises for a file's content: a file that
@@ -19,6 +22,7 @@ import gzip
 import io
 import json
 import math
+import os
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +32,8 @@ import pyarrow.parquet as pq
 
 from raypref import atomic
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
-from raypref.data.records import UNKNOWN_USER, InvalidRecord, PreferenceRecord, is_blank, validate_row
+from raypref.data.records import (UNKNOWN_USER, InvalidRecord, PreferenceRecord, check_text, is_blank,
+                                   validate_row)
 
 MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
@@ -169,30 +174,133 @@ def _shard_files(path: Path) -> list[Path]:
         return [path]
     files = sorted(p for p in path.rglob("*") if shard_suffix(p.name) and not p.is_dir())
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(SHARD_READERS)} files under {path}")
+        raise FileNotFoundError(f"no {'/'.join(SHARD_READERS)} files under {path} "
+                                "(nor a folder written by datasets' save_to_disk)")
     return files
 
 
+# ---------------------------------------------------------------- columns
+
+class WrongColumns(ValueError):
+    """A file (or dataset) whose columns do not fit its schema: one error for the whole
+    source, before any row is read, instead of every row quarantined."""
+
+
+# how many jsonl rows are read to learn a file's columns (rows may leave out optional keys)
+COLUMN_SAMPLE_ROWS = 100
+
+
+def file_columns(file: Path) -> tuple[list[str] | None, dict | None]:
+    """The columns of one shard and its first row; (None, None) where they cannot be known
+    up front (a .json list, a file with no readable row: its rows are quarantined instead)."""
+    suffix = shard_suffix(file.name)
+    if suffix == ".parquet":
+        try:
+            parquet = pq.ParquetFile(file)
+            first = next(parquet.iter_batches(batch_size=1), None)
+        except Exception:  # unreadable: read_shard quarantines it by name
+            return None, None
+        return parquet.schema_arrow.names, (first.to_pylist()[0] if first is not None and first.num_rows else None)
+    if suffix not in (".jsonl", ".jsonl.gz"):
+        return None, None
+    columns: dict[str, None] = {}  # ordered union of the keys
+    sample, seen = None, 0
+    for _, row, _ in read_shard(str(file), lambda: file.open("rb")):
+        if isinstance(row, dict):
+            sample = row if sample is None else sample
+            columns.update(dict.fromkeys(row))
+            seen += 1
+        if seen >= COLUMN_SAMPLE_ROWS:
+            break
+    return (list(columns), sample) if sample is not None else (None, None)
+
+
+def check_columns(where: str, columns: list[str] | None, sample: dict | None, schema: "Schema",
+                  options: dict) -> None:
+    """Raise `WrongColumns` naming `where`, the columns found and those `schema` expects,
+    if `columns` lacks one that `schema` needs (given its first row and options)."""
+    if columns is None or schema.columns is None:
+        return
+    needed = [name for name in schema.columns(sample or {}, options) if name]
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise WrongColumns(f"{where}: wrong columns for schema {schema.name!r}: found {list(columns)}, "
+                           f"missing {missing}; expected {schema.columns_hint or needed}")
+
+
+# ---------------------------------------------------------------- sources
+
+def _hub_offline() -> bool:
+    return any(os.environ.get(name, "").lower() in ("1", "true", "yes", "on")
+               for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"))
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    """A folder written by `datasets`' save_to_disk (a Dataset or a DatasetDict)."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def _load_saved_dataset(path: Path, split: str | None):
+    """The rows of a save_to_disk folder; a DatasetDict needs `split` unless it has one split."""
+    import datasets
+
+    loaded = datasets.load_from_disk(str(path))
+    if isinstance(loaded, datasets.DatasetDict):
+        splits = list(loaded)
+        if split is None and len(splits) == 1:
+            split = splits[0]
+        if split not in loaded:
+            raise ValueError(f"{path}: a saved DatasetDict with splits {splits}; pass one as split=..."
+                             + (f" (not {split!r})" if split is not None else ""))
+        return loaded[split], f"{path}:{split}"
+    return loaded, str(path)
+
+
+def _load_hub_dataset(source: str, config: str | None, split: str):
+    """A hub dataset's split; offline, or if the hub cannot be reached, one error that says so."""
+    how = ("it needs the Hugging Face hub; where the hub is unreachable, save the dataset with "
+           "`datasets.load_dataset(...).save_to_disk(folder)` on a machine that reaches it and pass the folder")
+    if _hub_offline():
+        raise RuntimeError(f"{source!r} is no local file or folder, so it is read as a hub dataset, but "
+                           f"HF_HUB_OFFLINE / HF_DATASETS_OFFLINE is set: {how}")
+    import datasets
+
+    try:
+        return datasets.load_dataset(source, name=config, split=split)
+    except Exception as err:
+        raise RuntimeError(f"hub dataset {source!r} (config {config!r}, split {split!r}) could not be "
+                           f"loaded ({type(err).__name__}: {err}); {how}") from err
+
+
 def _iter_source(source: str, *, config: str | None, split: str | None,
-                 on_shard: Callable[[str], None] | None = None):
-    """Yield `(shard, line, row_or_error, raw)` from a local file / folder or a hub dataset;
-    `on_shard(name)` is called as each shard starts (so empty shards count too)."""
+                 on_shard: Callable[[str], None] | None = None,
+                 check: Callable[[str, list[str] | None, dict | None], None] | None = None):
+    """Yield `(shard, line, row_or_error, raw)` from a local file / folder of shards, a
+    save_to_disk folder or a hub dataset; `on_shard(name)` is called as each shard starts
+    (so empty shards count too); `check(where, columns, first_row)` on every shard (or the
+    dataset) before any row is yielded, so wrong columns stop the load before it starts."""
     on_shard = on_shard or (lambda name: None)
+    check = check or (lambda where, columns, sample: None)
     path = Path(source)
-    if path.exists() or path.is_symlink():
-        for file in _shard_files(path):
+    if _is_saved_dataset(path):
+        rows, shard = _load_saved_dataset(path, split)
+    elif path.exists() or path.is_symlink():
+        files = _shard_files(path)
+        for file in files:
+            check(str(file), *file_columns(file))
+        for file in files:
             on_shard(str(file))
             for line, row, raw in read_shard(str(file), lambda file=file: file.open("rb")):
                 yield str(file), line, row, raw
         return
-    if source.count("/") != 1 or source.startswith((".", "/")):
-        raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub dataset name 'owner/name'")
-    if split is None:
-        raise ValueError(f"hub dataset {source!r}: pass split=... (e.g. 'train')")
-    import datasets  # only hub names need it (and network, so never in tests)
-
-    shard = f"{source}:{config or 'default'}:{split}"
-    rows = datasets.load_dataset(source, name=config, split=split)  # a missing dataset raises here
+    else:
+        if source.count("/") != 1 or source.startswith((".", "/")):
+            raise FileNotFoundError(f"{source!r} is neither an existing path nor a hub dataset name 'owner/name'")
+        if split is None:
+            raise ValueError(f"hub dataset {source!r}: pass split=... (e.g. 'train')")
+        shard = f"{source}:{config or 'default'}:{split}"
+        rows = _load_hub_dataset(source, config, split)  # a missing dataset raises here
+    check(shard, list(rows.column_names), rows[0] if len(rows) else None)
     on_shard(shard)
     for index, row, raw in guard_rows(shard, ((i, row, row) for i, row in enumerate(rows)), 0):
         yield shard, index, row, raw
@@ -382,6 +490,104 @@ def ultrafeedback_binarized(*, user_id: int = UNKNOWN_USER) -> MapRow:
     return map_row
 
 
+ROLES = ("system", "user", "assistant")
+TRL_COLUMNS_HINT = ("standard: 'prompt', 'chosen', 'rejected' as text; or conversational: 'chosen' and "
+                    "'rejected' as lists of {'role', 'content'} messages ending with the assistant's "
+                    "response, with an optional 'prompt' (text or messages); optional 'score_chosen', "
+                    "'score_rejected'")
+
+
+def _messages(value, field: str) -> list[dict]:
+    """`value` checked as a non-empty list of {"role": system|user|assistant, "content": str}."""
+    if not isinstance(value, list) or not value:
+        raise InvalidRecord("unmappable", f"{field!r} is not a non-empty list of messages")
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES \
+                or not isinstance(message.get("content"), str):
+            raise InvalidRecord("unmappable", f"{field}[{i}] is not a message "
+                                f"{{'role': {'|'.join(ROLES)}, 'content': str}}")
+    return [{"role": m["role"], "content": m["content"]} for m in value]
+
+
+def render_context(messages: list[dict]) -> str:
+    """The prompt text of the turns before a response: a lone user turn is its own text; a
+    longer context (a system message, earlier turns) is a transcript in PRISM's form,
+    `System: …` / `User: …` / `Assistant: …` lines ending with `Assistant:`."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
+
+
+def _trl_conversation(prompt, chosen, rejected) -> tuple[str, str, str]:
+    """(prompt text, chosen, rejected) of a conversational row: the last assistant turn of
+    each side is its response; the turns before it (equal on both sides), or else `prompt`,
+    are the context."""
+    chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
+    for field, messages in (("chosen", chosen), ("rejected", rejected)):
+        if messages[-1]["role"] != "assistant":
+            raise InvalidRecord("unmappable", f"{field!r} does not end with an assistant message")
+    context = chosen[:-1]
+    if context != rejected[:-1]:
+        raise InvalidRecord("unmappable", "'chosen' and 'rejected' differ before their last assistant message")
+    if isinstance(prompt, str):
+        prompt = [{"role": "user", "content": prompt}]
+    elif prompt is not None:
+        prompt = _messages(prompt, "prompt")
+    if not context:  # explicit prompt: the responses hold only the assistant's turn
+        if prompt is None:
+            raise InvalidRecord("missing_field", "no prompt: 'prompt' is absent and 'chosen' has no "
+                                "turn before its response")
+        context = prompt
+    elif prompt is not None and prompt != context[:len(prompt)] \
+            and prompt != [m for m in context if m["role"] == "user"][:1]:
+        # implicit prompt: a given prompt must be the start of the conversation (or, as in
+        # binarized UltraFeedback, its first user turn)
+        raise InvalidRecord("unmappable", "'prompt' disagrees with the turns before the response in 'chosen'")
+    if context[-1]["role"] == "assistant":
+        raise InvalidRecord("unmappable", "the context ends with an assistant turn: nothing asks for the response")
+    return render_context(context), chosen[-1]["content"], rejected[-1]["content"]
+
+
+def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) -> MapRow:
+    """TRL's preference formats (the DPO/reward trainers' datasets): standard rows of text
+    `prompt` / `chosen` / `rejected`, or conversational rows whose `chosen` / `rejected` are
+    message lists (see `_trl_conversation`; the context becomes the prompt through
+    `render_context`). `score_chosen` / `score_rejected`, if present, become {"score": s}; equal
+    scores carry no preference and are quarantined as a tie.
+    With `user_column`, that column's value (a user or preference name) is the row's user,
+    mapped to a stable id through `user_map`; a row without it is quarantined."""
+    if user_column and user_map is None:
+        raise ValueError("trl: user_column needs a user_map")
+
+    def map_row(row: dict):
+        prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+        if isinstance(chosen, list) or isinstance(rejected, list):
+            prompt, chosen, rejected = _trl_conversation(prompt, chosen, rejected)
+        elif isinstance(prompt, list):
+            prompt = render_context(_messages(prompt, "prompt"))
+        user_id = UNKNOWN_USER
+        if user_column:
+            key = row.get(user_column)
+            if key is None or (isinstance(key, str) and is_blank(key)):
+                raise InvalidRecord("missing_field", f"user column {user_column!r} is empty")
+            user_id = user_map(key)
+        scores = {side: ({} if row.get(f"score_{side}") is None else {"score": row[f"score_{side}"]})
+                  for side in ("chosen", "rejected")}
+        if scores["chosen"] and scores["chosen"] == scores["rejected"]:  # rated alike: no preference
+            raise InvalidRecord("tie", f"score_chosen == score_rejected == {row['score_chosen']}")
+        yield PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, user_id=user_id,
+                               chosen_scores=scores["chosen"], rejected_scores=scores["rejected"],
+                               source="trl")
+    return map_row
+
+
+def _trl_columns(sample: dict, options: dict) -> tuple:
+    # text responses need a prompt column; conversations may carry their context themselves
+    text = isinstance(sample.get("chosen"), str)
+    return ("prompt" if text else None, "chosen", "rejected", options.get("user_column"))
+
+
 def psoups(*, preference: str, user_map: UserIdMap) -> MapRow:
     """P-Soups preference file: `completion_a` is preferred to `completion_b` for
     `user_input`; the preference name (e.g. "P1A") is the user text, source and user key."""
@@ -542,6 +748,10 @@ class Schema:
     hub_config: str | None = None     # datasets.load_dataset config name of the hub copy
     # options derived from the source path when the caller did not pass them
     source_options: Callable[[str], dict] = lambda source: {}
+    # the columns a source must have, given its first row and the options (None: not checked);
+    # and how the error describes them
+    columns: Callable[[dict, dict], Iterable[str | None]] | None = None
+    columns_hint: str = ""
 
 
 def _psoups_file_options(source: str) -> dict:
@@ -550,11 +760,18 @@ def _psoups_file_options(source: str) -> dict:
 
 SCHEMAS: dict[str, Schema] = {schema.name: schema for schema in (
     Schema("ultrafeedback", ultrafeedback),
-    Schema("ultrafeedback_binarized", ultrafeedback_binarized),
+    Schema("ultrafeedback_binarized", ultrafeedback_binarized,
+           columns=lambda sample, options: ("prompt", "chosen", "rejected"),
+           columns_hint="'prompt' (text), 'chosen' and 'rejected' (message lists)"),
     Schema("helpsteer", helpsteer),
-    Schema("psoups", psoups, uses_user_map=True, source_options=_psoups_file_options),
+    Schema("psoups", psoups, uses_user_map=True, source_options=_psoups_file_options,
+           columns=lambda sample, options: ("user_input", "completion_a", "completion_b"),
+           columns_hint="P-Soups: 'user_input', 'completion_a' (preferred), 'completion_b'"),
     Schema("summarize_from_feedback", summarize_from_feedback, uses_user_map=True, hub_config="comparisons"),
-    Schema("prism", prism, uses_user_map=True, hub_config="conversations"),
+    Schema("prism", prism, uses_user_map=True, hub_config="conversations",
+           columns=lambda sample, options: ("conversation_history", "user_id"),
+           columns_hint="PRISM conversations: 'conversation_history' (messages) and 'user_id'"),
+    Schema("trl", trl, uses_user_map=True, columns=_trl_columns, columns_hint=TRL_COLUMNS_HINT),
 )}
 
 
@@ -563,6 +780,77 @@ def get_schema(name: str) -> Schema:
     if name not in SCHEMAS:
         raise ValueError(f"unknown schema {name!r}; known: {sorted(SCHEMAS)}")
     return SCHEMAS[name]
+
+
+# ---------------------------------------------------------------- SFT examples
+
+SFT_EXAMPLES = Schema(
+    "sft", lambda **options: None,
+    columns=lambda sample, options: ("messages",) if "messages" in sample else ("prompt", "response"),
+    columns_hint="'prompt' and 'response' as text, or 'messages': a list of {'role', 'content'} "
+                 "messages ending with the assistant's response")
+
+
+def sft_example(row: dict, max_chars: int) -> tuple[str, str]:
+    """(prompt, response) of one SFT row: `prompt` / `response` text, or `messages` whose last
+    assistant turn is the response and whose earlier turns (`render_context`) the prompt.
+    Raises InvalidRecord naming the field and the problem."""
+    if row.get("messages") is not None:
+        messages = _messages(row["messages"], "messages")
+        if messages[-1]["role"] != "assistant" or len(messages) < 2:
+            raise InvalidRecord("unmappable", "'messages' must end with an assistant turn after at least one other")
+        if messages[-2]["role"] == "assistant":
+            raise InvalidRecord("unmappable", "the context ends with an assistant turn: nothing asks for the response")
+        row = {"prompt": render_context(messages[:-1]), "response": messages[-1]["content"]}
+    try:
+        return tuple(check_text(row, name, max_chars) for name in ("prompt", "response"))
+    except InvalidRecord:
+        raise
+    except Exception as err:  # as validate_row: an odd row is an entry, never a crash
+        raise InvalidRecord("unexpected", f"{type(err).__name__} while validating the row") from err
+
+
+def source_digest(source: str) -> str:
+    """A hash of a local source's files (names and bytes; a folder's, sorted), for cache keys:
+    the same data gives the same key wherever it lies. A hub name is its own key."""
+    import hashlib
+
+    path = Path(source)
+    if not path.exists():
+        return source
+    digest = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if path.is_dir():  # a shard's place in the folder is part of the data; a lone file's name is not
+            digest.update(str(file.relative_to(path)).encode())
+        with file.open("rb") as stream:
+            while chunk := stream.read(2**20):
+                digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def load_sft_examples(source: str, *, quarantine_path: str | Path, split: str | None = None,
+                      max_quarantine_fraction: float = 0.05,
+                      max_chars: int = 20000) -> tuple[list[tuple[str, str]], dict]:
+    """Every valid (prompt, response) of `source` (file, folder of shards, save_to_disk folder
+    or hub name, as `load_records`) and the quarantine summary: bad rows go to
+    `quarantine_path` with reason, file and line; wrong columns raise one `WrongColumns`;
+    more than `max_quarantine_fraction` bad rows raise `QuarantineExceeded`."""
+    quarantine = Quarantine(quarantine_path, max_fraction=max_quarantine_fraction)
+    rows = _iter_source(source, config=None, split=split, on_shard=quarantine.note_shard,
+                        check=lambda where, columns, sample: check_columns(where, columns, sample, SFT_EXAMPLES, {}))
+    examples = []
+    for shard, line, row, raw in rows:
+        quarantine.count_rows()
+        try:
+            if isinstance(row, InvalidRecord):
+                raise row
+            examples.append(sft_example(row, max_chars))
+        except InvalidRecord as err:
+            quarantine.add(reason=err.code, detail=err.detail, shard=shard, line=line, raw=raw)
+            continue
+        quarantine.count_valid()
+    return examples, quarantine.check()
 
 
 # ---------------------------------------------------------------- dispatch
@@ -580,16 +868,23 @@ def load_records(source: str, *, schema: str, split: str | None = None,
     saved to `user_map_path` when given (saved when the iteration ends). `options` go to
     the schema factory, e.g. `weights=` (ultrafeedback), `preference=` (psoups),
     `survey_path=` (prism), `max_pairs_per_prompt=` (helpsteer),
-    `max_pairs_per_conversation=` (prism).
+    `max_pairs_per_conversation=` (prism), `user_column=` (trl).
+
+    A source whose columns do not fit the schema (every file's, checked before any row is
+    read; see `Schema.columns`) raises one `WrongColumns` naming the file, the columns found
+    and those expected. A save_to_disk folder is read with `datasets.load_from_disk` (a
+    DatasetDict by `split`); a name `owner/name` that is no local path is a hub dataset.
     """
     entry = get_schema(schema)
     if entry.uses_user_map:
         if user_map is None:
             user_map = UserIdMap.load(user_map_path) if user_map_path else UserIdMap()
         options["user_map"] = user_map
-    map_row = entry.mapper(**{**entry.source_options(source), **options})
+    options = {**entry.source_options(source), **options}
+    map_row = entry.mapper(**options)
     rows = _iter_source(source, config=config or entry.hub_config, split=split,
-                        on_shard=quarantine.note_shard if quarantine is not None else None)
+                        on_shard=quarantine.note_shard if quarantine is not None else None,
+                        check=lambda where, columns, sample: check_columns(where, columns, sample, entry, options))
     try:
         for shard, line, row, raw in rows:
             if quarantine is not None:

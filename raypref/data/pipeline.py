@@ -20,7 +20,9 @@ from ray.data import ActorPoolStrategy, Dataset
 from ray.train import DataConfig
 from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-from raypref.data.loaders import read_shard
+from pathlib import Path
+
+from raypref.data.loaders import Schema, check_columns, file_columns, read_shard
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine, check_fraction, make_entry
 from raypref.data.records import InvalidRecord, validate_row
 
@@ -48,6 +50,23 @@ def list_shards(uri: str, suffixes: tuple[str, ...] = SHARD_SUFFIXES) -> tuple[p
     if not shards:
         raise FileNotFoundError(f"no {' or '.join('*' + x for x in suffixes)} shards under {uri}")
     return filesystem, shards
+
+
+# The columns of a shard (`PreferenceRecord.to_row`); other layouts are read by the loaders
+SHARD_COLUMNS = Schema(
+    "preference shards", lambda **options: None,
+    columns=lambda sample, options: ("prompt", "chosen", "rejected"),
+    columns_hint="'prompt', 'chosen', 'rejected' as text, optional 'user_id', 'user_text', 'chosen_scores', "
+                 "'rejected_scores', 'source' (PreferenceRecord.to_row); other layouts (TRL conversations, "
+                 "PRISM, ...) go through a job's data.source")
+
+
+def check_shard_columns(filesystem: pafs.FileSystem, shards: list[str]) -> None:
+    """One `WrongColumns` naming the first local shard without the shard columns, before any
+    row is read (remote shards: their rows are quarantined as they are read)."""
+    if isinstance(filesystem, pafs.LocalFileSystem):
+        for shard in shards:
+            check_columns(shard, *file_columns(Path(shard)), SHARD_COLUMNS, {})
 
 
 # Entries one shard task holds until its end (each at most ~MAX_RAW_CHARS): past that it
@@ -109,6 +128,7 @@ def read_preference_shards(uri: str, *, quarantine_path: str, max_quarantine_fra
     `report.check()` to apply `max_quarantine_fraction`.
     """
     filesystem, shards = list_shards(uri, suffixes)
+    check_shard_columns(filesystem, shards)
     here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
     actor = ray.remote(Quarantine).options(num_cpus=0, scheduling_strategy=here).remote(
         quarantine_path, max_fraction=max_quarantine_fraction)

@@ -147,6 +147,11 @@ def _check_text(row: dict, name: str, max_chars: int) -> str:
     return value
 
 
+def check_text(row: dict, name: str, max_chars: int) -> str:
+    """`row[name]` checked as a required text field (the rules of prompt / chosen / rejected)."""
+    return _check_text(row, name, max_chars)
+
+
 def _check_score(name: str, attr, score) -> tuple[str, float]:
     if not isinstance(attr, str):
         raise InvalidRecord("wrong_type", f"{name} names must be str, got {type(attr).__name__}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from raypref.config import check_fields
+from raypref.data.source import PreferenceSource, read_source
 from raypref.data.world import World
 from raypref.experiments.run import Experiment, JobResult, PolicyRunConfig, Run, report_paths, run_experiment
 from raypref.experiments.world import job_world
@@ -55,9 +56,16 @@ class PDPOJobConfig(PolicyRunConfig):
     lora: LoraSettings = field(default_factory=lambda: LoraSettings(r=8, alpha=16))
     training: Optimization = field(default_factory=_pdpo_training)
     resources: Resources = field(default_factory=_pdpo_resources)
+    # your own pairs with users (--data.source f --data.user_column annotator, or --data.format
+    # prism) in place of the simulated length conflict; its test_fraction is the held-out share
+    data: PreferenceSource = field(default_factory=PreferenceSource)
 
     def validate(self) -> None:
         self.validate_run("PDPOJobConfig")
+        self.data.validate("PDPOJobConfig.data")
+        if self.data.source and not self.data.has_users:
+            raise ValueError(f"PDPOJobConfig.data: P-DPO learns each user, and format {self.data.format!r} "
+                             "names none here (trl: set data.user_column; prism names its users)")
         self.training.validate("PDPOJobConfig.training")
         self.resources.validate("PDPOJobConfig.resources")
         self.lora.validate("PDPOJobConfig.lora")
@@ -106,12 +114,19 @@ class PDPOExperiment(Experiment):
     def run_name(self, cfg: PDPOJobConfig) -> str:
         return cfg.run_name or f"pdpo-{cfg.user_model}-{cfg.loss}"
 
+    def prepare(self, run: Run) -> None:
+        cfg = run.cfg
+        if cfg.data.source:  # before the base: a source with the wrong columns stops here
+            pairs = read_source(cfg.data, run.out, seed=cfg.seed, log=lambda m: print(f"[pdpo] {m}", flush=True))
+            run.data["pairs"] = (pairs.train, pairs.test, {})  # no groups: acc/user_<id> per user
+            run.data["quarantine"], run.data["users"] = pairs.quarantine, pairs.users
+
     def spec(self, run: Run) -> PDPOSpec:
         cfg = run.cfg
-        train, held_out, groups = length_conflict_data(cfg, job_world(cfg))
+        train, held_out, groups = run.data.get("pairs") or length_conflict_data(cfg, job_world(cfg))
         run.data["groups"] = groups
-        print(f"[pdpo] {len(train)} train pairs from {cfg.n_annotators} annotators, {len(held_out)} held-out "
-              f"pairs (+{cfg.unseen_annotators} unseen annotators); base {run.base_dir}", flush=True)
+        print(f"[pdpo] {len(train)} train pairs from {len({r.user_id for r in train})} annotators, "
+              f"{len(held_out)} held-out pairs; base {run.base_dir}", flush=True)
         return PDPOSpec(run.base_dir, train, held_out, user_model=cfg.user_model_config(), alpha=cfg.alpha,
                         beta=cfg.beta, loss_type=LOSSES[cfg.loss], use_user_text=cfg.use_user_text,
                         lora=cfg.lora, user_lr=cfg.user_lr or None, groups=groups, max_length=cfg.max_length)
@@ -128,11 +143,13 @@ class PDPOExperiment(Experiment):
     def summary(self, run: Run, result, evaluation: dict) -> dict:
         cfg = run.cfg
         return {"user_model": cfg.user_model, "loss": cfg.loss, "alpha": run.spec.alpha, **evaluation,
-                "groups": dict(run.data["groups"])}
+                "groups": dict(run.data["groups"]),
+                **({"quarantine": run.data["quarantine"], "users": run.data["users"]} if "users" in run.data else {})}
 
     def report(self, result: JobResult) -> None:
         s = result.summary
-        users = " ".join(f"{u}({s['groups'][u][0]}):{_pct(a)}" for u, a in s["per_user"].items())
+        group = {u: f"({g[0]})" for u, g in s["groups"].items()}  # none for your own data's users
+        users = " ".join(f"{u}{group.get(u, '')}:{_pct(a)}" for u, a in s["per_user"].items())
         print(f"[pdpo] user_model={s['user_model']} loss={s['loss']} alpha={s['alpha']} steps={s['steps']}")
         print(f"[pdpo] per annotator (l = longer, s = shorter): {users}")
         print(f"[pdpo] Accuracy-top {_pct(s['accuracy_top'])}  generic {_pct(s['accuracy_generic'])}  "

@@ -2,6 +2,9 @@
 library behind ``jobs/dpo.py``. The method (DPO by default; IPO, ORPO, ... any preference-pair
 method of the registry, ``--method``) is looked up by name in ``raypref.recipes``.
 
+0. with ``--data.source`` (your own data, e.g. TRL's formats): read and validated in the driver
+   before Ray starts (wrong columns: one error), bad rows to ``quarantine_source.jsonl``, the
+   valid pairs split and written as the run's own train / test shards, read on as below;
 1. a validation pass over the shards (train, and test if given): every bad row goes to the
    quarantine file, and too many bad rows stop the job *before* any training time is spent;
 2. the SFT base (cached by config hash) or a given base policy;
@@ -17,6 +20,7 @@ reads the shards again (once per epoch), never double counts.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 from dataclasses import dataclass, field
@@ -29,6 +33,7 @@ from raypref.config import check_fields
 from raypref.data.pipeline import (ExactSplitDataConfig, QuarantineReport, read_preference_shards,
                                    tokenize_pairs)
 from raypref.data.records import validate_row
+from raypref.data.source import PreferenceSource, read_source, write_pairs
 from raypref.models.factory import encode_example, load_pretrained, resolve_model
 from raypref.recipes import pair_methods, recipe
 from raypref.recipes.dpo import DPOConfig
@@ -57,8 +62,12 @@ class DPOJobConfig(PolicyRunConfig):
     # which shard files to read: jobs/simulate.py writes every shard twice (parquet + jsonl),
     # so reading both formats of its folders would count each pair twice
     shard_formats: list[str] = field(default_factory=lambda: ["parquet"])
-    # keep only these users' rows ([] = every row); P-Soups preferences P1A..P3B are users 1..6
+    # keep only these users' rows ([] = every row); P-Soups preferences P1A..P3B are users 1..6;
+    # a data.source without users (no user column) keeps every row
     user_ids: list[int] = field(default_factory=lambda: [1])
+    # your own preference data (--data.source file --data.format trl): read, validated and split
+    # into train / test here, in place of train_data / test_data
+    data: PreferenceSource = field(default_factory=PreferenceSource)
     output_dir: str = "outputs/dpo"
     run_name: str = ""  # "" = dpo-<date>-<time>; an existing name resumes that run
     max_quarantine_fraction: float = 0.05  # of the rows read, per data set
@@ -81,6 +90,7 @@ class DPOJobConfig(PolicyRunConfig):
                              f"{pair_methods()}")
         recipe(self.method).check_section(self.training, "DPOJobConfig.training")
         self.resources.validate("DPOJobConfig.resources")
+        self.data.validate("DPOJobConfig.data")
         checks = [
             ("train_data", bool(self.train_data), "must name a shard folder or URI"),
             ("shard_formats", bool(self.shard_formats) and set(self.shard_formats) <= set(SHARD_FORMATS),
@@ -202,6 +212,21 @@ def _validation_pass(cfg: DPOJobConfig, out: Path) -> tuple[dict[str, ray.data.D
     return datasets, summaries
 
 
+def own_data(cfg: DPOJobConfig, out: Path) -> tuple[DPOJobConfig, dict]:
+    """Read cfg.data.source (wrong columns: one error here, before Ray starts), quarantine its
+    bad rows, split the valid pairs and write them as the run's train / test shards; the config
+    that reads those shards instead of train_data / test_data, and the source's quarantine."""
+    pairs = read_source(cfg.data, out, seed=cfg.seed, max_quarantine_fraction=cfg.max_quarantine_fraction,
+                        max_chars=cfg.max_chars, log=_log)
+    tracking.log_metrics(quarantine_metrics(pairs.quarantine, "source."))
+    tracking.log_artifact(pairs.quarantine["path"], "quarantine")
+    train_path = write_pairs(pairs.train, out / "data" / "train.parquet")
+    test_path = write_pairs(pairs.test, out / "data" / "test.parquet") if pairs.test else None
+    own = dataclasses.replace(cfg, train_data=str(train_path), test_data=str(test_path or ""),
+                              shard_formats=["parquet"], user_ids=cfg.user_ids if cfg.data.has_users else [])
+    return own, pairs.quarantine
+
+
 # ---------------------------------------------------------------- the job
 
 def evaluate_adapter(method: str, sft_dir: str, adapter_dir: Path, records: list, section,
@@ -230,11 +255,17 @@ class PreferenceExperiment(Experiment):
 
     def prepare(self, run: Run) -> None:
         cfg = run.cfg
+        source = None
+        if cfg.data.source:  # before Ray: a source with the wrong columns stops here
+            cfg, source = own_data(cfg, run.out)
+            run.cfg = cfg
         if not ray.is_initialized():
             ray_session.init(include_dashboard=False, configure_logging=False)
         _log(f"validating shards under {cfg.train_data}" + (f" and {cfg.test_data}" if cfg.test_data else ""))
         run.data["datasets"], run.data["quarantine"] = _validation_pass(cfg, run.out)
         quarantine = run.data["quarantine"]
+        if source is not None:
+            quarantine["source"] = source  # where your own data's bad rows went
         # already validated once, and held-out sets are small: collect them in the driver
         run.data["heldout"] = [validate_row(row, max_chars=cfg.max_chars)
                                for row in run.data["datasets"]["test"].take(cfg.max_eval_pairs)] \

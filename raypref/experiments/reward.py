@@ -33,7 +33,7 @@ from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.experiments.run import Experiment, JobResult, Run, RunConfig, run_experiment
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings)
-from raypref.recipes.reward_data import WORLD, RewardDataConfig, judge_reference, population
+from raypref.recipes.reward_data import WORLD, RewardDataConfig, build_pairs, judge_reference, population
 from raypref.train.runner import Resources
 
 
@@ -161,6 +161,14 @@ class RewardExperiment(Experiment):
     def base_policy(self, run: Run) -> str:
         return ""
 
+    def prepare(self, run: Run) -> None:
+        data = run.cfg.data
+        if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now
+            pairs = build_pairs(data)
+            print(f"[reward] {data.source} ({data.schema}): {len(pairs)} user(s), "
+                  f"{sum(len(up.train) for up in pairs.values())} train and "
+                  f"{sum(len(up.test) for up in pairs.values())} test pairs", flush=True)
+
     def spec(self, run: Run) -> RewardSpec:
         cfg = run.cfg
         return RewardSpec(recipe_config(cfg), demo_embeddings_path=str(demo_cache(cfg) or "") or None,
@@ -172,7 +180,8 @@ class RewardExperiment(Experiment):
         if plot:
             tracking.log_artifact(plot)
         if result.export_path and cfg.method == "vae":
-            groups = {u.user_id: u.group for u in population(recipe.data)}
+            groups = ({u.user_id: u.group for u in population(recipe.data)} if recipe.data.source == WORLD
+                      else {uid: up.user.group for uid, up in run.spec.pairs.items()})
             tsne = plot_latent_tsne(Path(result.export_path) / LATENTS_FILE, groups, run.out / "latent-tsne.png")
             if tsne:
                 tracking.log_artifact(tsne)

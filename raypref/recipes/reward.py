@@ -119,9 +119,12 @@ class RewardConfig:
         if self.method == "multi_objective" and self.gradient != "sum":
             raise ValueError("RewardConfig.gradient: multi_objective regresses attribute scores; "
                              "per-user gradient surgery applies to bt and vae")
-        if self.data.source != WORLD and self.method != "multi_objective":
+        if self.data.source != WORLD and self.data.has_ratings and self.method != "multi_objective":
             raise ValueError(f"RewardConfig.data.source={self.data.source!r}: real fine-grained "
                              f"ratings train the multi_objective method, not {self.method!r}")
+        if not self.data.has_ratings and self.method == "multi_objective":
+            raise ValueError(f"RewardConfig.data.schema={self.data.schema!r}: preference pairs carry no "
+                             "per-attribute ratings to regress; use bt, user_model or vae")
         if self.method == "user_model":
             self.user_model.validate()
             if self.conditioning == "head" and self.user_model.n_tokens != 1:

@@ -9,6 +9,11 @@ Real fine-grained ratings instead (multi-objective regression, DPA §2.1): ``sou
 file or folder read with the loader ``schema`` (helpsteer | ultrafeedback), validated with a
 quarantine; its pairs belong to one user (id 1) whose weights are the loader's quality
 weights, shuffled by ``world_seed`` and split into test and train pairs.
+
+Your own preference pairs (bt, user_model, vae): ``schema`` one of ``PAIR_SCHEMAS`` (TRL's
+standard or conversational rows, PRISM, binarized UltraFeedback); with ``user_column`` (trl) or
+PRISM's users each user's pairs are split apart (``test_pairs_per_user`` held out each), else
+every pair belongs to user 1. A user with too few pairs for that split is left out and counted.
 """
 from __future__ import annotations
 
@@ -25,6 +30,7 @@ from raypref.data.world import ASPECTS, World
 
 POPULATIONS = ("two_user_conflict", "cluster")
 WORLD = "world"
+PAIR_SCHEMAS = ("trl", "prism", "ultrafeedback_binarized")  # pairs without per-attribute ratings
 # attributes a multi-objective RM regresses, their rating scale (rescaled to 0-100), and the
 # weights of the user a real source's pairs belong to
 RATINGS = {WORLD: (ASPECTS, (1.0, 5.0), None),
@@ -45,17 +51,28 @@ class RewardDataConfig:
     demo_pool: int = 100          # the first demo_pool train pairs of a user are its pool
     n_demos: int = 8              # demonstrations per query (Liu 2025 Table 1: 8 of 100)
     source: str = WORLD           # "world" (simulated users) or a local file / folder of ratings
-    schema: str = "helpsteer"     # loader schema of a real source: helpsteer | ultrafeedback
+    # loader schema of a real source: helpsteer | ultrafeedback (ratings, multi_objective), or
+    # trl | prism | ultrafeedback_binarized (pairs, the other methods)
+    schema: str = "helpsteer"
     max_quarantine_fraction: float = 0.5  # real source: HelpSteer has many equal-quality ties
+    split: str = ""               # real source: split of a hub dataset or saved DatasetDict
+    user_column: str = ""         # trl source: the column naming each row's user
 
     @property
     def ratings(self) -> str:
         return WORLD if self.source == WORLD else self.schema
 
+    @property
+    def has_ratings(self) -> bool:
+        """Whether its responses carry per-attribute ratings (the world's, or a ratings file's)."""
+        return self.source == WORLD or self.schema in RATINGS
+
     def validate(self) -> None:
-        if self.source != WORLD and self.schema not in set(RATINGS) - {WORLD}:
-            raise ValueError(f"data.schema={self.schema!r}: a real source needs one of "
-                             f"{sorted(set(RATINGS) - {WORLD})}")
+        known = sorted(set(RATINGS) - {WORLD}) + list(PAIR_SCHEMAS)
+        if self.source != WORLD and self.schema not in known:
+            raise ValueError(f"data.schema={self.schema!r}: a real source needs one of {known}")
+        if self.user_column and self.schema != "trl":
+            raise ValueError(f"data.user_column={self.user_column!r}: only the trl schema has a user column")
         if self.population not in POPULATIONS:
             raise ValueError(f"data.population={self.population!r}: expected one of {POPULATIONS}")
         if self.population == "cluster" and not 2 <= self.n_users <= 99:
@@ -119,6 +136,8 @@ def real_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
 
     from raypref.data.loaders import load_validated
 
+    if cfg.schema in PAIR_SCHEMAS:
+        return own_pairs(cfg)
     if not Path(cfg.source).exists():
         raise FileNotFoundError(f"data.source={cfg.source!r}: no such file or folder")
     _, _, weights = RATINGS[cfg.schema]
@@ -136,6 +155,46 @@ def real_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
     test, train = shuffled[:cfg.test_pairs_per_user], shuffled[cfg.test_pairs_per_user:]
     user = User(1, dict(weights), None, cfg.schema)
     return {1: UserPairs(user, train[:cfg.train_pairs_per_user], test)}
+
+
+def own_pairs(cfg: RewardDataConfig) -> dict[int, UserPairs]:
+    """Each user's pairs of a preference source (`PAIR_SCHEMAS`), shuffled by ``world_seed``:
+    ``test_pairs_per_user`` held out, at most ``train_pairs_per_user`` to train. Users with no
+    more than ``test_pairs_per_user + n_demos`` pairs are left out (and counted)."""
+    import hashlib
+    import tempfile
+
+    from raypref.data.source import PreferenceSource, load_source
+
+    src = PreferenceSource(source=cfg.source, format=cfg.schema, split=cfg.split, user_column=cfg.user_column)
+    key = hashlib.sha256(f"{cfg.source}:{cfg.schema}:{cfg.split}:{cfg.user_column}".encode()).hexdigest()[:12]
+    folder = Path(tempfile.gettempdir()) / "raypref-quarantine"
+    folder.mkdir(parents=True, exist_ok=True)
+    records, _ = load_source(src, quarantine_path=folder / f"{cfg.schema}-{key}.jsonl",
+                             max_quarantine_fraction=cfg.max_quarantine_fraction, max_chars=20000,
+                             user_ids_path=folder / f"{cfg.schema}-{key}-users.json")
+    by_user: dict[int, list[PreferenceRecord]] = {}
+    for record in records:  # no users: every pair is user 1's
+        by_user.setdefault(record.user_id if src.has_users else 1, []).append(record)
+    out, too_few = {}, []
+    for user_id, pairs in sorted(by_user.items()):
+        if len(pairs) <= cfg.test_pairs_per_user + cfg.n_demos:
+            too_few.append(user_id)
+            continue
+        order = np.random.default_rng([cfg.world_seed, user_id]).permutation(len(pairs))
+        shuffled = [pairs[i] for i in order]
+        test, train = shuffled[:cfg.test_pairs_per_user], shuffled[cfg.test_pairs_per_user:]
+        out[user_id] = UserPairs(User(user_id, {"preference": 1.0}, None, cfg.schema),
+                                 train[:cfg.train_pairs_per_user], test)
+    if too_few:
+        print(f"[reward] data.source={cfg.source}: {len(too_few)} of {len(by_user)} users have at most "
+              f"data.test_pairs_per_user + data.n_demos = {cfg.test_pairs_per_user + cfg.n_demos} pairs "
+              f"and are left out", flush=True)
+    if not out:
+        raise ValueError(f"data.source={cfg.source!r}: no user has more than data.test_pairs_per_user + "
+                         f"data.n_demos = {cfg.test_pairs_per_user + cfg.n_demos} valid pairs "
+                         f"({len(records)} valid pairs in all)")
+    return out
 
 
 def attribute_targets(record_scores: dict[str, float], attributes) -> list[float]:

@@ -16,7 +16,8 @@ import torch
 
 from raypref.algos.sft import response_mask, sft_loss
 from raypref.config import config_hash, to_dict
-from raypref.models.factory import (ModelConfig, add_lora, build_policy, build_tokenizer,
+from raypref.data.loaders import load_sft_examples, source_digest
+from raypref.models.factory import (SPECIAL_TOKENS, ModelConfig, add_lora, build_policy, build_tokenizer,
                                     encode_example, write_dir_atomically)
 from raypref.train.runner import Optimization, Resources, run, runner_config
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
@@ -48,6 +49,12 @@ class SFTConfig:
     corpus_seed: int = 0
     max_length: int = 192  # tokens per example (prompt + response + eos)
     output_dir: str = "outputs/sft"  # cache root: <output_dir>/sft-<config hash>/
+    # your own examples instead of the world's corpus: a .jsonl / .parquet file or folder, a
+    # save_to_disk folder or a hub name, of prompt / response (or messages) rows; bad rows go to
+    # <output_dir>/quarantine/sft-<config hash>.jsonl
+    data: str = ""
+    data_split: str = ""  # split of a hub dataset or saved DatasetDict ("" = its only one)
+    max_quarantine_fraction: float = 0.05  # of data's rows; more bad rows stop the job
 
     def validate(self) -> None:
         """Raise ValueError naming the first bad field."""
@@ -60,6 +67,8 @@ class SFTConfig:
                              f"model.n_positions={self.model.n_positions}")
         if self.max_length < 8:
             raise ValueError(f"SFTConfig.max_length={self.max_length}: must be >= 8")
+        if not 0.0 <= self.max_quarantine_fraction <= 1.0:
+            raise ValueError(f"SFTConfig.max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
         self.model.validate()
         self.training.validate("training")
         self.resources.validate("resources")
@@ -80,7 +89,33 @@ def sft_cache_key(cfg: SFTConfig) -> str:
         data.pop("extra_styles")
     for key in ("max_failures", "checkpoint_every", "eval_every"):  # how it runs, not what it learns
         data["resources"].pop(key)
+    if cfg.data:  # what the examples hold, not where they lie; no keys added without own data
+        data["data"] = source_digest(cfg.data)
+    else:
+        for key in ("data", "data_split", "max_quarantine_fraction"):
+            data.pop(key)
     return config_hash(data)
+
+
+def sft_corpus(cfg: SFTConfig, world) -> list[tuple[str, str]]:
+    """The (prompt, response) examples: the world's corpus, or cfg.data validated (quarantine
+    beside the cache, wrong columns one error)."""
+    if not cfg.data:
+        return world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
+    quarantine = Path(cfg.output_dir).expanduser().resolve() / "quarantine" / f"sft-{sft_cache_key(cfg)}.jsonl"
+    examples, summary = load_sft_examples(cfg.data, split=cfg.data_split or None, quarantine_path=quarantine,
+                                          max_quarantine_fraction=cfg.max_quarantine_fraction)
+    print(f"[sft] {cfg.data}: {summary['rows_valid']}/{summary['rows_total']} examples valid, "
+          f"{summary['rows_quarantined']} quarantined {summary['by_reason']} -> {summary['path']}", flush=True)
+    if not examples:
+        raise ValueError(f"SFTConfig.data={cfg.data!r}: no valid example")
+    return examples
+
+
+def corpus_vocabulary(world, corpus: list[tuple[str, str]]) -> list[str]:
+    """The tiny tokenizer's words: the world's and those of the examples (own data)."""
+    words = {w for prompt, response in corpus for w in (prompt + " " + response).split()}
+    return world.vocabulary() + sorted(words - set(SPECIAL_TOKENS))
 
 
 class SFTSpec(LoopSpec):
@@ -148,8 +183,8 @@ def train_sft(cfg: SFTConfig, restart: bool = False) -> Path:
     if (out / CONFIG_FILE).exists():
         return out  # written last by the atomic swap: the folder is complete
     world = sft_world(cfg)
-    corpus = world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
-    tokenizer = build_tokenizer(cfg.model, world.vocabulary())
+    corpus = sft_corpus(cfg, world)
+    tokenizer = build_tokenizer(cfg.model, corpus_vocabulary(world, corpus) if cfg.data else world.vocabulary())
     examples = [encode_example(tokenizer, p, r, cfg.max_length) for p, r in corpus]
     runner_cfg = runner_config(cfg.training, cfg.resources, name=out.name,
                                storage_path=str(out.parent / "runs"), seed=cfg.corpus_seed,

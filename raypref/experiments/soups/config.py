@@ -56,6 +56,10 @@ class SoupsConfig:
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
     # real data: {preference: P-Soups preference file or hub dataset}; empty = simulated world
     psoups_files: dict[str, str] = field(default_factory=dict)
+    # how those files read: psoups (P-Soups' user_input / completion_a / completion_b) or trl
+    # (your own prompt / chosen / rejected rows, text or messages: one file per preference)
+    psoups_format: str = "psoups"
+    psoups_split: str = ""  # split of a hub dataset or saved DatasetDict among psoups_files ("" = its only one)
     max_quarantine_fraction: float = 0.05  # of a preference file's rows; more bad rows stop the job
     # the shared base of every policy: "" = warm-start the tiny model on the world (`sft`),
     # else a Hugging Face id or local folder used as is (e.g. an instruction-tuned 7B)
@@ -150,6 +154,8 @@ class SoupsConfig:
                                  "not available with eval.judge_model or psoups_files")
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
             raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
+        if self.psoups_format not in ("psoups", "trl"):
+            raise ValueError(f"psoups_format={self.psoups_format!r}: one of psoups, trl")
         stray = sorted(set(self.psoups_files) - set(self.preferences))
         if stray:
             raise ValueError(f"psoups_files: {stray} are not in preferences {self.preferences}")

@@ -7,7 +7,7 @@ arms differ only in who labels. Real data: each preference's P-Soups file, valid
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from raypref.data.labelling import (
@@ -58,17 +58,23 @@ def simulated_data(cfg, world, seed: int) -> SeedData:
 
 
 def file_data(cfg, log=print) -> SeedData:
-    """Pairs of every preference from its P-Soups file: every row validated, bad rows
-    quarantined with file and line, too many stop the job; the last 10% are held out."""
+    """Pairs of every preference from its file (P-Soups' layout, or TRL's with psoups_format
+    trl): every row validated, bad rows quarantined with file and line, too many stop the job
+    (wrong columns: one error at once); the last 10% are held out. A TRL file's pairs become
+    the preference's as a P-Soups file's do (its user id, its name as user text)."""
     data = SeedData({}, {})
     for name in cfg.preferences:
         if name not in cfg.psoups_files:
             raise ValueError(f"psoups_files has no file for preference {name!r}; "
                              f"it has {sorted(cfg.psoups_files)}")
+        options = {"preference": name} if cfg.psoups_format == "psoups" else {}
         records, summary = load_validated(
-            cfg.psoups_files[name], schema="psoups", preference=name,
+            cfg.psoups_files[name], schema=cfg.psoups_format, split=cfg.psoups_split or None,
             quarantine_path=Path(cfg.output_dir).resolve() / "quarantine" / f"{name}.jsonl",
-            max_quarantine_fraction=cfg.max_quarantine_fraction)
+            max_quarantine_fraction=cfg.max_quarantine_fraction, **options)
+        if cfg.psoups_format != "psoups":
+            records = [replace(r, user_id=_user_id(name), user_text=name, source=f"{cfg.psoups_format}:{name}")
+                       for r in records]
         log(f"    {name}: {summary['rows_valid']}/{summary['rows_total']} rows valid, "
             f"{summary['rows_quarantined']} quarantined {summary['by_reason']} -> {summary['path']}")
         if len(records) < 2:

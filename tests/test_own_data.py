@@ -292,7 +292,7 @@ def test_prism_through_the_data_section_keeps_its_users_and_their_text(tmp_path)
 
 def test_pdpo_needs_users_and_reads_them_before_the_base(tmp_path):
     from raypref.data.source import PreferenceSource
-    from raypref.experiments.policy import PDPOExperiment, PDPOJobConfig
+    from raypref.experiments.pdpo import PDPOExperiment, PDPOJobConfig
     from raypref.experiments.run import Run
 
     path = write_jsonl(tmp_path / "mine.jsonl", [dict(r, annotator=a) for r, a in zip(STANDARD * 2, "ababab")])

@@ -171,15 +171,22 @@ def tiny_sft(root: Path) -> SFTConfig:
                      corpus_size=200, max_length=MAX_LENGTH, output_dir=str(root / "sft"))
 
 
-def job_config(tmp_path: Path, **overrides) -> DPOJobConfig:
+def job_config(tmp_path: Path, sft_root: Path | None = None, **overrides) -> DPOJobConfig:
+    """The job on tmp_path's shards; ``sft_root``: where the tiny SFT base is cached (tests that
+    train share one, so it is trained once)."""
     base = dict(train_data=str(tmp_path / "train"), test_data=str(tmp_path / "test"), user_ids=[],
                 shard_formats=["parquet", "jsonl"],
-                output_dir=str(tmp_path / "dpo"), run_name="p1a", sft=tiny_sft(tmp_path),
+                output_dir=str(tmp_path / "dpo"), run_name="p1a", sft=tiny_sft(sft_root or tmp_path),
                 max_quarantine_fraction=0.1,
                 training=DPOConfig(steps=10, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH),
                 shuffle_buffer=32, data_cpus=0.5,
                 resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=10))
     return DPOJobConfig(**{**base, **overrides})
+
+
+@pytest.fixture(scope="module")
+def shared_sft(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("shared-sft")
 
 
 def mlflow_run(run_id: str):
@@ -190,12 +197,45 @@ def artifact_paths(run_id: str, folder: str | None = None) -> set[str]:
     return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, folder)}
 
 
+def train_while_polling(cfg) -> tuple[object, list[int]]:
+    """Run ``train_dpo(cfg)`` in a thread and poll its MLflow run meanwhile: (the result, the
+    run's train.loss history lengths read while the run was RUNNING)."""
+    import concurrent.futures
+    import time
+
+    # the store the job logs to (the suite's autouse fixture sets it); a bare MlflowClient() would
+    # read a tracking URI an earlier test set in this process
+    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
+    seen: list[int] = []
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        job = pool.submit(train_dpo, cfg)
+        while not job.done():
+            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
+                                      f"tags.mlflow.runName = '{cfg.run_name}'")
+            if runs:
+                n = len(client.get_metric_history(runs[0].info.run_id, "train.loss"))
+                if client.get_run(runs[0].info.run_id).info.status == "RUNNING":
+                    seen.append(n)
+            time.sleep(0.05)
+        return job.result(), seen
+
+
+# one job run checks the streamed shards, the quarantine, the export, the MLflow run and the
+# live step metrics (two runs cost CI a minute and a half more)
 @pytest.mark.slow  # about a minute on 2 cores: two Ray Train runs (SFT, DPO) dominate
-def test_job_trains_on_streamed_shards_and_reports_the_quarantine(ray_local, tmp_path, capsys):
+def test_job_trains_on_streamed_shards_reports_the_quarantine_and_live_metrics(ray_local, tmp_path, capsys,
+                                                                              shared_sft):
     write_shards(tmp_path / "train", world_pairs(64, seed=3))
     write_shards(tmp_path / "test", world_pairs(16, seed=4), bad=False)
-    cfg = job_config(tmp_path)
-    result = train_dpo(cfg)
+    cfg = job_config(tmp_path, shared_sft)
+    result, seen = train_while_polling(cfg)
+
+    # the runner's rank 0 logs step rows to the job's run as it reports them (every step here):
+    # polled while train_dpo ran, the run was RUNNING and its train.loss history grew
+    growing = sorted({n for n in seen if n > 0})
+    assert len(growing) >= 2 and growing[0] < 10, f"history lengths seen while training: {growing}"
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "train.loss")
+    assert sorted(m.step for m in history) == list(range(1, 11)), [m.step for m in history]  # every step once
 
     quarantine = result.summary["quarantine"]["train"]
     assert (quarantine["rows_total"], quarantine["rows_valid"], quarantine["rows_quarantined"]) == (68, 64, 4)
@@ -221,44 +261,11 @@ def test_job_trains_on_streamed_shards_and_reports_the_quarantine(ray_local, tmp
     assert (metrics["rows_total"], metrics["rows_valid"], metrics["rows_quarantined"]) == (68, 64, 4)
     assert {k: metrics[f"quarantine.{k}"] for k in BAD_REASONS} == BAD_REASONS
     assert metrics["test.rows_total"] == 16 and "eval.reward_accuracy" in metrics
-    assert len(mlflow.MlflowClient().get_metric_history(result.run_id, "train.loss")) == 10
     assert "quarantine/quarantine.jsonl" in artifact_paths(result.run_id, "quarantine")
     assert "adapter/adapter_model.safetensors" in artifact_paths(result.run_id, "adapter")
     assert "summary.json" in artifact_paths(result.run_id)
     printed = capsys.readouterr().out
     assert str(result.output_dir) in printed and result.run_id in printed
-
-
-@pytest.mark.slow  # about a minute on 2 cores: SFT and a 30-step DPO run
-def test_step_metrics_reach_mlflow_while_the_job_trains(ray_local, tmp_path):
-    """The runner's rank 0 logs step rows to the job's run as it reports them: polled while
-    train_dpo runs, the run is RUNNING and its train.loss history grows."""
-    import concurrent.futures
-    import time
-
-    write_shards(tmp_path / "train", world_pairs(64, seed=3), bad=False)
-    cfg = job_config(tmp_path, test_data="", max_quarantine_fraction=0.0,
-                     training=DPOConfig(steps=30, micro_batch_size=8, warmup_steps=2, max_length=MAX_LENGTH),
-                     resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=30))
-    # the store the job logs to (the suite's autouse fixture sets it); a bare MlflowClient() would
-    # read a tracking URI an earlier test set in this process
-    client = mlflow.MlflowClient(tracking_uri=os.environ["MLFLOW_TRACKING_URI"])
-    seen: list[int] = []  # history lengths read while the run was RUNNING
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        job = pool.submit(train_dpo, cfg)
-        while not job.done():
-            runs = client.search_runs([e.experiment_id for e in client.search_experiments()],
-                                      f"tags.mlflow.runName = '{cfg.run_name}'")
-            if runs:
-                n = len(client.get_metric_history(runs[0].info.run_id, "train.loss"))
-                if client.get_run(runs[0].info.run_id).info.status == "RUNNING":
-                    seen.append(n)
-            time.sleep(0.05)
-        result = job.result()
-    growing = sorted({n for n in seen if n > 0})
-    assert len(growing) >= 2 and growing[0] < 30, f"history lengths seen while training: {growing}"
-    history = client.get_metric_history(result.run_id, "train.loss")
-    assert sorted(m.step for m in history) == list(range(1, 31)), [m.step for m in history]  # every step once
 
 
 def test_simulate_layout_is_read_once_and_filtered_to_the_selected_users(ray_local, tmp_path):
@@ -301,10 +308,10 @@ def test_missing_shards_say_which_formats_were_looked_for_and_how_to_ask_for_oth
 
 
 @pytest.mark.slow  # about a minute: the method by name (ORPO, added as a registry entry) on the same path
-def test_job_runs_any_pair_method_by_name_with_held_out_scores_during_training(ray_local, tmp_path):
+def test_job_runs_any_pair_method_by_name_with_held_out_scores_during_training(ray_local, tmp_path, shared_sft):
     write_shards(tmp_path / "train", world_pairs(64, seed=3), bad=False)
     write_shards(tmp_path / "test", world_pairs(16, seed=4), bad=False)
-    cfg = job_config(tmp_path, method="orpo", run_name="orpo",
+    cfg = job_config(tmp_path, shared_sft, method="orpo", run_name="orpo",
                      resources=Resources(num_workers=1, cpus_per_worker=1.0, checkpoint_every=10, eval_every=5))
     result = train_dpo(cfg)
     assert result.summary["method"] == "orpo" and result.summary["steps"] == 10

@@ -26,6 +26,7 @@ import torch
 from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
 from raypref.recipes import recipe
+from raypref.recipes.method import PAIRS
 from raypref.recipes.dpo import evaluate_pairs
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
@@ -41,7 +42,8 @@ from raypref.experiments.soups.training import (
     training_jobs,
     training_key,
 )
-from raypref.models.factory import check_lora_targets, load_pretrained, save_pretrained_safetensors
+from raypref.models.chat import has_chat_template
+from raypref.models.factory import check_lora_targets, load_pretrained, load_tokenizer, save_pretrained_safetensors
 from raypref.models.merge import LoraAdapter, soup_model
 from raypref.recipes.sft import sft_world, train_sft
 from raypref.train import storage
@@ -157,7 +159,10 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         if cfg.psoups_files:
             data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
         else:
-            data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
+            # a chat-templated base reads P-MORL's instruction as its system message, as at evaluation
+            system_message = (bool(cfg.base_policy) and recipe(cfg.algo).data == PAIRS
+                              and has_chat_template(load_tokenizer(sft_dir)))
+            data = [simulated_data(cfg, world, cfg.seed + k, system_message) for k in range(cfg.seeds)]
         tracking.log_metrics({f"pairs.{k}": len(v) for k, v in data[0].train.items()})
         tracking.log_metrics({f"label.{k}.{f}": getattr(s, f) for k, s in data[0].stats.items()
                               for f in ("flipped", "ties")})

@@ -130,7 +130,7 @@ def test_soups(soups_run):
     result, _ = soups_run
     assert not result.failed, result.failed
     for policy in ("P3A", "P3B", "P-MORL"):
-        trained_lora(result.output_dir / "adapters" / f"{policy}-s0")
+        trained_lora(next((result.output_dir / "runs").glob(f"*/{policy}-s0/final")))
     assert {"P-Soups", "P-MORL"} <= set(result.quality) and all(finite(q) for q in result.quality.values())
     assert result.report_path.exists()
 
@@ -166,8 +166,10 @@ def test_serve(soups_run):
                 pass
             time.sleep(0.5)
         weights = {"P3A": 0.5, "P3B": 0.5}
+        models = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
+        assert len(models) == 1, models  # the soups run's training key
         chat = requests.post(f"{url}/v1/chat/completions", timeout=180, json={
-            "messages": [{"role": "user", "content": "Name a planet."}], "max_tokens": 6,
+            "model": models[0]["id"], "messages": [{"role": "user", "content": "Name a planet."}], "max_tokens": 6,
             "temperature": 0, "preferences": weights})
         assert chat.status_code == 200, chat.text
         body = chat.json()

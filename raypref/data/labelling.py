@@ -128,17 +128,33 @@ def label_pairs(world, pairs: Sequence[CandidatePair], labeller: Labeller, seed,
                   source, stats)
 
 
+COMBINATION_SEP = "+"  # a P-MORL pair's user_text names its combination: "P1A+P2B+P3A"
+
+
+def combination_instruction(user_text: str) -> str:
+    """The instruction a chat-templated policy reads for the combination a P-MORL pair names
+    ("P1A+P2B+P3A"): P-Soups Table 4's sentences, one per preference, as its system message."""
+    names = [n for n in (user_text or "").split(COMBINATION_SEP) if n]
+    if not names:
+        raise ValueError(f"combination_instruction: {user_text!r} names no P-Soups preference "
+                         f"(expected e.g. 'P1A{COMBINATION_SEP}P2B')")
+    return " ".join(psoups_profile(name).prompt for name in names)  # an unknown name is an error naming it
+
+
 def combination_labelled_pairs(world, pairs: Sequence[CandidatePair],
                                combinations: Sequence[Sequence[str]], seed, *,
-                               source: str = "world:pmorl",
+                               source: str = "world:pmorl", instruction_in_prompt: bool = True,
                                stats: LabelStats | None = None) -> list[PreferenceRecord]:
     """P-MORL's pairs (P-Soups §2.2) from the same candidates as every other arm: pair i goes to
-    combination ``i % len(combinations)``, whose instruction is written after the prompt and
-    whose mean reward labels it; noise and tie draws as in `label_pairs` with ``seed``."""
+    combination ``i % len(combinations)``, named in its ``user_text``, whose mean reward labels
+    it; noise and tie draws as in `label_pairs` with ``seed``. The combination's word-level
+    instruction is written after the prompt; ``instruction_in_prompt=False`` leaves the prompt
+    bare, for a chat-templated policy that reads `combination_instruction` as its system message."""
     if not combinations:
         raise ValueError("combination_labelled_pairs: no combinations")
-    arms = [(preference_labeller(combo), world.preference_instruction(list(combo)),
-             "+".join(combo)) for combo in combinations]
+    arms = [(preference_labeller(combo),
+             world.preference_instruction(list(combo)) if instruction_in_prompt else None,
+             COMBINATION_SEP.join(combo)) for combo in combinations]
     return _label(world, pairs, seed, lambda i: arms[i % len(arms)], UNKNOWN_USER, source, stats)
 
 

@@ -419,7 +419,7 @@ def load_pretrained(path: str | Path, dtype: str | None = None):
     """(model, tokenizer) from a folder saved by save_pretrained_safetensors, a named model, or a
     Hugging Face id (downloaded only where HF_HUB_OFFLINE is unset, e.g. on a cluster).
     ``dtype``: a ``DTYPES`` name or "auto"; None keeps the saved dtype."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM
 
     path = resolve_model(str(path))
     local = Path(path).expanduser()
@@ -429,8 +429,19 @@ def load_pretrained(path: str | Path, dtype: str | None = None):
     source = str(local) if is_local else str(path)
     model = AutoModelForCausalLM.from_pretrained(source, local_files_only=is_local, trust_remote_code=False,
                                                  **({"dtype": resolve_dtype(dtype)} if dtype else {}))
-    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=is_local,
-                                              trust_remote_code=False)
+    return model, load_tokenizer(path)
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer `load_pretrained` gives, without loading the model (e.g. to ask whether it
+    has a chat template in a driver)."""
+    from transformers import AutoTokenizer
+
+    path = resolve_model(str(path))
+    local = Path(path).expanduser()
+    is_local = local.exists() or str(path).startswith((".", "/", "~"))
+    source = str(local) if is_local else str(path)
+    tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=is_local, trust_remote_code=False)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token  # causal LMs often ship without one
-    return model, tokenizer
+    return tokenizer

@@ -86,8 +86,11 @@ def build_text_encoder(cfg: EncoderConfig) -> TextEncoder:
             intermediate_size=2 * cfg.tiny_hidden, max_position_embeddings=max(cfg.max_length, 64),
             hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
     else:
-        backbone = AutoModel.from_pretrained(cfg.name_or_path, trust_remote_code=False)
-        tokenizer = AutoTokenizer.from_pretrained(cfg.name_or_path, trust_remote_code=False)
+        from raypref.models.factory import resolve_model
+
+        source = resolve_model(cfg.name_or_path)  # a named model (smollm2-135m-instruct): its converted folder
+        backbone = AutoModel.from_pretrained(source, trust_remote_code=False)
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=False)
     return TextEncoder(backbone, tokenizer, cfg.max_length)
 
 

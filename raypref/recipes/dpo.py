@@ -25,8 +25,9 @@ from pathlib import Path
 import torch
 
 from raypref.algos.dpo import LOSS_TYPES, dpo_loss, implicit_reward_accuracy, sequence_logprobs
+from raypref.data.labelling import combination_instruction
 from raypref.data.records import PreferenceRecord
-from raypref.models.factory import LoraSettings, add_lora, encode_example, load_pretrained
+from raypref.models.factory import LoraSettings, add_lora, encode_example, load_pretrained, load_tokenizer
 from raypref.train.fingerprint import model_identity
 from raypref.train.runner import Optimization
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
@@ -38,14 +39,35 @@ POLICY_INFO_FILE = "soup_policy.json"
 Batch = dict[str, torch.Tensor]
 
 
-def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int) -> list[tuple]:
-    """Per pair: (chosen ids, chosen prompt length, rejected ids, rejected prompt length)."""
+# What a pair's system message holds (models/chat.py places it; a tokenizer without a chat
+# template cannot take one): "" none; "user_text" the pair's user text, if it has one (P-DPO's
+# user text; a pair without one gets the template's default); "combination" the instruction of
+# the P-Soups combination its user text names (P-MORL; required).
+SYSTEM_TEXTS = ("", "user_text", "combination")
+
+
+def pair_system_text(rule: str, rec: PreferenceRecord, index: int) -> str | None:
+    """Pair ``index``'s system text under ``rule`` (one of ``SYSTEM_TEXTS``)."""
+    if rule not in SYSTEM_TEXTS:
+        raise ValueError(f"system text rule {rule!r}: must be one of {SYSTEM_TEXTS}")
+    if not rule or (rule == "user_text" and not rec.user_text):
+        return None
+    if not rec.user_text:
+        raise ValueError(f"pair {index} (prompt {rec.prompt[:40]!r}) has no user_text to take its "
+                         f"system message from (system={rule!r})")
+    return rec.user_text if rule == "user_text" else combination_instruction(rec.user_text)
+
+
+def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int, system: str = "") -> list[tuple]:
+    """Per pair: (chosen ids, chosen prompt length, rejected ids, rejected prompt length);
+    ``system``: which text each pair's system message holds (``SYSTEM_TEXTS``)."""
     out = []
     for i, rec in enumerate(pairs):
         if not rec.chosen or not rec.rejected:
             raise ValueError(f"pair {i} (prompt {rec.prompt[:40]!r}): empty chosen or rejected response")
-        c_ids, c_prompt = encode_example(tokenizer, rec.prompt, rec.chosen, max_length)
-        r_ids, r_prompt = encode_example(tokenizer, rec.prompt, rec.rejected, max_length)
+        text = pair_system_text(system, rec, i)
+        c_ids, c_prompt = encode_example(tokenizer, rec.prompt, rec.chosen, max_length, system=text)
+        r_ids, r_prompt = encode_example(tokenizer, rec.prompt, rec.rejected, max_length, system=text)
         out.append((c_ids, c_prompt, r_ids, r_prompt))
     return out
 
@@ -124,15 +146,16 @@ def dpo_step_outputs(model: torch.nn.Module, batch: Batch, beta: float, loss_typ
 
 @torch.no_grad()
 def evaluate_pairs(model: torch.nn.Module, tokenizer, pairs: Sequence[PreferenceRecord], beta: float,
-                   max_length: int = 128, batch_size: int = 32) -> dict[str, float]:
-    """Implicit-reward accuracy and mean margin of a peft policy on (held-out) pairs."""
+                   max_length: int = 128, batch_size: int = 32, system: str = "") -> dict[str, float]:
+    """Implicit-reward accuracy and mean margin of a peft policy on (held-out) pairs
+    (``system``: the pairs' system text rule, as in `encode_pairs`)."""
     if not pairs:
         raise ValueError("evaluate_pairs needs at least one pair")
     was_training = model.training
     model.eval()
     chosen, rejected = [], []
     try:
-        encoded = encode_pairs(tokenizer, pairs, max_length)
+        encoded = encode_pairs(tokenizer, pairs, max_length, system)
         device = next(model.parameters()).device
         for start in range(0, len(encoded), batch_size):
             batch = collate_pairs(encoded[start : start + batch_size], tokenizer.pad_token_id)
@@ -214,6 +237,7 @@ class PairSpec(LoopSpec):
     shuffle_buffer: int = 0  # streamed: rows in iter_torch_batches' local shuffle buffer (0: data order)
     # held-out pairs scored at every evaluation (`eval.heldout_<score>`, e.g. for a sweep's ASHA)
     heldout: list[PreferenceRecord] = field(default_factory=list)
+    system: str = ""  # what each pair's system message holds (SYSTEM_TEXTS; "combination": P-MORL)
 
     @classmethod
     def from_config(cls, cfg: DPOConfig, base_dir: str, pairs: list[PreferenceRecord] | None = None,
@@ -231,6 +255,11 @@ class PairSpec(LoopSpec):
             raise ValueError(f"{type(self).__name__}({self.name!r}): no preference pairs and no dataset")
         if self.beta <= 0:
             raise ValueError(f"{type(self).__name__}.beta={self.beta}: must be > 0")
+        if self.system not in SYSTEM_TEXTS:
+            raise ValueError(f"{type(self).__name__}.system={self.system!r}: must be one of {SYSTEM_TEXTS}")
+        if self.system and self.dataset:
+            raise ValueError(f"{type(self).__name__}.system={self.system!r}: streamed pairs are tokenized "
+                             "by the Ray Data pipeline, which writes no system message; use pairs in memory")
         self._check_settings()
         self._tokenizer = None  # loaded lazily on each worker, never pickled
         self._passes = 0  # streamed: passes begun over this worker's shard
@@ -246,7 +275,7 @@ class PairSpec(LoopSpec):
 
     def tokenizer(self):
         if self._tokenizer is None:
-            _, self._tokenizer = load_pretrained(self.base_dir)
+            self._tokenizer = load_tokenizer(self.base_dir)
         return self._tokenizer
 
     def build_model(self, role: str = PRIMARY_ROLE) -> torch.nn.Module:
@@ -271,7 +300,7 @@ class PairSpec(LoopSpec):
         starting after the micro-batches of the steps already done."""
         shard = rank_shard(self.pairs, ctx)
         tokenizer = self.tokenizer()
-        encoded = encode_pairs(tokenizer, shard, self.max_length)
+        encoded = encode_pairs(tokenizer, shard, self.max_length, self.system)
         for chunk in epoch_chunks(len(encoded), ctx.micro_batch_size, ctx.micro_batches_done, self.seed):
             yield collate_pairs([encoded[i] for i in chunk], tokenizer.pad_token_id)
 
@@ -315,6 +344,8 @@ class PairSpec(LoopSpec):
         info = {"preference": self.name, "sft_dir": str(self.base_dir), "beta": self.beta,
                 "lora": dataclasses.asdict(self.lora),
                 "n_pairs": self.n_pairs if self.dataset else len(self.pairs)}
+        if self.system:
+            info["system"] = self.system  # what its system messages held (P-MORL: "combination")
         return {**info, "dataset": self.dataset} if self.dataset else info
 
 
@@ -339,7 +370,7 @@ class DPOSpec(PairSpec):
     def score_pairs(cls, model, tokenizer, records, section, batch_size: int = 32) -> dict[str, float]:
         """Implicit-reward accuracy and margin (the reference: the base, adapters off)."""
         return evaluate_pairs(model, tokenizer, records, section.beta, max_length=section.max_length,
-                              batch_size=batch_size)
+                              batch_size=batch_size, system=getattr(section, "system", ""))
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         loss, chosen, rejected = dpo_step_outputs(ctx.model, batch, self.beta, self.loss_type, self.sft_weight)

@@ -30,8 +30,9 @@ class Method:
     evaluate: Callable | None = None
     metric: str = ""  # the held-out score to maximize (a sweep's metric is eval.heldout_<metric>)
     summary: tuple[str, ...] = ()  # the per-step metrics a job's summary shows, in this order
-    # Personalized Soups: (section, base_dir, preference, pairs, seed) -> the preference's LoopSpec;
-    # None: soups cannot train it
+    # Personalized Soups: (section, base_dir, preference, pairs, seed[, system]) -> the preference's
+    # LoopSpec (``system``: a pair method's system text rule, recipes.dpo.SYSTEM_TEXTS); None: soups
+    # cannot train it
     per_preference: Callable | None = None
     about: str = ""  # one line for --help and error messages
 
@@ -51,8 +52,8 @@ def pair_method(name: str, config: type, spec_class: type, loss: Callable, about
     def spec(section, base_dir: str, **kwargs):
         return spec_class.from_config(section, base_dir, **kwargs, **fixed)
 
-    def per_preference(section, base_dir: str, preference: str, pairs: list, seed: int):
-        return spec(section, base_dir, pairs=pairs, name=preference, seed=seed)
+    def per_preference(section, base_dir: str, preference: str, pairs: list, seed: int, system: str = ""):
+        return spec(section, base_dir, pairs=pairs, name=preference, seed=seed, system=system)
 
     return Method(name, config, spec, loss, PAIRS, evaluate=spec_class.score_pairs, metric=metric,
                   summary=summary, per_preference=per_preference, about=about)

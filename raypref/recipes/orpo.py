@@ -48,7 +48,7 @@ class ORPOSpec(PairSpec):
         was_training, log_odds = model.training, []
         model.eval()
         try:
-            encoded = encode_pairs(tokenizer, records, section.max_length)
+            encoded = encode_pairs(tokenizer, records, section.max_length, getattr(section, "system", ""))
             with torch.no_grad():
                 for start in range(0, len(encoded), batch_size):
                     batch = collate_pairs(encoded[start:start + batch_size], tokenizer.pad_token_id)

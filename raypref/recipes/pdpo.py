@@ -1,7 +1,8 @@
 """Loop spec: P-DPO / P-IPO (P-RLHF §4.4, §F.3): a LoRA policy and a user model trained jointly.
 
 The policy is a `PersonalizedLM`: the SFT model with a fresh LoRA, and in front of it a user
-model whose embeddings are a soft prompt. Each pair is scored twice, with its annotator's id and
+model whose embeddings are a soft prompt. A pair's user text (``use_user_text``) follows the user
+tokens in that soft prompt, or, for a tokenizer with a chat template, is the system message. Each pair is scored twice, with its annotator's id and
 with the generic id 0, and the loss mixes the two terms by ``alpha``; the reference is the SFT
 model (the LoRA disabled) with no user tokens. ``user_model=None`` is vanilla DPO through the
 same code: a uniform user model with no tokens and ``alpha = 1``.
@@ -26,7 +27,8 @@ import torch
 from raypref.algos.dpo import LOSS_TYPES
 from raypref.algos.pdpo import PDPOOutput, pdpo_loss, response_logprobs
 from raypref.data.records import UNKNOWN_USER, PreferenceRecord
-from raypref.models.factory import LoraSettings, add_lora, load_pretrained
+from raypref.models.chat import has_chat_template
+from raypref.models.factory import LoraSettings, add_lora, load_pretrained, load_tokenizer
 from raypref.models.user_model import PersonalizedLM, UserModel, UserModelConfig
 from raypref.recipes.dpo import collate_pairs, encode_pairs, epoch_chunks, rank_shard
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, StepContext
@@ -141,8 +143,18 @@ class PDPOSpec(LoopSpec):
 
     def tokenizer(self):
         if self._tokenizer is None:
-            _, self._tokenizer = load_pretrained(self.sft_dir)
+            self._tokenizer = load_tokenizer(self.sft_dir)
         return self._tokenizer
+
+    def system_text(self) -> str:
+        """With ``use_user_text``, a tokenizer with a chat template reads each pair's user text as
+        its system message (recipes.dpo.SYSTEM_TEXTS "user_text"); the tiny format has none."""
+        return "user_text" if self.use_user_text and has_chat_template(self.tokenizer()) else ""
+
+    def user_text_tokens(self) -> bool:
+        """Whether the user text rides in the soft prompt after the user tokens (P-RLHF §4.3's
+        explicit text): only where it is not in the system message already."""
+        return self.use_user_text and not self.system_text()
 
     def build_model(self, role: str = PRIMARY_ROLE) -> PersonalizedLM:
         lm, self._tokenizer = load_pretrained(self.sft_dir)
@@ -163,10 +175,10 @@ class PDPOSpec(LoopSpec):
         """Endless deterministic stream of this rank's micro-batches (a new shuffle each epoch)."""
         shard = rank_shard(self.pairs, ctx)
         tokenizer = self.tokenizer()
-        encoded = encode_pairs(tokenizer, shard, self.max_length)
+        encoded = encode_pairs(tokenizer, shard, self.max_length, self.system_text())
         for chunk in epoch_chunks(len(shard), ctx.micro_batch_size, ctx.micro_batches_done, ctx.seed):
             yield collate_user_pairs(tokenizer, [shard[i] for i in chunk], [encoded[i] for i in chunk],
-                                     self.use_user_text)
+                                     self.user_text_tokens())
 
     def loss(self, batch: Batch, ctx: StepContext) -> tuple[torch.Tensor, dict[str, float]]:
         out = pdpo_step(ctx.models[PRIMARY_ROLE], batch, self.beta, self.alpha, self.loss_type)
@@ -188,8 +200,9 @@ class PDPOSpec(LoopSpec):
         try:
             for start in range(0, len(pairs), self.eval_batch_size):
                 chunk = pairs[start:start + self.eval_batch_size]
-                batch = collate_user_pairs(tokenizer, chunk, encode_pairs(tokenizer, chunk, self.max_length),
-                                           self.use_user_text)
+                batch = collate_user_pairs(tokenizer, chunk, encode_pairs(tokenizer, chunk, self.max_length,
+                                                                          self.system_text()),
+                                           self.user_text_tokens())
                 out = pdpo_step(model, batch, self.beta, 1.0, self.loss_type)  # the user's own term only
                 hits = (out.user_chosen_rewards > out.user_rejected_rewards).tolist()
                 for rec, hit in zip(chunk, hits):

@@ -12,6 +12,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from raypref.models.factory import resolve_model
+
 POLICY_INFO_FILE = "soup_policy.json"  # written by the DPO spec's export
 FINAL_DIR = "final"  # the runner's export folder
 BASELINE_RUNS = ("P-MORL",)  # trained in the same run, but a baseline, not a soup ingredient
@@ -108,7 +110,8 @@ def find_policies(output_dir: str | Path, training_key: str | None = None,
     if len(distinct) != 1 or None in distinct:
         raise PolicyDiscoveryError(f"policies in {run_dir} do not share one base (sft_dir): "
                                    f"{ {p: bases[p] for p in adapters} }")
-    base_dir = Path(distinct.pop())
+    # a named base (smollm2-135m-instruct) is its converted folder, as load_pretrained finds it
+    base_dir = Path(resolve_model(distinct.pop()))
     if not (base_dir / "config.json").is_file():
         raise PolicyDiscoveryError(f"base model folder {base_dir} (sft_dir of {run_dir}) has no config.json")
     files = [base_dir / "config.json"] + [adapters[p] / "adapter_model.safetensors" for p in adapters]

@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from raypref.config import check_fields
+from raypref.data.labelling import combination_instruction
 from raypref.data.users import psoups_profile
 from raypref.models.factory import AUTO, DTYPES
 from raypref.eval.generation import (JudgeScorer, Scores, WorldScorer, judged_generations,  # noqa: F401
@@ -141,7 +142,7 @@ def instruction_text(world, combo, hf_base: bool) -> str:
     """A combination's instruction as the policy reads it: Table-4 sentences for a Hugging
     Face base, the world's word-level text for the tiny one."""
     if hf_base:
-        return " ".join(psoups_profile(n).prompt for n in combo)
+        return combination_instruction("+".join(combo))
     return world.preference_instruction(list(combo))
 
 

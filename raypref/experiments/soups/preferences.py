@@ -29,6 +29,9 @@ class SeedData:
     held_out: dict[str, list[PreferenceRecord]]
     pmorl: list[PreferenceRecord] | None = None
     stats: dict[str, LabelStats] = field(default_factory=dict)
+    # P-MORL's system text rule (recipes.dpo.SYSTEM_TEXTS): "combination" when its prompts are
+    # bare and each pair's combination instruction goes in the chat template's system message
+    pmorl_system: str = ""
 
 
 def _user_id(name: str) -> int:
@@ -36,8 +39,11 @@ def _user_id(name: str) -> int:
     return 1 + [p.name for p in psoups_profiles(extended=True)].index(name)
 
 
-def simulated_data(cfg, world, seed: int) -> SeedData:
-    """Pairs of every preference (and P-MORL) of one seed from the same candidates."""
+def simulated_data(cfg, world, seed: int, system_message: bool = False) -> SeedData:
+    """Pairs of every preference (and P-MORL) of one seed from the same candidates.
+    ``system_message``: the policy has a chat template and its method reads system texts, so
+    P-MORL's instruction goes in the system message (P-Soups Table 4's sentences, as at
+    evaluation), not after the prompt."""
     n = cfg.pairs_per_preference
     train_pairs = candidate_pairs(world, n, [seed, 0])
     held_pairs = candidate_pairs(world, max(1, n // 10), [seed, 1], split="test")
@@ -53,7 +59,9 @@ def simulated_data(cfg, world, seed: int) -> SeedData:
     if "pmorl" in cfg.baselines:
         data.stats["P-MORL"] = LabelStats()
         data.pmorl = combination_labelled_pairs(world, train_pairs, cfg.combinations, [seed, 0],
+                                                instruction_in_prompt=not system_message,
                                                 stats=data.stats["P-MORL"])
+        data.pmorl_system = "combination" if system_message else ""
     return data
 
 

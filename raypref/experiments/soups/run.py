@@ -27,6 +27,7 @@ import ray
 from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
 from raypref.recipes import recipe
+from raypref.recipes.method import PAIRS
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig
@@ -42,7 +43,8 @@ from raypref.experiments.soups.training import (
     training_key,
 )
 from raypref.experiments.soups.seed_eval import evaluate_on_workers, soup_name  # noqa: F401 (soup_name: the job's API)
-from raypref.models.factory import check_lora_targets
+from raypref.models.chat import has_chat_template
+from raypref.models.factory import check_lora_targets, load_tokenizer
 from raypref.recipes.sft import sft_world, train_sft
 from raypref.train import storage
 
@@ -148,7 +150,10 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
     if cfg.psoups_files:
         data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
     else:
-        data = [simulated_data(cfg, world, cfg.seed + k) for k in range(cfg.seeds)]
+        # a chat-templated base reads P-MORL's instruction as its system message, as at evaluation
+        system_message = (bool(cfg.base_policy) and recipe(cfg.algo).data == PAIRS
+                          and has_chat_template(load_tokenizer(sft_dir)))
+        data = [simulated_data(cfg, world, cfg.seed + k, system_message) for k in range(cfg.seeds)]
     runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
     jobs = training_jobs(cfg, sft_dir, data, runs_dir)
     fit_now = runs_that_fit_now(cfg.resources)  # re-read before each launch: the cluster may grow

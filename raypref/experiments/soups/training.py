@@ -47,7 +47,8 @@ def training_jobs(cfg, sft_dir: str, data: list, runs_dir: str) -> dict[str, tup
         for policy, pairs in sets.items():
             name = run_name(policy, k)
             training = cfg.policy_training
-            spec = build(training, str(sft_dir), policy, pairs, seed)
+            system = seed_data.pmorl_system if policy == PMORL else ""
+            spec = build(training, str(sft_dir), policy, pairs, seed, **({"system": system} if system else {}))
             runner_cfg = runner_config(training, cfg.resources, name=name, storage_path=runs_dir,
                                        seed=seed, log_every=max(1, training.steps // 4))
             mode = cfg.inject_failures.get(policy)

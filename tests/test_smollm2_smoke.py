@@ -1,0 +1,191 @@
+"""Every job end to end on the real offline model (configs/*-smollm2-smoke.yaml): SmolLM2-135M-
+Instruct with its chat template and LoRA on q/k/v/o, at a smoke budget (a few pairs and steps,
+short lengths). Each test reads the job's own config file, as ``jobs/<job>.py --config`` does,
+and moves only its output (and data) folders to the test's temp folder. The data is the
+simulated world's word-level text: the point is the real model's path (templating, LoRA
+targets, generation, judging, serving)."""
+from __future__ import annotations
+
+import json
+import math
+import socket
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+from safetensors.torch import load_file
+
+from raypref.config import parse_args
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+MODEL = "smollm2-135m-instruct"
+
+
+def config(cls, job: str, *flags: str):
+    """The job's smoke config file, parsed as its job parses it, plus ``flags``."""
+    path = CONFIGS / f"{job}-smollm2-smoke.yaml"
+    return parse_args(cls, ["--config", str(path), *flags])
+
+
+def trained_lora(folder: Path) -> dict:
+    """The LoRA tensors exported under ``folder``; B starts at zero, so a trained one moved."""
+    files = sorted(Path(folder).rglob("adapter_model.safetensors"))
+    assert files, f"no adapter_model.safetensors under {folder}"
+    weights = load_file(files[0])
+    lora_b = {k: t for k, t in weights.items() if "lora_B" in k}
+    assert lora_b and any(t.abs().sum() > 0 for t in lora_b.values()), "the adapter never moved"
+    # LoRA sits on the Llama attention projections the config names
+    assert {k.split(".lora_B")[0].rsplit(".", 1)[-1] for k in lora_b} == {"q_proj", "k_proj", "v_proj", "o_proj"}
+    return weights
+
+
+def finite(value) -> bool:
+    return isinstance(value, (int, float)) and math.isfinite(value)
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """Train and test shards of preference P1A in the world (what jobs/simulate.py writes)."""
+    from raypref.data.world import World
+
+    root = tmp_path_factory.mktemp("shards")
+    world = World(seed=0)
+    for name, seed, n in (("train", 3, 8), ("test", 4, 4)):
+        folder = root / name
+        folder.mkdir()
+        rows = [r.to_row() for r in world.pairs_for_preference("P1A", n, np.random.default_rng(seed))]
+        (folder / "shard-00000.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return root
+
+
+def test_dpo(ray_local, tmp_path, shards):
+    from raypref.experiments.preference import DPOJobConfig, train_dpo
+
+    cfg = config(DPOJobConfig, "dpo", "--output_dir", str(tmp_path), "--train_data", str(shards / "train"),
+                 "--test_data", str(shards / "test"), "--shard_formats", "jsonl", "--user_ids", "[]")
+    assert cfg.base_policy == MODEL
+    result = train_dpo(cfg)
+    trained_lora(result.adapter_dir)
+    assert result.summary["steps"] == 3 and finite(result.summary["eval"]["reward_accuracy"])
+
+
+def test_pdpo(ray_local, tmp_path):
+    from raypref.experiments.policy import PDPOJobConfig, train_pdpo
+
+    result = train_pdpo(config(PDPOJobConfig, "pdpo", "--output_dir", str(tmp_path)))
+    trained_lora(result.policy_dir)
+    assert finite(result.summary["accuracy_top"]) and finite(result.summary["accuracy_generic"])
+
+
+def test_ppo(ray_local, tmp_path):
+    from raypref.experiments.policy import PPOJobConfig, train_ppo
+
+    result = train_ppo(config(PPOJobConfig, "ppo", "--output_dir", str(tmp_path)))
+    trained_lora(result.policy_dir)
+    s = result.summary
+    assert finite(s["heldout_reward_base"]) and finite(s["heldout_reward_policy"]) and finite(s["kl_per_response_last"])
+
+
+def test_reward(ray_local, tmp_path):
+    from raypref.experiments.reward import RewardJobConfig, train_reward
+
+    cfg = config(RewardJobConfig, "reward", "--output_dir", str(tmp_path))
+    assert cfg.encoder.name_or_path == MODEL
+    result = train_reward(cfg)
+    final = result.summary["final"]  # the last evaluation: accuracy per user and pooled
+    accuracies = {k: v for k, v in final.items() if "acc" in k}
+    assert accuracies and all(finite(v) for v in accuracies.values()), final
+
+
+def test_sweep(ray_local, tmp_path, shards):
+    from raypref.experiments.sweep import run_sweep
+    from raypref.sweep.run import SweepConfig
+
+    data = json.dumps({"train_data": str(shards / "train"), "test_data": str(shards / "test"),
+                       "shard_formats": ["jsonl"], "user_ids": []})
+    cfg = config(SweepConfig, "sweep", "--output_dir", str(tmp_path))
+    cfg.job_config.update(json.loads(data))
+    summary = run_sweep(cfg)
+    assert summary["trials"] == 2 and not summary["failed"], summary
+    assert summary["metric"] == "eval.heldout_reward_accuracy" and finite(summary["best"]["metric"])
+    trained_lora(Path(summary["best"]["model_path"]))
+
+
+@pytest.fixture(scope="module")
+def soups_run(ray_local, tmp_path_factory):
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.run import run_soups
+
+    out = tmp_path_factory.mktemp("soups-smollm2")
+    started = time.time()
+    result = run_soups(config(SoupsConfig, "soups", "--output_dir", str(out)))
+    return result, time.time() - started
+
+
+def test_soups(soups_run):
+    result, _ = soups_run
+    assert not result.failed, result.failed
+    for policy in ("P3A", "P3B", "P-MORL"):
+        final = next((result.output_dir / "runs").glob(f"*/{policy}-s0/final"))
+        trained_lora(final)
+        # P-MORL read its combination's instruction as the chat template's system message
+        info = json.loads((final / "soup_policy.json").read_text())
+        assert info.get("system") == ("combination" if policy == "P-MORL" else None), info
+    assert {"P-Soups", "P-MORL"} <= set(result.quality) and all(finite(q) for q in result.quality.values())
+    assert result.report_path.exists()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_serve(soups_run):
+    """The serve config's app over the soups smoke run: a chat completion through SmolLM2's
+    chat template, greedy, equal to the same soup's /v1/generate."""
+    from ray import serve
+
+    from raypref.experiments.serve import load_serve_config
+    from raypref.models.chat import prompt_text
+    from raypref.models.factory import load_tokenizer
+    from raypref.serve.app import serve_soups
+
+    result, _ = soups_run
+    _, args, deployment = load_serve_config(str(CONFIGS / "serve-smollm2-smoke.yaml"))
+    args = {**args, "output_dir": str(result.output_dir), "max_new_tokens": 6}
+    deployment = {**deployment, "ray_actor_options": {"num_cpus": 0}}  # the suite's Ray has 2 CPUs
+    url = serve_soups(args, port=_free_port(), deployment=deployment)
+    try:
+        deadline = time.time() + 180
+        while time.time() < deadline:
+            try:
+                if requests.get(f"{url}/healthz", timeout=5).status_code == 200:
+                    break
+            except requests.ConnectionError:
+                pass
+            time.sleep(0.5)
+        weights = {"P3A": 0.5, "P3B": 0.5}
+        models = requests.get(f"{url}/v1/models", timeout=60).json()["data"]
+        assert len(models) == 1, models  # the soups run's training key
+        chat = requests.post(f"{url}/v1/chat/completions", timeout=180, json={
+            "model": models[0]["id"], "messages": [{"role": "user", "content": "Name a planet."}], "max_tokens": 6,
+            "temperature": 0, "preferences": weights})
+        assert chat.status_code == 200, chat.text
+        body = chat.json()
+        assert body["choices"][0]["message"]["content"].strip(), body
+        # the prompt went through SmolLM2's chat template (its default system message included)
+        tok = load_tokenizer(MODEL)
+        assert body["usage"]["prompt_tokens"] == len(tok(prompt_text(tok, "Name a planet."),
+                                                         add_special_tokens=False)["input_ids"])
+        generated = requests.post(f"{url}/v1/generate", timeout=180, json={
+            "prompt": "Name a planet.", "preferences": weights, "max_new_tokens": 6})
+        assert generated.status_code == 200, generated.text
+        assert body["raypref"]["token_ids"] == generated.json()["token_ids"]  # the same greedy soup
+        assert body["choices"][0]["message"]["content"] == generated.json()["text"]
+    finally:
+        serve.shutdown()

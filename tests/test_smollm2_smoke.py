@@ -110,7 +110,7 @@ def test_sweep(ray_local, tmp_path, shards):
     cfg = config(SweepConfig, "sweep", "--output_dir", str(tmp_path))
     cfg.job_config.update(json.loads(data))
     summary = run_sweep(cfg)
-    assert summary["trials"] == 2 and not summary["failed"], summary
+    assert summary["trials"] == 1 and not summary["failed"], summary
     assert summary["metric"] == "eval.heldout_reward_accuracy" and finite(summary["best"]["metric"])
     trained_lora(Path(summary["best"]["model_path"]))
 

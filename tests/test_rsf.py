@@ -478,3 +478,19 @@ def test_rsf_smollm2_smoke_config_runs_end_to_end(ray_local, tmp_path):
         assert {f"{label}_length_drop_sds", f"{label}_helpfulness_min", f"{label}_length_monotone_decreasing"} <= set(s)
     _, tokenizer = load_pretrained(s["policy_dir"])
     assert len(tokenizer) == 49152 and tokenizer.chat_template  # SmolLM2's own vocabulary, nothing added
+
+
+def test_sweep_reports_the_sampling_sd_of_each_mean_length(monkeypatch):
+    """The sd of a direction's mean length from sampling alone: each prompt's sample variance over
+    its samples, summed, / samples, square-rooted, / prompts (prompts held fixed)."""
+    import raypref.experiments.rsf as rsf
+
+    by_seed = {0: ["a b c d", "a b"], 7919: ["a b", "a b"], 2 * 7919: ["a b c", "a b"]}
+    monkeypatch.setattr(rsf, "generate", lambda model, tok, prompts, n, greedy, seed, system: by_seed[seed])
+    monkeypatch.setattr(rsf, "has_chat_template", lambda tok: False)
+    rows = rsf.sweep_directions(None, None, ["helpfulness", "verbosity"], [[1.0, 0.0]], ["p", "q"], 8, seed=0,
+                                samples=3, score=lambda v, p, r: {"n": len(r)})
+    (row,) = rows
+    assert row["length"] == pytest.approx((4 + 2 + 2 + 2 + 3 + 2) / 6) and row["n"] == 6
+    var_p, var_q = torch.tensor([4.0, 2.0, 3.0]).var().item(), 0.0  # prompt q always gives 2 words
+    assert row["length_sd"] == pytest.approx(((var_p + var_q) / 3) ** 0.5 / 2)

@@ -439,6 +439,18 @@ def test_text_objectives_read_helpfulness_as_quality_and_verbosity_per_word(sft_
         TextObjectives(["overall_helpfulness", "verbosity"])
 
 
+def test_text_judges_refuse_the_tiny_warm_start_and_world_objectives():
+    from raypref.experiments.rsf import RSFJobConfig
+
+    with pytest.raises(ValueError, match="base_policy.*needs a base with a chat template"):
+        RSFJobConfig(judges="text", objectives=["helpfulness", "verbosity"]).validate()
+    with pytest.raises(ValueError, match="objectives.*the 'text' judges score"):
+        RSFJobConfig(judges="text", base_policy="smollm2-135m-instruct").validate()  # world's default objectives
+    with pytest.raises(ValueError, match="judges.*must be one of"):
+        RSFJobConfig(judges="llm").validate()
+    RSFJobConfig(judges="text", base_policy="smollm2-135m-instruct", objectives=["helpfulness", "verbosity"]).validate()
+
+
 def test_length_figures_read_monotonicity_drop_in_sds_and_helpfulness_range():
     from raypref.experiments.rsf import length_figures
 

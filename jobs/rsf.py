@@ -1,8 +1,11 @@
-"""DPA rejection-sampling fine-tuning (DPA §2.2) on the simulated world: directions v over
-(overall helpfulness, verbosity), the best of n sampled responses by v·r kept, v in the system prompt.
+"""DPA rejection-sampling fine-tuning (DPA §2.2): directions v over two objectives, the best of n
+sampled responses by v·r kept, v in the system prompt. On the simulated world (overall
+helpfulness, verbosity; the tiny model) or on real text (--judges text: the project's questions,
+SmolLM2 with v in its chat template's system message, helpfulness = the text quality judge).
 
     python jobs/rsf.py                                   # on the SFT warm start, 3 iterations
     python jobs/rsf.py --training.steps 120 --steps_per_iteration 40 --n_samples 16
+    python jobs/rsf.py --config configs/rsf-smollm2.yaml # SmolLM2 on real questions
 
 Then sweeps directions on held-out prompts: length and judged objectives, base vs policy.
 """

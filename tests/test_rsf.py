@@ -439,6 +439,18 @@ def test_text_objectives_read_helpfulness_as_quality_and_verbosity_per_word(sft_
         TextObjectives(["overall_helpfulness", "verbosity"])
 
 
+def test_text_judges_refuse_the_tiny_warm_start_and_world_objectives():
+    from raypref.experiments.rsf import RSFJobConfig
+
+    with pytest.raises(ValueError, match="base_policy.*needs a base with a chat template"):
+        RSFJobConfig(judges="text", objectives=["helpfulness", "verbosity"]).validate()
+    with pytest.raises(ValueError, match="objectives.*the 'text' judges score"):
+        RSFJobConfig(judges="text", base_policy="smollm2-135m-instruct").validate()  # world's default objectives
+    with pytest.raises(ValueError, match="judges.*must be one of"):
+        RSFJobConfig(judges="llm").validate()
+    RSFJobConfig(judges="text", base_policy="smollm2-135m-instruct", objectives=["helpfulness", "verbosity"]).validate()
+
+
 def test_length_figures_read_monotonicity_drop_in_sds_and_helpfulness_range():
     from raypref.experiments.rsf import length_figures
 
@@ -452,3 +464,45 @@ def test_length_figures_read_monotonicity_drop_in_sds_and_helpfulness_range():
     assert (f["helpfulness_min"], f["helpfulness_max"]) == (0.4, 0.5)
     rows[2]["length"] = 51.0
     assert not length_figures(rows, "helpfulness")["length_monotone_decreasing"]
+
+
+@pytest.mark.slow
+def test_rsf_smollm2_smoke_config_runs_end_to_end(ray_local, tmp_path):
+    """configs/rsf-smollm2-smoke.yaml through jobs/rsf.py's library entry: SmolLM2 sampled under
+    DPA's system prompt on the project's questions, judged by the text judges, two iterations,
+    then the direction sweep of base and policy with each mean length's sampling sd."""
+    from pathlib import Path
+
+    from raypref.config import parse_args
+    from raypref.experiments.rsf import RSFJobConfig, train_rsf
+    from raypref.models.factory import load_pretrained
+
+    config = Path(__file__).resolve().parents[1] / "configs" / "rsf-smollm2-smoke.yaml"
+    s = train_rsf(parse_args(RSFJobConfig, ["--config", str(config), "--output_dir", str(tmp_path)])).summary
+    assert s["judges"] == "text" and s["steps"] == 2 and s["iterations"] == 2
+    assert sorted(s["selection"]) == ["1", "2"] and all(k["kept_words"] > 0 for k in s["selection"].values())
+    for label in ("base", "policy"):
+        rows = s["sweep"][label]
+        assert [r["direction"] for r in rows] == [[1.0, 0.0], [0.9659, -0.2588], [0.866, -0.5], [0.7071, -0.7071]]
+        for r in rows:
+            assert 0 < r["length"] <= 12 and r["length_sd"] >= 0  # 12 new tokens: at most 12 words
+            assert 0.0 <= r["helpfulness"] <= 1.0 and r["verbosity"] == pytest.approx(r["length"], abs=4)
+        assert {f"{label}_length_drop_sds", f"{label}_helpfulness_min", f"{label}_length_monotone_decreasing"} <= set(s)
+    _, tokenizer = load_pretrained(s["policy_dir"])
+    assert len(tokenizer) == 49152 and tokenizer.chat_template  # SmolLM2's own vocabulary, nothing added
+
+
+def test_sweep_reports_the_sampling_sd_of_each_mean_length(monkeypatch):
+    """The sd of a direction's mean length from sampling alone: each prompt's sample variance over
+    its samples, summed, / samples, square-rooted, / prompts (prompts held fixed)."""
+    import raypref.experiments.rsf as rsf
+
+    by_seed = {0: ["a b c d", "a b"], 7919: ["a b", "a b"], 2 * 7919: ["a b c", "a b"]}
+    monkeypatch.setattr(rsf, "generate", lambda model, tok, prompts, n, greedy, seed, system: by_seed[seed])
+    monkeypatch.setattr(rsf, "has_chat_template", lambda tok: False)
+    rows = rsf.sweep_directions(None, None, ["helpfulness", "verbosity"], [[1.0, 0.0]], ["p", "q"], 8, seed=0,
+                                samples=3, score=lambda v, p, r: {"n": len(r)})
+    (row,) = rows
+    assert row["length"] == pytest.approx((4 + 2 + 2 + 2 + 3 + 2) / 6) and row["n"] == 6
+    var_p, var_q = torch.tensor([4.0, 2.0, 3.0]).var().item(), 0.0  # prompt q always gives 2 words
+    assert row["length_sd"] == pytest.approx(((var_p + var_q) / 3) ** 0.5 / 2)

@@ -53,8 +53,9 @@ class RSFJobConfig(PolicyRunConfig):
     steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
     replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
     max_new_tokens: int = 128  # the verbosity judge needs ~100 words to read 1 (check_length_reach)
-    # verbosity as words / (words where the judge reads 1): the judge itself reads 0 below ~62
-    # words, where the policy's answers fall, and gives v·r no length to trade (WorldObjectives)
+    # judges "world" (this and the next; "text" reads verbosity_words): verbosity as words / (words
+    # where the judge reads 1): the judge itself reads 0 below ~62 words, where the policy's answers
+    # fall, and gives v·r no length to trade (WorldObjectives)
     verbosity_by_length: bool = True
     # DPA's helpfulness reward grows with length (its premise for sampling only v2 <= 0); the
     # world's judge does not, and without it every direction rewards shorter answers and the
@@ -92,6 +93,9 @@ class RSFJobConfig(PolicyRunConfig):
                   ("objectives", len(self.objectives) == 2 and set(self.objectives) <= set(judged),
                    f"must be two objectives the {self.judges!r} judges score: {judged}"),
                   ("verbosity_words", self.verbosity_words > 0, "must be > 0"),
+                  ("base_policy", self.judges != "text" or bool(self.base_policy),
+                   "judges 'text' needs a base with a chat template, e.g. smollm2-135m-instruct "
+                   "(the SFT warm start is the simulated world's tiny model)"),
                   ("n_samples", self.n_samples >= 2, "must be >= 2"),
                   ("directions_per_prompt", self.directions_per_prompt >= 1, "must be >= 1"),
                   ("prompts_per_iteration", self.prompts_per_iteration >= 1, "must be >= 1"),

@@ -74,7 +74,7 @@ def test_dpo(ray_local, tmp_path, shards):
 
 
 def test_pdpo(ray_local, tmp_path):
-    from raypref.experiments.policy import PDPOJobConfig, train_pdpo
+    from raypref.experiments.pdpo import PDPOJobConfig, train_pdpo
 
     result = train_pdpo(config(PDPOJobConfig, "pdpo", "--output_dir", str(tmp_path)))
     trained_lora(result.policy_dir)
@@ -82,7 +82,7 @@ def test_pdpo(ray_local, tmp_path):
 
 
 def test_ppo(ray_local, tmp_path):
-    from raypref.experiments.policy import PPOJobConfig, train_ppo
+    from raypref.experiments.ppo import PPOJobConfig, train_ppo
 
     result = train_ppo(config(PPOJobConfig, "ppo", "--output_dir", str(tmp_path)))
     trained_lora(result.policy_dir)

@@ -330,6 +330,7 @@ def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batc
     from raypref.data.world import World
     from raypref.experiments.soups import run as soups_run
     from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.seed_eval import target_score
     from raypref.experiments.sweep import _soups_trial
     from raypref.eval.generation import WorldScorer, judged_generations
     from raypref.models.factory import (LoraSettings, ModelConfig, add_lora, build_policy,
@@ -353,11 +354,12 @@ def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batc
 
     def trained_policies(cfg, out):  # the job's training stage, its runs already finished
         stages.append(out)
-        # the world's judges, as ev.make_scorer gives them (which refuses 8 tokens for a verbosity preference)
-        return soups_run.TrainedPolicies(str(base_dir), world, WorldScorer(world), soups_run.ev.eval_prompts(
-            cfg.eval, world), [], {}, [], {}, [adapters], 0.0)
+        return soups_run.TrainedPolicies(str(base_dir), world, soups_run.ev.eval_prompts(cfg.eval, world),
+                                         [], {}, [], {}, [adapters], 0.0)
 
     monkeypatch.setattr(soups_run, "trained_policies", trained_policies)
+    # the world's judges, as ev.make_scorer gives them (which refuses 8 tokens for a verbosity preference)
+    monkeypatch.setattr(soups_run.ev, "make_scorer", lambda *args, **kwargs: WorldScorer(world))
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
     space = tmp_path / "two.yaml"  # configs/sweeps/soups.yaml over two of its preferences
@@ -397,7 +399,7 @@ def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batc
         for start in (0, 3):
             _, scores = judged_generations(WorldScorer(world), model.eval(), tok, prompts[start:start + 3],
                                            dataclasses.replace(settings, seed=settings.seed + start))
-            rewards += [soups_run.target_score({"P1A": 1.0}, s) for s in scores]
+            rewards += [target_score({"P1A": 1.0}, s) for s in scores]
         return sum(rewards) / len(rewards)
 
     assert reports[-1]["user_score"] == pytest.approx(offline_score(weights), abs=1e-6)

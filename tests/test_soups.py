@@ -65,6 +65,10 @@ def test_samples_per_prompt_follow_the_seed_count_unless_set():
     ({"max_concurrent_runs": -1}, "max_concurrent_runs=-1"),
     ({"eval": ev.EvalConfig(arms=["instructed", "nope"])}, "eval.arms"),
     ({"eval": ev.EvalConfig(samples_per_prompt=-1)}, "eval.samples_per_prompt"),
+    ({"user_target": {"P1A": 1.0}}, "user_target: needs user_weights"),
+    ({"user_weights": {"P1A": 1.0}, "user_target": {"P9Z": 1.0}}, r"user_target: \['P9Z'\] are not in preferences"),
+    ({"user_weights": {"P1A": 1.0}, "user_target": {"P1A": -1.0}}, "user_target=.*>= 0"),
+    ({"user_weights": {"P9Z": 1.0}}, "user_weights=.*unknown policy names"),
 ])
 def test_config_errors_name_the_problem(change, message):
     cfg = SoupsConfig(**change)

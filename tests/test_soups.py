@@ -190,7 +190,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sf
     assert 0.0 <= result.user_score <= 1.0 and run.data.metrics["user_score"] == pytest.approx(result.user_score)
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
-    _soups_trial(cfg, {}, "trial_001", tmp_path)
+    _soups_trial(cfg, {"sft_folder": cfg.sft.output_dir}, "trial_001", tmp_path)
     assert reports[-1]["prompts"] == cfg.eval.n_prompts
     assert reports[-1]["user_score"] == pytest.approx(result.user_score, abs=1e-9)
 

@@ -65,6 +65,10 @@ def test_samples_per_prompt_follow_the_seed_count_unless_set():
     ({"max_concurrent_runs": -1}, "max_concurrent_runs=-1"),
     ({"eval": ev.EvalConfig(arms=["instructed", "nope"])}, "eval.arms"),
     ({"eval": ev.EvalConfig(samples_per_prompt=-1)}, "eval.samples_per_prompt"),
+    ({"user_target": {"P1A": 1.0}}, "user_target: needs user_weights"),
+    ({"user_weights": {"P1A": 1.0}, "user_target": {"P9Z": 1.0}}, r"user_target: \['P9Z'\] are not in preferences"),
+    ({"user_weights": {"P1A": 1.0}, "user_target": {"P1A": -1.0}}, "user_target=.*>= 0"),
+    ({"user_weights": {"P9Z": 1.0}}, "user_weights=.*unknown policy names"),
 ])
 def test_config_errors_name_the_problem(change, message):
     cfg = SoupsConfig(**change)
@@ -186,7 +190,7 @@ def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sf
     assert 0.0 <= result.user_score <= 1.0 and run.data.metrics["user_score"] == pytest.approx(result.user_score)
     reports = []
     monkeypatch.setattr(tune, "report", lambda metrics: reports.append(dict(metrics)))
-    _soups_trial(cfg, {}, "trial_001", tmp_path)
+    _soups_trial(cfg, {"sft_folder": cfg.sft.output_dir}, "trial_001", tmp_path)
     assert reports[-1]["prompts"] == cfg.eval.n_prompts
     assert reports[-1]["user_score"] == pytest.approx(result.user_score, abs=1e-9)
 

@@ -353,7 +353,7 @@ def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batc
     stages = []
 
     def trained_policies(cfg, out):  # the job's training stage, its runs already finished
-        stages.append(out)
+        stages.append((out, cfg.sft.output_dir))
         return soups_run.TrainedPolicies(str(base_dir), world, soups_run.ev.eval_prompts(cfg.eval, world),
                                          [], {}, [], {}, [adapters], 0.0)
 
@@ -370,13 +370,15 @@ def test_soups_trial_scores_the_users_soup_as_the_soups_job_and_reports_per_batc
     cfg = sweep.space.apply(SoupsConfig, sweep.base, {"user_weights[P1A]": 0.7, "user_weights[P2A]": 0.3})
     weights = cfg.user_weights  # what the simplex made of the draws; jobs/soups.py would read the same
     assert set(weights) == {"P1A", "P2A"} and weights["P1A"] < weights["P2A"] and sum(weights.values()) == pytest.approx(1)
-    _soups_trial(cfg, {}, "trial_001", tmp_path)
-    assert stages == [tmp_path / "soups"]  # the sweep's runs, where prepare trained them
+    shared = {"sft_folder": str(tmp_path / "sft")}  # what prepare resolved on the driver
+    _soups_trial(cfg, shared, "trial_001", tmp_path)
+    # the sweep's runs and SFT cache, where prepare trained them (not the trial's working dir)
+    assert stages == [(tmp_path / "soups", str(tmp_path / "sft"))]
     assert [r["prompts"] for r in reports] == [3, 6]
     assert all(0.0 <= r["user_score"] <= 1.0 for r in reports)
     again = []
     monkeypatch.setattr(tune, "report", lambda metrics: again.append(dict(metrics)))
-    _soups_trial(cfg, {}, "trial_001", tmp_path)
+    _soups_trial(cfg, shared, "trial_001", tmp_path)
     assert again == reports  # seeded: a trial's score is reproducible
     # the trial's score is that of an offline soup with its weights (peft-materialized policies,
     # averaged in full), sampled as the soups job samples seed 0's arms, batch by batch

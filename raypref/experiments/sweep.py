@@ -174,16 +174,24 @@ def _soups_check(cfg: SoupsConfig) -> None:
         raise ValueError("job_config.user_target: the sweep maximizes the user's score; name the user's weights")
 
 
+def _with_sft_folder(cfg: SoupsConfig, folder: str) -> SoupsConfig:
+    """``cfg`` with its SFT cache at ``folder``: a trial runs in its own working directory, where
+    the default relative "outputs/sft" would name another cache, another base and so another
+    training fingerprint than the runs prepare trained."""
+    return replace(cfg, sft=replace(cfg.sft, output_dir=folder))
+
+
 def _soups_prepare(cfg: SoupsConfig, sweep_dir: Path) -> dict:
     """The soups job's training stage once, on the driver: the SFT base and one policy per
     preference (the trials find them finished and reuse them)."""
     from raypref.experiments.soups.run import trained_policies
 
     _soups_check(cfg)
-    stage = trained_policies(cfg, _soups_folder(sweep_dir))
+    sft_folder = str(Path(cfg.sft.output_dir).expanduser().resolve())  # the driver's, absolute
+    stage = trained_policies(_with_sft_folder(cfg, sft_folder), _soups_folder(sweep_dir))
     if stage.failed:
         raise RuntimeError(f"the sweep's policies failed to train: {stage.failed}")
-    return {}
+    return {"sft_folder": sft_folder}
 
 
 def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
@@ -194,6 +202,7 @@ def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Pat
     from raypref.experiments.soups.seed_eval import Souper, seed_eval_config, user_soup_score
 
     _soups_check(cfg)
+    cfg = _with_sft_folder(cfg, shared["sft_folder"])
     cfg.validate()
     stage = trained_policies(cfg, _soups_folder(sweep_dir))  # reuses the runs prepare trained
     if stage.failed:

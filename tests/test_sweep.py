@@ -482,3 +482,27 @@ def test_a_dpo_sweep_trial_and_jobs_dpo_train_on_the_same_batches(ray_local, tmp
     same = ("lr", "max_steps", "micro_batch_size", "grad_accum", "seed", "warmup_steps", "num_workers")
     assert {k: getattr(trial_run, k) for k in same} == {k: getattr(job_run, k) for k in same}
     assert len(trial_rows) == 64 and trial_rows == job_rows
+
+
+def test_dpo_sweep_resolves_its_paths_on_the_driver_and_stops_on_missing_shards(tmp_path, monkeypatch):
+    """A trial runs in its own working directory: the job's relative shard and SFT-cache paths
+    reach it as the driver resolved them, and a missing shard folder stops the sweep in prepare."""
+    from raypref.experiments.sweep import JOBS, _dpo_paths
+
+    train, test = _shards(tmp_path)
+    monkeypatch.chdir(tmp_path)
+    job = JOBS["dpo"]
+    cfg = DPOJobConfig(train_data=os.path.relpath(train, tmp_path), test_data=os.path.relpath(test, tmp_path),
+                       base_policy="unused-here")  # a base policy: prepare trains no SFT
+    cfg.sft.output_dir, cfg.resources.eval_every = "outputs/sft", 10
+    shared = job.prepare(cfg, tmp_path / "sweeps")
+    monkeypatch.chdir(tmp_path / "shards")  # where a trial might run
+    resolved = _dpo_paths(cfg, shared)
+    assert (Path(resolved.train_data), Path(resolved.test_data)) == (Path(train), Path(test))
+    assert Path(resolved.sft.output_dir) == tmp_path / "outputs" / "sft"
+    sampled = dataclasses.replace(cfg, test_data="/elsewhere/shards")  # an absolute sampled path stays
+    assert _dpo_paths(sampled, shared).test_data == "/elsewhere/shards"
+    missing = dataclasses.replace(cfg, train_data="no-shards")
+    with pytest.raises(FileNotFoundError, match=r"job_config.train_data: no such shard folder or file: "
+                                                r".*no-shards.*jobs/simulate.py"):
+        job.prepare(missing, tmp_path / "sweeps")

@@ -27,6 +27,7 @@ from raypref.models.factory import ModelConfig
 from raypref.recipes import recipe
 from raypref.recipes.sft import SFTConfig, train_sft
 from raypref.sweep.run import SweepConfig, SweepJob, run_sweep as _run_sweep
+from raypref.train import storage
 from raypref.train.runner import HISTORY_FILE, Optimization, Resources
 
 SWEEP_SPACES = Path(__file__).resolve().parents[2] / "configs" / "sweeps"
@@ -106,17 +107,41 @@ def _dpo_check(cfg: DPOJobConfig) -> None:
         raise ValueError("job_config.training.grad_accum: must be 1 (held-out scoring counts steps)")
 
 
+def _dpo_paths(cfg: DPOJobConfig, shared: dict) -> DPOJobConfig:
+    """``cfg`` with its relative shard and SFT-cache paths resolved against the driver's working
+    directory (a trial runs in its own, where a relative path names another folder); sampled
+    paths are resolved the same way, absolute paths and URIs are left as they are."""
+    root = shared.get("cwd")
+
+    def at(path: str) -> str:
+        if not root or not path or storage.is_uri(path) or Path(path).expanduser().is_absolute():
+            return path
+        return str(Path(root) / path)
+
+    return replace(cfg, train_data=at(cfg.train_data), test_data=at(cfg.test_data),
+                   sft=replace(cfg.sft, output_dir=at(cfg.sft.output_dir)))
+
+
 def _dpo_prepare(cfg: DPOJobConfig, sweep_dir: Path) -> dict:
-    """The SFT base, once on the driver (the trials find it in the cache)."""
+    """The driver's working directory for the trials' relative paths (a missing shard folder
+    stops the sweep here, not in every trial), and the SFT base, once on the driver (the trials
+    find it in the cache)."""
     _dpo_check(cfg)
+    shared = {"cwd": str(Path.cwd())}
+    cfg = _dpo_paths(cfg, shared)
+    for key in ("train_data", "test_data"):
+        path = getattr(cfg, key)
+        if not storage.is_uri(path) and not Path(path).expanduser().exists():
+            raise FileNotFoundError(f"job_config.{key}: no such shard folder or file: {path} (write the "
+                                    f"default shards with jobs/simulate.py, or set job_config.{key})")
     if not cfg.base_policy:
         train_sft(cfg.sft)
-    return {}
+    return shared
 
 
 def _dpo_trial(cfg: DPOJobConfig, shared: dict, trial_name: str, sweep_dir: Path) -> None:
     _dpo_check(cfg)
-    _trial_run(PreferenceExperiment, cfg, trial_name, sweep_dir)
+    _trial_run(PreferenceExperiment, _dpo_paths(cfg, shared), trial_name, sweep_dir)
 
 
 # reward models: by default the VAE conditional RM with adaptive sampling on Liu 2025's two-user

@@ -196,3 +196,45 @@ def test_batches_can_come_from_a_ray_dataset_shard(ray_local, tmp_path):
     assert [m["step"] for m in result.metrics] == [1, 2, 3, 4, 5]
     assert all(m["tokens"] == 4 * SEQ for m in result.metrics)
     assert (result.export_path / "model.safetensors").exists()
+
+
+
+def _lost_placement_group_error():
+    from ray.train import ControllerError
+    return ControllerError(RuntimeError(
+        "The actor died unexpectedly before finishing this task. | class_name: RayTrainWorker | "
+        "Worker exit detail: Destroying worker since its placement group was removed."))
+
+
+@pytest.mark.parametrize("failures, calls, raises", [
+    ([], 1, False),                        # a clean fit: one trainer
+    (["lost"], 2, False),                  # Ray's cleaner removed the PG: a fresh trainer resumes
+    (["lost", "lost"], 3, False),
+    (["lost", "lost", "lost"], 3, True),   # more than the retries: raised
+    (["other"], 1, True),                  # any other controller error: raised at once
+])
+def test_a_run_whose_placement_group_ray_removed_is_fitted_again(failures, calls, raises):
+    from ray.train import ControllerError
+
+    from raypref.train.runner import fit_surviving_lost_placement_groups
+
+    queue, made = list(failures), []
+
+    class Trainer:
+        def fit(self):
+            if not queue:
+                return "result"
+            if queue.pop(0) == "lost":
+                raise _lost_placement_group_error()
+            raise ControllerError(RuntimeError("boom"))
+
+    def make_trainer():
+        made.append(Trainer())
+        return made[-1]
+
+    if raises:
+        with pytest.raises(ControllerError):
+            fit_surviving_lost_placement_groups(make_trainer, "r", retries=2)
+    else:
+        assert fit_surviving_lost_placement_groups(make_trainer, "r", retries=2) == "result"
+    assert len(made) == calls

@@ -246,7 +246,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
     check_fingerprint(root, cfg.name, run_fingerprint(spec, cfg, data_fingerprint), restart=restart,
                       strict_code=cfg.strict_code)
     loop_config = {"spec": spec, "cfg": asdict(cfg), "storage": root, "live_metrics": live_metrics}
-    trainer = TorchTrainer(
+    make_trainer = lambda: TorchTrainer(  # noqa: E731 (a fresh trainer per attempt)
         _train_loop,
         train_loop_config=loop_config,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
@@ -263,7 +263,7 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
         **({"dataset_config": dataset_config} if dataset_config is not None else {}),
     )
     with ray_session.watch_resources():  # says what a worker group waits for, and stops it
-        result = trainer.fit()
+        result = fit_surviving_lost_placement_groups(make_trainer, cfg.name)
     history: list[dict[str, float]] = []
     checkpoint_path = None
     if result.checkpoint is not None:
@@ -276,6 +276,32 @@ def run(spec: LoopSpec, cfg: RunnerConfig, datasets: dict | None = None, dataset
         export_path=export_path(root, cfg.name),
         checkpoint_path=checkpoint_path,
     )
+
+
+# Ray Train's PlacementGroupCleaner takes a controller the state API cannot find in time for a
+# dead one and removes its placement group, killing a healthy run's workers (seen on a loaded
+# 2-core machine; ray-project/ray#65447's review names the cause). Ray ends such a run with a
+# ControllerError that its FailureConfig does not retry.
+LOST_PLACEMENT_GROUP = "placement group was removed"
+LOST_PLACEMENT_GROUP_RETRIES = 2
+
+
+def fit_surviving_lost_placement_groups(make_trainer, name: str,
+                                        retries: int = LOST_PLACEMENT_GROUP_RETRIES):
+    """`make_trainer().fit()`, fitted again (a fresh trainer resumes from the run's latest
+    checkpoint) when Ray removed the run's placement group under it; any other error, or the
+    same one more than `retries` times, is raised."""
+    from ray.train import ControllerError
+
+    for attempt in range(retries + 1):
+        try:
+            return make_trainer().fit()
+        except ControllerError as exc:
+            if LOST_PLACEMENT_GROUP not in str(exc) or attempt == retries:
+                raise
+            print(f"[runner] WARNING {name}: Ray removed the run's placement group while it "
+                  f"trained (attempt {attempt + 1}); resuming from its latest checkpoint",
+                  flush=True)
 
 
 def export_path(root: str, name: str) -> Path | str | None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -135,8 +136,8 @@ def sweep_directions(model, tokenizer, objectives: list[str], directions, prompt
     responses)``'s entries."""
     from raypref.recipes.rsf import direction_query
 
-    rows = []
-    for v in directions:
+    rows, start = [], time.time()
+    for i, v in enumerate(directions):
         v = [round(float(x), 4) for x in v]
         queries = [direction_query(tokenizer, v, objectives, p) for p in prompts]
         systems = [s for _, s in queries] if has_chat_template(tokenizer) else None
@@ -147,6 +148,10 @@ def sweep_directions(model, tokenizer, objectives: list[str], directions, prompt
         sd = (float(lengths.var(dim=0).sum() / samples) ** 0.5 / len(prompts)) if samples > 1 else float("nan")
         rows.append({"direction": v, "length": float(lengths.mean()), "length_sd": sd,
                      **score(v, list(prompts) * samples, responses)})
+        elapsed = time.time() - start  # a real model's sweep takes many minutes: say where it is
+        print(f"[rsf]     direction {i + 1}/{len(directions)} {v}: {rows[-1]['length']:.1f} words "
+              f"(sd {sd:.2f}) | {elapsed:.0f} s, ETA {elapsed / (i + 1) * (len(directions) - i - 1):.0f} s",
+              flush=True)
     return rows
 
 
@@ -289,6 +294,8 @@ class RSFExperiment(Experiment):
         sweeps = {}
         for label, folder in (("base", run.data["extended_base"]), ("policy", result.export_path)):
             policy, policy_tokenizer = load_pretrained(folder)
+            print(f"[rsf] direction sweep of the {label}: {len(directions)} directions x {len(held_out)} "
+                  f"prompts x {cfg.eval_samples} samples", flush=True)
             if reward is not None:
                 sweeps[label] = text_direction_sweep(policy.eval(), policy_tokenizer, reward, directions, held_out,
                                                      cfg.max_new_tokens, cfg.seed, cfg.eval_samples)

@@ -50,3 +50,40 @@ def smollm2_tokenizer(smollm2_tokenizer_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(smollm2_tokenizer_dir)
+
+
+class TimedRuns:
+    """What `timed_runs` saw: the driver's submissions [(name, time)] in order, and each run's end."""
+
+    def __init__(self, folder):
+        self.folder, self.submitted = folder, []
+
+    def ends(self, names) -> dict[str, float]:
+        """When each run ended, by its own clock (written before it returned)."""
+        return {n: float((self.folder / f"{n}.end").read_text()) for n in names}
+
+
+@pytest.fixture
+def timed_runs(ray_local, monkeypatch, tmp_path):
+    """``train.concurrent``'s run driver replaced by one that sleeps ``spec`` seconds and writes
+    its end time to ``<tmp_path>/<name>.end`` before it returns (so the driver cannot see a run
+    end earlier than it did); the driver's submissions are recorded as it makes them."""
+    import time
+
+    import raypref.train.concurrent as concurrent
+
+    @ray_local.remote(num_cpus=0)
+    def fake_drive(name, spec, cfg, restart=False):
+        time.sleep(spec)
+        (tmp_path / f"{name}.end").write_text(repr(time.time()))
+        return concurrent.RunOutcome(name, True, spec)
+
+    runs = TimedRuns(tmp_path)
+
+    class Recording:  # the driver's side of `_drive.remote`
+        def remote(self, name, *args):
+            runs.submitted.append((name, time.time()))
+            return fake_drive.remote(name, *args)
+
+    monkeypatch.setattr(concurrent, "_drive", Recording())
+    return runs

@@ -158,9 +158,9 @@ def test_a_sweep_whose_trial_asha_stops_finishes_beside_a_second_ray(second_ray,
     """The stall of issue 21: ASHA stops a trial, its Ray Train controller dies with it and only
     Ray Train's PlacementGroupCleaner frees its workers' CPUs; with a second local Ray up, the
     cleaner's address lookup failed and the next trial waited forever."""
-    # seed 0 draws lr 1e-7, 1e-2, 1e-7, 1e-7 (TPE's random start): the third trial learns
-    # nothing by step 4, below the second's, and ASHA stops it there
-    space = {"training.lr": {"distribution": "choice", "values": [1e-2, 1e-7]}}
+    # seed 0 draws lr 1e-2, 1e-7, 1e-2 (TPE's random start): the second trial learns nothing by
+    # step 4, below the first's, and ASHA stops it there; the third needs the CPUs it held
+    space = {"training.lr": {"distribution": "choice", "values": [1e-7, 1e-2]}}
     space_file = tmp_path / "space.yaml"
     space_file.write_text(yaml.safe_dump({"params": space}))
     job = {"sft": {"output_dir": str(ROOT / "outputs" / "sft")}, **_p1a_shards(tmp_path),
@@ -170,12 +170,11 @@ def test_a_sweep_whose_trial_asha_stops_finishes_beside_a_second_ray(second_ray,
                HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", TOKENIZERS_PARALLELISM="false",
                RAYPREF_RESOURCE_WAIT_LIMIT_S="300")
     args = ["--name", "beside", "--output_dir", str(tmp_path / "sweeps"), "--space", str(space_file),
-            "--num_samples", "4", "--grace_period", "4", "--reduction_factor", "2",
+            "--num_samples", "3", "--grace_period", "4", "--reduction_factor", "2",
             "--progress_every_s", "10", "--seed", "0", "--job_config", json.dumps(job)]
     out = subprocess.run([sys.executable, str(ROOT / "jobs" / "sweep.py"), *args], env=env,
                          capture_output=True, text=True, timeout=1500)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = json.loads((tmp_path / "sweeps" / "beside" / "summary.json").read_text())["rows"]
-    assert len(rows) == 4
-    statuses = sorted(r["status"] for r in rows)
-    assert STOPPED in statuses and set(statuses) <= {DONE, STOPPED}, statuses
+    statuses = [r["status"] for r in sorted(rows, key=lambda r: r["name"])]
+    assert statuses == [DONE, STOPPED, DONE], statuses  # the trial after the stopped one ran too

@@ -430,7 +430,7 @@ def test_text_objectives_read_helpfulness_as_quality_and_verbosity_per_word(sft_
     answers = ["Sunlight scatters off air molecules, and blue light scatters the most.", "Blue."]
     scores = reward.score_objectives(prompts, answers)
     raw = reward.raw(prompts, answers)
-    assert scores.shape == (2, 2)
+    assert scores.shape == (2, 2) and torch.allclose(reward.scaled(raw), scores)  # judged once, same scores
     assert scores[:, 0].tolist() == pytest.approx(raw["quality"].tolist())
     assert scores[:, 1].tolist() == pytest.approx([1.1, 0.1])  # 11 words and 1 word, over 10
     with pytest.raises(ValueError, match="need a fluency LM"):

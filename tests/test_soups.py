@@ -443,38 +443,21 @@ def test_runs_that_fit_the_cluster_by_cpus_and_gpus():
     assert runs_that_fit(gpu, {"CPU": 64.0, "GPU": 8.0}) == 4  # GPUs bind first
 
 
-def test_train_concurrently_keeps_at_most_max_concurrent_runs_going(ray_local, monkeypatch, tmp_path):
+def test_train_concurrently_keeps_at_most_max_concurrent_runs_going(timed_runs):
     """Every run is started, in order, each as soon as a slot frees; never more than the cap.
     Judged from the driver's submissions against the runs' own end times (a run writes its end
     before it returns, so the driver cannot see it end earlier): worker start-up delays on a
     busy machine cannot make this flaky."""
-    import time
-
-    import ray
-
     import raypref.train.concurrent as concurrent
 
-    @ray.remote(num_cpus=0)
-    def fake_drive(name, spec, cfg, restart=False):
-        time.sleep(spec)
-        (tmp_path / f"{name}.end").write_text(repr(time.time()))
-        return concurrent.RunOutcome(name, True, spec)
-
-    submitted = []
-
-    class Recording:  # the driver's side of `_drive.remote`
-        def remote(self, name, *args):
-            submitted.append((name, time.time()))
-            return fake_drive.remote(name, *args)
-
-    monkeypatch.setattr(concurrent, "_drive", Recording())
     jobs = {f"r{i}": (0.6 if i % 2 else 0.3, None) for i in range(7)}
     done = []
     outcomes = concurrent.train_concurrently(jobs, on_done=lambda o: done.append(o.name), tick_seconds=0.1,
                                              max_concurrent=3)
     assert set(outcomes) == set(jobs) == set(done) and all(o.ok for o in outcomes.values())
+    submitted = timed_runs.submitted
     assert [name for name, _ in submitted] == list(jobs)  # in order, each once
-    ends = {n: float((tmp_path / f"{n}.end").read_text()) for n in jobs}
+    ends = timed_runs.ends(jobs)
     first_end = min(ends.values())
     assert all(t < first_end for _, t in submitted[:3])  # the cap is reached at once
     for k, (_, t) in enumerate(submitted[3:], start=3):  # and never passed

@@ -121,29 +121,14 @@ def test_judge_checked_in_the_driver_without_loading_it(tmp_path):
         ev.JudgeScorer(None, {}).table(["P1A"])
 
 
-def test_runs_start_as_the_cluster_grows(ray_local, monkeypatch, tmp_path):
+def test_runs_start_as_the_cluster_grows(timed_runs, monkeypatch, tmp_path):
     """``runs_that_fit_now`` reads the cluster again before each launch: a cluster of 1 CPU
     runs one 1-CPU run; once it has 4 (an autoscaler added a node) the 4 waiting runs start
     together."""
-    import time
-
     import ray
 
     import raypref.train.concurrent as concurrent
     from raypref.experiments.soups.training import runs_that_fit_now
-
-    @ray.remote(num_cpus=0)
-    def fake_drive(name, spec, cfg, restart=False):
-        time.sleep(spec)
-        (tmp_path / f"{name}.end").write_text(repr(time.time()))
-        return concurrent.RunOutcome(name, True, spec)
-
-    submitted = []
-
-    class Recording:
-        def remote(self, name, *args):
-            submitted.append((name, time.time()))
-            return fake_drive.remote(name, *args)
 
     reads = []
 
@@ -151,13 +136,13 @@ def test_runs_start_as_the_cluster_grows(ray_local, monkeypatch, tmp_path):
         reads.append(1)
         return {"CPU": 4.0 if (tmp_path / "r0.end").exists() else 1.0}
 
-    monkeypatch.setattr(concurrent, "_drive", Recording())
     monkeypatch.setattr(ray, "cluster_resources", growing_cluster)
     jobs = {f"r{i}": (0.5, None) for i in range(5)}
     outcomes = concurrent.train_concurrently(jobs, tick_seconds=0.1,
                                              max_concurrent=runs_that_fit_now(Resources(cpus_per_worker=1.0)))
+    submitted = timed_runs.submitted
     assert all(o.ok for o in outcomes.values()) and [n for n, _ in submitted] == list(jobs)
-    ends = {n: float((tmp_path / f"{n}.end").read_text()) for n in jobs}
+    ends = timed_runs.ends(jobs)
     assert submitted[1][1] > ends["r0"]  # alone while the cluster had one CPU
     later = [t for _, t in submitted[1:]]
     assert max(later) < min(ends[n] for n in list(jobs)[1:])  # then all four at once

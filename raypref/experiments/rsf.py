@@ -179,7 +179,7 @@ def text_direction_sweep(model, tokenizer, reward, directions, prompts: list[str
     def score(v, prompts_, responses):
         raw = reward.raw(prompts_, responses)
         return {**{name: float(values.mean()) for name, values in raw.items()},
-                "v_dot_r": float((reward.score_objectives(prompts_, responses) @ torch.tensor(v)).mean())}
+                "v_dot_r": float((reward.scaled(raw) @ torch.tensor(v)).mean())}
 
     return sweep_directions(model, tokenizer, reward.objectives, directions, prompts, max_new_tokens, seed,
                             samples, score)

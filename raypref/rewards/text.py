@@ -440,7 +440,11 @@ class TextObjectives(torch.nn.Module):
         return raw
 
     def score_objectives(self, prompts, responses) -> torch.Tensor:
-        raw = self.raw(prompts, responses)
+        return self.scaled(self.raw(prompts, responses))
+
+    def scaled(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
+        """`raw`'s scores as ``score_objectives`` gives them ([n, k], each on its footing): a
+        caller that wants both judges the texts once."""
         scale = {**self.SCALES, "verbosity": self.verbosity_words}
         return torch.tensor(np.stack([raw[o] / scale.get(o, 1.0) for o in self.objectives], axis=1),
                             dtype=torch.float32)

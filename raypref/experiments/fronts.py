@@ -81,6 +81,12 @@ class FrontsConfig(PolicyRunConfig):
     dpa_iterations: int = 4  # RSF iterations in its 2S steps
     dpa_samples: int = 8  # sampled responses per (prompt, direction); the best by v·r is kept
     dpa_directions_per_prompt: int = 4
+    # RSF's first iteration samples from the bare prompt (a small SFT base cannot yet read the
+    # direction); false for an instruct base that follows a system prompt (recipes/rsf.py)
+    dpa_bare_first_iteration: bool = True
+    # DPA's checkpoints, in steps (0 = resources.checkpoint_every): RSF trains the whole model, and a
+    # full SmolLM2 checkpoint with its optimizer state is ~1.6 GB where a LoRA's is a few MB
+    dpa_checkpoint_every: int = 0
     max_new_tokens: int = 128  # for training samples (DPA, the text pool) and evaluation alike
     eval_prompts: int = 48  # held-out prompts (the world has 96 test prompts)
     eval_samples: int = 2  # sampled responses per held-out prompt and point (same seeds for every point)
@@ -122,6 +128,7 @@ class FrontsConfig(PolicyRunConfig):
                    "must be between 1 and 2 x training.steps"),
                   ("dpa_samples", self.dpa_samples >= 2, "must be >= 2"),
                   ("dpa_directions_per_prompt", self.dpa_directions_per_prompt >= 1, "must be >= 1"),
+                  ("dpa_checkpoint_every", self.dpa_checkpoint_every >= 0, "must be >= 0 (0 = resources.checkpoint_every)"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("eval_prompts", self.eval_prompts >= 2, "must be >= 2 (the bootstrap resamples prompts)"),
                   ("eval_samples", self.eval_samples >= 1, "must be >= 1"),
@@ -475,11 +482,13 @@ def dpa_config(cfg: FrontsConfig, base_dir: str, out: Path):
         directions_per_prompt=cfg.dpa_directions_per_prompt, angle_range=list(FIRST_QUADRANT),
         prompts_per_iteration=dpa_prompts_per_iteration(cfg),
         steps_per_iteration=math.ceil(steps / cfg.dpa_iterations), max_new_tokens=cfg.max_new_tokens,
-        verbosity_by_length=True, helpfulness_length_bias=0.0, prompts_file=cfg.prompts_file,
+        verbosity_by_length=True, helpfulness_length_bias=0.0, bare_first_iteration=cfg.dpa_bare_first_iteration,
+        prompts_file=cfg.prompts_file,
         verbosity_words=cfg.verbosity_words, max_length=cfg.max_length,
         training=Optimization(steps=steps, micro_batch_size=cfg.training.micro_batch_size, lr=cfg.dpa_lr,
-                              warmup_steps=5),
-        resources=cfg.resources)
+                              warmup_steps=cfg.training.warmup_steps),
+        resources=dataclasses.replace(cfg.resources, checkpoint_every=cfg.dpa_checkpoint_every
+                                      or cfg.resources.checkpoint_every))
 
 
 def training_jobs(cfg: FrontsConfig, setting: dict, out: Path) -> dict[str, tuple]:

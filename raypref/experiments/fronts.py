@@ -501,18 +501,7 @@ def training_jobs(cfg: FrontsConfig, setting: dict, out: Path) -> dict[str, tupl
 
     runs_dir, base_dir = str(out / "runs"), setting["base_dir"]
     build = recipe("dpo").per_preference
-    jobs = {}
-    if "psoups" in cfg.methods:
-        for pref in setting["preferences"]:
-            jobs[pref] = (build(cfg.training, base_dir, pref, setting["psoups"][pref], cfg.seed),
-                          runner_config(cfg.training, cfg.resources, name=pref, storage_path=runs_dir, seed=cfg.seed,
-                                        log_every=max(1, cfg.training.steps // 4)))
-    if "pmorl" in cfg.methods:
-        training = dataclasses.replace(cfg.training, steps=2 * cfg.training.steps)
-        jobs["P-MORL"] = (build(training, base_dir, "P-MORL", setting["pmorl"], cfg.seed,
-                                **({"system": setting["pmorl_system"]} if setting["pmorl_system"] else {})),
-                          runner_config(training, cfg.resources, name="P-MORL", storage_path=runs_dir, seed=cfg.seed,
-                                        log_every=max(1, training.steps // 4)))
+    jobs = {}  # the longest first: DPA samples as it trains, the others wait less beside it
     if "dpa" in cfg.methods:
         rsf_cfg = dpa_config(cfg, base_dir, out)
         rsf_cfg.validate()
@@ -521,6 +510,17 @@ def training_jobs(cfg: FrontsConfig, setting: dict, out: Path) -> dict[str, tupl
         run.base_dir = base_dir
         spec = experiment.spec(run)
         jobs["DPA"] = (spec, dataclasses.replace(experiment.runner_config(run), name="DPA", storage_path=runs_dir))
+    if "pmorl" in cfg.methods:
+        training = dataclasses.replace(cfg.training, steps=2 * cfg.training.steps)
+        jobs["P-MORL"] = (build(training, base_dir, "P-MORL", setting["pmorl"], cfg.seed,
+                                **({"system": setting["pmorl_system"]} if setting["pmorl_system"] else {})),
+                          runner_config(training, cfg.resources, name="P-MORL", storage_path=runs_dir, seed=cfg.seed,
+                                        log_every=max(1, training.steps // 4)))
+    if "psoups" in cfg.methods:
+        for pref in setting["preferences"]:
+            jobs[pref] = (build(cfg.training, base_dir, pref, setting["psoups"][pref], cfg.seed),
+                          runner_config(cfg.training, cfg.resources, name=pref, storage_path=runs_dir, seed=cfg.seed,
+                                        log_every=max(1, cfg.training.steps // 4)))
     return jobs
 
 

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from raypref import atomic, tracking
-from raypref.config import check_fields
+from raypref.config import check_fields, config_hash, to_dict
 from raypref.experiments.run import SUMMARY_FILE, JobResult, PolicyRunConfig
 from raypref.recipes.dpo import DPOConfig
 from raypref.train.runner import Resources
@@ -352,7 +352,7 @@ def _drawn_weights(n: int, seed: int) -> list[list[float]]:
 
 def world_setting(cfg: FrontsConfig, out: Path) -> dict:
     """The simulated world: the SFT base with the words and digits of the instructions added (once,
-    saved as ``<run>/base``: every arm starts from it), the candidate pairs labelled for each arm, the
+    saved as ``<run>/base-<hash>``: every arm starts from it), the candidate pairs labelled for each arm, the
     held-out prompts and the judge."""
     from raypref.algos.dpa import direction_system_prompt, spelled
     from raypref.data.labelling import candidate_pairs, label_pairs, preference_labeller, weighted_labelled_pairs
@@ -364,7 +364,10 @@ def world_setting(cfg: FrontsConfig, out: Path) -> dict:
     objectives = cfg.objectives
     world = job_world(cfg)
     check_length_reach(world, objectives, cfg.max_new_tokens, "FrontsConfig")
-    base_dir = out / "base"
+    # named by what it is made of: a rerun with other objectives or another SFT base gets its own
+    key = config_hash({"sft": to_dict(cfg.sft), "base_policy": cfg.base_policy, "objectives": objectives,
+                       "seed": cfg.seed})
+    base_dir = out / f"base-{key}"
     if not (base_dir / "config.json").exists():
         sft_dir = cfg.base_policy or str(train_sft(cfg.sft))
         model, tokenizer = load_pretrained(sft_dir)

@@ -158,6 +158,33 @@ def combination_labelled_pairs(world, pairs: Sequence[CandidatePair],
     return _label(world, pairs, seed, lambda i: arms[i % len(arms)], UNKNOWN_USER, source, stats)
 
 
+def weighted_labelled_pairs(world, pairs: Sequence[CandidatePair], preferences: Sequence[str],
+                            weights: Sequence[Sequence[float]], seed, *, user_texts: Sequence[str],
+                            source: str = "world:weighted",
+                            stats: LabelStats | None = None) -> list[PreferenceRecord]:
+    """P-MORL with its weights written out: pair i labelled by Σ_j weights[i][j] · reward of
+    ``preferences[j]`` (each reward on 0..1, `preference_reward`), with ``user_texts[i]`` (the
+    instruction stating those weights) as its user text; noise and tie draws as in `label_pairs`."""
+    if not (len(pairs) == len(weights) == len(user_texts)):
+        raise ValueError(f"weighted_labelled_pairs: {len(pairs)} pairs, {len(weights)} weight vectors and "
+                         f"{len(user_texts)} user texts must be as many")
+    for name in preferences:
+        psoups_profile(name)
+    bad = [i for i, w in enumerate(weights) if len(w) != len(preferences)]
+    if bad:
+        raise ValueError(f"weighted_labelled_pairs: weights[{bad[0]}]={list(weights[bad[0]])} needs one weight "
+                         f"per preference {list(preferences)}")
+
+    def arm(i: int):
+        w = [float(x) for x in weights[i]]
+
+        def label(prompt: str, response) -> float:
+            return sum(wj * preference_reward(name, response.latent) for wj, name in zip(w, preferences))
+        return label, None, user_texts[i]
+
+    return _label(world, pairs, seed, arm, UNKNOWN_USER, source, stats)
+
+
 def _label(world, pairs, seed, arm_of, user_id, source, stats) -> list[PreferenceRecord]:
     """``arm_of(i)`` -> (labeller, instruction, user_text) of pair i."""
     _, rng = _streams(seed)

@@ -50,6 +50,9 @@ class RSFJobConfig(PolicyRunConfig):
     objectives: list[str] = field(default_factory=lambda: ["overall_helpfulness", "verbosity"])
     n_samples: int = 8  # responses per (prompt, direction); the best by v·r is kept (DPA: 16)
     directions_per_prompt: int = 4  # DPA: 5
+    # the sampled directions' angles arctan(v2/v1) in radians: DPA's (−π/4, 0) asks for less of the
+    # second objective; (0, ~π/2) spans the first quadrant, more of both (jobs/fronts.py)
+    angle_range: list[float] = field(default_factory=lambda: [-math.pi / 4, 0.0])
     prompts_per_iteration: int = 24
     steps_per_iteration: int = 30  # optimizer steps per iteration; training.steps / this = iterations
     replay_fraction: float = 0.15  # of each iteration's data: original (prompt, response) pairs
@@ -99,6 +102,9 @@ class RSFJobConfig(PolicyRunConfig):
                    "(the SFT warm start is the simulated world's tiny model)"),
                   ("n_samples", self.n_samples >= 2, "must be >= 2"),
                   ("directions_per_prompt", self.directions_per_prompt >= 1, "must be >= 1"),
+                  ("angle_range", len(self.angle_range) == 2
+                   and -math.pi / 2 < self.angle_range[0] <= self.angle_range[1] < math.pi / 2,
+                   "must be [low, high] with −π/2 < low <= high < π/2"),
                   ("prompts_per_iteration", self.prompts_per_iteration >= 1, "must be >= 1"),
                   ("steps_per_iteration", self.steps_per_iteration >= 1, "must be >= 1"),
                   ("replay_fraction", 0.0 <= self.replay_fraction < 1.0, "must be in [0, 1)"),
@@ -240,6 +246,7 @@ class RSFExperiment(Experiment):
         return RSFSpec(str(base_dir), prompts, original, rsf_reward_factory(cfg, str(base_dir)),
                        objectives=list(cfg.objectives), direction_text=direction_text,
                        n_samples=cfg.n_samples, directions_per_prompt=cfg.directions_per_prompt,
+                       angle_range=tuple(cfg.angle_range),
                        prompts_per_iteration=cfg.prompts_per_iteration,
                        steps_per_iteration=cfg.steps_per_iteration, replay_fraction=cfg.replay_fraction,
                        max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,

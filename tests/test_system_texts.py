@@ -171,3 +171,22 @@ def test_ppo_rollout_generates_and_trains_under_the_system_message(smollm2_token
         head = tok(prompt_text(tok, prompt, system), add_special_tokens=False)["input_ids"]
         assert row[:len(head)] == head and tok.decode(head).startswith(f"<|im_start|>system\n{system}<|im_end|>")
         assert mask.index(1) == len(head) - 1  # shifted frame: the first predicted response token
+
+
+def test_soups_ppo_trains_pmorl_with_its_instruction_in_the_system_message(world, tmp_path):
+    """soups --algo ppo on a chat-templated base: the P-MORL pairs are bare and the PPO spec the job
+    builds shows each prompt with its combination's instruction; the preferences' specs have none."""
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.preferences import simulated_data
+    from raypref.experiments.soups.training import run_name, training_jobs
+    from raypref.recipes.ppo import PMORL, PPOConfig, PPOSpec
+
+    cfg = SoupsConfig(algo="ppo", preferences=["P1A", "P1B"], combinations=[["P1A"], ["P1B"]], pairs_per_preference=16,
+                      ppo=PPOConfig(micro_batch_size=4, rollout_size=4))
+    data = simulated_data(cfg, world, cfg.seed, system_message=True)
+    jobs = training_jobs(cfg, "unused-base", [data], str(tmp_path))
+    spec = jobs[run_name(PMORL, 0)][0]
+    assert isinstance(spec, PPOSpec) and set(spec.prompts) <= {r.prompt for r in data.pmorl}
+    assert set(spec.systems) == {combination_instruction(c[0]) for c in cfg.combinations}
+    assert all("Generate/Choose" not in p for p in spec.prompts)
+    assert jobs[run_name("P1A", 0)][0].systems is None

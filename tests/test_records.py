@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raypref.data.quarantine import Quarantine, QuarantineExceeded
-from raypref.data.records import InvalidRecord, PreferenceRecord, validate_row
+from raypref.data.records import InvalidRecord, PreferenceRecord, render_context, validate_row
 
 
 def good_row(**changes) -> dict:
@@ -261,3 +261,13 @@ def test_a_row_written_before_the_context_column_reads_as_before():
     row = good_row()
     del row["context"]
     assert validate_row(row).context is None
+
+
+def test_a_context_at_the_length_limit_reads_back_whatever_its_characters():
+    turns = [{"role": "user", "content": "\U0001F600" * 20}, {"role": "assistant", "content": "\x01" * 10},
+             {"role": "user", "content": "?"}]
+    record = PreferenceRecord(prompt=render_context(turns), chosen="a", rejected="b", context=turns)
+    limit = len(record.prompt)
+    assert validate_row(record.to_row(), max_chars=limit) == record
+    with pytest.raises(InvalidRecord, match="too_long"):
+        validate_row(record.to_row(), max_chars=limit - 1)

@@ -74,7 +74,8 @@ class PreferenceRecord:
             "chosen_scores": json.dumps(self.chosen_scores, sort_keys=True),
             "rejected_scores": json.dumps(self.rejected_scores, sort_keys=True),
             "source": self.source,
-            "context": json.dumps(self.context) if self.context is not None else "",
+            # unescaped non-ASCII keeps the text within check_context's length bound
+            "context": json.dumps(self.context, ensure_ascii=False) if self.context is not None else "",
         }
 
 
@@ -240,8 +241,9 @@ def check_context(row: dict, prompt: str, max_chars: int) -> list[dict] | None:
     if value is None or (isinstance(value, str) and value == ""):
         return None
     if isinstance(value, str):  # the on-disk form is JSON text
-        # the messages' texts are at most the transcript's length; JSON escapes (\uXXXX) at most
-        # 6 characters per character, plus the keys of each message
+        # the messages' texts are at most the transcript's length (checked below); as to_row
+        # writes them, JSON escapes (\uXXXX, control characters only) take at most 6 characters
+        # per character and each message's keys less than 6 per character of its transcript line
         if len(value) > 6 * max_chars + 1024:
             raise InvalidRecord("too_long", f"field 'context' has {len(value)} chars of JSON")
         try:

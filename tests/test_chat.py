@@ -94,3 +94,55 @@ def test_judge_and_generation_use_the_chat_template(smollm2_tokenizer):
                                     add_special_tokens=False), max_new_tokens=3, do_sample=False,
                               pad_token_id=tok.pad_token_id)
     assert instructed[0] == expected[0, -3:].tolist()[:len(instructed[0])]
+
+
+# own data with earlier turns (TRL conversational rows): the turns stay turns under a template
+TWO_TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A colour?"},
+             {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]
+
+
+def _conversation_record(tmp_path):
+    import json
+
+    from raypref.data.loaders import load_records
+
+    row = {"chosen": TWO_TURNS + [{"role": "assistant", "content": "Blue."}],
+           "rejected": TWO_TURNS + [{"role": "assistant", "content": "Red again."}]}
+    (tmp_path / "chat.jsonl").write_text(json.dumps(row) + "\n")
+    rec, = load_records(str(tmp_path / "chat.jsonl"), schema="trl")
+    return rec
+
+
+def test_a_conversations_turns_are_template_turns_and_only_the_response_is_trained(smollm2_tokenizer, tmp_path):
+    tok = smollm2_tokenizer
+    rec = _conversation_record(tmp_path)
+    assert rec.context == TWO_TURNS and rec.prompt_or_context == TWO_TURNS
+    enc = encode_chat(tok, rec.prompt_or_context, rec.chosen)
+    before = tok.apply_chat_template(TWO_TURNS, add_generation_prompt=True)["input_ids"]
+    response = tok(rec.chosen + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+    assert enc.ids == before + response and enc.n_prompt == len(before)
+    assert enc.response_mask == [0] * len(before) + [1] * len(response)
+    # <|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nA colour?<|im_end|>\n<|im_start|>assistant\n
+    # Red.<|im_end|>\n<|im_start|>user\nAnother?<|im_end|>\n<|im_start|>assistant\n | Blue.<|im_end|>\n
+    assert enc.ids == [1, 9690, 198, 6077, 5453, 30, 2, 198, 1, 4093, 198, 49, 7302, 47, 2, 198, 1, 520, 9531, 198,
+                       12869, 30, 2, 198, 1, 4093, 198, 4809, 47, 2, 198, 1, 520, 9531, 198, 23390, 30, 2, 198]
+    assert "User:" not in tok.decode(enc.ids)  # no transcript inside a turn
+    # the whole conversation as the template writes it: the response split off at the right place
+    assert enc.ids == tok.apply_chat_template(TWO_TURNS + [{"role": "assistant", "content": "Blue."}])["input_ids"]
+    # generation starts from exactly the trained prompt
+    assert tok(prompt_text(tok, rec.prompt_or_context), add_special_tokens=False)["input_ids"] == before
+    # the conversation has its own system message: a second system text is refused, not merged
+    with pytest.raises(ValueError, match="has its own system message"):
+        encode_chat(tok, rec.prompt_or_context, rec.chosen, system="Answer at length.")
+    # a system text still goes first when the conversation has none
+    shown = prompt_text(tok, TWO_TURNS[1:], system="Answer at length.")
+    assert shown.startswith("<|im_start|>system\nAnswer at length.<|im_end|>\n<|im_start|>user\nA colour?")
+
+
+def test_a_conversation_keeps_its_transcript_in_the_tiny_format(tmp_path):
+    rec = _conversation_record(tmp_path)
+    assert rec.prompt == "System: Be brief.\nUser: A colour?\nAssistant: Red.\nUser: Another?\nAssistant:"
+    tiny = build_tokenizer(ModelConfig(), rec.prompt.split() + rec.chosen.split())
+    enc = encode_chat(tiny, rec.prompt_or_context, rec.chosen)
+    assert enc == encode_chat(tiny, rec.prompt, rec.chosen)  # as before the turns were kept
+    assert tiny.convert_ids_to_tokens(enc.ids)[enc.n_prompt - 2:] == ["Assistant:", SEP, "Blue.", EOS]

@@ -80,6 +80,8 @@ def test_conversational_jsonl_last_assistant_turn_is_the_response(tmp_path):
         ("System: Be brief.\nUser: A colour?\nAssistant: Red.\nUser: Another?\nAssistant:", "Blue.", "Red again."),
         ("2+2?", "4", "5"),
     ]
+    # the conversation before the response stays turns (for a chat template); a lone user turn needs none
+    assert [r.context for r in records] == [None, None, rows[2]["prompt"], None]
     assert summary["by_reason"] == {"missing_field": 1, "unmappable": 3}
     details = sorted(e["detail"] for e in entries)
     assert any("differ before their last assistant message" in d for d in details)
@@ -370,7 +372,14 @@ def test_sft_examples_prompt_response_or_messages_with_quarantine(tmp_path):
             {"messages": [user("Only a question?")]}]                    # no response
     path = write_jsonl(tmp_path / "sft.jsonl", rows)
     examples, summary = load_sft_examples(str(path), quarantine_path=tmp_path / "q.jsonl", max_quarantine_fraction=0.5)
-    assert examples == [("Say hi.", "Hello!"), ("System: Be kind.\nUser: Help?\nAssistant:", "Sure."), ("Hi?", "Hey.")]
+    # earlier turns stay turns (models/chat.py renders them); a lone user turn is its text
+    assert examples == [("Say hi.", "Hello!"), ([{"role": "system", "content": "Be kind."}, user("Help?")], "Sure."),
+                        ("Hi?", "Hey.")]
+    from raypref.data.world import World
+    from raypref.recipes.sft import corpus_vocabulary
+
+    # the tiny model reads a conversation's transcript: its words are in the vocabulary
+    assert {"System:", "kind.", "User:", "Help?", "Assistant:", "Sure."} <= set(corpus_vocabulary(World(seed=0), examples))
     assert summary["by_reason"] == {"empty_text": 1, "unmappable": 1} and summary["rows_total"] == 5
     wrong = write_jsonl(tmp_path / "pairs.jsonl", STANDARD)
     with pytest.raises(WrongColumns, match=r"pairs\.jsonl: wrong columns for schema 'sft': found \['prompt', 'chosen', "
@@ -437,3 +446,51 @@ def test_dpo_own_data_becomes_the_runs_shards_and_user_selection(tmp_path, monke
     train = [validate_row(r) for r in pq.read_table(cfg.train_data).to_pylist()]
     assert {r.user_id for r in train} == {1, 2}
     assert json.loads((tmp_path / "users" / "data" / "user_ids.json").read_text()) == {"a": 1, "b": 2}
+
+
+def test_dpo_data_path_keeps_a_conversations_turns_for_a_chat_template(smollm2_tokenizer, tmp_path, monkeypatch):
+    """Two-turn TRL conversations through the DPO job's own-data path: the run's shard, the
+    pipeline's validation and tokenization (as its Ray Data tasks run them), and the held-out
+    pairs' encoding: every side is SmolLM2's template over the earlier turns, then the response."""
+    import numpy as np
+
+    from raypref.data.pipeline import PairTokenizer
+    from raypref.data.records import validate_row
+    from raypref.experiments import preference
+    from raypref.models.factory import encode_example
+    from raypref.recipes.dpo import encode_pairs
+
+    monkeypatch.setattr(preference.tracking, "log_metrics", lambda *a, **k: None)
+    monkeypatch.setattr(preference.tracking, "log_artifact", lambda *a, **k: None)
+    tok = smollm2_tokenizer
+
+    def turns(i):
+        return [{"role": "system", "content": "Be brief."}, user(f"Colour {i}?"), assistant("Red."), user("Another?")]
+
+    rows = [{"chosen": turns(i) + [assistant(f"Blue {i}.")], "rejected": turns(i) + [assistant(f"Red {i}.")]}
+            for i in range(5)]
+    cfg, _ = preference.own_data(own_data_job(tmp_path, write_jsonl(tmp_path / "chat.jsonl", rows), test_fraction=0.2),
+                                 tmp_path / "run")
+    shard = pq.read_table(cfg.train_data)
+    assert "context" in shard.column_names
+    valid = [validate_row(row).to_row() for row in shard.to_pylist()]  # as the pipeline's validation task
+    batch = {name: np.array([row[name] for row in valid]) for name in valid[0]}
+    out = PairTokenizer(lambda: tok, 96, encode=encode_example)(batch)
+    for i, row in enumerate(valid):
+        i_row = int(row["chosen"].split()[1].rstrip("."))
+        before = tok.apply_chat_template(turns(i_row), add_generation_prompt=True)["input_ids"]
+        response = tok(row["chosen"] + "<|im_end|>\n", add_special_tokens=False)["input_ids"]
+        n = len(before) + len(response)
+        assert out["chosen_input_ids"][i, :n].tolist() == before + response
+        assert out["chosen_labels_mask"][i].tolist() == [0] * len(before) + [1] * len(response) + [0] * (96 - n)
+    # the held-out pairs (read back in the driver) are encoded the same way for accuracy
+    held_out = [validate_row(row) for row in pq.read_table(cfg.test_data).to_pylist()]
+    (c_ids, c_prompt, _, r_prompt), = encode_pairs(tok, held_out, 96)
+    assert c_prompt == r_prompt and tok.decode(c_ids[:c_prompt]).startswith(
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nColour ")
+    # a shard written before the context column still reads: its prompt text is one user turn
+    old = shard.drop(["context"]).to_pylist()
+    assert validate_row(old[0]).context is None
+    old_batch = {name: np.array([row[name] for row in old]) for name in old[0]}
+    ids = PairTokenizer(lambda: tok, 96, encode=encode_example)(old_batch)["chosen_input_ids"][0].tolist()
+    assert "<|im_start|>user\nSystem: Be brief.\nUser: Colour" in tok.decode(ids)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from raypref.data.quarantine import Quarantine, QuarantineExceeded
-from raypref.data.records import InvalidRecord, PreferenceRecord, validate_row
+from raypref.data.records import InvalidRecord, PreferenceRecord, render_context, validate_row
 
 
 def good_row(**changes) -> dict:
@@ -223,3 +223,51 @@ def test_quarantine_file_stops_growing_at_its_limits(tmp_path):
     sized.add_many(entries)
     assert 0 < (tmp_path / "b.jsonl").stat().st_size <= 1000
     assert sized.summary()["entries_omitted"] == 1000 - len((tmp_path / "b.jsonl").read_text().splitlines())
+
+
+# ---------------------------------------------------------------- conversation context
+
+TURNS = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "A colour?"},
+         {"role": "assistant", "content": "Red."}, {"role": "user", "content": "Another?"}]
+TRANSCRIPT = "System: Be brief.\nUser: A colour?\nAssistant: Red.\nUser: Another?\nAssistant:"
+
+
+def test_a_conversation_context_round_trips_as_json_text():
+    record = PreferenceRecord(prompt=TRANSCRIPT, chosen="Blue.", rejected="Red again.", context=TURNS)
+    row = record.to_row()
+    assert json.loads(row["context"]) == TURNS and good_row()["context"] == ""  # none: empty text
+    assert validate_row(row) == record and validate_row(row).prompt_or_context == TURNS
+    assert validate_row(good_row()).prompt_or_context == "Why?"
+    # a lone user turn is the prompt itself: no context kept
+    assert validate_row(good_row(context=[{"role": "user", "content": "Why?"}])).context is None
+
+
+@pytest.mark.parametrize("context, code, detail", [
+    ("[not json", "bad_context", "not valid JSON"),
+    ([], "bad_context", "non-empty list"),
+    ([{"role": "robot", "content": "Why?"}], "bad_context", "context[0] is not a message"),
+    ([{"role": "user", "content": "Why?"}, {"role": "assistant", "content": "Hm."}], "bad_context",
+     "role 'assistant', not 'user'"),
+    ([{"role": "system", "content": " "}, {"role": "user", "content": "Why?"}], "empty_text", "context[0]"),
+    ([{"role": "user", "content": "How?"}], "bad_context", "not the transcript"),  # disagrees with the prompt
+])
+def test_a_bad_context_names_the_problem(context, code, detail):
+    with pytest.raises(InvalidRecord) as info:
+        validate_row(good_row(context=json.dumps(context) if isinstance(context, list) else context))
+    assert info.value.code == code and detail in info.value.detail
+
+
+def test_a_row_written_before_the_context_column_reads_as_before():
+    row = good_row()
+    del row["context"]
+    assert validate_row(row).context is None
+
+
+def test_a_context_at_the_length_limit_reads_back_whatever_its_characters():
+    turns = [{"role": "user", "content": "\U0001F600" * 20}, {"role": "assistant", "content": "\x01" * 10},
+             {"role": "user", "content": "?"}]
+    record = PreferenceRecord(prompt=render_context(turns), chosen="a", rejected="b", context=turns)
+    limit = len(record.prompt)
+    assert validate_row(record.to_row(), max_chars=limit) == record
+    with pytest.raises(InvalidRecord, match="too_long"):
+        validate_row(record.to_row(), max_chars=limit - 1)

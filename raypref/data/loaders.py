@@ -32,8 +32,8 @@ import pyarrow.parquet as pq
 
 from raypref import atomic
 from raypref.data.quarantine import UNREADABLE_SHARD, Quarantine
-from raypref.data.records import (UNKNOWN_USER, InvalidRecord, PreferenceRecord, check_text, is_blank,
-                                   validate_row)
+from raypref.data.records import (ROLES, UNKNOWN_USER, InvalidRecord, PreferenceRecord, check_context,
+                                  check_text, is_blank, render_context, validate_row)
 
 MapRow = Callable[[dict], Iterable["PreferenceRecord | InvalidRecord"]]
 
@@ -490,7 +490,6 @@ def ultrafeedback_binarized(*, user_id: int = UNKNOWN_USER) -> MapRow:
     return map_row
 
 
-ROLES = ("system", "user", "assistant")
 TRL_COLUMNS_HINT = ("standard: 'prompt', 'chosen', 'rejected' as text; or conversational: 'chosen' and "
                     "'rejected' as lists of {'role', 'content'} messages ending with the assistant's "
                     "response, with an optional 'prompt' (text or messages); optional 'score_chosen', "
@@ -509,20 +508,10 @@ def _messages(value, field: str) -> list[dict]:
     return [{"role": m["role"], "content": m["content"]} for m in value]
 
 
-def render_context(messages: list[dict]) -> str:
-    """The prompt text of the turns before a response: a lone user turn is its own text; a
-    longer context (a system message, earlier turns) is a transcript in PRISM's form,
-    `System: …` / `User: …` / `Assistant: …` lines ending with `Assistant:`."""
-    if len(messages) == 1 and messages[0]["role"] == "user":
-        return messages[0]["content"]
-    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
-    return "\n".join(lines) + "\nAssistant:"
-
-
-def _trl_conversation(prompt, chosen, rejected) -> tuple[str, str, str]:
-    """(prompt text, chosen, rejected) of a conversational row: the last assistant turn of
-    each side is its response; the turns before it (equal on both sides), or else `prompt`,
-    are the context."""
+def _trl_conversation(prompt, chosen, rejected) -> tuple[list[dict], str, str]:
+    """(context, chosen, rejected) of a conversational row: the last assistant turn of each
+    side is its response; the turns before it (equal on both sides), or else `prompt`, are
+    the context (messages)."""
     chosen, rejected = _messages(chosen, "chosen"), _messages(rejected, "rejected")
     for field, messages in (("chosen", chosen), ("rejected", rejected)):
         if messages[-1]["role"] != "assistant":
@@ -546,15 +535,16 @@ def _trl_conversation(prompt, chosen, rejected) -> tuple[str, str, str]:
         raise InvalidRecord("unmappable", "'prompt' disagrees with the turns before the response in 'chosen'")
     if context[-1]["role"] == "assistant":
         raise InvalidRecord("unmappable", "the context ends with an assistant turn: nothing asks for the response")
-    return render_context(context), chosen[-1]["content"], rejected[-1]["content"]
+    return context, chosen[-1]["content"], rejected[-1]["content"]
 
 
 def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) -> MapRow:
     """TRL's preference formats (the DPO/reward trainers' datasets): standard rows of text
     `prompt` / `chosen` / `rejected`, or conversational rows whose `chosen` / `rejected` are
-    message lists (see `_trl_conversation`; the context becomes the prompt through
-    `render_context`). `score_chosen` / `score_rejected`, if present, become {"score": s}; equal
-    scores carry no preference and are quarantined as a tie.
+    message lists (see `_trl_conversation`): the turns before the response are the record's
+    `context` and their transcript (`render_context`) its prompt. `score_chosen` /
+    `score_rejected`, if present, become {"score": s}; equal scores carry no preference and
+    are quarantined as a tie.
     With `user_column`, that column's value (a user or preference name) is the row's user,
     mapped to a stable id through `user_map`; a row without it is quarantined."""
     if user_column and user_map is None:
@@ -562,10 +552,13 @@ def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) ->
 
     def map_row(row: dict):
         prompt, chosen, rejected = row.get("prompt"), row.get("chosen"), row.get("rejected")
+        context = None
         if isinstance(chosen, list) or isinstance(rejected, list):
-            prompt, chosen, rejected = _trl_conversation(prompt, chosen, rejected)
+            context, chosen, rejected = _trl_conversation(prompt, chosen, rejected)
         elif isinstance(prompt, list):
-            prompt = render_context(_messages(prompt, "prompt"))
+            context = _messages(prompt, "prompt")
+        if context is not None:
+            prompt = render_context(context)
         user_id = UNKNOWN_USER
         if user_column:
             key = row.get(user_column)
@@ -578,7 +571,7 @@ def trl(*, user_map: UserIdMap | None = None, user_column: str | None = None) ->
             raise InvalidRecord("tie", f"score_chosen == score_rejected == {row['score_chosen']}")
         yield PreferenceRecord(prompt=prompt, chosen=chosen, rejected=rejected, user_id=user_id,
                                chosen_scores=scores["chosen"], rejected_scores=scores["rejected"],
-                               source="trl")
+                               source="trl", context=context)
     return map_row
 
 
@@ -791,19 +784,23 @@ SFT_EXAMPLES = Schema(
                  "messages ending with the assistant's response")
 
 
-def sft_example(row: dict, max_chars: int) -> tuple[str, str]:
+def sft_example(row: dict, max_chars: int) -> tuple[str | list[dict], str]:
     """(prompt, response) of one SFT row: `prompt` / `response` text, or `messages` whose last
-    assistant turn is the response and whose earlier turns (`render_context`) the prompt.
-    Raises InvalidRecord naming the field and the problem."""
-    if row.get("messages") is not None:
+    assistant turn is the response; the turns before it are the prompt, as a preference
+    record's (`PreferenceRecord.prompt_or_context`): a lone user turn's text, else the message
+    list, which models/chat.py renders as turns (or as its transcript, `render_context`,
+    without a chat template). Raises InvalidRecord naming the field and the problem."""
+    try:
+        if row.get("messages") is None:
+            return tuple(check_text(row, name, max_chars) for name in ("prompt", "response"))
         messages = _messages(row["messages"], "messages")
         if messages[-1]["role"] != "assistant" or len(messages) < 2:
             raise InvalidRecord("unmappable", "'messages' must end with an assistant turn after at least one other")
         if messages[-2]["role"] == "assistant":
             raise InvalidRecord("unmappable", "the context ends with an assistant turn: nothing asks for the response")
-        row = {"prompt": render_context(messages[:-1]), "response": messages[-1]["content"]}
-    try:
-        return tuple(check_text(row, name, max_chars) for name in ("prompt", "response"))
+        context, response = messages[:-1], check_text({"response": messages[-1]["content"]}, "response", max_chars)
+        prompt = check_text({"prompt": render_context(context)}, "prompt", max_chars)
+        return check_context({"context": context}, prompt, max_chars) or prompt, response
     except InvalidRecord:
         raise
     except Exception as err:  # as validate_row: an odd row is an entry, never a crash
@@ -831,7 +828,7 @@ def source_digest(source: str) -> str:
 
 def load_sft_examples(source: str, *, quarantine_path: str | Path, split: str | None = None,
                       max_quarantine_fraction: float = 0.05,
-                      max_chars: int = 20000) -> tuple[list[tuple[str, str]], dict]:
+                      max_chars: int = 20000) -> tuple[list[tuple[str | list[dict], str]], dict]:
     """Every valid (prompt, response) of `source` (file, folder of shards, save_to_disk folder
     or hub name, as `load_records`) and the quarantine summary: bad rows go to
     `quarantine_path` with reason, file and line; wrong columns raise one `WrongColumns`;

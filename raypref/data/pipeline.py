@@ -9,6 +9,7 @@ valid rows flow on in the `to_row()` schema. Nothing is materialized whole in th
 """
 from __future__ import annotations
 
+import json
 import os
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -57,8 +58,8 @@ SHARD_COLUMNS = Schema(
     "preference shards", lambda **options: None,
     columns=lambda sample, options: ("prompt", "chosen", "rejected"),
     columns_hint="'prompt', 'chosen', 'rejected' as text, optional 'user_id', 'user_text', 'chosen_scores', "
-                 "'rejected_scores', 'source' (PreferenceRecord.to_row); other layouts (TRL conversations, "
-                 "PRISM, ...) go through a job's data.source")
+                 "'rejected_scores', 'source', 'context' (PreferenceRecord.to_row); other layouts (TRL "
+                 "conversations, PRISM, ...) go through a job's data.source")
 
 
 def check_shard_columns(filesystem: pafs.FileSystem, shards: list[str]) -> None:
@@ -151,7 +152,9 @@ class PairTokenizer:
     `encode`, if given, replaces that raw-text rule with a policy's own text format: a
     picklable `(tokenizer, prompt, response, max_length) -> (ids, n_prompt_ids)` such as
     `models.factory.encode_example`, applied to each side, so the tensors hold exactly the
-    tokens the policy was trained and is evaluated on.
+    tokens the policy was trained and is evaluated on. Its prompt is the row's conversation
+    (`context`, decoded) where it has one, as `PreferenceRecord.prompt_or_context`; the
+    raw-text rule reads the prompt text (the conversation's transcript).
     """
 
     def __init__(self, tokenizer_factory: Callable[[], object], max_length: int,
@@ -192,9 +195,12 @@ class PairTokenizer:
         return out
 
     def _encode_with_format(self, batch: dict[str, np.ndarray], out: dict[str, np.ndarray]) -> None:
-        for i, prompt in enumerate(batch["prompt"]):
+        # rows of a shard written before the context column have none
+        contexts = batch["context"] if "context" in batch else [""] * len(batch["prompt"])
+        for i, (prompt, context) in enumerate(zip(batch["prompt"], contexts)):
+            asked = json.loads(context) if context else str(prompt)
             for side in ("chosen", "rejected"):
-                ids, n_prompt = self.encode(self.tokenizer, str(prompt), str(batch[side][i]), self.max_length)
+                ids, n_prompt = self.encode(self.tokenizer, asked, str(batch[side][i]), self.max_length)
                 if len(ids) > self.max_length:
                     raise ValueError(f"encode returned {len(ids)} tokens > max_length={self.max_length}")
                 out[f"{side}_input_ids"][i, : len(ids)] = ids

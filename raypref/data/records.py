@@ -2,7 +2,8 @@
 
 Every source (the simulated world, real-dataset loaders, shards on disk) produces
 `PreferenceRecord`s; on disk and in Ray Data a record is a flat row (`to_row`) whose
-score dicts are JSON text, so parquet and jsonl hold the same columns.
+score dicts and conversation context are JSON text, so parquet and jsonl hold the same columns.
+A shard written before the `context` column existed reads as records without one.
 """
 from __future__ import annotations
 
@@ -22,8 +23,21 @@ MAX_SCORES_JSON_CHARS = 64 * 1024  # the on-disk JSON text is refused before it 
 
 ROW_COLUMNS = (
     "prompt", "chosen", "rejected", "user_id", "user_text",
-    "chosen_scores", "rejected_scores", "source",
+    "chosen_scores", "rejected_scores", "source", "context",
 )
+
+ROLES = ("system", "user", "assistant")  # the message roles a conversation may hold
+
+
+def render_context(messages: list[dict]) -> str:
+    """The prompt text of the turns before a response: a lone user turn is its own text; a
+    longer context (a system message, earlier turns) is a transcript in PRISM's form,
+    `System: …` / `User: …` / `Assistant: …` lines ending with `Assistant:`. A tokenizer
+    without a chat template reads this; one with a template reads the turns themselves."""
+    if len(messages) == 1 and messages[0]["role"] == "user":
+        return messages[0]["content"]
+    lines = [f"{m['role'].capitalize()}: {m['content']}" for m in messages]
+    return "\n".join(lines) + "\nAssistant:"
 
 
 @dataclass
@@ -37,6 +51,17 @@ class PreferenceRecord:
     chosen_scores: dict[str, float] = field(default_factory=dict)
     rejected_scores: dict[str, float] = field(default_factory=dict)
     source: str = ""
+    # the conversation before the response ({"role", "content"} messages ending with a user
+    # turn) when it is more than one user turn (a system message, earlier turns): a chat
+    # template renders each as its own turn (models/chat.py), and `prompt` is its transcript
+    # (`render_context`), what a tokenizer without a template and every text reader (judges,
+    # reward encoders, logs) sees. None: the prompt is one user turn.
+    context: list[dict] | None = None
+
+    @property
+    def prompt_or_context(self) -> str | list[dict]:
+        """What a policy is asked, as models/chat.py takes it: the turns, else the prompt text."""
+        return self.context if self.context is not None else self.prompt
 
     def to_row(self) -> dict:
         """Flat row for parquet / jsonl / Ray Data (score dicts as JSON text)."""
@@ -49,6 +74,8 @@ class PreferenceRecord:
             "chosen_scores": json.dumps(self.chosen_scores, sort_keys=True),
             "rejected_scores": json.dumps(self.rejected_scores, sort_keys=True),
             "source": self.source,
+            # unescaped non-ASCII keeps the text within check_context's length bound
+            "context": json.dumps(self.context, ensure_ascii=False) if self.context is not None else "",
         }
 
 
@@ -80,6 +107,9 @@ ROW_REASONS = {
     "identical_responses": "chosen and rejected are the same text",
     "bad_user_id": f"user_id is not an int (bool, float and str are refused) in [0, {MAX_USER_ID}]",
     "bad_scores_json": "a score field given as text is not JSON",
+    "bad_context": "context (JSON text on disk) is not a list of {'role': system|user|assistant, "
+                   "'content': text} messages ending with a user turn, or the prompt is not its "
+                   "transcript (render_context)",
     "non_finite_score": "a score is NaN, infinite, or an int too large for a float",
     "unexpected": "a last resort: validation raised something no rule foresaw (a bug to report)",
 }
@@ -204,6 +234,44 @@ def _check_optional_str(row: dict, name: str, max_chars: int) -> str | None:
     return value
 
 
+def check_context(row: dict, prompt: str, max_chars: int) -> list[dict] | None:
+    """The row's conversation before the response, or None (absent, empty, or one user turn
+    that is the prompt itself). Every message's text is checked as a text field is."""
+    value = row.get("context")
+    if value is None or (isinstance(value, str) and value == ""):
+        return None
+    if isinstance(value, str):  # the on-disk form is JSON text
+        # the messages' texts are at most the transcript's length (checked below); as to_row
+        # writes them, JSON escapes (\uXXXX, control characters only) take at most 6 characters
+        # per character and each message's keys less than 6 per character of its transcript line
+        if len(value) > 6 * max_chars + 1024:
+            raise InvalidRecord("too_long", f"field 'context' has {len(value)} chars of JSON")
+        try:
+            value = json.loads(value)
+        except (ValueError, RecursionError) as err:
+            reason = getattr(err, "msg", None) or type(err).__name__
+            raise InvalidRecord("bad_context", f"field 'context' is not valid JSON ({reason})") from None
+    if not isinstance(value, list) or not value:
+        raise InvalidRecord("bad_context", "field 'context' must be a non-empty list of messages")
+    messages = []
+    for i, message in enumerate(value):
+        if not isinstance(message, dict) or message.get("role") not in ROLES \
+                or not isinstance(message.get("content"), str):
+            raise InvalidRecord("bad_context", f"context[{i}] is not a message "
+                                f"{{'role': {'|'.join(ROLES)}, 'content': str}}")
+        try:
+            content = _check_text(message, "content", max_chars)
+        except InvalidRecord as err:
+            raise InvalidRecord(err.code, f"context[{i}]: {err.detail}") from None
+        messages.append({"role": message["role"], "content": content})
+    if messages[-1]["role"] != "user":
+        raise InvalidRecord("bad_context", f"context ends with a turn of role {messages[-1]['role']!r}, "
+                            "not 'user': nothing asks for the response")
+    if render_context(messages) != prompt:
+        raise InvalidRecord("bad_context", "field 'prompt' is not the transcript of 'context' (render_context)")
+    return None if len(messages) == 1 else messages
+
+
 def _check_user_id(row: dict) -> int:
     user_id = row.get("user_id", UNKNOWN_USER)
     if user_id is None:
@@ -223,8 +291,9 @@ def validate_row(row: dict, *, max_chars: int = 20000) -> PreferenceRecord:
     chosen != rejected up to invisible ends). Optional: `user_id` (int in [0, MAX_USER_ID],
     default UNKNOWN_USER), `user_text` (blank means none), `source`, `chosen_scores` /
     `rejected_scores` (dict or JSON text; at most MAX_SCORES str names of at most
-    MAX_SCORE_NAME_CHARS, finite numbers). No text may hold a NUL or a lone surrogate. Extra
-    keys are ignored.
+    MAX_SCORE_NAME_CHARS, finite numbers), `context` (a list of messages or its JSON text, see
+    `PreferenceRecord.context`; `prompt` must be its transcript). No text may hold a NUL or a
+    lone surrogate. Extra keys are ignored.
 
     Raises `InvalidRecord` naming the field and the problem (codes in `ROW_REASONS`), and
     nothing else, whatever the row holds: one bad row must not stop a validation pass.
@@ -255,4 +324,5 @@ def _validate(row: dict, max_chars: int) -> PreferenceRecord:
         chosen_scores=chosen_scores,
         rejected_scores=rejected_scores,
         source=_check_optional_str(row, "source", max_chars) or "",
+        context=check_context(row, prompt, max_chars),
     )

@@ -120,4 +120,4 @@ def write_pairs(records: list[PreferenceRecord], path: Path) -> Path:
 
 ROW_SCHEMA = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string()),
                         ("user_id", pa.int64()), ("user_text", pa.string()), ("chosen_scores", pa.string()),
-                        ("rejected_scores", pa.string()), ("source", pa.string())])
+                        ("rejected_scores", pa.string()), ("source", pa.string()), ("context", pa.string())])

@@ -6,12 +6,21 @@ message, the prompt as the user message, the response as the assistant message; 
 starts right after the generation prompt, and special tokens are exactly those the rendered
 template writes (no extra BOS). A tokenizer without one (the tiny word-level model) keeps
 raypref's own format, ``"{prompt} <sep> {response}<eos>"``, and cannot take a system text.
+
+A prompt is a text (one user turn) or a conversation: the ``{"role", "content"}`` messages
+before the response (`PreferenceRecord.prompt_or_context`, own data with earlier turns or a
+system message). A template renders each message as its own turn; the tiny format reads its
+transcript (``data.records.render_context``).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import NamedTuple
 
+from raypref.data.records import render_context
+
 SEP = "<sep>"
+Prompt = str | Sequence[dict]  # a user turn's text, or the messages before the response
 
 
 class Encoded(NamedTuple):
@@ -33,7 +42,8 @@ def format_prompt(prompt: str) -> str:
     return f"{prompt} {SEP}"
 
 
-def _messages(tokenizer, prompt: str, system: str | None) -> list[dict]:
+def _messages(tokenizer, prompt: Prompt, system: str | None) -> list[dict]:
+    """The conversation before the response ([] for the tiny format)."""
     if not has_chat_template(tokenizer):
         if system is not None:
             raise ValueError(f"a system prompt ({system[:60]!r}) was given, but the tokenizer "
@@ -41,21 +51,30 @@ def _messages(tokenizer, prompt: str, system: str | None) -> list[dict]:
                              "has no chat template to place it in; use an instruct model's "
                              "tokenizer, or write the text into the prompt")
         return []
-    head = [{"role": "system", "content": system}] if system is not None else []
-    return head + [{"role": "user", "content": prompt}]
+    turns = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else [dict(m) for m in prompt]
+    if system is None:
+        return turns
+    if turns and turns[0]["role"] == "system":
+        raise ValueError(f"a system text ({system[:60]!r}) was given for a conversation that has its own "
+                         f"system message ({turns[0]['content'][:60]!r}); keep one of them")
+    return [{"role": "system", "content": system}] + turns
 
 
-def prompt_text(tokenizer, prompt: str, system: str | None = None) -> str:
+def _tiny_prompt(prompt: Prompt) -> str:
+    return prompt if isinstance(prompt, str) else render_context(list(prompt))
+
+
+def prompt_text(tokenizer, prompt: Prompt, system: str | None = None) -> str:
     """The text before the response: the rendered chat template up to and including the
     generation prompt, or the tiny format's ``"{prompt} <sep>"``. Tokenize it with
     ``add_special_tokens=False``: the template writes its special tokens itself."""
     messages = _messages(tokenizer, prompt, system)
     if not messages:
-        return format_prompt(prompt)
+        return format_prompt(_tiny_prompt(prompt))
     return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
 
 
-def _response_text(tokenizer, prompt: str, response: str, system: str | None, shown: str) -> str:
+def _response_text(tokenizer, prompt: Prompt, response: str, system: str | None, shown: str) -> str:
     messages = _messages(tokenizer, prompt, system)
     if not messages:
         return " " + response  # the eos is added as a token id, never as text
@@ -68,9 +87,10 @@ def _response_text(tokenizer, prompt: str, response: str, system: str | None, sh
     return full[len(shown):]
 
 
-def encode_chat(tokenizer, prompt: str, response: str = "", system: str | None = None,
+def encode_chat(tokenizer, prompt: Prompt, response: str = "", system: str | None = None,
                 max_length: int | None = None) -> Encoded:
-    """Token ids of the prompt (with system text) and response, and where the response starts.
+    """Token ids of the prompt (with system text; a text or the messages before the response)
+    and response, and where the response starts.
 
     Prompt and response are tokenized apart, so the prompt's ids are exactly those generation
     starts from. Chat template: the response is the template's assistant turn (with its end

@@ -22,7 +22,7 @@ import torch
 
 from raypref import atomic
 from raypref.config import check_fields
-from raypref.models.chat import SEP, Encoded, encode_chat, format_prompt, prompt_text  # noqa: F401
+from raypref.models.chat import SEP, Encoded, Prompt, encode_chat, format_prompt, prompt_text  # noqa: F401
 
 TINY = "tiny"
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<bos>", "<eos>"
@@ -215,10 +215,10 @@ def build_tokenizer(cfg: ModelConfig, vocabulary: list[str] | None = None):
                                    bos_token=BOS, eos_token=EOS, additional_special_tokens=[SEP])
 
 
-def encode_example(tokenizer, prompt: str, response: str, max_length: int,
+def encode_example(tokenizer, prompt: Prompt, response: str, max_length: int,
                    system: str | None = None) -> Encoded:
-    """Token ids of (system +) prompt + response, and how many are prompt tokens
-    (``chat.encode_chat``)."""
+    """Token ids of (system +) prompt (a text, or the messages before the response) + response,
+    and how many are prompt tokens (``chat.encode_chat``)."""
     return encode_chat(tokenizer, prompt, response, system=system, max_length=max_length)
 
 
@@ -327,7 +327,7 @@ def load_encoder():
 # ---------------------------------------------------------------- generation
 
 @torch.no_grad()
-def generate_ids(model, tokenizer, prompts: list[str], max_new_tokens: int = 64,
+def generate_ids(model, tokenizer, prompts: list[Prompt], max_new_tokens: int = 64,
                  greedy: bool = True, temperature: float = 1.0, seed: int = 0,
                  system: str | list[str | None] | None = None) -> list[list[int]]:
     """New token ids per prompt (batched, left-padded); each ends at its eos if one came.

@@ -66,8 +66,9 @@ def encode_pairs(tokenizer, pairs: Sequence[PreferenceRecord], max_length: int, 
         if not rec.chosen or not rec.rejected:
             raise ValueError(f"pair {i} (prompt {rec.prompt[:40]!r}): empty chosen or rejected response")
         text = pair_system_text(system, rec, i)
-        c_ids, c_prompt = encode_example(tokenizer, rec.prompt, rec.chosen, max_length, system=text)
-        r_ids, r_prompt = encode_example(tokenizer, rec.prompt, rec.rejected, max_length, system=text)
+        # a pair with earlier turns is asked its conversation (each turn a template turn)
+        c_ids, c_prompt = encode_example(tokenizer, rec.prompt_or_context, rec.chosen, max_length, system=text)
+        r_ids, r_prompt = encode_example(tokenizer, rec.prompt_or_context, rec.rejected, max_length, system=text)
         out.append((c_ids, c_prompt, r_ids, r_prompt))
     return out
 

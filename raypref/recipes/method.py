@@ -31,8 +31,8 @@ class Method:
     metric: str = ""  # the held-out score to maximize (a sweep's metric is eval.heldout_<metric>)
     summary: tuple[str, ...] = ()  # the per-step metrics a job's summary shows, in this order
     # Personalized Soups: (section, base_dir, preference, pairs, seed[, system]) -> the preference's
-    # LoopSpec (``system``: a pair method's system text rule, recipes.dpo.SYSTEM_TEXTS); None: soups
-    # cannot train it
+    # LoopSpec (``system``: the pairs' system text rule, recipes.dpo.SYSTEM_TEXTS, which a pair
+    # method's and PPO's builders both take); None: soups cannot train it
     per_preference: Callable | None = None
     about: str = ""  # one line for --help and error messages
 

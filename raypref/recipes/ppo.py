@@ -2,7 +2,8 @@
 
 Roles: ``actor`` (SFT + LoRA, trainable), ``critic`` (SFT body + scalar value head, trainable),
 ``reference`` (the SFT policy, frozen) and ``reward`` (frozen; any module whose
-``score(prompts, responses)`` returns one float per response, e.g. `WeightedJudgeReward`).
+``score(prompts, responses)`` returns one float per response, e.g. `WeightedJudgeReward`; a spec
+whose prompts carry system texts calls ``score(prompts, responses, systems=...)``).
 
 Each PPO iteration samples ``rollout_size`` prompts, generates with the actor, scores the
 responses, and builds a rollout buffer (old log-probs, values, KL-penalized rewards, GAE
@@ -44,6 +45,7 @@ from raypref.models.factory import (
     generate_ids,
     load_pretrained,
 )
+from raypref.recipes.dpo import pair_system_text
 from raypref.rewards.world import WeightedJudgeReward
 from raypref.train.fingerprint import model_identity
 from raypref.train.runner import Optimization
@@ -74,12 +76,14 @@ def token_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: to
     return causal_logprobs(model(input_ids=input_ids, attention_mask=attention_mask).logits, input_ids)
 
 
-def pack(tokenizer, prompts: Sequence[str], responses: Sequence[list[int]], max_length: int) -> Buffer:
-    """Right-padded ``[prompt | response]`` rows; ``mask`` ``[B, L-1]`` marks response tokens in the
-    shifted (predicted-token) frame used by every per-token tensor."""
+def pack(tokenizer, prompts: Sequence[str], responses: Sequence[list[int]], max_length: int,
+         systems: Sequence[str | None] | None = None) -> Buffer:
+    """Right-padded ``[prompt | response]`` rows (each prompt with its system text, if any, as
+    generation saw it); ``mask`` ``[B, L-1]`` marks response tokens in the shifted
+    (predicted-token) frame used by every per-token tensor."""
     rows, starts = [], []
-    for prompt, response in zip(prompts, responses):
-        ids, n_prompt = encode_example(tokenizer, prompt, "", max_length)
+    for prompt, response, system in zip(prompts, responses, systems or [None] * len(prompts)):
+        ids, n_prompt = encode_example(tokenizer, prompt, "", max_length, system=system)
         ids = (ids[:n_prompt] + list(response))[:max_length]
         if len(ids) <= n_prompt:
             ids = ids + [tokenizer.eos_token_id]  # an empty response still has one token to score
@@ -165,6 +169,9 @@ class PPOSpec(LoopSpec):
     normalize_rewards: bool = True  # divide scores by their running std
     critic_lr: float | None = None
     name: str = ""  # e.g. the P-Soups preference this policy serves
+    # the system text each prompt is shown with (parallel to prompts; None: none), placed by
+    # models/chat.py as DPO's are (recipes.dpo.pair_system_text); needs a chat template
+    systems: list[str | None] | None = None
 
     @classmethod
     def from_config(cls, cfg: PPOConfig, sft_dir: str, prompts: list[str], reward_factory, name: str = "",
@@ -178,6 +185,8 @@ class PPOSpec(LoopSpec):
     def __post_init__(self) -> None:
         if not self.prompts:
             raise ValueError("PPOSpec.prompts: no prompts")
+        if self.systems is not None and len(self.systems) != len(self.prompts):
+            raise ValueError(f"PPOSpec.systems: {len(self.systems)} system texts for {len(self.prompts)} prompts")
         for name in ("rollout_size", "ppo_epochs", "max_new_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"PPOSpec.{name}={getattr(self, name)}: must be >= 1")
@@ -212,7 +221,8 @@ class PPOSpec(LoopSpec):
         return {"preference": self.name, "sft_dir": str(self.sft_dir), "algo": "ppo",
                 "reward": reward if isinstance(reward, str) else repr(reward),
                 "kl_coef": self.kl_coef, "kl_target": self.kl_target, "lora": dataclasses.asdict(self.lora),
-                "n_prompts": len(self.prompts)}
+                "n_prompts": len(self.prompts),
+                **({"system_texts": len(set(self.systems))} if self.systems is not None else {})}
 
     def roles(self) -> dict[str, Role]:
         return {"actor": Role(), "critic": Role(lr=self.critic_lr),
@@ -242,16 +252,20 @@ class PPOSpec(LoopSpec):
         actor, critic = ctx.models["actor"], ctx.models["critic"]
         tokenizer = self.tokenizer()
         rng = random.Random(ctx.seed * 1_000_003 + ctx.rank * 7919 + self.rollouts)
-        prompts = [self.prompts[rng.randrange(len(self.prompts))] for _ in range(self.rollout_size)]
+        picked = [rng.randrange(len(self.prompts)) for _ in range(self.rollout_size)]
+        prompts = [self.prompts[i] for i in picked]
+        systems = None if self.systems is None else [self.systems[i] for i in picked]
         responses = generate_ids(actor, tokenizer, prompts, self.max_new_tokens, greedy=False,
-                                 temperature=self.temperature, seed=rng.randrange(2**31))
+                                 temperature=self.temperature, seed=rng.randrange(2**31), system=systems)
         texts = [tokenizer.decode(r, skip_special_tokens=True).strip() for r in responses]
-        scores = ctx.models["reward"].score(prompts, texts).float()
+        reward = ctx.models["reward"]
+        scores = (reward.score(prompts, texts) if systems is None
+                  else reward.score(prompts, texts, systems=systems)).float()
         raw_scores = scores.clone()
         if self.normalize_rewards:
             self.moments.update(scores)
             scores = self.moments.normalize(scores)
-        batch = pack(tokenizer, prompts, responses, self.max_length)
+        batch = pack(tokenizer, prompts, responses, self.max_length, systems)
         device = ctx.device
         ids, attention, mask = (batch[k].to(device) for k in ("input_ids", "attention_mask", "mask"))
         was_training = actor.training
@@ -336,11 +350,15 @@ def combination_weights(names: Sequence[str]) -> dict[str, float]:
 
 
 def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: Sequence, seed: int,
-                      world_seed: int = 0) -> PPOSpec:
+                      world_seed: int = 0, system: str = "") -> PPOSpec:
     """One P-Soups preference's PPO policy (the `per_preference` builder of the recipe registry):
     reward = direction · the world's judge of the preference's attribute, on the pairs' prompts.
-    For P-MORL, each pair's prompt names a combination (its ``user_text``, "P1A+P2B+P3A") and is
+    For P-MORL, each pair names a combination (its ``user_text``, "P1A+P2B+P3A") and its prompt is
     rewarded by that combination's mean preference.
+
+    ``system``: the system text rule of the pairs, as DPO's (recipes.dpo.SYSTEM_TEXTS; P-MORL on a
+    chat-templated base: "combination", each prompt bare and its combination's instruction the
+    system message). The prompts are the distinct (prompt, system text) the pairs hold.
 
     ``cfg`` is a PPOConfig, or any recipe config sharing its fields (e.g. a DPOConfig): fields
     PPOConfig has and ``cfg`` lacks keep PPOConfig's defaults."""
@@ -350,17 +368,20 @@ def preference_policy(cfg: Optimization, base_dir: str, preference: str, pairs: 
         shared = {f.name for f in dataclasses.fields(PPOConfig)} & {f.name for f in dataclasses.fields(cfg)}
         cfg = PPOConfig(**{name: getattr(cfg, name) for name in shared})
     cfg.validate("training")
-    prompts = list(dict.fromkeys(rec.prompt for rec in pairs))
-    if not prompts:
-        raise ValueError(f"PPO policy {preference!r}: no pairs to take prompts from")
     if preference == PMORL:
         unnamed = [rec.prompt for rec in pairs if not rec.user_text]
         if unnamed:
             raise ValueError(f"PPO policy {PMORL}: {len(unnamed)} pairs name no combination in user_text, "
                              f"e.g. prompt {unnamed[0]!r}")
-        per_prompt = {rec.prompt: combination_weights(rec.user_text.split("+")) for rec in pairs}
+    asked = {(rec.prompt, pair_system_text(system, rec, i)): rec for i, rec in enumerate(pairs)}
+    if not asked:
+        raise ValueError(f"PPO policy {preference!r}: no pairs to take prompts from")
+    prompts, systems = [p for p, _ in asked], [s for _, s in asked]
+    if preference == PMORL:
+        per_prompt = {key: combination_weights(rec.user_text.split("+")) for key, rec in asked.items()}
         reward = functools.partial(WeightedJudgeReward, {}, world_seed, per_prompt)
     else:
         profile = psoups_profile(preference)  # an unknown name is an error naming it
         reward = functools.partial(WeightedJudgeReward, {profile.attribute: profile.direction}, world_seed)
-    return PPOSpec.from_config(cfg, base_dir, prompts, reward, name=preference)
+    return PPOSpec.from_config(cfg, base_dir, prompts, reward, name=preference,
+                               systems=systems if system else None)

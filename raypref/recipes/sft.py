@@ -17,6 +17,7 @@ import torch
 from raypref.algos.sft import response_mask, sft_loss
 from raypref.config import config_hash, to_dict
 from raypref.data.loaders import load_sft_examples, source_digest
+from raypref.data.records import render_context
 from raypref.models.factory import (SPECIAL_TOKENS, ModelConfig, add_lora, build_policy, build_tokenizer,
                                     encode_example, write_dir_atomically)
 from raypref.train.runner import Optimization, Resources, run, runner_config
@@ -97,9 +98,10 @@ def sft_cache_key(cfg: SFTConfig) -> str:
     return config_hash(data)
 
 
-def sft_corpus(cfg: SFTConfig, world) -> list[tuple[str, str]]:
+def sft_corpus(cfg: SFTConfig, world) -> list[tuple[str | list[dict], str]]:
     """The (prompt, response) examples: the world's corpus, or cfg.data validated (quarantine
-    beside the cache, wrong columns one error)."""
+    beside the cache, wrong columns one error); a prompt with earlier turns is their messages
+    (`loaders.sft_example`), rendered by models/chat.py as the policy's format has them."""
     if not cfg.data:
         return world.sft_corpus(cfg.corpus_size, np.random.default_rng(cfg.corpus_seed))
     quarantine = Path(cfg.output_dir).expanduser().resolve() / "quarantine" / f"sft-{sft_cache_key(cfg)}.jsonl"
@@ -112,9 +114,11 @@ def sft_corpus(cfg: SFTConfig, world) -> list[tuple[str, str]]:
     return examples
 
 
-def corpus_vocabulary(world, corpus: list[tuple[str, str]]) -> list[str]:
-    """The tiny tokenizer's words: the world's and those of the examples (own data)."""
-    words = {w for prompt, response in corpus for w in (prompt + " " + response).split()}
+def corpus_vocabulary(world, corpus: list[tuple[str | list[dict], str]]) -> list[str]:
+    """The tiny tokenizer's words: the world's and those of the examples (own data; a
+    conversation's as the tiny format reads it, its transcript)."""
+    texts = (prompt if isinstance(prompt, str) else render_context(prompt) for prompt, _ in corpus)
+    words = {w for text, (_, response) in zip(texts, corpus) for w in (text + " " + response).split()}
     return world.vocabulary() + sorted(words - set(SPECIAL_TOKENS))
 
 

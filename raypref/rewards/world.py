@@ -46,10 +46,12 @@ class WorldJudgeReward(JudgeWeightedReward):
 
 class WeightedJudgeReward(nn.Module):
     """Reward = Σ_a weight_a · judge_a(response) from the simulated world's attribute judges; with
-    ``per_prompt``, each prompt has its own weights (P-MORL: those of the combination it names)."""
+    ``per_prompt``, each prompt has its own weights (P-MORL: those of the combination it names),
+    keyed by (prompt, system text or None): a chat-templated P-MORL policy reads the same bare
+    prompt under each combination's instruction, given in its system message."""
 
     def __init__(self, weights: dict[str, float], world_seed: int = 0,
-                 per_prompt: dict[str, dict[str, float]] | None = None):
+                 per_prompt: dict[tuple[str, str | None], dict[str, float]] | None = None):
         super().__init__()
         for w in ([weights] if per_prompt is None else per_prompt.values()):
             unknown = sorted(set(w) - set(ATTRIBUTES))
@@ -57,16 +59,20 @@ class WeightedJudgeReward(nn.Module):
                 raise ValueError(f"WeightedJudgeReward: weights {w} must name attributes of {ATTRIBUTES}")
         self.weights, self.per_prompt, self.world = dict(weights), per_prompt, World(seed=world_seed)
 
-    def _weights(self, prompt: str) -> dict[str, float]:
+    def _weights(self, prompt: str, system: str | None) -> dict[str, float]:
         if self.per_prompt is None:
             return self.weights
-        if prompt not in self.per_prompt:
-            raise ValueError(f"WeightedJudgeReward: no weights for prompt {prompt!r} (per_prompt has "
-                             f"{len(self.per_prompt)} prompts)")
-        return self.per_prompt[prompt]
+        if (prompt, system) not in self.per_prompt:
+            shown = f" with system text {system[:60]!r}" if system is not None else ""
+            raise ValueError(f"WeightedJudgeReward: no weights for prompt {prompt!r}{shown} (per_prompt "
+                             f"has {len(self.per_prompt)} prompts)")
+        return self.per_prompt[(prompt, system)]
 
-    def score(self, prompts: Sequence[str], responses: Sequence[str]) -> torch.Tensor:
-        judged = [(self._weights(p), self.world.judge(r, p)) for p, r in zip(prompts, responses)]
+    def score(self, prompts: Sequence[str], responses: Sequence[str],
+              systems: Sequence[str | None] | None = None) -> torch.Tensor:
+        """One reward per response; ``systems``: the system text each prompt was shown with."""
+        systems = [None] * len(prompts) if systems is None else systems
+        judged = [(self._weights(p, s), self.world.judge(r, p)) for p, r, s in zip(prompts, responses, systems)]
         return torch.tensor([sum(w * s[a] for a, w in weights.items()) for weights, s in judged])
 
 

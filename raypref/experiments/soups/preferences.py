@@ -41,9 +41,9 @@ def _user_id(name: str) -> int:
 
 def simulated_data(cfg, world, seed: int, system_message: bool = False) -> SeedData:
     """Pairs of every preference (and P-MORL) of one seed from the same candidates.
-    ``system_message``: the policy has a chat template and its method reads system texts, so
-    P-MORL's instruction goes in the system message (P-Soups Table 4's sentences, as at
-    evaluation), not after the prompt."""
+    ``system_message``: the policy has a chat template, so P-MORL's instruction goes in the
+    system message (P-Soups Table 4's sentences, as at evaluation), not after the prompt;
+    every per-preference method (DPO, IPO, ORPO, PPO) reads it there."""
     n = cfg.pairs_per_preference
     train_pairs = candidate_pairs(world, n, [seed, 0])
     held_pairs = candidate_pairs(world, max(1, n // 10), [seed, 1], split="test")

@@ -27,7 +27,6 @@ import ray
 from raypref import atomic, ray_session, tracking
 from raypref.config import to_dict
 from raypref.recipes import recipe
-from raypref.recipes.method import PAIRS
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig
@@ -150,9 +149,9 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
     if cfg.psoups_files:
         data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
     else:
-        # a chat-templated base reads P-MORL's instruction as its system message, as at evaluation
-        system_message = (bool(cfg.base_policy) and recipe(cfg.algo).data == PAIRS
-                          and has_chat_template(load_tokenizer(sft_dir)))
+        # a chat-templated base reads P-MORL's instruction as its system message, as at
+        # evaluation, whichever method trains it (every per-preference builder takes the rule)
+        system_message = bool(cfg.base_policy) and has_chat_template(load_tokenizer(sft_dir))
         data = [simulated_data(cfg, world, cfg.seed + k, system_message) for k in range(cfg.seeds)]
     runs_dir = storage.join(storage.resolve(cfg.storage_path or str(out / "runs")), training_key(cfg))
     jobs = training_jobs(cfg, sft_dir, data, runs_dir)

@@ -33,7 +33,9 @@ from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.experiments.run import Experiment, JobResult, Run, RunConfig, run_experiment
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings)
-from raypref.recipes.reward_data import WORLD, RewardDataConfig, build_pairs, judge_reference, population
+from raypref.recipes.pool import ensure_pool
+from raypref.recipes.reward_data import (POOL, WORLD, RewardDataConfig, build_pairs, judge_reference,
+                                         population)
 from raypref.train.runner import Resources
 
 
@@ -163,6 +165,9 @@ class RewardExperiment(Experiment):
 
     def prepare(self, run: Run) -> None:
         data = run.cfg.data
+        if data.source == POOL:  # generated (or resumed) and judged once, before any worker reads it
+            pool = ensure_pool(data.pool)
+            print(f"[reward] candidate pool {pool.folder}: {len(pool.candidates)} answers", flush=True)
         if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now
             pairs = build_pairs(data)
             print(f"[reward] {data.source} ({data.schema}): {len(pairs)} user(s), "
@@ -180,7 +185,7 @@ class RewardExperiment(Experiment):
         if plot:
             tracking.log_artifact(plot)
         if result.export_path and cfg.method == "vae":
-            groups = ({u.user_id: u.group for u in population(recipe.data)} if recipe.data.source == WORLD
+            groups = ({u.user_id: u.group for u in population(recipe.data)} if recipe.data.has_judge
                       else {uid: up.user.group for uid, up in run.spec.pairs.items()})
             tsne = plot_latent_tsne(Path(result.export_path) / LATENTS_FILE, groups, run.out / "latent-tsne.png")
             if tsne:
@@ -189,7 +194,7 @@ class RewardExperiment(Experiment):
             tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
         final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
         reference = (judge_reference(recipe.data, recipe.eval_pairs_per_user)
-                     if recipe.data.source == WORLD else {})
+                     if recipe.data.has_judge else {})
         return {"final": final, "judge_reference": {"acc": reference}}
 
     def report(self, result: JobResult) -> None:
@@ -197,7 +202,7 @@ class RewardExperiment(Experiment):
         print(f"[reward] {s['run_name']}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(s["final"].items())))
         reference = s["judge_reference"]["acc"]
         if reference:
-            print("[reward] reference: the world's judge with each user's true weights, same pairs: "
+            print("[reward] reference: the judges with each user's true weights, same pairs: "
                   + " ".join(f"acc.{k}={v:.3f}" for k, v in sorted(reference.items())))
         print(f"[reward] model: {result.policy_dir}")
         print(f"[reward] summary: {result.output_dir / 'summary.json'}; MLflow run {result.run_id} in "

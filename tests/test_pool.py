@@ -176,7 +176,7 @@ def test_missing_pool_is_a_clear_error(tmp_path):
     from raypref.recipes.reward_data import RewardDataConfig, build_pairs
 
     cfg = config(tmp_path)
-    with pytest.raises(FileNotFoundError, match="python -m raypref.recipes.pool"):
+    with pytest.raises(FileNotFoundError, match="python jobs/pool.py"):
         build_pairs(RewardDataConfig(source="pool", pool=cfg))
     with pytest.raises(ValueError, match="friendliness"):
         RewardDataConfig(source="pool", pool=dataclasses.replace(cfg, judges=["verbosity", "expertise"])).validate()

@@ -3,8 +3,8 @@ prompts, cached on disk by a hash of its settings, judged by the text judges, an
 job that labels pairs from it (the reward comparison on real text today; the soups and fronts
 jobs are meant to read the same pool).
 
-    python -m raypref.recipes.pool --config configs/reward-compare-smollm2.yaml   # its data.pool
-    python -m raypref.recipes.pool --max_new_tokens 48 --train_prompts 10 ...    # or flags
+    python jobs/pool.py --config configs/reward-compare-smollm2.yaml   # that job's data.pool
+    python jobs/pool.py --max_new_tokens 48 --train_prompts 10 ...    # or flags
 
 Settings (`PoolConfig`): the model, the prompts (the project's questions, data/prompts.py, or a
 file; `train_prompts` / `test_prompts` of each split, spread over the file), the system prompts
@@ -22,13 +22,11 @@ removed. The judges' scores go to ``scores.json`` (atomic), keyed by the judges'
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import hashlib
 import json
 import os
 import time
-import typing
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -36,7 +34,7 @@ from typing import Callable, Sequence
 import numpy as np
 
 from raypref import atomic
-from raypref.config import check_fields, config_hash, from_dict, load_yaml
+from raypref.config import check_fields, config_hash
 from raypref.data.prompts import read_prompts
 from raypref.data.users import psoups_profiles
 
@@ -270,7 +268,7 @@ def load_pool(cfg: PoolConfig, settings: dict | None = None) -> Pool:
     path = folder / POOL_FILE
     if not path.exists():
         raise FileNotFoundError(f"no candidate pool at {path}: generate it first with "
-                                f"`python -m raypref.recipes.pool` and the same pool settings")
+                                f"`python jobs/pool.py` and the same pool settings")
     candidates = [Candidate(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
     pool = Pool([tuple(p) for p in settings["prompts"]], list(settings["systems"]), candidates, folder)
     scores_path = folder / SCORES_FILE
@@ -334,34 +332,3 @@ def summary(pool: Pool) -> dict:
             for s in range(len(pool.systems))}
         out["spearman"] = judge_correlations(pool.scores).round(3).to_dict()
     return out
-
-
-def main(argv: list[str] | None = None) -> Pool:
-    """Generate and judge a pool: ``--config file.yaml`` (its ``data.pool`` section if it has one,
-    else the whole file) and ``--field value`` flags over `PoolConfig`'s fields."""
-    from raypref.config import value_from_cli
-
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default="")
-    types = typing.get_type_hints(PoolConfig)
-    for name in types:
-        parser.add_argument(f"--{name}")
-    args = parser.parse_args(argv)
-    data = {}
-    if args.config:
-        data = load_yaml(args.config)
-        data = data.get("data", {}).get("pool", data) if "data" in data else data
-    for name, tp in types.items():
-        raw = getattr(args, name)
-        if raw is not None:
-            data[name] = value_from_cli(tp, raw, f"--{name}")
-    cfg = from_dict(PoolConfig, data)
-    pool = ensure_pool(cfg)
-    atomic.write_json(pool.folder / "summary.json", summary(pool), indent=1)
-    print(f"[pool] {len(pool.candidates)} candidates in {pool.folder} (summary.json: sizes, "
-          f"judge correlations)")
-    return pool
-
-
-if __name__ == "__main__":
-    main()

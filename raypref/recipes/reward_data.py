@@ -191,7 +191,7 @@ def pool_scores(cfg: RewardDataConfig):
     pool = load_pool(cfg.pool)
     if not pool.scores:
         raise FileNotFoundError(f"the candidate pool in {pool.folder} is not judged yet: run "
-                                "`python -m raypref.recipes.pool` with the same pool settings")
+                                "`python jobs/pool.py` with the same pool settings")
     raw = {a: pool.scores[a] for a in POOL_ATTRIBUTES}
     scales = pool_scales(raw)
     return pool, {a: raw[a] / scales[a] for a in POOL_ATTRIBUTES}

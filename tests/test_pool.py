@@ -204,3 +204,23 @@ def test_tiny_real_pool_on_smollm2(tmp_path):
     assert np.all(pool.scores["fluency"] < 0) and np.all(pool.scores["verbosity"] > 0)
     assert pool_mod.ensure_pool(cfg, FakeLM(fail_at=1)).candidates == pool.candidates
     assert set(pool_mod.summary(pool)["spearman"]) == set(pool.scores)
+
+
+def test_query_embeddings_cached_once_match_the_workers_own(tmp_path):
+    """A frozen encoder's pair embeddings, precomputed for every run on the same data, are the
+    ones a worker would compute itself (here on the pool's pairs)."""
+    import torch
+
+    from raypref.recipes.reward import RewardConfig, RewardSpec, precompute_query_embeddings
+    from raypref.recipes.reward_data import RewardDataConfig
+
+    cfg, _ = judged_pool(tmp_path)
+    data = RewardDataConfig(source="pool", pool=cfg, label_noise=0.0, train_pairs_per_user=4,
+                            test_pairs_per_user=2, demo_pool=2, n_demos=1)
+    recipe = RewardConfig(method="bt", freeze_query_encoder=True, eval_pairs_per_user=2, data=data)
+    path = precompute_query_embeddings(recipe, tmp_path / "q.safetensors")
+    cached = RewardSpec(recipe, query_embeddings_path=str(path)).query_embeddings()
+    own = RewardSpec(recipe).query_embeddings()
+    assert sorted(cached) == sorted(own) == [(1, "test"), (1, "train"), (2, "test"), (2, "train")]
+    for key in own:
+        assert cached[key].shape == own[key].shape and torch.allclose(cached[key], own[key], atol=1e-5)

@@ -32,7 +32,7 @@ from raypref.config import config_hash, to_dict
 from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.experiments.run import Experiment, JobResult, Run, RunConfig, run_experiment
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
-                                    precompute_demo_embeddings)
+                                    precompute_demo_embeddings, precompute_query_embeddings)
 from raypref.recipes.pool import ensure_pool
 from raypref.recipes.reward_data import (POOL, WORLD, RewardDataConfig, build_pairs, judge_reference,
                                          population)
@@ -83,6 +83,20 @@ def demo_cache(cfg: RewardJobConfig) -> Path | None:
     if not path.exists():
         print(f"[reward] embedding demonstration pools once -> {path}", flush=True)
         precompute_demo_embeddings(recipe_config(cfg), path)
+    return path
+
+
+def query_cache(cfg: RewardJobConfig) -> Path | None:
+    """A frozen query encoder's embeddings of every pair of this data + encoder, computed once
+    and shared by every run on them (the arms and seeds of a comparison)."""
+    if not cfg.freeze_query_encoder or cfg.method == "few_shot":
+        return None
+    key = config_hash({"data": dataclasses.asdict(cfg.data), "encoder": dataclasses.asdict(cfg.encoder),
+                       "eval_pairs_per_user": cfg.eval_pairs_per_user})
+    path = (Path(cfg.output_dir) / "cache" / f"queries-{key}.safetensors").resolve()
+    if not path.exists():
+        print(f"[reward] embedding every pair once (frozen encoder) -> {path}", flush=True)
+        precompute_query_embeddings(recipe_config(cfg), path)
     return path
 
 
@@ -177,7 +191,7 @@ class RewardExperiment(Experiment):
     def spec(self, run: Run) -> RewardSpec:
         cfg = run.cfg
         return RewardSpec(recipe_config(cfg), demo_embeddings_path=str(demo_cache(cfg) or "") or None,
-                          seed=cfg.seed)
+                          seed=cfg.seed, query_embeddings_path=str(query_cache(cfg) or "") or None)
 
     def evaluate(self, run: Run, result) -> dict:
         cfg, recipe = run.cfg, run.spec.cfg

@@ -211,13 +211,15 @@ def test_query_embeddings_cached_once_match_the_workers_own(tmp_path):
     ones a worker would compute itself (here on the pool's pairs)."""
     import torch
 
+    from raypref.models.reward import EncoderConfig
     from raypref.recipes.reward import RewardConfig, RewardSpec, precompute_query_embeddings
     from raypref.recipes.reward_data import RewardDataConfig
 
     cfg, _ = judged_pool(tmp_path)
     data = RewardDataConfig(source="pool", pool=cfg, label_noise=0.0, train_pairs_per_user=4,
                             test_pairs_per_user=2, demo_pool=2, n_demos=1)
-    recipe = RewardConfig(method="bt", freeze_query_encoder=True, eval_pairs_per_user=2, data=data)
+    recipe = RewardConfig(method="bt", freeze_query_encoder=True, eval_pairs_per_user=2, data=data,
+                          encoder=EncoderConfig("tiny", max_length=64, tiny_hidden=16, tiny_heads=2))
     path = precompute_query_embeddings(recipe, tmp_path / "q.safetensors")
     cached = RewardSpec(recipe, query_embeddings_path=str(path)).query_embeddings()
     own = RewardSpec(recipe).query_embeddings()

@@ -64,8 +64,8 @@ def test_pool_key_changes_with_every_setting(tmp_path):
     for name, value in changes.items():
         keys.add(pool_folder(dataclasses.replace(cfg, **{name: value})))
     assert len(keys) == len(changes) + 1
-    # the judges are not generation settings: same pool, scored again
-    assert pool_folder(dataclasses.replace(cfg, judges=["verbosity"])) == base
+    # the judges and the thread count are not generation settings: the same pool
+    assert pool_folder(dataclasses.replace(cfg, judges=["verbosity"], threads=1)) == base
     # new weights under the same folder name are a new pool
     fake_model(tmp_path, b"other weights")
     assert pool_folder(cfg) != base

@@ -130,6 +130,9 @@ def test_text_judges_label_for_a_users_weights(tmp_path):
                 assert (won < lost) if sign > 0 else (won > lost), (attr, sign, r.chosen, r.rejected)
     # the long plain answer against the short friendly one, by hand
     assert scaled["friendliness"][0] == 0.0  # the plain answer is neutral
+    info = pool_mod.summary(pool, dataclasses.replace(cfg, max_new_tokens=7))
+    assert info["cut_at_max_new_tokens_by_system"] == {s or "(none)": 1.0 for s in TEXTS}
+    assert info["mean_scores_by_system"]["long"]["verbosity"] == 40.0
     long_i = next(i for i, c in enumerate(pool.candidates) if c.prompt == 0 and c.system == 1)
     kind_i = next(i for i, c in enumerate(pool.candidates) if c.prompt == 0 and c.system == 2)
     assert scaled["verbosity"][long_i] > scaled["verbosity"][kind_i]
@@ -203,7 +206,7 @@ def test_tiny_real_pool_on_smollm2(tmp_path):
     assert set(pool.scores) == set(pool_mod.JUDGES) | {"quality"}
     assert np.all(pool.scores["fluency"] < 0) and np.all(pool.scores["verbosity"] > 0)
     assert pool_mod.ensure_pool(cfg, FakeLM(fail_at=1)).candidates == pool.candidates
-    assert set(pool_mod.summary(pool)["spearman"]) == set(pool.scores)
+    assert set(pool_mod.summary(pool, cfg)["spearman"]) == set(pool.scores)
 
 
 def test_query_embeddings_cached_once_match_the_workers_own(tmp_path):

@@ -32,7 +32,7 @@ def main(argv: list[str] | None = None) -> Pool:
             data[name] = value_from_cli(tp, raw, f"--{name}")
     cfg = from_dict(PoolConfig, data)
     pool = ensure_pool(cfg)
-    atomic.write_json(pool.folder / "summary.json", summary(pool), indent=1)
+    atomic.write_json(pool.folder / "summary.json", summary(pool, cfg), indent=1)
     print(f"[pool] {len(pool.candidates)} candidates in {pool.folder} (summary.json: sizes, "
           f"judge correlations)")
     return pool

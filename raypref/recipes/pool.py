@@ -330,14 +330,18 @@ def ensure_pool(cfg: PoolConfig, generate_fn: GenerateFn | None = None, log=prin
         torch.set_num_threads(threads)
 
 
-def summary(pool: Pool) -> dict:
-    """Sizes, mean tokens per system prompt and the judges' Spearman correlations on the pool."""
+def summary(pool: Pool, cfg: PoolConfig) -> dict:
+    """Sizes, mean tokens and the share cut at max_new_tokens per system prompt, the judges'
+    means per system prompt and their Spearman correlations on the pool."""
     from raypref.rewards.text import judge_correlations
 
+    def per_system(value):
+        return {pool.systems[s] or "(none)": float(np.mean([value(c) for c in pool.candidates if c.system == s]))
+                for s in range(len(pool.systems))}
     out = {"candidates": len(pool.candidates),
            "prompts": {s: sum(1 for _, sp in pool.prompts if sp == s) for s in ("train", "test")},
-           "mean_tokens_by_system": {pool.systems[s] or "(none)": float(np.mean(
-               [c.tokens for c in pool.candidates if c.system == s])) for s in range(len(pool.systems))}}
+           "mean_tokens_by_system": per_system(lambda c: c.tokens),
+           "cut_at_max_new_tokens_by_system": per_system(lambda c: c.tokens >= cfg.max_new_tokens)}
     if pool.scores:
         out["mean_scores_by_system"] = {pool.systems[s] or "(none)": {k: float(np.mean(
             [v[i] for i, c in enumerate(pool.candidates) if c.system == s])) for k, v in pool.scores.items()}

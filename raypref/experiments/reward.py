@@ -184,7 +184,7 @@ class RewardExperiment(Experiment):
             print(f"[reward] candidate pool {pool.folder}: {len(pool.candidates)} answers", flush=True)
         if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now
             pairs = build_pairs(data)
-            print(f"[reward] {data.source} ({data.schema}): {len(pairs)} user(s), "
+            print(f"[reward] {data.source}{'' if data.source == POOL else f' ({data.schema})'}: {len(pairs)} user(s), "
                   f"{sum(len(up.train) for up in pairs.values())} train and "
                   f"{sum(len(up.test) for up in pairs.values())} test pairs", flush=True)
 

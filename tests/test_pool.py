@@ -229,3 +229,19 @@ def test_query_embeddings_cached_once_match_the_workers_own(tmp_path):
     assert sorted(cached) == sorted(own) == [(1, "test"), (1, "train"), (2, "test"), (2, "train")]
     for key in own:
         assert cached[key].shape == own[key].shape and torch.allclose(cached[key], own[key], atol=1e-5)
+
+
+def test_resolved_config_keys_the_same_pool_from_any_folder(tmp_path, monkeypatch):
+    """A driver hands its workers absolute paths (they run in other folders); the pool's key
+    must not change with that."""
+    from raypref.recipes.pool import resolved
+
+    (tmp_path / "q.txt").write_text("\n".join(f"Question number {i}?" for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    fake_model(tmp_path)
+    cfg = PoolConfig(model="model", prompts="q.txt", train_prompts=3, test_prompts=2, dir="pools")
+    absolute = resolved(cfg)
+    assert absolute.dir == str(tmp_path / "pools") and absolute.prompts == str(tmp_path / "q.txt")
+    assert absolute.model == str(tmp_path / "model")
+    assert pool_folder(absolute) == tmp_path / pool_folder(cfg)
+    assert resolved(PoolConfig()).model == "smollm2-135m-instruct"  # a name stays a name

@@ -33,7 +33,7 @@ from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.experiments.run import Experiment, JobResult, Run, RunConfig, run_experiment
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
                                     precompute_demo_embeddings, precompute_query_embeddings)
-from raypref.recipes.pool import ensure_pool
+from raypref.recipes.pool import ensure_pool, resolved
 from raypref.recipes.reward_data import (POOL, WORLD, RewardDataConfig, build_pairs, judge_reference,
                                          population)
 from raypref.train.runner import Resources
@@ -180,6 +180,7 @@ class RewardExperiment(Experiment):
     def prepare(self, run: Run) -> None:
         data = run.cfg.data
         if data.source == POOL:  # generated (or resumed) and judged once, before any worker reads it
+            data.pool = resolved(data.pool)  # the workers run in other folders
             pool = ensure_pool(data.pool)
             print(f"[reward] candidate pool {pool.folder}: {len(pool.candidates)} answers", flush=True)
         if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now

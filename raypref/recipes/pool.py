@@ -22,6 +22,7 @@ removed. The judges' scores go to ``scores.json`` (atomic), keyed by the judges'
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import hashlib
 import json
@@ -156,10 +157,20 @@ def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
 
 def generation_settings(cfg: PoolConfig) -> dict:
     """Everything the pool's text depends on (its cache key hashes this)."""
-    return {"model": cfg.model, "model_sha256": model_fingerprint(cfg.model),
+    return {"model": Path(cfg.model).name, "model_sha256": model_fingerprint(cfg.model),
             "prompts": pool_prompts(cfg), "systems": list(cfg.systems),
             "samples_per_prompt": cfg.samples_per_prompt, "max_new_tokens": cfg.max_new_tokens,
             "temperature": cfg.temperature, "seed": cfg.seed, "batch_size": cfg.batch_size}
+
+
+def resolved(cfg: PoolConfig) -> PoolConfig:
+    """``cfg`` with its relative paths (dir, prompts, a local model folder) made absolute against
+    this working directory: what a driver hands its workers, which run in other folders."""
+    model = Path(cfg.model).expanduser()
+    return dataclasses.replace(
+        cfg, dir=str(Path(cfg.dir).expanduser().resolve()),
+        prompts=str(Path(cfg.prompts).expanduser().resolve()) if cfg.prompts else "",
+        model=str(model.resolve()) if model.exists() else cfg.model)
 
 
 def pool_folder(cfg: PoolConfig, settings: dict | None = None) -> Path:

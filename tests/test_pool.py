@@ -245,3 +245,15 @@ def test_resolved_config_keys_the_same_pool_from_any_folder(tmp_path, monkeypatc
     assert absolute.model == str(tmp_path / "model")
     assert pool_folder(absolute) == tmp_path / pool_folder(cfg)
     assert resolved(PoolConfig()).model == "smollm2-135m-instruct"  # a name stays a name
+
+
+def test_reward_spec_gets_absolute_pool_paths_without_touching_the_jobs_config(tmp_path):
+    """The comparison's runs share one data config and their names hash it: the spec's copy is
+    resolved for the workers, the config stays as given."""
+    from raypref.experiments.reward import RewardExperiment, RewardJobConfig
+    from raypref.experiments.run import Run
+    from raypref.recipes.reward_data import RewardDataConfig
+
+    cfg = RewardJobConfig(method="bt", data=RewardDataConfig(source="pool", pool=PoolConfig(dir="pools")))
+    spec = RewardExperiment().spec(Run(cfg, "r", tmp_path))
+    assert spec.cfg.data.pool.dir.startswith("/") and cfg.data.pool.dir == "pools"

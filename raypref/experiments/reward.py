@@ -180,7 +180,6 @@ class RewardExperiment(Experiment):
     def prepare(self, run: Run) -> None:
         data = run.cfg.data
         if data.source == POOL:  # generated (or resumed) and judged once, before any worker reads it
-            data.pool = resolved(data.pool)  # the workers run in other folders
             pool = ensure_pool(data.pool)
             print(f"[reward] candidate pool {pool.folder}: {len(pool.candidates)} answers", flush=True)
         if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now
@@ -191,7 +190,11 @@ class RewardExperiment(Experiment):
 
     def spec(self, run: Run) -> RewardSpec:
         cfg = run.cfg
-        return RewardSpec(recipe_config(cfg), demo_embeddings_path=str(demo_cache(cfg) or "") or None,
+        recipe = recipe_config(cfg)
+        if recipe.data.source == POOL:  # the workers run in other folders: absolute paths (a copy:
+            # the comparison's runs share cfg.data, and their names hash it)
+            recipe.data = dataclasses.replace(recipe.data, pool=resolved(recipe.data.pool))
+        return RewardSpec(recipe, demo_embeddings_path=str(demo_cache(cfg) or "") or None,
                           seed=cfg.seed, query_embeddings_path=str(query_cache(cfg) or "") or None)
 
     def evaluate(self, run: Run, result) -> dict:

@@ -62,6 +62,8 @@ def test_arm_configs_set_every_knob(tmp_path):
     bt = arm_config(base, "BT", 4)
     assert (bt.method, bt.contrastive, bt.gradient, bt.seed) == ("bt", 0.0, "sum", 4)
     assert arm_config(base, "VAE+PCGrad", 0).gradient == "pcgrad"
-    assert set(ARMS) == {"BT", "VAE", "VAE+adaptive", "VAE+contrastive", "VAE+PCGrad"}
+    assert set(ARMS) == {"BT", "VAE", "VAE+adaptive", "VAE+contrastive", "VAE+PCGrad", "UserModel"}
+    assert RewardCompareConfig().arms == ["BT", "VAE", "VAE+adaptive", "VAE+contrastive", "VAE+PCGrad"]
+    assert arm_config(base, "UserModel", 0).method == "user_model"
     with pytest.raises(ValueError, match="arms=\\['GPT'\\]"):
         RewardCompareConfig(arms=["GPT"]).validate()

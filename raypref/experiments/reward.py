@@ -32,8 +32,10 @@ from raypref.config import config_hash, to_dict
 from raypref.eval.few_shot import FewShotConfig, evaluate_few_shot
 from raypref.experiments.run import Experiment, JobResult, Run, RunConfig, run_experiment
 from raypref.recipes.reward import (LATENTS_FILE, RewardConfig, RewardSpec,
-                                    precompute_demo_embeddings)
-from raypref.recipes.reward_data import WORLD, RewardDataConfig, build_pairs, judge_reference, population
+                                    precompute_demo_embeddings, precompute_query_embeddings)
+from raypref.recipes.pool import ensure_pool, resolved
+from raypref.recipes.reward_data import (POOL, WORLD, RewardDataConfig, build_pairs, judge_reference,
+                                         population)
 from raypref.train.runner import Resources
 
 
@@ -81,6 +83,20 @@ def demo_cache(cfg: RewardJobConfig) -> Path | None:
     if not path.exists():
         print(f"[reward] embedding demonstration pools once -> {path}", flush=True)
         precompute_demo_embeddings(recipe_config(cfg), path)
+    return path
+
+
+def query_cache(cfg: RewardJobConfig) -> Path | None:
+    """A frozen query encoder's embeddings of every pair of this data + encoder, computed once
+    and shared by every run on them (the arms and seeds of a comparison)."""
+    if not cfg.freeze_query_encoder or cfg.method == "few_shot":
+        return None
+    key = config_hash({"data": dataclasses.asdict(cfg.data), "encoder": dataclasses.asdict(cfg.encoder),
+                       "eval_pairs_per_user": cfg.eval_pairs_per_user})
+    path = (Path(cfg.output_dir) / "cache" / f"queries-{key}.safetensors").resolve()
+    if not path.exists():
+        print(f"[reward] embedding every pair once (frozen encoder) -> {path}", flush=True)
+        precompute_query_embeddings(recipe_config(cfg), path)
     return path
 
 
@@ -163,16 +179,23 @@ class RewardExperiment(Experiment):
 
     def prepare(self, run: Run) -> None:
         data = run.cfg.data
+        if data.source == POOL:  # generated (or resumed) and judged once, before any worker reads it
+            pool = ensure_pool(data.pool)
+            print(f"[reward] candidate pool {pool.folder}: {len(pool.candidates)} answers", flush=True)
         if data.source != WORLD:  # read once here, before Ray: wrong columns or too many bad rows stop now
             pairs = build_pairs(data)
-            print(f"[reward] {data.source} ({data.schema}): {len(pairs)} user(s), "
+            print(f"[reward] {data.source}{'' if data.source == POOL else f' ({data.schema})'}: {len(pairs)} user(s), "
                   f"{sum(len(up.train) for up in pairs.values())} train and "
                   f"{sum(len(up.test) for up in pairs.values())} test pairs", flush=True)
 
     def spec(self, run: Run) -> RewardSpec:
         cfg = run.cfg
-        return RewardSpec(recipe_config(cfg), demo_embeddings_path=str(demo_cache(cfg) or "") or None,
-                          seed=cfg.seed)
+        recipe = recipe_config(cfg)
+        if recipe.data.source == POOL:  # the workers run in other folders: absolute paths (a copy:
+            # the comparison's runs share cfg.data, and their names hash it)
+            recipe.data = dataclasses.replace(recipe.data, pool=resolved(recipe.data.pool))
+        return RewardSpec(recipe, demo_embeddings_path=str(demo_cache(cfg) or "") or None,
+                          seed=cfg.seed, query_embeddings_path=str(query_cache(cfg) or "") or None)
 
     def evaluate(self, run: Run, result) -> dict:
         cfg, recipe = run.cfg, run.spec.cfg
@@ -180,7 +203,7 @@ class RewardExperiment(Experiment):
         if plot:
             tracking.log_artifact(plot)
         if result.export_path and cfg.method == "vae":
-            groups = ({u.user_id: u.group for u in population(recipe.data)} if recipe.data.source == WORLD
+            groups = ({u.user_id: u.group for u in population(recipe.data)} if recipe.data.has_judge
                       else {uid: up.user.group for uid, up in run.spec.pairs.items()})
             tsne = plot_latent_tsne(Path(result.export_path) / LATENTS_FILE, groups, run.out / "latent-tsne.png")
             if tsne:
@@ -189,7 +212,7 @@ class RewardExperiment(Experiment):
             tracking.register_model_dir(result.export_path, f"raypref-reward-{cfg.method}")
         final = {k[len("eval."):]: v for k, v in result.metrics[-1].items() if k.startswith("eval.")}
         reference = (judge_reference(recipe.data, recipe.eval_pairs_per_user)
-                     if recipe.data.source == WORLD else {})
+                     if recipe.data.has_judge else {})
         return {"final": final, "judge_reference": {"acc": reference}}
 
     def report(self, result: JobResult) -> None:
@@ -197,7 +220,7 @@ class RewardExperiment(Experiment):
         print(f"[reward] {s['run_name']}: " + " ".join(f"{k}={v:.3f}" for k, v in sorted(s["final"].items())))
         reference = s["judge_reference"]["acc"]
         if reference:
-            print("[reward] reference: the world's judge with each user's true weights, same pairs: "
+            print("[reward] reference: the judges with each user's true weights, same pairs: "
                   + " ".join(f"acc.{k}={v:.3f}" for k, v in sorted(reference.items())))
         print(f"[reward] model: {result.policy_dir}")
         print(f"[reward] summary: {result.output_dir / 'summary.json'}; MLflow run {result.run_id} in "

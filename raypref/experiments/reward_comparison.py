@@ -1,10 +1,16 @@
 """The reward-model comparison of Liu 2025 Tables 2-4 (``jobs/reward_compare.py``): arms (BT, VAE,
-VAE + adaptive sampling, VAE + contrastive, VAE + PCGrad) × seeds, each trained by the reward
+VAE + adaptive sampling, VAE + contrastive, VAE + PCGrad; the user-model RM of P-RLHF on request)
+× seeds, each trained by the reward
 job's experiment with its settings, summarized as mean ± std test accuracy, the number of runs
 that converged (final accuracy > 0.6), the steps to reach 95% of the final accuracy, the worst
 user's accuracy and the wall time of a run. Writes <output_dir>/comparison.md and
 comparison.json; the table's last row is the world judge's own accuracy on the same test pairs
-(a reference, not a bound).
+(a reference, not a bound). Each finished run's curve is kept under <output_dir>/runs/, so a
+killed comparison (or one run arm by arm) picks up the runs it already has.
+
+``--data.source pool`` runs the same table on real text: the shared candidate pool of a base
+LM labelled by the text judges (recipes/pool.py, recipes/reward_data.py `pool_pairs`;
+configs/reward-compare-smollm2.yaml).
 
 Measured tables: docs/RESULTS.md.
 """
@@ -19,8 +25,8 @@ from pathlib import Path
 import numpy as np
 
 from raypref import atomic
-from raypref.experiments.reward import RewardJobConfig, train_reward
-from raypref.recipes.reward_data import WORLD, judge_reference
+from raypref.experiments.reward import RewardJobConfig, run_name, train_reward
+from raypref.recipes.reward_data import POOL, judge_reference
 
 # every arm names all four knobs, so a base config's own choice never leaks into an arm
 ARMS: dict[str, dict] = {
@@ -29,7 +35,9 @@ ARMS: dict[str, dict] = {
     "VAE+adaptive": dict(method="vae", sampling="adaptive", contrastive=0.0, gradient="sum"),
     "VAE+contrastive": dict(method="vae", sampling="uniform", contrastive=0.5, gradient="sum"),
     "VAE+PCGrad": dict(method="vae", sampling="uniform", contrastive=0.0, gradient="pcgrad"),
+    "UserModel": dict(method="user_model", sampling="uniform", contrastive=0.0, gradient="sum"),
 }
+DEFAULT_ARMS = ["BT", "VAE", "VAE+adaptive", "VAE+contrastive", "VAE+PCGrad"]
 CONVERGED = 0.6
 METRIC = "eval.acc.mean"
 
@@ -70,7 +78,8 @@ def h_min(history: list[dict]) -> float:
     return accuracy_curve(history, "eval.acc.min")[-1][1]
 
 
-def format_table(rows: list[dict], reference: dict[str, float] | None = None) -> str:
+def format_table(rows: list[dict], reference: dict[str, float] | None = None,
+                 judge: str = "world judge") -> str:
     """A markdown table like Liu 2025 Tables 2-4; ``reference`` (`recipes.reward_data.judge_reference`)
     adds the world judge's own accuracy on the same pairs as a last row."""
     lines = ["| arm | test acc (mean ± std) | converged (acc > 0.6) | steps to 95% of final "
@@ -81,7 +90,7 @@ def format_table(rows: list[dict], reference: dict[str, float] | None = None) ->
                      f"{r['steps95_std']:.0f} | {r['min_user_acc']:.3f} | "
                      f"{r['seconds_per_run']:.0f} |")
     if reference:
-        lines.append(f"| world judge, true weights (reference) | {reference['mean']:.3f} | – | – | "
+        lines.append(f"| {judge}, true weights (reference) | {reference['mean']:.3f} | – | – | "
                      f"{reference['min']:.3f} | – |")
     return "\n".join(lines)
 
@@ -90,7 +99,7 @@ def format_table(rows: list[dict], reference: dict[str, float] | None = None) ->
 
 @dataclass
 class RewardCompareConfig(RewardJobConfig):
-    arms: list[str] = field(default_factory=lambda: list(ARMS))
+    arms: list[str] = field(default_factory=lambda: list(DEFAULT_ARMS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     output_dir: str = "outputs/reward_compare"
 
@@ -113,18 +122,24 @@ def run_comparison(cfg: RewardCompareConfig) -> list[dict]:
     """Train every arm x seed, then write and print the table; returns its rows."""
     runs: dict[str, list[list[dict]]] = {arm: [] for arm in cfg.arms}
     seconds: dict[str, list[float]] = {arm: [] for arm in cfg.arms}
+    out = Path(cfg.output_dir)
     for arm in cfg.arms:
         for seed in cfg.seeds:
-            print(f"[reward_compare] {arm} seed {seed}", flush=True)
-            start = time.perf_counter()
-            history = train_reward(arm_config(cfg, arm, seed)).metrics
-            seconds[arm].append(time.perf_counter() - start)
-            runs[arm].append(history)
+            run_cfg = arm_config(cfg, arm, seed)
+            kept = out / "runs" / f"{run_name(run_cfg)}.json"  # the name hashes every setting
+            if kept.exists():
+                saved = json.loads(kept.read_text())
+                print(f"[reward_compare] {arm} seed {seed}: finished before ({kept})", flush=True)
+            else:
+                print(f"[reward_compare] {arm} seed {seed}", flush=True)
+                start = time.perf_counter()
+                saved = {"history": train_reward(run_cfg).metrics, "seconds": time.perf_counter() - start}
+                atomic.write_text(kept, json.dumps(saved))
+            seconds[arm].append(saved["seconds"])
+            runs[arm].append(saved["history"])
     rows = summarize(runs, seconds)
-    reference = (judge_reference(cfg.data, cfg.eval_pairs_per_user) if cfg.data.source == WORLD
-                 else None)
-    table = format_table(rows, reference)
-    out = Path(cfg.output_dir)
+    reference = judge_reference(cfg.data, cfg.eval_pairs_per_user) if cfg.data.has_judge else None
+    table = format_table(rows, reference, "text judges" if cfg.data.source == POOL else "world judge")
     out.mkdir(parents=True, exist_ok=True)
     atomic.write_text(out / "comparison.md", table + "\n")
     atomic.write_text(out / "comparison.json", json.dumps(

@@ -145,6 +145,9 @@ class RewardSpec(LoopSpec):
     cfg: RewardConfig
     demo_embeddings_path: str | None = None   # precomputed pool embeddings (vae); None = on worker
     seed: int = 0
+    # frozen query encoder: every pair's embeddings precomputed once for all runs on this data
+    # (`precompute_query_embeddings`); None = computed on the worker
+    query_embeddings_path: str | None = None
 
     def __post_init__(self):
         self.cfg.validate()
@@ -169,12 +172,14 @@ class RewardSpec(LoopSpec):
         """(user id, "train" | "test") -> [n, 2, E] frozen embeddings of every pair (frozen
         query encoder only), computed once on the worker."""
         if self._queries is None:
-            encoder = build_demo_encoder(self.cfg)
-            self._queries = {}
-            for uid, up in self.pairs.items():
-                self._queries[(uid, "train")] = pair_embeddings(up.train, encoder)
-                self._queries[(uid, "test")] = pair_embeddings(
-                    up.test[:self.cfg.eval_pairs_per_user], encoder)
+            if self.query_embeddings_path:
+                saved = load_embeddings_by_key(Path(self.query_embeddings_path))
+                self._queries = {(int(k.split("/")[0]), k.split("/")[1]): v for k, v in saved.items()}
+                missing = sorted(set(self.pairs) - {uid for uid, _ in self._queries})
+                if missing:
+                    raise ValueError(f"{self.query_embeddings_path}: no pair embeddings of user(s) {missing}")
+            else:
+                self._queries = query_embeddings(self.cfg, self.pairs)
         return self._queries
 
     def demos(self) -> dict[int, torch.Tensor]:
@@ -448,6 +453,40 @@ def build_demo_encoder(cfg: RewardConfig):
 
 def query_encoder(model: torch.nn.Module):
     return model.query_encoder if isinstance(model, VAERewardModel) else model.encoder
+
+
+def query_embeddings(cfg: RewardConfig, pairs: dict[int, UserPairs]) -> dict[tuple[int, str], torch.Tensor]:
+    """(user id, "train" | "test") -> [n, 2, E]: the frozen encoder's embeddings of every train
+    pair and of the evaluated test pairs."""
+    encoder = build_demo_encoder(cfg)
+    out = {}
+    for uid, up in pairs.items():
+        out[(uid, "train")] = pair_embeddings(up.train, encoder)
+        out[(uid, "test")] = pair_embeddings(up.test[:cfg.eval_pairs_per_user], encoder)
+    return out
+
+
+def precompute_query_embeddings(cfg: RewardConfig, path: Path) -> Path:
+    """Every pair embedded once by the frozen encoder (driver side), for runs that differ only in
+    method, seed or training settings."""
+    from safetensors.torch import save_file
+
+    embeddings = query_embeddings(cfg, build_pairs(cfg.data))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({f"{uid}/{split}": t.contiguous() for (uid, split), t in embeddings.items()}, str(tmp))
+    tmp.replace(path)
+    return path
+
+
+def load_embeddings_by_key(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    if not path.exists():
+        raise FileNotFoundError(f"pair embeddings file {path} does not exist "
+                                "(precompute it with recipes.reward.precompute_query_embeddings)")
+    return load_file(str(path))
 
 
 def precompute_demo_embeddings(cfg: RewardConfig, path: Path) -> Path:

@@ -1,0 +1,259 @@
+"""The shared candidate pool (recipes/pool.py) and the reward data read from it (reward_data.pool_pairs)."""
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+
+from raypref.data.users import User
+from raypref.recipes import pool as pool_mod
+from raypref.recipes.pool import PARTIAL_FILE, POOL_FILE, PoolConfig, generate_pool, pool_folder
+
+# hand-made answers, one per system prompt: (words, friendliness) orders are known
+TEXTS = {
+    "": "Water boils at one hundred degrees.",
+    "long": ("Water boils at one hundred degrees Celsius at sea level, where the air above the pot "
+             "weighs on the surface of the liquid, and on a high mountain it boils at a cooler "
+             "temperature because the air there is thinner."),
+    "friendly": "Great question, I love it! Water boils at a hundred degrees. Happy to help!",
+    "unfriendly": "Ugh, what a stupid question. Water boils at a hundred degrees, obviously. "
+                  "Stop wasting my time.",
+}
+ATTRS = ["verbosity", "expertise", "friendliness"]
+# each judge's order of the answers (by system prompt), best first; tied answers share a rank
+RANKS = {"verbosity": {"long": 0, "unfriendly": 1, "friendly": 2, "": 3},
+         "friendliness": {"friendly": 0, "": 1, "long": 1, "unfriendly": 2},
+         "expertise": {"long": 0, "unfriendly": 1, "": 2, "friendly": 3}}
+
+
+def fake_model(tmp_path, content=b"weights"):
+    folder = tmp_path / "model"
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text("{}")
+    (folder / "model.safetensors").write_bytes(content)
+    return str(folder)
+
+
+def config(tmp_path, **kw):
+    base = dict(model=fake_model(tmp_path), train_prompts=3, test_prompts=2, systems=list(TEXTS),
+                batch_size=5, judges=ATTRS, dir=str(tmp_path / "pools"))
+    return PoolConfig(**{**base, **kw})
+
+
+class FakeLM:
+    """Answers by system prompt; counts calls; raises on call number ``fail_at``."""
+
+    def __init__(self, fail_at=None):
+        self.calls, self.fail_at = 0, fail_at
+
+    def __call__(self, prompts, systems, seed):
+        self.calls += 1
+        if self.calls == self.fail_at:
+            raise KeyboardInterrupt("killed")
+        return [(TEXTS[s or ""] + ("" if s else f" ({seed})"), 7) for s in systems]
+
+
+def test_pool_key_changes_with_every_setting(tmp_path):
+    cfg = config(tmp_path)
+    base = pool_folder(cfg)
+    changes = dict(prompts=str(tmp_path / "q.txt"), train_prompts=2, test_prompts=1,
+                   systems=["", "long"], samples_per_prompt=2, max_new_tokens=32,
+                   temperature=0.7, seed=1, batch_size=4)
+    (tmp_path / "q.txt").write_text("\n".join(f"Question number {i}?" for i in range(40)))
+    keys = {base}
+    for name, value in changes.items():
+        keys.add(pool_folder(dataclasses.replace(cfg, **{name: value})))
+    assert len(keys) == len(changes) + 1
+    # the judges and the thread count are not generation settings: the same pool
+    assert pool_folder(dataclasses.replace(cfg, judges=["verbosity"], threads=1)) == base
+    # new weights under the same folder name are a new pool
+    fake_model(tmp_path, b"other weights")
+    assert pool_folder(cfg) != base
+
+
+def test_killed_generation_resumes_by_batch_and_matches_an_uninterrupted_one(tmp_path):
+    cfg = config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pool(cfg, FakeLM(fail_at=3), log=lambda *a, **k: None)
+    folder = pool_folder(cfg)
+    partial = folder / PARTIAL_FILE
+    assert len(partial.read_text().splitlines()) == 2 and not (folder / POOL_FILE).exists()
+    with open(partial, "a") as f:
+        f.write('{"batch": 2, "rows": [{"prompt": 0, "sys')  # a write torn by the kill
+    lines = []
+    lm = FakeLM()
+    pool = generate_pool(cfg, lm, log=lambda *a, **k: lines.append(a[0]))
+    n_items = 5 * len(TEXTS)
+    assert lm.calls == -(-n_items // cfg.batch_size) - 2  # only the missing batches
+    assert "resuming" in lines[0] and "tokens/s" in lines[-1] and "ETA" in lines[-1]
+    assert not partial.exists() and len(pool.candidates) == n_items
+    whole = generate_pool(dataclasses.replace(cfg, dir=str(tmp_path / "again")), FakeLM(), log=lambda *a, **k: None)
+    assert pool.candidates == whole.candidates
+    # a complete pool is read, never generated again
+    again = generate_pool(cfg, FakeLM(fail_at=1), log=lambda *a, **k: None)
+    assert again.candidates == pool.candidates
+    assert [c.prompt for c in pool.candidates] == sorted(c.prompt for c in pool.candidates)
+
+
+def test_broken_line_before_the_last_is_an_error_not_a_silent_drop(tmp_path):
+    cfg = config(tmp_path)
+    with pytest.raises(KeyboardInterrupt):
+        generate_pool(cfg, FakeLM(fail_at=3), log=lambda *a, **k: None)
+    partial = pool_folder(cfg) / PARTIAL_FILE
+    lines = partial.read_text().splitlines()
+    partial.write_text(lines[0][:20] + "\n" + lines[1] + "\n")
+    with pytest.raises(ValueError, match="partial.jsonl:1: a broken line"):
+        generate_pool(cfg, FakeLM(), log=lambda *a, **k: None)
+
+
+def judged_pool(tmp_path, **kw):
+    cfg = config(tmp_path, **kw)
+    return cfg, pool_mod.ensure_pool(cfg, FakeLM(), log=lambda *a, **k: None)
+
+
+def test_text_judges_label_for_a_users_weights(tmp_path):
+    from raypref.recipes.reward_data import _pool_user_pairs, pool_scores, RewardDataConfig
+
+    cfg, pool = judged_pool(tmp_path)
+    assert json.loads((pool.folder / "scores.json").read_text())["judges"] == ATTRS
+    _, scaled = pool_scores(RewardDataConfig(source="pool", pool=cfg))
+    zeros = {a: 0.0 for a in ATTRS}
+    def system(text):
+        return next(s for s, t in TEXTS.items() if text.startswith(t))
+
+    for attr, ranks in RANKS.items():
+        for sign in (1.0, -1.0):
+            user = User(1, {**zeros, attr: sign})
+            records = _pool_user_pairs(pool, scaled, user, None, "train", 9, 0.0, np.random.default_rng(0))
+            for r in records:  # rank 0 is best: a lower rank wins for sign +1, loses for -1
+                won, lost = ranks[system(r.chosen)], ranks[system(r.rejected)]
+                assert (won < lost) if sign > 0 else (won > lost), (attr, sign, r.chosen, r.rejected)
+    # the long plain answer against the short friendly one, by hand
+    assert scaled["friendliness"][0] == 0.0  # the plain answer is neutral
+    info = pool_mod.summary(pool, dataclasses.replace(cfg, max_new_tokens=7))
+    assert info["cut_at_max_new_tokens_by_system"] == {s or "(none)": 1.0 for s in TEXTS}
+    assert info["mean_scores_by_system"]["long"]["verbosity"] == 40.0
+    long_i = next(i for i, c in enumerate(pool.candidates) if c.prompt == 0 and c.system == 1)
+    kind_i = next(i for i, c in enumerate(pool.candidates) if c.prompt == 0 and c.system == 2)
+    assert scaled["verbosity"][long_i] > scaled["verbosity"][kind_i]
+    assert scaled["friendliness"][kind_i] > scaled["friendliness"][long_i]
+    assert scaled["expertise"][long_i] > scaled["expertise"][kind_i]
+
+
+def test_two_user_conflict_on_the_pool_through_build_pairs(tmp_path):
+    from raypref.recipes.reward_data import RewardDataConfig, build_pairs, judge_reference
+
+    cfg, pool = judged_pool(tmp_path)
+    data = RewardDataConfig(source="pool", pool=cfg, label_noise=0.0, train_pairs_per_user=6,
+                            test_pairs_per_user=3, demo_pool=2, n_demos=1)
+    pairs = build_pairs(data)
+    assert sorted(pairs) == [1, 2]
+    train_prompts = {p for p, s in pool.prompts if s == "train"}
+    for uid, up in pairs.items():
+        attr = "verbosity" if uid == 1 else "friendliness"
+        other = "friendliness" if uid == 1 else "verbosity"
+        for r in up.train + up.test:  # each user's attribute decides, and the other user disagrees
+            assert r.chosen_scores[attr] > r.rejected_scores[attr]
+            assert r.chosen_scores[other] < r.rejected_scores[other]
+        assert {r.prompt for r in up.train} <= train_prompts
+        assert not {r.prompt for r in up.test} & train_prompts
+    assert judge_reference(data, 3)["mean"] == 1.0
+    noisy = judge_reference(dataclasses.replace(data, label_noise=0.5, test_pairs_per_user=6), 6)
+    assert noisy["mean"] < 1.0
+    with pytest.raises(ValueError, match="only 9 usable train pairs"):
+        build_pairs(dataclasses.replace(data, train_pairs_per_user=12))
+
+
+def test_cluster_users_follow_the_psoups_combinations():
+    from raypref.recipes.reward_data import RewardDataConfig, pool_population
+
+    users = pool_population(RewardDataConfig(source="pool", population="cluster", n_users=10))
+    assert [u.group for u in users[:2]] == ["P1A+P2A+P3A", "P1A+P2A+P3B"]
+    first = users[0].weights  # elementary, concise, friendly
+    assert first["expertise"] < 0 and first["verbosity"] < 0 and first["friendliness"] > 0
+    assert users[8].group == users[0].group and users[8].weights != users[0].weights
+    assert all(abs(sum(abs(w) for w in u.weights.values()) - 1) < 1e-9 for u in users)
+
+
+def test_missing_pool_is_a_clear_error(tmp_path):
+    from raypref.recipes.reward_data import RewardDataConfig, build_pairs
+
+    cfg = config(tmp_path)
+    with pytest.raises(FileNotFoundError, match="python jobs/pool.py"):
+        build_pairs(RewardDataConfig(source="pool", pool=cfg))
+    with pytest.raises(ValueError, match="friendliness"):
+        RewardDataConfig(source="pool", pool=dataclasses.replace(cfg, judges=["verbosity", "expertise"])).validate()
+
+
+def test_comparison_config_on_the_pool_loads(tmp_path):
+    from raypref.config import parse_args
+    from raypref.experiments.reward_comparison import RewardCompareConfig
+
+    cfg = parse_args(RewardCompareConfig, ["--config", "configs/reward-compare-smollm2.yaml"])
+    assert cfg.data.source == "pool" and cfg.freeze_query_encoder
+    assert cfg.arms == ["BT", "VAE", "VAE+adaptive", "VAE+contrastive", "UserModel"]
+    assert cfg.seeds == [0, 1, 2] and cfg.data.label_noise is not None
+
+
+@pytest.mark.slow
+def test_tiny_real_pool_on_smollm2(tmp_path):
+    """A few prompts, 2 system prompts, 16 new tokens under SmolLM2; judged by every judge."""
+    cfg = PoolConfig(train_prompts=2, test_prompts=1, systems=["", pool_mod.default_systems()[3]],
+                     max_new_tokens=16, batch_size=6, dir=str(tmp_path))
+    pool = pool_mod.ensure_pool(cfg)
+    assert len(pool.candidates) == 6 and all(0 < c.tokens <= 16 for c in pool.candidates)
+    assert all(c.text for c in pool.candidates)
+    assert set(pool.scores) == set(pool_mod.JUDGES) | {"quality"}
+    assert np.all(pool.scores["fluency"] < 0) and np.all(pool.scores["verbosity"] > 0)
+    assert pool_mod.ensure_pool(cfg, FakeLM(fail_at=1)).candidates == pool.candidates
+    assert set(pool_mod.summary(pool, cfg)["spearman"]) == set(pool.scores)
+
+
+def test_query_embeddings_cached_once_match_the_workers_own(tmp_path):
+    """A frozen encoder's pair embeddings, precomputed for every run on the same data, are the
+    ones a worker would compute itself (here on the pool's pairs)."""
+    import torch
+
+    from raypref.models.reward import EncoderConfig
+    from raypref.recipes.reward import RewardConfig, RewardSpec, precompute_query_embeddings
+    from raypref.recipes.reward_data import RewardDataConfig
+
+    cfg, _ = judged_pool(tmp_path)
+    data = RewardDataConfig(source="pool", pool=cfg, label_noise=0.0, train_pairs_per_user=4,
+                            test_pairs_per_user=2, demo_pool=2, n_demos=1)
+    recipe = RewardConfig(method="bt", freeze_query_encoder=True, eval_pairs_per_user=2, data=data,
+                          encoder=EncoderConfig("tiny", max_length=64, tiny_hidden=16, tiny_heads=2))
+    path = precompute_query_embeddings(recipe, tmp_path / "q.safetensors")
+    cached = RewardSpec(recipe, query_embeddings_path=str(path)).query_embeddings()
+    own = RewardSpec(recipe).query_embeddings()
+    assert sorted(cached) == sorted(own) == [(1, "test"), (1, "train"), (2, "test"), (2, "train")]
+    for key in own:
+        assert cached[key].shape == own[key].shape and torch.allclose(cached[key], own[key], atol=1e-5)
+
+
+def test_resolved_config_keys_the_same_pool_from_any_folder(tmp_path, monkeypatch):
+    """A driver hands its workers absolute paths (they run in other folders); the pool's key
+    must not change with that."""
+    from raypref.recipes.pool import resolved
+
+    (tmp_path / "q.txt").write_text("\n".join(f"Question number {i}?" for i in range(40)))
+    monkeypatch.chdir(tmp_path)
+    fake_model(tmp_path)
+    cfg = PoolConfig(model="model", prompts="q.txt", train_prompts=3, test_prompts=2, dir="pools")
+    absolute = resolved(cfg)
+    assert absolute.dir == str(tmp_path / "pools") and absolute.prompts == str(tmp_path / "q.txt")
+    assert absolute.model == str(tmp_path / "model")
+    assert pool_folder(absolute) == tmp_path / pool_folder(cfg)
+    assert resolved(PoolConfig()).model == "smollm2-135m-instruct"  # a name stays a name
+
+
+def test_reward_spec_gets_absolute_pool_paths_without_touching_the_jobs_config(tmp_path):
+    """The comparison's runs share one data config and their names hash it: the spec's copy is
+    resolved for the workers, the config stays as given."""
+    from raypref.experiments.reward import RewardExperiment, RewardJobConfig
+    from raypref.experiments.run import Run
+    from raypref.recipes.reward_data import RewardDataConfig
+
+    cfg = RewardJobConfig(method="bt", data=RewardDataConfig(source="pool", pool=PoolConfig(dir="pools")))
+    spec = RewardExperiment().spec(Run(cfg, "r", tmp_path))
+    assert spec.cfg.data.pool.dir.startswith("/") and cfg.data.pool.dir == "pools"

@@ -4,7 +4,8 @@
     python jobs/pool.py --train_prompts 10 --test_prompts 5 --max_new_tokens 48 ...
 
 Writes <dir>/pool-<hash of the settings>/ (pool.jsonl, scores.json, summary.json); an
-interrupted run resumes with the same command. Long on CPU: run it with nice, outside the lock.
+interrupted run resumes with the same command. Sampling a real model is long on a CPU
+(about 26 min for 98k tokens on 2 shared cores).
 """
 import sys
 from pathlib import Path

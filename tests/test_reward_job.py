@@ -62,4 +62,4 @@ def test_reward_job_vae_adaptive_through_the_runner(ray_local, tmp_path, capsys)
     assert json.loads((result.output_dir / "summary.json").read_text())["final"] == final
     assert (export / "latent_means.safetensors").exists()
     # the world judge's own accuracy on the same pairs, printed beside the model's
-    assert "[reward] reference: the world's judge" in capsys.readouterr().out
+    assert "[reward] reference: the judges with each user's true weights" in capsys.readouterr().out

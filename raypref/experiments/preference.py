@@ -21,7 +21,6 @@ reads the shards again (once per epoch), never double counts.
 from __future__ import annotations
 
 import dataclasses
-import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path

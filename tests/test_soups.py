@@ -89,14 +89,14 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
                     resources=Resources(checkpoint_every=200, zero_stage=0))
     settings = dict(preferences=["P2A", "P2B", "P3A", "P3B"],
                     combinations=[["P2A", "P3A"], ["P2B", "P3B"]],
-                    user_weights={"P2A": 0.7, "P3A": 0.3}, user_target={"P2A": 0.5, "P3A": 0.5})
+                    user_weights={"P2A": 0.7, "P3A": 0.3}, user_target={"P2A": 0.5, "P3A": 0.5},
+                    resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1))
     settings.update(overrides)
     return SoupsConfig(
         output_dir=str(tmp_path / "soups"),
         sft=sft,
         pairs_per_preference=48,
         training=DPOConfig(steps=12, micro_batch_size=8, warmup_steps=2, lr=2e-3),
-        resources=Resources(cpus_per_worker=0.3, checkpoint_every=2, max_failures=1),
         # max_new_tokens stays at its default (128): the world's verbosity judge reads 0 below
         # ~60 words, so shorter cuts score every arm 0 (make_scorer refuses them)
         eval=ev.EvalConfig(n_prompts=8, weight_grid=[0.0, 0.5, 1.0], n_boot=200),
@@ -107,7 +107,8 @@ def tiny_config(tmp_path: Path, sft_cache: Path, **overrides) -> SoupsConfig:
 def test_soups_job_survives_failures_merges_evaluates_and_registers(tmp_path, sft_cache, ray_local, monkeypatch):
     # P2B's worker dies once (Ray Train restarts it from its checkpoint); P3B's dies on every
     # attempt, so it is reported, and P2B+P3B is left out of every comparison.
-    cfg = tiny_config(tmp_path, sft_cache, inject_failures={"P2B": "once", "P3B": "always"})
+    cfg = tiny_config(tmp_path, sft_cache, inject_failures={"P2B": "once", "P3B": "always"},
+                      resources=Resources(cpus_per_worker=1.0, checkpoint_every=2, max_failures=1))
     result = run_soups(cfg)
 
     assert set(result.failed) == {"P3B-s0"}

@@ -267,3 +267,21 @@ def test_every_config_value_is_checked_before_any_work(job, args, message):
     cls = {"soups": SoupsConfig, "dpo": DPOJobConfig, "sft": SFTConfig}[job]
     with pytest.raises((ConfigError, ValueError), match=message):
         parse_args(cls, args)
+
+
+def test_a_records_digest_without_a_context_is_the_digest_from_before_the_field_existed():
+    # run folders made before PreferenceRecord.context existed must still resume (same fingerprint)
+    import dataclasses
+
+    from raypref.data.records import PreferenceRecord
+    from raypref.train.spec import digest
+
+    old_fields = [(f.name, f.type, f) for f in dataclasses.fields(PreferenceRecord) if f.name != "context"]
+    Old = dataclasses.make_dataclass("PreferenceRecord", old_fields)
+    Old.__qualname__ = PreferenceRecord.__qualname__
+    values = dict(user_id=1, prompt="User: hi\nAssistant: hello\nUser: and?\nAssistant:",
+                  chosen="yes", rejected="no")
+    assert digest(PreferenceRecord(**values)) == digest(Old(**values))
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
+             {"role": "user", "content": "and?"}]
+    assert digest(PreferenceRecord(**values, context=turns)) != digest(PreferenceRecord(**values))

@@ -56,7 +56,7 @@ class PreferenceRecord:
     # template renders each as its own turn (models/chat.py), and `prompt` is its transcript
     # (`render_context`), what a tokenizer without a template and every text reader (judges,
     # reward encoders, logs) sees. None: the prompt is one user turn.
-    context: list[dict] | None = None
+    context: list[dict] | None = field(default=None, metadata={"digest_unless_default": True})
 
     @property
     def prompt_or_context(self) -> str | list[dict]:

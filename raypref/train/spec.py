@@ -151,6 +151,8 @@ def _feed(h, value: Any) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         h.update(type(value).__qualname__.encode())
         for f in dataclasses.fields(value):
+            if f.metadata.get("digest_unless_default") and getattr(value, f.name) == f.default:
+                continue  # a field added later, at its default: runs made before it still resume
             h.update(f.name.encode())
             _feed(h, getattr(value, f.name))
     elif isinstance(value, dict):

@@ -23,7 +23,6 @@ removed. The judges' scores go to ``scores.json`` (atomic), keyed by the judges'
 from __future__ import annotations
 
 import dataclasses
-import functools
 import hashlib
 import json
 import os
@@ -133,7 +132,7 @@ def pool_prompts(cfg: PoolConfig) -> list[tuple[str, str]]:
 def model_fingerprint(model: str) -> str:
     """sha256 over every file of the model's folder (weights, tokenizer, chat template); a hub id
     that is not a local folder is fingerprinted by its name alone."""
-    from raypref.models.factory import resolve_model
+    from raypref.models.factory import _file_sha256, resolve_model  # hashed once per file version
 
     folder = Path(resolve_model(model)).expanduser()
     if not folder.is_dir():
@@ -143,15 +142,6 @@ def model_fingerprint(model: str) -> str:
         stat = path.stat()
         digest.update(f"{path.relative_to(folder)}\0".encode())
         digest.update(_file_sha256(str(path), stat.st_size, stat.st_mtime_ns).encode())
-    return digest.hexdigest()
-
-
-@functools.lru_cache(maxsize=64)
-def _file_sha256(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
     return digest.hexdigest()
 
 

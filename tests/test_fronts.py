@@ -94,6 +94,8 @@ def test_dominance_names_the_points_a_method_beats():
     (dict(judges="llm"), r"FrontsConfig\.judges='llm': must be one of"),
     (dict(methods=["psoups", "ric"]), r"FrontsConfig\.methods=.*must be distinct names"),
     (dict(n_weights=3), r"FrontsConfig\.n_weights=3: must be >= 5"),
+    (dict(run_name=".."), r"FrontsConfig\.run_name=.*one folder name"),
+    (dict(run_name="../elsewhere"), r"FrontsConfig\.run_name=.*one folder name"),
     (dict(pairs_per_policy=4), r"FrontsConfig\.pairs_per_policy=4: must hold at least one step"),
     (dict(pairs_per_policy=16), r"FrontsConfig\.pairs_per_policy=16: DPA's share"),
     (dict(reference=[0.0]), r"FrontsConfig\.reference=\[0\.0\]: must be \[\]"),

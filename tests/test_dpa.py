@@ -86,3 +86,26 @@ def test_prompt_halves_alternate_and_replay_makes_its_share():
     assert len(mixed) == 100 and sum(x.startswith("o") for x in mixed) == 15
     with pytest.raises(ValueError, match="only 3"):
         with_replay(selected, ["o"] * 3, 0.15, random.Random(0))
+
+
+def test_kept_response_from_own_samples_or_from_the_prompts_shared_candidates():
+    """2 prompts x 2 directions x 3 samples; rewards (helpfulness, verbosity). "own" keeps the best
+    of a query's own 3 (DPA); "prompt" the best of the prompt's 6, so under (0.71, -0.71) the
+    shortest answer drawn under (1, 0) can win."""
+    from raypref.recipes.rsf import kept_indices
+
+    plus, minus = [1.0, 0.0], [math.sqrt(0.5), -math.sqrt(0.5)]
+    directions = torch.tensor([plus, minus, plus, minus])
+    rewards = torch.tensor([
+        [0.5, 0.9], [0.6, 0.8], [0.4, 0.1],    # prompt 0, drawn under (1, 0): index 2 is short
+        [0.5, 0.9], [0.55, 0.7], [0.5, 0.6],   # prompt 0, drawn under (0.71, -0.71): all long
+        [0.9, 0.5], [0.1, 0.1], [0.2, 0.2],    # prompt 1, (1, 0)
+        [0.3, 0.3], [0.95, 0.4], [0.2, 0.9],   # prompt 1, (0.71, -0.71)
+    ])
+    assert kept_indices(directions, rewards, 3, 2, "own") == [1, 5, 6, 10]
+    # prompt 0 under (0.71, -0.71): 0.71 * (0.4 - 0.1) beats every other of its 6; prompt 1 under
+    # (1, 0): 0.95 (drawn under the other direction) beats 0.9; under (0.71, -0.71) the same 0.95
+    assert kept_indices(directions, rewards, 3, 2, "prompt") == [1, 2, 10, 10]
+    with pytest.raises(ValueError, match="candidates='every'"):
+        from raypref.recipes.rsf import RSFSpec
+        RSFSpec("base", ["a", "b"], [], lambda: None, candidates="every")

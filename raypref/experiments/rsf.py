@@ -25,6 +25,7 @@ from raypref.experiments.run import report_paths as _report_paths
 from raypref.experiments.world import check_length_reach, job_world
 from raypref.models.chat import has_chat_template
 from raypref.models.factory import generate, load_pretrained
+from raypref.recipes.rsf import CANDIDATES
 from raypref.train.runner import Optimization, Resources
 
 
@@ -68,6 +69,9 @@ class RSFJobConfig(PolicyRunConfig):
     # iteration 1 samples from the bare prompt: a small SFT base cannot follow the unseen direction
     # text (RSFSpec); false for a base that already follows system prompts, as DPA's does
     bare_first_iteration: bool = True
+    # "own" (DPA): a (prompt, direction) keeps the best of its own n_samples; "prompt" (a variant):
+    # the best of all the prompt's responses under any of its directions (recipes/rsf.py)
+    candidates: str = "own"
     # judges "text": the prompts file ("" = the project's questions, data/prompts.py): train split
     # for the iterations, test split for the sweep
     prompts_file: str = ""
@@ -102,6 +106,7 @@ class RSFJobConfig(PolicyRunConfig):
                    "(the SFT warm start is the simulated world's tiny model)"),
                   ("n_samples", self.n_samples >= 2, "must be >= 2"),
                   ("directions_per_prompt", self.directions_per_prompt >= 1, "must be >= 1"),
+                  ("candidates", self.candidates in CANDIDATES, f"must be one of {CANDIDATES}"),
                   ("angle_range", len(self.angle_range) == 2
                    and -math.pi / 2 < self.angle_range[0] <= self.angle_range[1] < math.pi / 2,
                    "must be [low, high] with −π/2 < low <= high < π/2"),
@@ -250,7 +255,7 @@ class RSFExperiment(Experiment):
                        prompts_per_iteration=cfg.prompts_per_iteration,
                        steps_per_iteration=cfg.steps_per_iteration, replay_fraction=cfg.replay_fraction,
                        max_new_tokens=cfg.max_new_tokens, max_length=cfg.max_length,
-                       bare_first_iteration=cfg.bare_first_iteration)
+                       bare_first_iteration=cfg.bare_first_iteration, candidates=cfg.candidates)
 
     def _world_data(self, run: Run, model, tokenizer):
         """The world's prompts and SFT corpus; the tiny tokenizer gets the words and digits of the

@@ -6,6 +6,13 @@ directions v, generate ``n_samples`` responses to the prompt conditioned on v (`
 in one batched call, and keep the response with the highest ``v·r`` under the frozen
 multi-objective reward.
 D_t plus a replay share of original (prompt, response) data is then fitted with the SFT loss.
+With ``candidates="prompt"`` a (prompt, direction) keeps the best of all the responses drawn for
+the prompt under any of its directions: a variant, not DPA. A base that barely reads the
+direction (SmolLM2-135M: its lengths moved 0.9 sd from (1, 0) to (0.71, −0.71)) draws alike
+under every direction, so DPA's own-samples choice kept answers whose length followed the
+direction only weakly (correlation +0.3 over an iteration); choosing from the shared candidates
+keeps, for one prompt, the long best answer under (1, 0) and the short one under a negative
+verbosity weight, the contrast the policy must learn to read from the digits.
 Deviations from DPA: the policy keeps training across iterations (DPA restarts each iteration
 from the SFT checkpoint and only samples with the last policy). With ``bare_first_iteration``
 (default) D_1's candidates are sampled from the bare prompt and stored under the conditioned
@@ -44,6 +51,24 @@ from raypref.models.chat import has_chat_template
 from raypref.models.factory import encode_example, generate_ids, load_pretrained
 from raypref.recipes.sft import collate
 from raypref.train.spec import PRIMARY_ROLE, LoopSpec, Role, StepContext, save_module
+
+
+CANDIDATES = ("own", "prompt")
+
+
+def kept_indices(directions: torch.Tensor, rewards: torch.Tensor, n_samples: int,
+                 directions_per_prompt: int, candidates: str = "own") -> list[int]:
+    """Index (into the responses, query by query, ``n_samples`` each; a prompt's
+    ``directions_per_prompt`` queries in a row) of the response kept for each query: the best by
+    ``v·r`` among the query's own samples ("own", DPA), or among all its prompt's ("prompt")."""
+    k = rewards.shape[-1]
+    if candidates == "own":
+        best = best_of_n(directions, rewards.view(len(directions), n_samples, k))
+        return [q * n_samples + int(b) for q, b in enumerate(best)]
+    per_prompt = directions_per_prompt * n_samples
+    shared = rewards.view(-1, per_prompt, k).repeat_interleave(directions_per_prompt, dim=0)
+    best = best_of_n(directions, shared)
+    return [(q // directions_per_prompt) * per_prompt + int(b) for q, b in enumerate(best)]
 
 
 def selection_metrics(directions: torch.Tensor, kept: list[str], objectives: list[str]) -> dict[str, float]:
@@ -98,6 +123,11 @@ class RSFSpec(LoopSpec):
     max_length: int = 160
     temperature: float = 1.0
     bare_first_iteration: bool = True  # D_1 sampled without the direction text (see the module doc)
+    # which responses compete for a (prompt, direction): "own" (DPA) the n_samples drawn under that
+    # direction; "prompt" every response drawn for the prompt under any of its directions
+    # (directions_per_prompt x n_samples), so directions of one prompt keep answers of different
+    # lengths even while the policy does not yet read the direction (see the module doc)
+    candidates: str = "own"
 
     def __post_init__(self) -> None:
         if len(self.prompts) < 2:
@@ -105,6 +135,8 @@ class RSFSpec(LoopSpec):
         for name in ("n_samples", "directions_per_prompt", "prompts_per_iteration", "steps_per_iteration"):
             if getattr(self, name) < 1:
                 raise ValueError(f"RSFSpec.{name}={getattr(self, name)}: must be >= 1")
+        if self.candidates not in CANDIDATES:
+            raise ValueError(f"RSFSpec.candidates={self.candidates!r}: one of {CANDIDATES}")
         self._tokenizer = None
         self.iteration = 0  # the iteration whose dataset is held
         self.examples: list[tuple[str, str, str | None]] = []
@@ -155,9 +187,9 @@ class RSFSpec(LoopSpec):
         if rewards.shape != (len(repeated), len(self.objectives)):
             raise ValueError(f"reward score_objectives gave {tuple(rewards.shape)}, expected "
                              f"({len(repeated)}, {len(self.objectives)}) for objectives {self.objectives}")
-        best = best_of_n(directions, rewards.view(len(queries), self.n_samples, -1))
-        kept = [(p, texts[i * self.n_samples + int(b)], system)
-                for i, ((p, system), b) in enumerate(zip(queries, best))]
+        kept = [(p, texts[i], system) for (p, system), i in
+                zip(queries, kept_indices(directions, rewards, self.n_samples, self.directions_per_prompt,
+                                          self.candidates))]
         self.selection_metrics = selection_metrics(directions, [r for _, r, _ in kept], self.objectives)
         return kept
 

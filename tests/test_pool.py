@@ -257,3 +257,127 @@ def test_reward_spec_gets_absolute_pool_paths_without_touching_the_jobs_config(t
     cfg = RewardJobConfig(method="bt", data=RewardDataConfig(source="pool", pool=PoolConfig(dir="pools")))
     spec = RewardExperiment().spec(Run(cfg, "r", tmp_path))
     assert spec.cfg.data.pool.dir.startswith("/") and cfg.data.pool.dir == "pools"
+
+
+# ---------------------------------------------------------------- the soups job's pairs from the pool
+
+def soups_config(pool_cfg, **kw):
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.evaluate import EvalConfig
+
+    base = dict(base_policy="smollm2-135m-instruct", pairs_source="pool", pool=pool_cfg,
+                pairs_per_preference=12, label_noise=0.0, eval=EvalConfig(text_judges=True))
+    return SoupsConfig(**{**base, **kw})
+
+
+def test_soups_pairs_from_the_pool_are_labelled_by_each_preferences_text_judge(tmp_path):
+    """Every arm labels the same pairs (two answers to one train prompt); P1B / P2B / P3A choose
+    the answer its judge ranks higher, P1A / P2A / P3B the lower; held-out pairs come from the
+    test prompts only; P-MORL's pair i follows combination i % 8 by the mean of its percentiles."""
+    from raypref.data.labelling import preference_labeller
+    from raypref.data.users import psoups_combinations, psoups_profile, text_attribute
+    from raypref.experiments.soups.preferences import pool_data
+
+    pool_cfg, pool = judged_pool(tmp_path)
+    data = pool_data(soups_config(pool_cfg), pool, seed=0)
+    train_prompts = {t for t, s in pool.prompts if s == "train"}
+    test_prompts = {t for t, s in pool.prompts if s == "test"}
+
+    def system(text):
+        return next(s for s, t in TEXTS.items() if text.startswith(t))
+
+    pairs = {name: [(r.prompt, frozenset((r.chosen, r.rejected))) for r in records]
+             for name, records in data.train.items()}
+    assert len(pairs["P1A"]) == 12 and len(set(pairs["P1A"])) == 12  # drawn without replacement
+    assert all(p == pairs["P1A"] for p in pairs.values())
+    checked = 0
+    for name, records in data.train.items():
+        ranks, sign = RANKS[text_attribute(name)], psoups_profile(name).direction
+        assert all(r.prompt in train_prompts and r.user_text == psoups_profile(name).instruction for r in records)
+        for r in records:
+            won, lost = ranks[system(r.chosen)], ranks[system(r.rejected)]
+            if won != lost:  # ties are decided by a coin
+                assert (won < lost) if sign > 0 else (won > lost), (name, r.chosen, r.rejected)
+                checked += 1
+    assert checked >= 50
+    assert all(r.prompt in test_prompts for rs in data.held_out.values() for r in rs)
+    combos = psoups_combinations()
+    for i, r in enumerate(data.pmorl):
+        assert r.user_text == "+".join(combos[i % 8]) and r.prompt in train_prompts  # bare prompt
+        label = preference_labeller(combos[i % 8])
+        assert label(r.prompt, _Answer(r.chosen_scores)) >= label(r.prompt, _Answer(r.rejected_scores))
+    assert data.pmorl_system == "combination"
+
+
+class _Answer:
+    def __init__(self, latent):
+        self.latent = latent
+
+
+def test_label_noise_flips_the_same_positions_for_every_arm(tmp_path):
+    from raypref.experiments.soups.preferences import pool_data
+
+    pool_cfg, pool = judged_pool(tmp_path)
+    clean = pool_data(soups_config(pool_cfg), pool, seed=3)
+    noisy = pool_data(soups_config(pool_cfg, label_noise=0.4), pool, seed=3)
+    flipped = {name: [a.chosen != b.chosen for a, b in zip(clean.train[name], noisy.train[name])]
+               for name in clean.train}
+    assert 0 < sum(flipped["P1A"]) < 12
+    assert all(f == flipped["P1A"] for f in flipped.values())
+    assert noisy.stats["P2B"].flipped == sum(flipped["P2B"])
+
+
+def test_pool_too_small_for_the_budget_is_a_clear_error(tmp_path):
+    from raypref.experiments.soups.preferences import pool_data
+
+    pool_cfg, pool = judged_pool(tmp_path)  # 3 train prompts x 6 pairs of 4 answers = 18
+    with pytest.raises(ValueError, match="18 train pairs .* 19 asked"):
+        pool_data(soups_config(pool_cfg, pairs_per_preference=19), pool, seed=0)
+
+
+def test_soups_config_on_the_pool_checks_what_it_needs(tmp_path):
+    from raypref.experiments.soups.evaluate import EvalConfig
+
+    pool_cfg = config(tmp_path)
+    soups_config(pool_cfg).validate()
+    for kw, message in [(dict(base_policy=""), "pairs_source=pool: .* set base_policy"),
+                        (dict(eval=EvalConfig()), "eval.text_judges=true"),
+                        (dict(pairs_source="wrold"), "pairs_source='wrold'"),
+                        (dict(label_noise=0.5), r"label_noise=0.5: must be in \[0, 0.5\)"),
+                        (dict(preferences=["P3A", "P3C"], combinations=[]), "'P3C' .* has no text judge"),
+                        (dict(eval=EvalConfig(text_judges=True, judge_model="tiny")), "choose one judge")]:
+        with pytest.raises(ValueError, match=message):
+            soups_config(pool_cfg, **kw).validate()
+
+
+def test_eval_prompts_with_pool_pairs_are_the_test_split():
+    from raypref.data.prompts import load_prompts
+    from raypref.experiments.soups import evaluate as ev
+
+    prompts = ev.eval_prompts(ev.EvalConfig(n_prompts=5), None, "")
+    assert prompts == load_prompts(None, split="test")[:5]
+    assert not set(prompts) & set(load_prompts(None, split="train"))
+
+
+def test_text_scorer_reads_each_dimension_by_its_judge():
+    from raypref.eval.generation import TextScorer
+
+    class Objectives:  # the TextObjectives interface: raw scores, then the scaled ones
+        objectives = ["verbosity", "expertise", "friendliness", "quality"]
+
+        def raw(self, prompts, texts):
+            n = len(texts)
+            return {"verbosity": np.full(n, 50.0), "expertise": np.full(n, 8.0), "friendliness": np.full(n, -0.5),
+                    "quality": np.full(n, 0.7), "relevance": np.full(n, 0.8), "repetition": np.zeros(n),
+                    "fluency": np.full(n, -2.0)}
+
+        def scaled(self, raw):
+            import torch
+            return torch.tensor([[0.5, 0.4, -0.5, 0.7]] * len(raw["verbosity"]))
+
+    scorer = TextScorer(Objectives())
+    assert scorer.table(["P1A", "P2B", "P3A", "P3B"]) == {
+        "P1A": ("expertise", -1), "P2B": ("verbosity", 1), "P3A": ("friendliness", 1), "P3B": ("friendliness", -1)}
+    assert [scorer.sweep_key(p) for p in ("P1B", "P2B", "P3A")] == ["expertise", "verbosity", "friendliness"]
+    row = scorer.score(["a", "b"], ["q", "q"])[1]
+    assert row["friendliness"] == -0.5 and abs(row["quality"] - 0.7) < 1e-6 and row["relevance"] == 0.8

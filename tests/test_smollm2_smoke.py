@@ -2,8 +2,9 @@
 Instruct with its chat template and LoRA on q/k/v/o, at a smoke budget (a few pairs and steps,
 short lengths). Each test reads the job's own config file, as ``jobs/<job>.py --config`` does,
 and moves only its output (and data) folders to the test's temp folder. The data is the
-simulated world's word-level text: the point is the real model's path (templating, LoRA
-targets, generation, judging, serving)."""
+simulated world's word-level text, except the soups job's (a tiny pool of SmolLM2's own answers
+judged by the text judges): the point is the real model's path (templating, LoRA targets,
+generation, judging, serving)."""
 from __future__ import annotations
 
 import json
@@ -122,7 +123,7 @@ def soups_run(ray_local, tmp_path_factory):
 
     out = tmp_path_factory.mktemp("soups-smollm2")
     started = time.time()
-    result = run_soups(config(SoupsConfig, "soups", "--output_dir", str(out)))
+    result = run_soups(config(SoupsConfig, "soups", "--output_dir", str(out), "--pool.dir", str(out / "pools")))
     return result, time.time() - started
 
 
@@ -136,7 +137,12 @@ def test_soups(soups_run):
         info = json.loads((final / "soup_policy.json").read_text())
         assert info.get("system") == ("combination" if policy == "P-MORL" else None), info
     assert {"P-Soups", "P-MORL"} <= set(result.quality) and all(finite(q) for q in result.quality.values())
-    assert result.report_path.exists()
+    # pairs of real text from the pool, judged by the text judges: the report says so, and the
+    # sweep reads friendliness (VADER) for the style dimension
+    report = result.report_path.read_text()
+    assert "text judges" in report and "candidate pool" in report, report[:600]
+    assert result.sweep["style"]["attribute"] == "friendliness"
+    assert len(list((result.output_dir / "pools").glob("pool-*/pool.jsonl"))) == 1
 
 
 def _free_port() -> int:

@@ -157,6 +157,20 @@ def psoups_combinations(extended: bool = False) -> list[list[str]]:
     return [[f"P1{a}", f"P2{b}", f"P3{c}"] for a in "AB" for b in "AB" for c in styles]
 
 
+# the text judge (rewards/text.py) that measures each P-Soups dimension on real text: a reading
+# grade for expertise, words for informativeness, sentiment for style (P3C / P3D have none)
+TEXT_ATTRIBUTES = {"expertise": "expertise", "informativeness": "verbosity", "style": "friendliness"}
+
+
+def text_attribute(name: str) -> str:
+    """The text judge of preference ``name``'s dimension ("P3A" -> "friendliness")."""
+    profile = psoups_profile(name)
+    if profile.attribute not in ("expertise", "verbosity", "style"):
+        raise ValueError(f"preference {name!r} ({profile.attribute}) has no text judge; the text "
+                         f"judges measure {sorted(TEXT_ATTRIBUTES)} (P1A-P3B)")
+    return TEXT_ATTRIBUTES[profile.dimension]
+
+
 def preference_table(names: list[str]) -> dict[str, tuple[str, int]]:
     """{preference: (world judge attribute, +1 / -1)} for the win-rate code."""
     return {name: (psoups_profile(name).attribute, int(psoups_profile(name).direction))

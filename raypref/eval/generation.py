@@ -93,6 +93,37 @@ class JudgeScorer:
         return out
 
 
+TEXT_KEYS = ("verbosity", "expertise", "friendliness", "quality")  # what a TextScorer scores
+
+
+class TextScorer:
+    """The text judges (`rewards.text.TextObjectives` over `TEXT_KEYS`) on real text: each
+    P-Soups dimension by its judge on a footing near 0..1 (verbosity words / N, expertise
+    Flesch–Kincaid grade / 20, friendliness VADER in −1..1), quality as judged (0..1), and
+    quality's parts (relevance, repetition, fluency) for the report."""
+
+    def __init__(self, objectives):
+        self.objectives = objectives
+
+    def table(self, preferences: list[str]) -> dict[str, tuple[str, int]]:
+        from raypref.data.users import text_attribute
+
+        return {name: (text_attribute(name), int(psoups_profile(name).direction)) for name in preferences}
+
+    def sweep_key(self, preference: str) -> str:
+        from raypref.data.users import text_attribute
+
+        return text_attribute(preference)
+
+    def score(self, texts: list[str], prompts: list[str]) -> list[Scores]:
+        raw = self.objectives.raw(prompts, texts)
+        scaled = self.objectives.scaled(raw).numpy()
+        keys = self.objectives.objectives
+        return [{**{k: float(scaled[i, j]) for j, k in enumerate(keys)},
+                 **{part: float(raw[part][i]) for part in ("relevance", "repetition", "fluency")}}
+                for i in range(len(texts))]
+
+
 def judged_generations(scorer, model, tokenizer, prompts: list[str], cfg,
                        instruction: str | None = None) -> tuple[list[str], list[Scores]]:
     """Generate ``samples_per_prompt`` responses per prompt (the instruction, if any, as the

@@ -13,8 +13,8 @@ from raypref.recipes.pool import Pool, PoolConfig, ensure_pool, summary
 
 
 def main(argv: list[str] | None = None) -> Pool:
-    """Generate and judge a pool: ``--config file.yaml`` (its ``data.pool`` section if it has one,
-    else the whole file) and ``--field value`` flags over `PoolConfig`'s fields."""
+    """Generate and judge a pool: ``--config file.yaml`` (its ``pool`` or ``data.pool`` section if
+    it has one, else the whole file) and ``--field value`` flags over `PoolConfig`'s fields."""
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", default="")
     types = typing.get_type_hints(PoolConfig)
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> Pool:
     data = {}
     if args.config:
         data = load_yaml(args.config)
-        if "data" in data:  # a job's config: its pool section (or the defaults)
+        if "pool" in data:  # a job's config with a pool section (the soups job)
+            data = data["pool"] or {}
+        elif "data" in data:  # a job's config: its data.pool section (or the defaults)
             data = (data["data"] or {}).get("pool", {})
     for name, tp in types.items():
         raw = getattr(args, name)

@@ -233,7 +233,7 @@ def _soups_trial(cfg: SoupsConfig, shared: dict, trial_name: str, sweep_dir: Pat
     if stage.failed:
         raise RuntimeError(f"trial {trial_name}: policies failed to train: {stage.failed}")
     souper = Souper(cfg, stage.sft_dir, {p: stage.trained[0][p] for p in cfg.user_weights})
-    scorer = ev.make_scorer(cfg.eval, stage.world, cfg.preferences)
+    scorer = ev.make_scorer(cfg.eval, stage.world, cfg.preferences, base=stage.sft_dir)
     user_soup_score(cfg, souper, scorer, stage.prompts, seed_eval_config(cfg, 0),
                     report=lambda n, score: tune.report({"prompts": n, "user_score": score}))
 

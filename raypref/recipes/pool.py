@@ -349,3 +349,78 @@ def summary(pool: Pool, cfg: PoolConfig) -> dict:
             for s in range(len(pool.systems))}
         out["spearman"] = judge_correlations(pool.scores).round(3).to_dict()
     return out
+
+
+# ---------------------------------------------------------------- pairs for the P-Soups labelling path
+
+@dataclass(frozen=True)
+class PoolAnswer:
+    """A pool candidate as `data.labelling` reads a world's response: its text and its P-Soups
+    attributes (``latent``, on `data.labelling.ATTRIBUTE_RANGES`) from the text judges."""
+    text: str
+    latent: dict
+
+
+@dataclass(frozen=True)
+class PoolLabelling:
+    """What `data.labelling` reads of a world, for pairs drawn from a pool: the annotators' label
+    noise, and a combination's instruction (P-Soups Table 4's sentences)."""
+    label_noise: float
+
+    def preference_instruction(self, names: Sequence[str]) -> str:
+        from raypref.data.labelling import COMBINATION_SEP, combination_instruction
+
+        return combination_instruction(COMBINATION_SEP.join(names))
+
+
+def psoups_latents(pool: Pool) -> list[dict[str, float]]:
+    """Each candidate's P-Soups attributes from the pool's judges: expertise (reading grade),
+    verbosity (words) and style (friendliness) as the candidate's percentile on the pool, on the
+    world's ranges (0..1; style −1..1). One preference orders a pair as its judge does; P-MORL's
+    mean over a combination weighs the three dimensions alike (raw grades, words and sentiment
+    differ in scale by 100x)."""
+    import pandas as pd
+
+    from raypref.data.users import TEXT_ATTRIBUTES
+
+    missing = sorted(set(TEXT_ATTRIBUTES.values()) - set(pool.scores))
+    if missing:
+        raise ValueError(f"the pool in {pool.folder} has no scores of {missing}: judge it with "
+                         f"`python jobs/pool.py` and judges including {sorted(TEXT_ATTRIBUTES.values())}")
+    n = len(pool.candidates)
+    # ties share their mean rank: equal scores stay equal (a tie is decided by the labelling's coin)
+    unit = {judge: (pd.Series(pool.scores[judge]).rank(method="average").to_numpy() - 1.0) / max(n - 1, 1)
+            for judge in TEXT_ATTRIBUTES.values()}
+    ranges = {"expertise": (0.0, 1.0), "verbosity": (0.0, 1.0), "style": (-1.0, 1.0)}
+    world_attribute = {"expertise": "expertise", "verbosity": "verbosity", "friendliness": "style"}
+    out = []
+    for i in range(n):
+        row = {}
+        for judge, attribute in world_attribute.items():
+            lo, hi = ranges[attribute]
+            row[attribute] = float(lo + (hi - lo) * unit[judge][i])
+        out.append(row)
+    return out
+
+
+def candidate_pairs(pool: Pool, n: int, seed, split: str = "train") -> list:
+    """``n`` distinct unlabelled pairs (`data.labelling.CandidatePair`): two answers to one prompt
+    of ``split`` (under different system prompts, or two samples), drawn without replacement in an
+    order fixed by ``seed``; the same for every arm that labels them."""
+    from itertools import combinations
+
+    from raypref.data.labelling import CandidatePair
+
+    latents = psoups_latents(pool)
+    possible = [pair for idx in pool.by_prompt(split).values() for pair in combinations(idx, 2)]
+    if n > len(possible):
+        raise ValueError(f"the pool in {pool.folder} has {len(possible)} {split} pairs (two answers "
+                         f"to one prompt), {n} asked: lower the pair budget or give the pool more "
+                         f"{split} prompts, system prompts or samples")
+    order = np.random.default_rng(np.random.SeedSequence(seed)).permutation(len(possible))[:n]
+    pairs = []
+    for k in order:
+        a, b = possible[k]
+        answer = [PoolAnswer(pool.candidates[i].text, latents[i]) for i in (a, b)]
+        pairs.append(CandidatePair(pool.prompts[pool.candidates[a].prompt][0], answer[0], answer[1]))
+    return pairs

@@ -135,13 +135,12 @@ def pool_population(cfg: RewardDataConfig) -> list[User]:
     P1B+P2B+P3B), signs from the combination (elementary: expertise −, PhD: +; concise: verbosity
     −, informative: +; friendly: friendliness +, unfriendly: −), sizes a Dirichlet(2, 2, 2) draw
     by ``world_seed``: users of one combination are alike, opposite combinations conflict."""
-    from raypref.data.users import psoups_combinations, psoups_profile
+    from raypref.data.users import psoups_combinations, psoups_profile, text_attribute
 
     zeros = {a: 0.0 for a in POOL_ATTRIBUTES}
     if cfg.population == "two_user_conflict":
         return [User(1, {**zeros, "verbosity": 1.0}, None, "verbosity"),
                 User(2, {**zeros, "friendliness": 1.0}, None, "friendliness")]
-    attribute = {"expertise": "expertise", "informativeness": "verbosity", "style": "friendliness"}
     combos = psoups_combinations()
     sizes = np.random.default_rng(cfg.world_seed).dirichlet((2.0, 2.0, 2.0), size=cfg.n_users)
     users = []
@@ -150,7 +149,7 @@ def pool_population(cfg: RewardDataConfig) -> list[User]:
         weights = dict(zeros)
         for name, size in zip(combo, sizes[i]):
             profile = psoups_profile(name)
-            weights[attribute[profile.dimension]] = float(profile.direction * size)
+            weights[text_attribute(name)] = float(profile.direction * size)
         users.append(User(i + 1, weights, None, "+".join(combo)))
     return users
 

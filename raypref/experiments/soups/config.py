@@ -8,11 +8,13 @@ from raypref.experiments.soups.evaluate import EvalConfig
 from raypref.models.merge import METHODS as MERGE_METHODS
 from raypref.recipes import per_preference_methods, recipe
 from raypref.recipes.dpo import DPOConfig
+from raypref.recipes.pool import PoolConfig
 from raypref.recipes.ppo import PPOConfig
 from raypref.recipes.sft import SFTConfig
 from raypref.train.runner import Resources
 
 BASELINES = ("sft", "prompting", "pmorl")
+PAIRS_SOURCES = ("world", "pool")
 
 
 def _soups_training() -> DPOConfig:
@@ -54,6 +56,12 @@ class SoupsConfig:
     merge_method: str = "exact_lora"    # see raypref.models.merge.METHODS
     merge_density: float = 0.5          # ties / dare only
     baselines: list[str] = field(default_factory=lambda: list(BASELINES))
+    # where the pairs come from: "world" (the simulated world's text and latent scores) or "pool"
+    # (real text: the shared candidate pool sampled from the base, `pool`, generated on first use
+    # and cached; labelled by the text judges); psoups_files, when given, replace either
+    pairs_source: str = "world"
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    label_noise: float = 0.1  # pool pairs: each label flips with this probability (every arm alike)
     # real data: {preference: P-Soups preference file or hub dataset}; empty = simulated world
     psoups_files: dict[str, str] = field(default_factory=dict)
     # how those files read: psoups (P-Soups' user_input / completion_a / completion_b) or trl
@@ -110,11 +118,36 @@ class SoupsConfig:
         if self.max_concurrent_runs < 0:
             raise ValueError(f"max_concurrent_runs={self.max_concurrent_runs}: must be >= 0 "
                              "(0 = as many as the cluster holds)")
-        if (self.psoups_files or self.base_policy) and not self.eval.judge_model:
+        if self.pairs_source not in PAIRS_SOURCES:
+            raise ValueError(f"pairs_source={self.pairs_source!r}: one of {list(PAIRS_SOURCES)}")
+        pool = self.pairs_source == "pool" and not self.psoups_files
+        if pool:
+            self.pool.validate()
+            if not self.base_policy:
+                raise ValueError("pairs_source=pool: the pool's answers are real text; set base_policy "
+                                 "(e.g. smollm2-135m-instruct, the pool's model) for the policies")
+            if not self.eval.text_judges and not self.eval.judge_model:
+                raise ValueError("pairs_source=pool: judge the policies by the text judges that "
+                                 "labelled the pairs (eval.text_judges=true) or an LM judge")
+        if not 0.0 <= self.label_noise < 0.5:
+            raise ValueError(f"label_noise={self.label_noise}: must be in [0, 0.5)")
+        if (self.psoups_files or self.base_policy) and not (self.eval.judge_model or self.eval.text_judges):
             raise ValueError("eval.judge_model: with real data (psoups_files or base_policy) the "
                              "simulated world's judges cannot score the policies; name a judge "
-                             "LM (a Hugging Face id or folder, or 'tiny' for a smoke test)")
-        if self.base_policy and not self.eval.prompts_file:
+                             "LM (a Hugging Face id or folder, or 'tiny' for a smoke test) or set "
+                             "eval.text_judges=true")
+        if self.eval.text_judges and self.eval.judge_model:
+            raise ValueError(f"eval.text_judges and eval.judge_model={self.eval.judge_model!r}: "
+                             "choose one judge")
+        if self.eval.text_judges and not self.base_policy:
+            raise ValueError("eval.text_judges: the text judges read real English; the tiny base "
+                             "writes the world's word lists (set base_policy)")
+        if self.eval.text_judges:
+            from raypref.data.users import text_attribute
+
+            for name in self.preferences:
+                text_attribute(name)  # P3C / P3D have no text judge: an error naming them
+        if self.base_policy and not self.eval.prompts_file and not pool:
             raise ValueError("eval.prompts_file: a Hugging Face base_policy needs real "
                              "evaluation prompts (.txt or .jsonl), not the world's word lists")
         if not self.preferences:
@@ -149,9 +182,9 @@ class SoupsConfig:
                 raise ValueError(f"user_target={self.user_target}: weights must be >= 0, not all 0")
             if not self.user_weights:
                 raise ValueError("user_target: needs user_weights (the soup it scores)")
-            if self.eval.judge_model or self.psoups_files:
+            if self.eval.judge_model or self.eval.text_judges or self.psoups_files:
                 raise ValueError("user_target: the user's score reads the simulated world's judges; "
-                                 "not available with eval.judge_model or psoups_files")
+                                 "not available with eval.judge_model, eval.text_judges or psoups_files")
         if not 0.0 <= self.max_quarantine_fraction <= 1.0:
             raise ValueError(f"max_quarantine_fraction={self.max_quarantine_fraction}: must be in [0, 1]")
         if self.psoups_format not in ("psoups", "trl"):

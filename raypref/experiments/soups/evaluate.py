@@ -14,8 +14,8 @@ from raypref.config import check_fields
 from raypref.data.labelling import combination_instruction
 from raypref.data.users import psoups_profile
 from raypref.models.factory import AUTO, DTYPES
-from raypref.eval.generation import (JudgeScorer, Scores, WorldScorer, judged_generations,  # noqa: F401
-                                     mean_scores, with_weights)
+from raypref.eval.generation import (TEXT_KEYS, JudgeScorer, Scores, TextScorer, WorldScorer,  # noqa: F401
+                                     judged_generations, mean_scores, with_weights)
 
 DTYPE_NAMES = sorted(DTYPES) + [AUTO]
 
@@ -46,7 +46,13 @@ class EvalConfig:
     # "" = the simulated world's judges; else a causal LM judge in scoring mode (Liu 2025
     # §5.3.2): "tiny" (tests) or a Hugging Face id / local folder. Required with real data.
     judge_model: str = ""
-    # evaluation prompts (.txt one a line, or .jsonl); "" = the world's test-split prompts
+    # the text judges (rewards/text.py) on real text instead: words / verbosity_words, reading
+    # grade / 20, VADER sentiment per dimension; quality = relevance x (1 - repetition) x the
+    # fluency gate under the frozen base. For a base that writes English (base_policy)
+    text_judges: bool = False
+    verbosity_words: float = 100.0
+    # evaluation prompts (.txt one a line, or .jsonl); "" = the world's test-split prompts (with
+    # pool pairs: the test split of the pool's prompts, never a prompt the policies trained on)
     prompts_file: str = ""
     # the LM judge's dtype ("auto": bf16 on a GPU that has it, fp16 on one without, fp32 on CPU),
     # decided on the evaluation worker that loads it
@@ -72,7 +78,8 @@ class EvalConfig:
                   ("judge_dtype", self.judge_dtype in DTYPE_NAMES, f"must be one of {DTYPE_NAMES}"),
                   ("num_gpus", self.num_gpus == "auto" or (not isinstance(self.num_gpus, str)
                                                           and self.num_gpus >= 0), 'must be "auto" or >= 0'),
-                  ("num_cpus", self.num_cpus > 0, "must be > 0")]
+                  ("num_cpus", self.num_cpus > 0, "must be > 0"),
+                  ("verbosity_words", self.verbosity_words > 0, "must be > 0")]
         check_fields("eval", self, checks)
 
 
@@ -107,14 +114,25 @@ def check_scorer(cfg: EvalConfig, world, preferences: list[str]) -> None:
 def scoring_table(cfg: EvalConfig, preferences: list[str]) -> dict[str, tuple[str, int]]:
     """{preference: (score key, direction)} the comparison reads: the world's attributes, or the
     LM judge's preference names (the same as the scorer's own ``table``, without a judge)."""
+    if cfg.text_judges:
+        return TextScorer(None).table(preferences)
     return JudgeScorer(None, {}).table(preferences) if cfg.judge_model \
         else WorldScorer(None).table(preferences)
 
 
-def make_scorer(cfg: EvalConfig, world, preferences: list[str], device=None):
-    """The world's judges, or the LM judge of ``cfg.judge_model`` over ``preferences``
-    (Table-4 texts for a real judge, word-level ones the tiny judge's vocabulary knows), in
-    ``cfg.judge_dtype`` on ``device`` (default: the CPU)."""
+def make_scorer(cfg: EvalConfig, world, preferences: list[str], device=None, base: str = ""):
+    """The world's judges, the text judges (with ``base``, the frozen LM of the fluency gate), or
+    the LM judge of ``cfg.judge_model`` over ``preferences`` (Table-4 texts for a real judge,
+    word-level ones the tiny judge's vocabulary knows), in ``cfg.judge_dtype`` on ``device``
+    (default: the CPU)."""
+    if cfg.text_judges:
+        from raypref.models.factory import load_pretrained
+        from raypref.rewards.text import TextObjectives
+
+        model, tokenizer = load_pretrained(base)
+        if device is not None:
+            model.to(device)
+        return TextScorer(TextObjectives(TEXT_KEYS, cfg.verbosity_words, lm=(model.eval(), tokenizer)))
     check_scorer(cfg, world, preferences)
     if not cfg.judge_model:
         return WorldScorer(world)
@@ -130,10 +148,16 @@ def make_scorer(cfg: EvalConfig, world, preferences: list[str], device=None):
     return JudgeScorer(judge, texts)
 
 
-def eval_prompts(cfg: EvalConfig, world) -> list[str]:
-    """The prompts every method answers: the user's prompts file, else the world's test split."""
+def eval_prompts(cfg: EvalConfig, world, pool_prompts: str | None = None) -> list[str]:
+    """The prompts every method answers. Pairs from a pool (``pool_prompts``: its prompts file,
+    "" = the project's questions): the test split of the user's prompts file or of the pool's,
+    never a prompt the policies trained on; else the user's prompts file, else the world's
+    test split."""
+    from raypref.eval.prompts import load_prompts
+
+    if pool_prompts is not None:
+        return load_prompts(cfg.prompts_file or pool_prompts or None, split="test")[:cfg.n_prompts]
     if cfg.prompts_file:
-        from raypref.eval.prompts import load_prompts
         return load_prompts(cfg.prompts_file)[:cfg.n_prompts]
     return world.prompts(cfg.n_prompts, split="test")
 

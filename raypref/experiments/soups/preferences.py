@@ -3,7 +3,8 @@
 Simulated world: one set of candidate pairs per seed (train-split prompts) and one of
 held-out pairs (test-split prompts); each P-Soups preference labels the same candidates, and
 P-MORL labels them too, pair i by combination i % k with its instruction in the prompt. The
-arms differ only in who labels. Real data: each preference's P-Soups file, validated.
+arms differ only in who labels. Real text: the same from the shared candidate pool, labelled
+by the text judges (`pool_data`). Real data: each preference's P-Soups file, validated.
 """
 from __future__ import annotations
 
@@ -61,6 +62,36 @@ def simulated_data(cfg, world, seed: int, system_message: bool = False) -> SeedD
         data.pmorl = combination_labelled_pairs(world, train_pairs, cfg.combinations, [seed, 0],
                                                 instruction_in_prompt=not system_message,
                                                 stats=data.stats["P-MORL"])
+        data.pmorl_system = "combination" if system_message else ""
+    return data
+
+
+def pool_data(cfg, pool, seed: int, system_message: bool = True) -> SeedData:
+    """Pairs of every preference (and P-MORL) of one seed from the shared candidate pool of real
+    text (`recipes.pool`): one set of candidate pairs (two answers to one train prompt) labelled
+    by each preference's text judge, and by P-MORL's combinations, with the same label noise
+    ``cfg.label_noise`` and the same noise draws; held-out pairs from the test prompts. As in
+    `simulated_data`, only who labels differs between the arms."""
+    from raypref.recipes.pool import PoolLabelling, candidate_pairs
+
+    n = cfg.pairs_per_preference
+    labelling = PoolLabelling(cfg.label_noise)
+    train_pairs = candidate_pairs(pool, n, [seed, 0], "train")
+    held_pairs = candidate_pairs(pool, max(1, n // 10), [seed, 1], "test")
+    data = SeedData({}, {})
+    for name in cfg.preferences:
+        labeller = preference_labeller([name])
+        kwargs = dict(user_id=_user_id(name), user_text=psoups_profile(name).instruction,
+                      source=f"pool:psoups:{name}")
+        data.stats[name] = LabelStats()
+        data.train[name] = label_pairs(labelling, train_pairs, labeller, [seed, 0],
+                                       stats=data.stats[name], **kwargs)
+        data.held_out[name] = label_pairs(labelling, held_pairs, labeller, [seed, 1], **kwargs)
+    if "pmorl" in cfg.baselines:
+        data.stats["P-MORL"] = LabelStats()
+        data.pmorl = combination_labelled_pairs(labelling, train_pairs, cfg.combinations, [seed, 0],
+                                                instruction_in_prompt=not system_message,
+                                                source="pool:pmorl", stats=data.stats["P-MORL"])
         data.pmorl_system = "combination" if system_message else ""
     return data
 

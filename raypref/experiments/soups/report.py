@@ -60,14 +60,27 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
     folder = Path(out) / "report"
     folder.mkdir(parents=True, exist_ok=True)
     c = comparison
-    judge = (f"LM judge `{cfg.eval.judge_model}` in scoring mode" if cfg.eval.judge_model
-             else "the simulated world's judges")
+    if cfg.eval.text_judges:
+        judge = (f"the text judges (verbosity = words / {cfg.eval.verbosity_words:g}, expertise = "
+                 "Flesch–Kincaid grade / 20, friendliness = VADER compound in −1..1; quality = "
+                 "relevance × (1 − repetition) × fluency gate under the frozen base, 0..1)")
+    elif cfg.eval.judge_model:
+        judge = f"LM judge `{cfg.eval.judge_model}` in scoring mode"
+    else:
+        judge = "the simulated world's judges"
+    if cfg.psoups_files:
+        pairs = "each preference's file"
+    elif cfg.pairs_source == "pool":
+        pairs = (f"the shared candidate pool of `{cfg.pool.model}`'s answers, labelled by the text "
+                 f"judges with label noise {cfg.label_noise:g}, the same pairs for every arm")
+    else:
+        pairs = "the simulated world, the same candidates for every arm"
     lines = ["# Personalized Soups report", ""]
     lines += [f"Method: P-Soups, per-preference trainer `{cfg.algo}`, merge "
               f"`{cfg.merge_method}`; {len(cfg.preferences)} preferences, "
               f"{len(cfg.combinations)} combinations, {cfg.seeds} training seed(s), "
               f"{n_prompts} held-out prompts × {cfg.eval.samples_per_prompt} samples, "
-              f"judged by {judge}.",
+              f"judged by {judge}. Pairs ({cfg.pairs_per_preference} per policy): {pairs}.",
               f"Training (every policy): {timings['train_seconds']:.0f} s; "
               f"whole job: {timings['total_seconds']:.0f} s.", ""]
     if cfg.eval.judge_model == "tiny":

@@ -30,7 +30,7 @@ from raypref.recipes import recipe
 from raypref.experiments.soups import evaluate as ev
 from raypref.experiments.soups.compare import SOUPS, compare, sweep_over_seeds
 from raypref.experiments.soups.config import SoupsConfig
-from raypref.experiments.soups.preferences import file_data, simulated_data
+from raypref.experiments.soups.preferences import file_data, pool_data, simulated_data
 from raypref.experiments.soups.report import write_report
 from raypref.experiments.soups.training import (
     PMORL,
@@ -142,12 +142,24 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
     world = sft_world(cfg.sft)
     # the judge and the prompts first: a bad judge folder or prompts file fails before
     # training (the judge itself is loaded by the evaluation workers, not here)
-    ev.check_scorer(cfg.eval, world, cfg.preferences)
-    prompts = ev.eval_prompts(cfg.eval, world)
+    from_pool = cfg.pairs_source == "pool" and not cfg.psoups_files
+    if not cfg.eval.text_judges:
+        ev.check_scorer(cfg.eval, world, cfg.preferences)
+    prompts = ev.eval_prompts(cfg.eval, world, cfg.pool.prompts if from_pool else None)
 
     _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
     if cfg.psoups_files:
         data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
+    elif from_pool:
+        from raypref.recipes.pool import ensure_pool, resolved
+
+        pool = ensure_pool(resolved(cfg.pool), log=print)
+        _log(f"    candidate pool {pool.folder}: {len(pool.candidates)} answers")
+        system_message = has_chat_template(load_tokenizer(sft_dir))
+        data = [pool_data(cfg, pool, cfg.seed + k, system_message) for k in range(cfg.seeds)]
+        for name, stats in data[0].stats.items():
+            _log(f"    {name}: {stats.n} pairs labelled, {stats.flipped} flipped by label noise, "
+                 f"{stats.ties} ties decided by a coin")
     else:
         # a chat-templated base reads P-MORL's instruction as its system message, as at
         # evaluation, whichever method trains it (every per-preference builder takes the rule)

@@ -227,7 +227,7 @@ class SeedEvaluator:
         use_gpu = bool(ray.get_gpu_ids()) and torch.cuda.is_available()
         self.device = torch.device("cuda") if use_gpu else torch.device("cpu")
         self.cfg, self.sft_dir, self.world = cfg, sft_dir, world
-        self.scorer = ev.make_scorer(cfg.eval, world, cfg.preferences, device=self.device)
+        self.scorer = ev.make_scorer(cfg.eval, world, cfg.preferences, device=self.device, base=sft_dir)
 
     def heldout_accuracy(self, k: int, adapters: dict[str, Path], held_out: dict) -> dict:
         from raypref.experiments.soups.training import run_name

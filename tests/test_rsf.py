@@ -506,3 +506,11 @@ def test_sweep_reports_the_sampling_sd_of_each_mean_length(monkeypatch):
     assert row["length"] == pytest.approx((4 + 2 + 2 + 2 + 3 + 2) / 6) and row["n"] == 6
     var_p, var_q = torch.tensor([4.0, 2.0, 3.0]).var().item(), 0.0  # prompt q always gives 2 words
     assert row["length_sd"] == pytest.approx(((var_p + var_q) / 3) ** 0.5 / 2)
+
+
+def test_candidates_setting_is_checked():
+    from raypref.experiments.rsf import RSFJobConfig
+
+    with pytest.raises(ValueError, match="candidates.*must be one of"):
+        RSFJobConfig(candidates="all").validate()
+    RSFJobConfig(candidates="prompt").validate()

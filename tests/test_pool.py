@@ -381,3 +381,19 @@ def test_text_scorer_reads_each_dimension_by_its_judge():
     assert [scorer.sweep_key(p) for p in ("P1B", "P2B", "P3A")] == ["expertise", "verbosity", "friendliness"]
     row = scorer.score(["a", "b"], ["q", "q"])[1]
     assert row["friendliness"] == -0.5 and abs(row["quality"] - 0.7) < 1e-6 and row["relevance"] == 0.8
+
+
+def test_soups_training_key_follows_the_pool_and_its_noise_but_not_for_world_runs(tmp_path):
+    import dataclasses as dc
+
+    from raypref.experiments.soups.config import SoupsConfig
+    from raypref.experiments.soups.training import training_key
+
+    pool_cfg = config(tmp_path)
+    on_pool = soups_config(pool_cfg)
+    keys = {training_key(on_pool), training_key(soups_config(pool_cfg, label_noise=0.2)),
+            training_key(soups_config(dc.replace(pool_cfg, seed=1))),
+            training_key(soups_config(pool_cfg, pairs_source="world"))}
+    assert len(keys) == 4  # another pool or noise is other pairs: new runs, not a refused resume
+    # a world run's key ignores the pool settings it never reads
+    assert training_key(SoupsConfig()) == training_key(SoupsConfig(label_noise=0.3, pool=pool_cfg))

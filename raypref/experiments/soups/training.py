@@ -31,6 +31,9 @@ def training_key(cfg) -> str:
     d = to_dict(cfg)
     keep = ("seed", "algo", "preferences", "combinations", "baselines", "base_policy",
             "psoups_files", "sft", "pairs_per_preference")
+    if cfg.pairs_source != "world" and not cfg.psoups_files:
+        # the pool and its label noise decide the pairs (a world run's key stays as it was)
+        keep += ("pairs_source", "pool", "label_noise")
     return "train-" + config_hash({**{k: d[k] for k in keep}, "training": to_dict(cfg.policy_training)})
 
 

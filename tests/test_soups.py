@@ -27,6 +27,8 @@ def test_sweep_weights_sum_to_one_and_move_only_one_dimension():
         assert sum(w.values()) == pytest.approx(1.0)
         assert w["P3A"] == pytest.approx(t / 3) and w["P3B"] == pytest.approx((1 - t) / 3)
         assert w["P1A"] == w["P1B"] == w["P2A"] == w["P2B"] == pytest.approx(1 / 6)
+        # alone: the dimension's two policies only, the whole mass between them
+        assert ev.sweep_weights(dims, "style", t, alone=True) == {"P3A": t, "P3B": 1.0 - t}
 
 
 def test_is_monotonic_rejects_flat_steps():

@@ -35,6 +35,10 @@ class EvalConfig:
     seed: int = 0                # same seed for every method: paired comparisons
     batch_size: int = 96
     weight_grid: list[float] = field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    # a dimension's sweep soups: false = all preferences, the other dimensions held at 50/50 (a
+    # P-Soups user of every dimension; each dimension carries a third of the mass); true = the
+    # dimension's two policies alone, w and 1 - w (the whole difference between them)
+    sweep_alone: bool = False
     tie_tolerance: float = 0.05  # judge differences within this are ties (P-Soups §E.1)
     # an arm whose mean quality is below SFT's by more than this gets a report line, and a
     # weight sweep whose quality falls that far below SFT's is not counted as monotone
@@ -185,9 +189,13 @@ def dimensions_of(preferences: list[str]) -> dict[str, tuple[str, str]]:
 
 
 def sweep_weights(dims: dict[str, tuple[str, str]], dimension: str, t: float,
-                  others: float = 0.5) -> dict[str, float]:
+                  others: float = 0.5, alone: bool = False) -> dict[str, float]:
     """Soup weights with share ``t`` of ``dimension``'s mass on its attribute-raising
-    preference; every other dimension split ``others`` / ``1 - others``. Sums to 1."""
+    preference; every other dimension split ``others`` / ``1 - others``. Sums to 1. ``alone``:
+    the dimension's two preferences only, ``t`` and ``1 - t`` (the other dimensions left out)."""
+    if alone:
+        up, down = dims[dimension]
+        return {up: t, down: 1.0 - t}
     mass = 1.0 / len(dims)
     weights = {}
     for dim, (up, down) in dims.items():

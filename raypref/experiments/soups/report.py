@@ -109,7 +109,9 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
 
     lines += ["## Merge weight vs judged attribute", "",
               "Each dimension's share moves from the preference lowering its attribute (0) to "
-              "the one raising it (1); the other dimensions stay at 50/50. Means over seeds. "
+              "the one raising it (1); " + ("the soup holds that dimension's two policies alone. "
+                                           if cfg.eval.sweep_alone else
+                                           "the other dimensions stay at 50/50. ") + "Means over seeds. "
               "Monotone = the attribute rises at every step AND quality stays within "
               f"{cfg.eval.quality_margin:g} of SFT's ({c.quality['SFT']:.3f}).", "",
               "| dimension | attribute | " + " | ".join(f"w={w:g}" for w in cfg.eval.weight_grid)

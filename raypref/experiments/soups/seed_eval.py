@@ -185,7 +185,7 @@ def _weight_sweep(cfg, souper, scorer, generate, prefs, k) -> dict:
         key = scorer.sweep_key(up)
         values, quality = [], []
         for t in cfg.eval.weight_grid:
-            _, scores = generate(souper.model(ev.sweep_weights(dims, dim, t)))
+            _, scores = generate(souper.model(ev.sweep_weights(dims, dim, t, alone=cfg.eval.sweep_alone)))
             means = ev.mean_scores(scores)
             values.append(means[key])
             quality.append(means["quality"])

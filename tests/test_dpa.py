@@ -109,3 +109,15 @@ def test_kept_response_from_own_samples_or_from_the_prompts_shared_candidates():
     with pytest.raises(ValueError, match="candidates='every'"):
         from raypref.recipes.rsf import RSFSpec
         RSFSpec("base", ["a", "b"], [], lambda: None, candidates="every")
+
+
+def test_candidates_at_its_default_leaves_the_rsf_fingerprint_as_before():
+    """A field added later stays out of the spec's fingerprint at its default, so RSF runs made
+    before it resume; the variant is another run."""
+    from raypref.recipes.rsf import RSFSpec
+
+    def spec(**kw):
+        return RSFSpec("base", ["a", "b"], [("a", "x")], dict, **kw).fingerprint()
+
+    assert "candidates" not in spec() and "n_samples" in spec()
+    assert "candidates" in spec(candidates="prompt") and spec(candidates="prompt") != spec()

@@ -345,7 +345,8 @@ def test_soups_config_on_the_pool_checks_what_it_needs(tmp_path):
                         (dict(pairs_source="wrold"), "pairs_source='wrold'"),
                         (dict(label_noise=0.5), r"label_noise=0.5: must be in \[0, 0.5\)"),
                         (dict(preferences=["P3A", "P3C"], combinations=[]), "'P3C' .* has no text judge"),
-                        (dict(eval=EvalConfig(text_judges=True, judge_model="tiny")), "choose one judge")]:
+                        (dict(eval=EvalConfig(text_judges=True, judge_model="tiny")), "choose one judge"),
+                        (dict(algo="ppo"), "algo='ppo' does not learn from pairs")]:
         with pytest.raises(ValueError, match=message):
             soups_config(pool_cfg, **kw).validate()
 

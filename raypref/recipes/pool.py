@@ -381,7 +381,8 @@ def psoups_latents(pool: Pool) -> list[dict[str, float]]:
     differ in scale by 100x)."""
     import pandas as pd
 
-    from raypref.data.users import TEXT_ATTRIBUTES
+    from raypref.data.labelling import ATTRIBUTE_RANGES
+    from raypref.data.users import TEXT_ATTRIBUTES, psoups_profiles, text_attribute
 
     missing = sorted(set(TEXT_ATTRIBUTES.values()) - set(pool.scores))
     if missing:
@@ -391,13 +392,12 @@ def psoups_latents(pool: Pool) -> list[dict[str, float]]:
     # ties share their mean rank: equal scores stay equal (a tie is decided by the labelling's coin)
     unit = {judge: (pd.Series(pool.scores[judge]).rank(method="average").to_numpy() - 1.0) / max(n - 1, 1)
             for judge in TEXT_ATTRIBUTES.values()}
-    ranges = {"expertise": (0.0, 1.0), "verbosity": (0.0, 1.0), "style": (-1.0, 1.0)}
-    world_attribute = {"expertise": "expertise", "verbosity": "verbosity", "friendliness": "style"}
+    judge_of = {p.attribute: text_attribute(p.name) for p in psoups_profiles()}  # style -> friendliness
     out = []
     for i in range(n):
         row = {}
-        for judge, attribute in world_attribute.items():
-            lo, hi = ranges[attribute]
+        for attribute, judge in judge_of.items():
+            lo, hi = ATTRIBUTE_RANGES[attribute]
             row[attribute] = float(lo + (hi - lo) * unit[judge][i])
         out.append(row)
     return out

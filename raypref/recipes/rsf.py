@@ -127,7 +127,7 @@ class RSFSpec(LoopSpec):
     # direction; "prompt" every response drawn for the prompt under any of its directions
     # (directions_per_prompt x n_samples), so directions of one prompt keep answers of different
     # lengths even while the policy does not yet read the direction (see the module doc)
-    candidates: str = "own"
+    candidates: str = field(default="own", metadata={"digest_unless_default": True})
 
     def __post_init__(self) -> None:
         if len(self.prompts) < 2:

@@ -112,8 +112,8 @@ class LoopSpec:
     def fingerprint(self) -> dict:
         """What makes a run of this spec a different run (config, data, base model). A resumed
         run must have the same fingerprint. Default: a digest of every dataclass field."""
-        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)} \
-            if dataclasses.is_dataclass(self) else {}
+        fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)
+                  if not _left_out(self, f)} if dataclasses.is_dataclass(self) else {}
         return {"spec": f"{type(self).__module__}.{type(self).__qualname__}",
                 **{name: digest(value) for name, value in fields.items()}}
 
@@ -140,6 +140,12 @@ def save_module(model: torch.nn.Module, out_dir: Path) -> None:
     save_file(state, str(Path(out_dir) / WEIGHTS_FILE))
 
 
+def _left_out(obj, f: dataclasses.Field) -> bool:
+    """A field added later (metadata ``digest_unless_default``) at its default: runs made before
+    it existed keep their fingerprints and still resume."""
+    return bool(f.metadata.get("digest_unless_default")) and getattr(obj, f.name) == f.default
+
+
 def digest(value: Any) -> str:
     """A stable short hash of a config value, data list, tensor or path (for fingerprints)."""
     h = hashlib.sha256()
@@ -151,8 +157,8 @@ def _feed(h, value: Any) -> None:
     if dataclasses.is_dataclass(value) and not isinstance(value, type):
         h.update(type(value).__qualname__.encode())
         for f in dataclasses.fields(value):
-            if f.metadata.get("digest_unless_default") and getattr(value, f.name) == f.default:
-                continue  # a field added later, at its default: runs made before it still resume
+            if _left_out(value, f):
+                continue
             h.update(f.name.encode())
             _feed(h, getattr(value, f.name))
     elif isinstance(value, dict):

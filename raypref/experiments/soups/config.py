@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 from raypref.data.users import psoups_combinations, psoups_profiles
 from raypref.experiments.soups.evaluate import EvalConfig
 from raypref.models.merge import METHODS as MERGE_METHODS
-from raypref.recipes import per_preference_methods, recipe
+from raypref.recipes import pair_methods, per_preference_methods, recipe
 from raypref.recipes.dpo import DPOConfig
 from raypref.recipes.pool import PoolConfig
 from raypref.recipes.ppo import PPOConfig
@@ -129,6 +129,10 @@ class SoupsConfig:
             if not self.eval.text_judges and not self.eval.judge_model:
                 raise ValueError("pairs_source=pool: judge the policies by the text judges that "
                                  "labelled the pairs (eval.text_judges=true) or an LM judge")
+            if self.algo not in pair_methods():
+                # PPO's reward is the simulated world's judge, which cannot read the pool's text
+                raise ValueError(f"pairs_source=pool: algo={self.algo!r} does not learn from pairs; "
+                                 f"use one of {pair_methods()}")
         if not 0.0 <= self.label_noise < 0.5:
             raise ValueError(f"label_noise={self.label_noise}: must be in [0, 0.5)")
         if (self.psoups_files or self.base_policy) and not (self.eval.judge_model or self.eval.text_judges):

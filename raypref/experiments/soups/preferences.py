@@ -46,24 +46,9 @@ def simulated_data(cfg, world, seed: int, system_message: bool = False) -> SeedD
     system message (P-Soups Table 4's sentences, as at evaluation), not after the prompt;
     every per-preference method (DPO, IPO, ORPO, PPO) reads it there."""
     n = cfg.pairs_per_preference
-    train_pairs = candidate_pairs(world, n, [seed, 0])
-    held_pairs = candidate_pairs(world, max(1, n // 10), [seed, 1], split="test")
-    data = SeedData({}, {})
-    for name in cfg.preferences:
-        labeller = preference_labeller([name])
-        kwargs = dict(user_id=_user_id(name), user_text=psoups_profile(name).instruction,
-                      source=f"world:psoups:{name}")
-        data.stats[name] = LabelStats()
-        data.train[name] = label_pairs(world, train_pairs, labeller, [seed, 0],
-                                       stats=data.stats[name], **kwargs)
-        data.held_out[name] = label_pairs(world, held_pairs, labeller, [seed, 1], **kwargs)
-    if "pmorl" in cfg.baselines:
-        data.stats["P-MORL"] = LabelStats()
-        data.pmorl = combination_labelled_pairs(world, train_pairs, cfg.combinations, [seed, 0],
-                                                instruction_in_prompt=not system_message,
-                                                stats=data.stats["P-MORL"])
-        data.pmorl_system = "combination" if system_message else ""
-    return data
+    return _labelled_data(cfg, world, candidate_pairs(world, n, [seed, 0]),
+                          candidate_pairs(world, max(1, n // 10), [seed, 1], split="test"),
+                          seed, system_message, "world")
 
 
 def pool_data(cfg, pool, seed: int, system_message: bool = True) -> SeedData:
@@ -72,26 +57,31 @@ def pool_data(cfg, pool, seed: int, system_message: bool = True) -> SeedData:
     by each preference's text judge, and by P-MORL's combinations, with the same label noise
     ``cfg.label_noise`` and the same noise draws; held-out pairs from the test prompts. As in
     `simulated_data`, only who labels differs between the arms."""
-    from raypref.recipes.pool import PoolLabelling, candidate_pairs
+    from raypref.recipes.pool import PoolLabelling, candidate_pairs as pool_pairs
 
     n = cfg.pairs_per_preference
-    labelling = PoolLabelling(cfg.label_noise)
-    train_pairs = candidate_pairs(pool, n, [seed, 0], "train")
-    held_pairs = candidate_pairs(pool, max(1, n // 10), [seed, 1], "test")
+    return _labelled_data(cfg, PoolLabelling(cfg.label_noise), pool_pairs(pool, n, [seed, 0], "train"),
+                          pool_pairs(pool, max(1, n // 10), [seed, 1], "test"), seed, system_message, "pool")
+
+
+def _labelled_data(cfg, world, train_pairs, held_pairs, seed: int, system_message: bool,
+                   origin: str) -> SeedData:
+    """Each preference labels ``train_pairs`` and ``held_pairs`` (``world`` gives the label noise),
+    P-MORL the train pairs by combination; ``origin`` names the source ("world", "pool")."""
     data = SeedData({}, {})
     for name in cfg.preferences:
         labeller = preference_labeller([name])
         kwargs = dict(user_id=_user_id(name), user_text=psoups_profile(name).instruction,
-                      source=f"pool:psoups:{name}")
+                      source=f"{origin}:psoups:{name}")
         data.stats[name] = LabelStats()
-        data.train[name] = label_pairs(labelling, train_pairs, labeller, [seed, 0],
+        data.train[name] = label_pairs(world, train_pairs, labeller, [seed, 0],
                                        stats=data.stats[name], **kwargs)
-        data.held_out[name] = label_pairs(labelling, held_pairs, labeller, [seed, 1], **kwargs)
+        data.held_out[name] = label_pairs(world, held_pairs, labeller, [seed, 1], **kwargs)
     if "pmorl" in cfg.baselines:
         data.stats["P-MORL"] = LabelStats()
-        data.pmorl = combination_labelled_pairs(labelling, train_pairs, cfg.combinations, [seed, 0],
+        data.pmorl = combination_labelled_pairs(world, train_pairs, cfg.combinations, [seed, 0],
                                                 instruction_in_prompt=not system_message,
-                                                source="pool:pmorl", stats=data.stats["P-MORL"])
+                                                source=f"{origin}:pmorl", stats=data.stats["P-MORL"])
         data.pmorl_system = "combination" if system_message else ""
     return data
 

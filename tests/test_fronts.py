@@ -212,3 +212,16 @@ def test_fronts_job_end_to_end_on_a_tiny_budget(ray_local, untrained_base, tmp_p
     metrics = mlflow.MlflowClient(result.tracking_uri).get_run(result.run_id).data.metrics
     assert metrics["hypervolume.psoups"] == pytest.approx(hv["hypervolume"]["psoups"]["estimate"])
     assert Path(out / "runs" / "DPA").is_dir() and Path(out / "runs" / "P-MORL").is_dir()
+
+
+def test_text_fronts_pool_must_read_the_fronts_prompts():
+    """judges "text": the pool's prompts are the fronts' prompts file, or every method would not
+    learn from the same questions; the pool's own settings are checked too."""
+    from raypref.recipes.pool import PoolConfig
+
+    FrontsConfig(judges="text", base_policy="smollm2-135m-instruct").validate()
+    with pytest.raises(ValueError, match=r"FrontsConfig\.pool\.prompts='q\.txt': must be prompts_file=''"):
+        FrontsConfig(judges="text", base_policy="smollm2-135m-instruct", pool=PoolConfig(prompts="q.txt")).validate()
+    with pytest.raises(ValueError, match=r"temperature"):
+        FrontsConfig(judges="text", base_policy="smollm2-135m-instruct", pool=PoolConfig(temperature=0.0)).validate()
+    FrontsConfig(pool=PoolConfig(prompts="q.txt")).validate()  # the world's fronts read no pool

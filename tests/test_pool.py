@@ -398,3 +398,32 @@ def test_soups_training_key_follows_the_pool_and_its_noise_but_not_for_world_run
     assert len(keys) == 4  # another pool or noise is other pairs: new runs, not a refused resume
     # a world run's key ignores the pool settings it never reads
     assert training_key(SoupsConfig()) == training_key(SoupsConfig(label_noise=0.3, pool=pool_cfg))
+
+
+def test_fronts_pairs_come_from_the_shared_pool_as_the_soups_draw_them(tmp_path):
+    """The fronts job's text pairs (`fronts.pool_pair_rows`) are the soups job's draw of the same
+    pool (`candidate_pairs`, same seed): two answers to one train question, each carrying its
+    judged scores on the fronts' footing (words / verbosity_words, VADER as judged)."""
+    from raypref.experiments.fronts import pool_pair_rows
+    from raypref.recipes.pool import candidate_pairs
+    from raypref.rewards.text import TextObjectives
+
+    _, pool = judged_pool(tmp_path, train_prompts=4)
+    judge = TextObjectives(["verbosity", "friendliness"], 20.0)
+    rows = pool_pair_rows(pool, judge, 12, seed=3)
+    soups = candidate_pairs(pool, 12, [3, 0], "train")
+    assert [r["responses"] for r in rows] == [[p.first.text, p.second.text] for p in soups]
+    train = {text for text, split in pool.prompts if split == "train"}
+    # the fake LM's answers repeat across questions: a candidate is its (question, text)
+    index = {(pool.prompts[c.prompt][0], c.text): i for i, c in enumerate(pool.candidates)}
+    for row in rows:
+        assert row["prompt"] in train
+        for text, scores in zip(row["responses"], row["scores"]):
+            i = index[(row["prompt"], text)]
+            assert scores == pytest.approx([pool.scores["verbosity"][i] / 20.0, pool.scores["friendliness"][i]])
+    assert len({(r["prompt"], *r["responses"]) for r in rows}) == 12
+    unjudged = dataclasses.replace(pool, scores={k: v for k, v in pool.scores.items() if k != "friendliness"})
+    with pytest.raises(ValueError, match="no scores of \\['friendliness'\\]"):
+        pool_pair_rows(unjudged, judge, 2, seed=3)
+    with pytest.raises(ValueError, match="has 24 train pairs .* 25 asked"):
+        pool_pair_rows(pool, judge, 25, seed=3)

@@ -21,8 +21,9 @@ hold) and takes 2S steps; every step sees ``training.micro_batch_size`` examples
 
 Settings (``judges``): "world", the simulated world on the tiny SFT model (the P-Soups pairs'
 latent labels, judged by `rewards.world.WorldObjectives`); "text", real questions answered by a
-chat-template base such as smollm2-135m-instruct, candidate pairs sampled from it under P-Soups
-system prompts and labelled by `rewards.text.TextObjectives`.
+chat-template base such as smollm2-135m-instruct, candidate pairs drawn from the shared candidate
+pool (`recipes.pool`: the base's answers under P-Soups system prompts, the soups job's pool) and
+labelled from the pool's text-judge scores on `rewards.text.TextObjectives`' footing.
 """
 from __future__ import annotations
 
@@ -39,6 +40,7 @@ from raypref import atomic, tracking
 from raypref.config import check_fields, config_hash, to_dict
 from raypref.experiments.run import SUMMARY_FILE, JobResult, PolicyRunConfig
 from raypref.recipes.dpo import DPOConfig
+from raypref.recipes.pool import PoolConfig
 from raypref.train.runner import Resources
 
 METHODS = ("psoups", "dpa", "pmorl", "prompting")
@@ -98,6 +100,10 @@ class FrontsConfig(PolicyRunConfig):
     # judges "text": the prompts file ("" = the project's questions): train split for pairs and
     # DPA, test split for evaluation; verbosity is read as words / verbosity_words
     prompts_file: str = ""
+    # judges "text": the shared candidate pool the P-Soups and P-MORL pairs come from (generated and
+    # judged once if missing); its prompts must be prompts_file, so every method learns from the
+    # same questions
+    pool: PoolConfig = field(default_factory=PoolConfig)
     verbosity_words: float = 100.0
     max_length: int = 224  # tokens per DPA training example (prompt + response)
     max_concurrent_runs: int = 0  # training runs at once; 0 = as many as the cluster holds
@@ -140,6 +146,11 @@ class FrontsConfig(PolicyRunConfig):
                   ("verbosity_words", self.verbosity_words > 0, "must be > 0"),
                   ("max_concurrent_runs", self.max_concurrent_runs >= 0, "must be >= 0 (0 = as many as fit)")]
         check_fields(where, self, checks)
+        if self.judges == "text":
+            self.pool.validate()
+            if self.pool.prompts != self.prompts_file:
+                raise ValueError(f"{where}.pool.prompts={self.pool.prompts!r}: must be prompts_file="
+                                 f"{self.prompts_file!r}, so every method learns from the same questions")
         if "dpa" in self.methods and dpa_prompts_per_iteration(self) < 1:
             raise ValueError(f"{where}.pairs_per_policy={self.pairs_per_policy}: DPA's share (4 x pairs_per_policy "
                              f"judged responses) is less than one iteration's prompt: dpa_iterations x "
@@ -159,13 +170,6 @@ def raising_preference(judges: str, objective: str) -> str:
 
     attribute = TEXT_TO_WORLD[objective] if judges == "text" else objective
     return next(p.name for p in psoups_profiles() if p.attribute == attribute and p.direction > 0)
-
-
-def lowering_preference(judges: str, objective: str) -> str:
-    from raypref.data.users import psoups_profiles
-
-    attribute = TEXT_TO_WORLD[objective] if judges == "text" else objective
-    return next(p.name for p in psoups_profiles() if p.attribute == attribute and p.direction < 0)
 
 
 def weight_grid(n: int) -> list[float]:
@@ -395,57 +399,50 @@ def world_setting(cfg: FrontsConfig, out: Path) -> dict:
             "quality": lambda prompts, texts: np.array([world.quality(t, p) for p, t in zip(prompts, texts)])}
 
 
-TEXT_POOL_FILE = "pool.jsonl"
+def pool_pair_rows(pool, judge, n: int, seed: int) -> list[dict]:
+    """``n`` candidate pairs of the shared pool's train split (`recipes.pool.pair_indices`, the
+    soups job's draw): {"prompt", "responses": [a, b], "scores": [a's, b's]}, each score the pool's
+    judged value on ``judge``'s footing (`TextObjectives.scaled`, in its objectives' order)."""
+    from raypref.recipes.pool import pair_indices
+
+    missing = sorted(set(judge.objectives) - set(pool.scores))
+    if missing:
+        raise ValueError(f"the pool in {pool.folder} has no scores of {missing}: judge it with "
+                         f"`python jobs/pool.py` and judges including {list(judge.objectives)}")
+    scaled = judge.scaled({o: pool.scores[o] for o in judge.objectives}).tolist()
+    rows = []
+    for a, b in pair_indices(pool, n, [seed, 0], "train"):
+        rows.append({"prompt": pool.prompts[pool.candidates[a].prompt][0],
+                     "responses": [pool.candidates[a].text, pool.candidates[b].text],
+                     "scores": [scaled[a], scaled[b]]})
+    return rows
 
 
 def text_setting(cfg: FrontsConfig, out: Path) -> dict:
-    """Real questions: a candidate pool sampled from the base, two answers per training prompt under
-    different P-Soups system prompts of the two objectives (or none), so the pairs differ in both;
-    judged once by the text judges and labelled from those scores for every arm (cached as
-    ``<run>/pool.jsonl``)."""
+    """Real questions: N candidate pairs (two answers to one train question) from the shared
+    candidate pool (`recipes.pool`, the soups and reward-comparison jobs' pool: generated and
+    judged once if missing), labelled from the pool's judged scores for every arm."""
     from raypref.data.prompts import load_prompts
     from raypref.data.records import PreferenceRecord
-    from raypref.data.users import psoups_profile
-    from raypref.models.factory import generate, load_pretrained
     from raypref.models.chat import has_chat_template
+    from raypref.models.factory import load_tokenizer
+    from raypref.recipes.pool import ensure_pool, resolved
     from raypref.rewards.text import TextObjectives
 
     objectives, n = cfg.objectives, cfg.pairs_per_policy
     base_dir = cfg.base_policy
-    model, tokenizer = load_pretrained(base_dir)
+    tokenizer = load_tokenizer(base_dir)
     if not has_chat_template(tokenizer):
         raise ValueError(f"FrontsConfig.judges='text': the base {base_dir!r} has no chat template for the "
                          "instructions' system message; use e.g. base_policy=smollm2-135m-instruct")
-    train = load_prompts(cfg.prompts_file or None, split="train")
     held_out = load_prompts(cfg.prompts_file or None, split="test")
     if len(held_out) < cfg.eval_prompts:
         raise ValueError(f"FrontsConfig.eval_prompts={cfg.eval_prompts}: the prompts file has only "
                          f"{len(held_out)} test prompts")
     judge = TextObjectives(objectives, cfg.verbosity_words)
-    pool_file = out / TEXT_POOL_FILE
-    pool = [json.loads(line) for line in pool_file.read_text().splitlines()] if pool_file.exists() else []
-    if len(pool) < n:
-        systems = [None] + [psoups_profile(f(cfg.judges, o)).prompt for o in objectives
-                            for f in (raising_preference, lowering_preference)]
-        rng = np.random.default_rng([cfg.seed, 7])
-        todo = []
-        for i in range(len(pool), n):
-            first, second = rng.choice(len(systems), size=2, replace=False)
-            todo.append((train[i % len(train)], systems[first], systems[second]))
-        _log(f"sampling {len(todo)} candidate pairs from {base_dir} ({2 * len(todo)} answers)")
-        model.eval()
-        for start in range(0, len(todo), 16):
-            chunk = todo[start:start + 16]
-            prompts = [p for p, _, _ in chunk for _ in range(2)]
-            systems_ = [s for _, a, b in chunk for s in (a, b)]
-            texts = generate(model, tokenizer, prompts, cfg.max_new_tokens, greedy=False,
-                             seed=cfg.seed * 1_000_003 + len(pool), system=systems_)
-            scores = judge.score_objectives(prompts, texts).tolist()
-            for j, (prompt, _, _) in enumerate(chunk):
-                pool.append({"prompt": prompt, "responses": texts[2 * j:2 * j + 2], "scores": scores[2 * j:2 * j + 2]})
-            atomic.write_text(pool_file, "".join(json.dumps(r) + "\n" for r in pool))
-            _log(f"    {len(pool)}/{n} candidate pairs")
-    pool = pool[:n]
+    pool = ensure_pool(resolved(cfg.pool), log=print)
+    _log(f"candidate pool {pool.folder}: {len(pool.candidates)} answers")
+    pool = pool_pair_rows(pool, judge, n, cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0])
     coins = rng.random(2 * n)  # ties decided by a fair coin, the same draw for every arm at a position
 

@@ -1,7 +1,6 @@
 """One shared candidate pool of real text: answers sampled once from a base LM under varied system
 prompts, cached on disk by a hash of its settings, judged by the text judges, and read by every
-job that labels pairs from it (the reward comparison on real text today; the soups and fronts
-jobs are meant to read the same pool).
+job that labels pairs from it (the reward comparison, the soups and the fronts jobs on real text).
 
     python jobs/pool.py --config configs/reward-compare-smollm2.yaml   # that job's data.pool
     python jobs/pool.py --max_new_tokens 48 --train_prompts 10 ...    # or flags
@@ -403,24 +402,29 @@ def psoups_latents(pool: Pool) -> list[dict[str, float]]:
     return out
 
 
-def candidate_pairs(pool: Pool, n: int, seed, split: str = "train") -> list:
-    """``n`` distinct unlabelled pairs (`data.labelling.CandidatePair`): two answers to one prompt
-    of ``split`` (under different system prompts, or two samples), drawn without replacement in an
-    order fixed by ``seed``; the same for every arm that labels them."""
+def pair_indices(pool: Pool, n: int, seed, split: str = "train") -> list[tuple[int, int]]:
+    """``n`` distinct pairs of candidate indices: two answers to one prompt of ``split`` (under
+    different system prompts, or two samples), drawn without replacement in an order fixed by
+    ``seed``; the same for every arm (and every job) that reads them."""
     from itertools import combinations
 
-    from raypref.data.labelling import CandidatePair
-
-    latents = psoups_latents(pool)
     possible = [pair for idx in pool.by_prompt(split).values() for pair in combinations(idx, 2)]
     if n > len(possible):
         raise ValueError(f"the pool in {pool.folder} has {len(possible)} {split} pairs (two answers "
                          f"to one prompt), {n} asked: lower the pair budget or give the pool more "
                          f"{split} prompts, system prompts or samples")
     order = np.random.default_rng(np.random.SeedSequence(seed)).permutation(len(possible))[:n]
+    return [possible[k] for k in order]
+
+
+def candidate_pairs(pool: Pool, n: int, seed, split: str = "train") -> list:
+    """`pair_indices` as unlabelled pairs (`data.labelling.CandidatePair`) whose answers carry
+    their P-Soups attributes (`psoups_latents`), for the labelling path."""
+    from raypref.data.labelling import CandidatePair
+
+    latents = psoups_latents(pool)
     pairs = []
-    for k in order:
-        a, b = possible[k]
+    for a, b in pair_indices(pool, n, seed, split):
         answer = [PoolAnswer(pool.candidates[i].text, latents[i]) for i in (a, b)]
         pairs.append(CandidatePair(pool.prompts[pool.candidates[a].prompt][0], answer[0], answer[1]))
     return pairs

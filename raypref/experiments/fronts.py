@@ -441,7 +441,9 @@ def text_setting(cfg: FrontsConfig, out: Path) -> dict:
                          f"{len(held_out)} test prompts")
     judge = TextObjectives(objectives, cfg.verbosity_words)
     pool = ensure_pool(resolved(cfg.pool), log=print)
-    _log(f"candidate pool {pool.folder}: {len(pool.candidates)} answers")
+    # the pool's answers may come from another model than the base (off-policy pairs): say which
+    _log(f"candidate pool {pool.folder}: {len(pool.candidates)} answers of {cfg.pool.model} "
+         f"(the base: {base_dir})")
     pool = pool_pair_rows(pool, judge, n, cfg.seed)
     rng = np.random.default_rng([cfg.seed, 0])
     coins = rng.random(2 * n)  # ties decided by a fair coin, the same draw for every arm at a position

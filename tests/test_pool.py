@@ -427,3 +427,34 @@ def test_fronts_pairs_come_from_the_shared_pool_as_the_soups_draw_them(tmp_path)
         pool_pair_rows(unjudged, judge, 2, seed=3)
     with pytest.raises(ValueError, match="has 24 train pairs .* 25 asked"):
         pool_pair_rows(pool, judge, 25, seed=3)
+
+
+def test_text_fronts_label_each_objective_and_pmorl_from_the_pool(tmp_path, smollm2_tokenizer_dir):
+    """`fronts.text_setting` on a judged pool and SmolLM2's chat template: the verbosity policy's
+    chosen answer is the wordier one, the friendliness policy's the friendlier (ties by a coin),
+    and each P-MORL pair chooses by the weights its system text states."""
+    import re
+
+    from raypref.experiments.fronts import FrontsConfig, text_setting
+
+    pool_cfg, pool = judged_pool(tmp_path, train_prompts=4)
+    cfg = FrontsConfig(judges="text", base_policy=smollm2_tokenizer_dir, objectives=["verbosity", "friendliness"],
+                       pairs_per_policy=12, eval_prompts=2, verbosity_words=20.0, pool=pool_cfg,
+                       methods=["psoups", "pmorl"])
+    cfg.validate()
+    setting = text_setting(cfg, tmp_path / "run")
+    score = {(pool.prompts[c.prompt][0], c.text): (pool.scores["verbosity"][i] / 20.0, pool.scores["friendliness"][i])
+             for i, c in enumerate(pool.candidates)}
+    assert setting["preferences"] == ["P2B", "P3A"]
+    for k, pref in enumerate(setting["preferences"]):
+        records = setting["psoups"][pref]
+        assert len(records) == 12
+        decided = [(score[(r.prompt, r.chosen)][k], score[(r.prompt, r.rejected)][k]) for r in records]
+        assert all(a >= b for a, b in decided), pref
+        assert sum(a > b for a, b in decided) >= 6, pref  # not all ties: the judges tell these apart
+    assert len(setting["pmorl"]) == 24
+    for r in setting["pmorl"]:
+        w = [float(x) for x in re.findall(r"(?:verbosity|friendliness)\*([0-9.]+)", r.user_text)]
+        assert len(w) == 2, r.user_text
+        value = [w[0] * score[(r.prompt, t)][0] + w[1] * score[(r.prompt, t)][1] for t in (r.chosen, r.rejected)]
+        assert value[0] >= value[1] - 1e-6, (r.user_text, value)

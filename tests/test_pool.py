@@ -335,6 +335,33 @@ def test_pool_too_small_for_the_budget_is_a_clear_error(tmp_path):
         pool_data(soups_config(pool_cfg, pairs_per_preference=19), pool, seed=0)
 
 
+def test_answers_below_the_quality_floor_never_enter_a_pair_and_are_counted(tmp_path):
+    from raypref.experiments.soups.preferences import pool_data
+
+    pool_cfg, pool = judged_pool(tmp_path)
+    long_answer = np.array([c.text.startswith(TEXTS["long"]) for c in pool.candidates])
+    pool.scores["quality"] = np.where(long_answer, 0.1, 0.7)  # the long answers judged as word salad
+    pool.min_quality = 0.4
+    assert all(not long_answer[i] for idx in pool.by_prompt("train").values() for i in idx)
+    assert pool.floor_line() == ("[pool] quality floor 0.4: 3 of 12 train answers, 2 of 8 test answers "
+                                 "left out of pairs")
+    # 3 train prompts x 3 answers left = 9 pairs; every arm's pairs are free of the long answer
+    with pytest.raises(ValueError, match="9 train pairs .* 12 asked"):
+        pool_data(soups_config(pool_cfg), pool, seed=0)
+    data = pool_data(soups_config(pool_cfg, pairs_per_preference=9), pool, seed=0)
+    texts = [t for rs in list(data.train.values()) + list(data.held_out.values()) for r in rs
+             for t in (r.chosen, r.rejected)]
+    assert texts and not any(t.startswith(TEXTS["long"]) for t in texts)
+    # the floor travels with the config to every reader of the pool (the workers load it)
+    assert pool_mod.load_pool(dataclasses.replace(pool_cfg, min_quality=0.4)).min_quality == 0.4
+    # a floor needs quality scores: the config says which judges, the pool which scores it lacks
+    del pool.scores["quality"]
+    with pytest.raises(ValueError, match="min_quality=0.4 needs the pool's quality scores"):
+        pool.by_prompt("train")
+    with pytest.raises(ValueError, match="min_quality.*relevance and repetition"):
+        config(tmp_path, min_quality=0.4).validate()
+
+
 def test_soups_config_on_the_pool_checks_what_it_needs(tmp_path):
     from raypref.experiments.soups.evaluate import EvalConfig
 

@@ -142,6 +142,9 @@ def test_soups(soups_run):
     report = result.report_path.read_text()
     assert "text judges" in report and "candidate pool" in report, report[:600]
     assert result.sweep["style"]["attribute"] == "friendliness"
+    # the pool's own answers are the reference for quality at a matched attribute level
+    assert len(result.sweep["style"]["quality_matched"]) == 2, result.sweep["style"]
+    assert "quality at matched attribute" in report
     assert len(list((result.output_dir / "pools").glob("pool-*/pool.jsonl"))) == 1
 
 

@@ -386,6 +386,52 @@ def test_a_sweep_is_monotone_only_if_quality_holds_along_it():
     assert degenerate["rises"] and not degenerate["quality_holds"] and not degenerate["monotonic"]
 
 
+def test_quality_at_a_matched_attribute_level_discounts_only_the_judges_lean():
+    from raypref.eval.quality import attribute_matched_quality, base_quality_at
+
+    # the base's own answers: judged quality rises with the attribute (0.4 at 0, 0.7 at 1)
+    ref_values = np.linspace(0.0, 1.0, 201)
+    ref_quality = 0.4 + 0.3 * ref_values
+    assert base_quality_at([0.2, 0.8], ref_values, ref_quality, k=5) == pytest.approx([0.46, 0.64])
+    sft_values, sft_quality = np.full(8, 0.8), 0.64
+    # a point that writes at 0.2 as well as the base does there, and one 0.1 worse than that
+    as_good, worse = 0.46, 0.36
+    matched = attribute_matched_quality([as_good, worse, sft_quality], [np.full(8, 0.2)] * 2 + [sft_values],
+                                        sft_values, ref_values, ref_quality, k=5)
+    assert matched == pytest.approx([0.64, 0.54, 0.64])
+    with pytest.raises(ValueError, match="one quality per reference value"):
+        base_quality_at([0.5], ref_values, ref_quality[:-1])
+    with pytest.raises(ValueError, match="k=500 must be in 1..201"):
+        base_quality_at([0.5], ref_values, ref_quality, k=500)
+
+
+def test_a_sweep_holds_quality_at_a_matched_attribute_only_with_its_answers_and_a_reference():
+    from raypref.experiments.soups.compare import sweep_over_seeds
+
+    ref_values = np.linspace(0.0, 1.0, 201)
+    reference = {"verbosity": ref_values, "quality": 0.4 + 0.3 * ref_values}
+
+    def seed(quality, with_answers=True):
+        row = {"attribute": "verbosity", "raised_by": "P2B", "lowered_by": "P2A",
+               "weights": [0, 0.5, 1], "scores": [0.2, 0.5, 0.8], "quality": quality}
+        if with_answers:
+            row.update(answer_values=[[0.2] * 4, [0.5] * 4, [0.8] * 4], sft_values=[0.8] * 4)
+        return {"informativeness": row}
+    # the short end loses 0.18 of judged quality, as the base's own short answers do
+    follows = sweep_over_seeds([seed([0.46, 0.55, 0.64])], 0.64, 0.05, reference)["informativeness"]
+    assert not follows["quality_holds"] and not follows["monotonic"]
+    assert follows["quality_matched"] == pytest.approx([0.64, 0.64, 0.64], abs=0.002)
+    assert follows["quality_holds_matched"] and follows["monotonic_matched"]
+    # 0.1 worse than the base at the short end: fails at a matched level too
+    worse = sweep_over_seeds([seed([0.36, 0.55, 0.64])], 0.64, 0.05, reference)["informativeness"]
+    assert not worse["quality_holds_matched"] and not worse["monotonic_matched"]
+    # no reference, or a seed without its answers' values (an older run): no matched fields
+    assert "quality_matched" not in sweep_over_seeds([seed([0.46, 0.55, 0.64])], 0.64, 0.05)["informativeness"]
+    assert "quality_matched" not in sweep_over_seeds(
+        [seed([0.46, 0.55, 0.64]), seed([0.46, 0.55, 0.64], with_answers=False)], 0.64, 0.05,
+        reference)["informativeness"]
+
+
 def test_scorers_add_quality_and_the_lm_judge_scores_by_preference_name():
     world = World(seed=0)
     prompt = world.prompts(1, split="test")[0]

@@ -64,6 +64,9 @@ class PoolConfig:
     # torch CPU threads while generating and judging; 0 = torch's default. Not in the key. On a
     # shared 2-core machine 1 thread sampled 7.5x faster than 2 (60 vs 8 tokens/s, batch 14)
     threads: int = 0
+    # answers judged below this general quality (0..1) never enter a pair, so no label prefers
+    # word salad for being short or simple; left out, counted in the log. Not in the key
+    min_quality: float = 0.0
     dir: str = "outputs/pools"
 
     def validate(self) -> None:
@@ -79,6 +82,9 @@ class PoolConfig:
             ("threads", self.threads >= 0, "must be >= 0 (0 = torch's default)"),
             ("judges", bool(self.judges) and set(self.judges) <= set(JUDGES)
              and len(set(self.judges)) == len(self.judges), f"must be distinct names of {JUDGES}"),
+            ("min_quality", 0.0 <= self.min_quality <= 1.0, "must be in 0..1 (0 = every answer pairs)"),
+            ("min_quality", self.min_quality == 0.0 or {"relevance", "repetition"} <= set(self.judges),
+             "needs the relevance and repetition judges (quality is judged from them)"),
         ])
 
 
@@ -98,14 +104,36 @@ class Pool:
     candidates: list[Candidate]
     folder: Path
     scores: dict[str, np.ndarray] = field(default_factory=dict)  # judge -> [len(candidates)]
+    min_quality: float = 0.0  # PoolConfig.min_quality: the floor for entering a pair
+
+    def below_floor(self) -> np.ndarray:
+        """bool [len(candidates)]: the answers judged below ``min_quality``, kept out of pairs."""
+        if self.min_quality <= 0.0:
+            return np.zeros(len(self.candidates), dtype=bool)
+        if "quality" not in self.scores:
+            raise ValueError(f"pool {self.folder}: min_quality={self.min_quality} needs the pool's "
+                             f"quality scores, and it has {sorted(self.scores) or 'none'}")
+        return np.asarray(self.scores["quality"]) < self.min_quality
 
     def by_prompt(self, split: str) -> dict[int, list[int]]:
-        """prompt index -> indices of its candidates, for the prompts of ``split``."""
+        """prompt index -> indices of its candidates that may pair (at or above the quality
+        floor), for the prompts of ``split``."""
+        below = self.below_floor()
         out: dict[int, list[int]] = {}
         for i, c in enumerate(self.candidates):
-            if self.prompts[c.prompt][1] == split:
+            if self.prompts[c.prompt][1] == split and not below[i]:
                 out.setdefault(c.prompt, []).append(i)
         return out
+
+    def floor_line(self) -> str:
+        """What the quality floor leaves out, per split, for the log."""
+        below = self.below_floor()
+        counts = {split: (sum(below[i] for i, c in enumerate(self.candidates) if self.prompts[c.prompt][1] == split),
+                          sum(self.prompts[c.prompt][1] == split for c in self.candidates))
+                  for split in ("train", "test")}
+        return (f"[pool] quality floor {self.min_quality:g}: "
+                + ", ".join(f"{n} of {total} {split} answers" for split, (n, total) in counts.items())
+                + " left out of pairs")
 
 
 # ---------------------------------------------------------------- settings and key
@@ -274,7 +302,8 @@ def load_pool(cfg: PoolConfig, settings: dict | None = None) -> Pool:
         raise FileNotFoundError(f"no candidate pool at {path}: generate it first with "
                                 f"`python jobs/pool.py` and the same pool settings")
     candidates = [Candidate(**json.loads(line)) for line in path.read_text(encoding="utf-8").splitlines()]
-    pool = Pool([tuple(p) for p in settings["prompts"]], list(settings["systems"]), candidates, folder)
+    pool = Pool([tuple(p) for p in settings["prompts"]], list(settings["systems"]), candidates, folder,
+                min_quality=cfg.min_quality)
     scores_path = folder / SCORES_FILE
     if scores_path.exists():
         saved = json.loads(scores_path.read_text())
@@ -325,9 +354,12 @@ def ensure_pool(cfg: PoolConfig, generate_fn: GenerateFn | None = None, log=prin
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     try:
-        return score_pool(cfg, generate_pool(cfg, generate_fn, log), log)
+        pool = score_pool(cfg, generate_pool(cfg, generate_fn, log), log)
     finally:
         torch.set_num_threads(threads)
+    if pool.min_quality > 0:
+        log(pool.floor_line(), flush=True)
+    return pool
 
 
 def summary(pool: Pool, cfg: PoolConfig) -> dict:

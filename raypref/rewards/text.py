@@ -445,6 +445,17 @@ class TextObjectives(torch.nn.Module):
     def scaled(self, raw: dict[str, np.ndarray]) -> torch.Tensor:
         """`raw`'s scores as ``score_objectives`` gives them ([n, k], each on its footing): a
         caller that wants both judges the texts once."""
-        scale = {**self.SCALES, "verbosity": self.verbosity_words}
-        return torch.tensor(np.stack([raw[o] / scale.get(o, 1.0) for o in self.objectives], axis=1),
-                            dtype=torch.float32)
+        units = on_footing(raw, self.objectives, self.verbosity_words)
+        return torch.tensor(np.stack([units[o] for o in self.objectives], axis=1), dtype=torch.float32)
+
+
+def on_footing(raw: Mapping[str, np.ndarray], names: Sequence[str],
+               verbosity_words: float = 100.0) -> dict[str, np.ndarray]:
+    """Judges' raw scores (``TextJudges.score``, helpfulness as quality, or a pool's scores)
+    on `TextObjectives`' footing near [0, 1], for ``names``: verbosity / ``verbosity_words``,
+    expertise / 20, the rest as judged."""
+    scale = {**TextObjectives.SCALES, "verbosity": float(verbosity_words)}
+    missing = [n for n in names if n not in raw]
+    if missing:
+        raise KeyError(f"on_footing: no scores for {missing}; have {sorted(raw)}")
+    return {n: np.asarray(raw[n], dtype=np.float64) / scale.get(n, 1.0) for n in names}

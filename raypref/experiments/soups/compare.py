@@ -7,12 +7,14 @@ arm against SFT's (P-Soups Fig. 2), and the weight sweep averaged over seeds wit
 """
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
 from raypref.eval.intervals import Interval, prompt_groups, win_rate_intervals
-from raypref.eval.quality import quality_drops, quality_holds, quality_win_rate
+from raypref.eval.quality import (QUALITY_KEY, attribute_matched_quality, quality_drops, quality_holds,
+                                  quality_win_rate)
 from raypref.eval.tables import (
     WLTRow,
     average_win_rates,
@@ -74,10 +76,17 @@ def compare(methods_per_seed: list[dict], sft_per_seed: list[list[dict]], table:
     return out
 
 
-def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float) -> dict:
+def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float,
+                     reference: Mapping[str, Sequence[float]] | None = None) -> dict:
     """The weight sweep of every dimension averaged over seeds; "monotonic" only when the
     attribute rises strictly with the weight AND quality holds along it (within ``margin``
-    of SFT's)."""
+    of SFT's).
+
+    ``reference``: the base's own judged answers ({attribute: values, "quality": values}, e.g.
+    the candidate pool's, in the scorer's units). With it, each sweep whose seeds kept their
+    answers' attribute values also gets "quality_matched" (`attribute_matched_quality`: quality
+    against SFT's at the same attribute level, for a judge that leans with the attribute),
+    "quality_holds_matched" and "monotonic_matched"."""
     out = {}
     for dim, first in per_seed[0].items():
         scores = np.mean([s[dim]["scores"] for s in per_seed], axis=0).tolist()
@@ -88,4 +97,12 @@ def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float) ->
                     "scores": scores, "quality": quality, "rises": rises,
                     "quality_holds": holds, "monotonic": rises and holds,
                     "per_seed": [s[dim]["scores"] for s in per_seed]}
+        key = first["attribute"]
+        if reference and key in reference and all("answer_values" in s[dim] for s in per_seed):
+            matched = np.mean([attribute_matched_quality(
+                s[dim]["quality"], s[dim]["answer_values"], s[dim]["sft_values"],
+                reference[key], reference[QUALITY_KEY]) for s in per_seed], axis=0).tolist()
+            holds_matched = quality_holds(matched, sft_quality, margin)
+            out[dim].update(quality_matched=matched, quality_holds_matched=holds_matched,
+                            monotonic_matched=rises and holds_matched)
     return out

@@ -123,6 +123,17 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
                      + " | " + ", ".join(f"{q:.3f}" for q in row["quality"])
                      + f" | {'yes' if row['rises'] else 'no'} | {'yes' if row['quality_holds'] else 'no'}"
                      + f" | {'yes' if row['monotonic'] else 'NO'} |")
+    matched = {dim: row for dim, row in sweep.items() if "quality_matched" in row}
+    if matched:
+        lines += ["", "The quality judge may lean with an attribute (on real text it rises with words "
+                  "and reading grade), so the same sweeps' quality is also compared with SFT's at "
+                  "the same attribute level: each point's quality minus what the base's own answers "
+                  "(the candidate pool) gain or lose in judged quality between SFT's attribute level "
+                  "and the point's.", "",
+                  "| dimension | quality at matched attribute | holds | monotone |", "|---|---|---|---|"]
+        lines += [f"| {dim} | " + ", ".join(f"{q:.3f}" for q in row["quality_matched"])
+                  + f" | {'yes' if row['quality_holds_matched'] else 'no'}"
+                  + f" | {'yes' if row['monotonic_matched'] else 'NO'} |" for dim, row in matched.items()]
     if sweep:
         plot_sweep(sweep, folder / "sweep.png")
         lines += ["", "![weight sweep](sweep.png)", ""]

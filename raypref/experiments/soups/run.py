@@ -124,6 +124,9 @@ class TrainedPolicies:
     failed: dict[str, str]  # run name -> whole cause line
     trained: list[dict[str, Path]]  # per seed: {policy: its adapter folder}
     train_seconds: float
+    # the base's own judged answers (the pool's, in the text scorer's units), for the sweep's
+    # quality at a matched attribute level; None off the pool or without text judges
+    reference: dict | None = None
 
 
 def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
@@ -148,6 +151,7 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
     prompts = ev.eval_prompts(cfg.eval, world, cfg.pool.prompts if from_pool else None)
 
     _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
+    reference = None
     if cfg.psoups_files:
         data = [file_data(cfg, _log)] * cfg.seeds  # the same files; seeds vary init and sampling
     elif from_pool:
@@ -157,6 +161,7 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
         _log(f"    candidate pool {pool.folder}: {len(pool.candidates)} answers")
         system_message = has_chat_template(load_tokenizer(sft_dir))
         data = [pool_data(cfg, pool, cfg.seed + k, system_message) for k in range(cfg.seeds)]
+        reference = base_reference(cfg, pool)
         for name, stats in data[0].stats.items():
             _log(f"    {name}: {stats.n} pairs labelled, {stats.flipped} flipped by label noise, "
                  f"{stats.ties} ties decided by a coin")
@@ -183,7 +188,19 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
                 for p in list(data[k].train) + ([PMORL] if data[k].pmorl else [])
                 if outcomes[run_name(p, k)].ok} for k in range(cfg.seeds)]
     return TrainedPolicies(sft_dir, world, prompts, data, outcomes, reused, failed, trained,
-                           train_seconds)
+                           train_seconds, reference)
+
+
+def base_reference(cfg: SoupsConfig, pool) -> dict | None:
+    """The pool's judged answers in the text scorer's units: the base's quality at each level
+    of an attribute, for the sweep (`compare.sweep_over_seeds`). None when the evaluation is
+    not by the text judges or the pool has no quality scores."""
+    from raypref.eval.generation import TEXT_KEYS
+    from raypref.rewards.text import on_footing
+
+    if not cfg.eval.text_judges or not set(TEXT_KEYS) <= set(pool.scores):
+        return None
+    return {k: v.tolist() for k, v in on_footing(pool.scores, TEXT_KEYS, cfg.eval.verbosity_words).items()}
 
 
 def run_soups(cfg: SoupsConfig) -> SoupsResult:
@@ -231,7 +248,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
                              tol=cfg.eval.tie_tolerance, margin=cfg.eval.quality_margin,
                              n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
         sweep = sweep_over_seeds([s["sweep"] for s in seeds], comparison.quality["SFT"],
-                                 cfg.eval.quality_margin) if seeds[0]["sweep"] else {}
+                                 cfg.eval.quality_margin, stage.reference) if seeds[0]["sweep"] else {}
         for line in comparison.quality_lines:
             _log(f"    quality: {line}")
         _log_summary_metrics(comparison, sweep)
@@ -268,6 +285,8 @@ def metric_name(arm: str) -> str:
 
 def _log_summary_metrics(comparison, sweep) -> None:
     tracking.log_metrics({f"sweep.{dim}.monotonic": float(row["monotonic"]) for dim, row in sweep.items()})
+    tracking.log_metrics({f"sweep.{dim}.monotonic_matched": float(row["monotonic_matched"])
+                          for dim, row in sweep.items() if "monotonic_matched" in row})
     tracking.log_metrics({f"quality.{metric_name(name)}": q for name, q in comparison.quality.items()})
     for (a, b), interval in comparison.intervals.items():
         if a == SOUPS and interval.estimate is not None:

@@ -125,7 +125,7 @@ def evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combo
                                      instruction)
 
     _, sft = generate(souper.base_model)
-    sweep = _weight_sweep(cfg, souper, scorer, generate, prefs, k)
+    sweep = _weight_sweep(cfg, souper, scorer, generate, prefs, k, sft)
     arms = [SOUPS] + [ev.SOUP_ARMS[a] for a in cfg.eval.arms
                       if not (a == "ab_avg" and cfg.merge_method == "lora_factors_linear")]
     names = arms + [n for n, on in (("SFT", "sft" in cfg.baselines),
@@ -176,21 +176,26 @@ def _pmorl_model(sft_dir, adapter: Path) -> torch.nn.Module:
     return PeftModel.from_pretrained(base, str(adapter)).merge_and_unload().eval()
 
 
-def _weight_sweep(cfg, souper, scorer, generate, prefs, k) -> dict:
+def _weight_sweep(cfg, souper, scorer, generate, prefs, k, sft) -> dict:
     """For each dimension: judge score of its attribute (and quality) vs the merge weight of
-    the preference raising it (other dimensions held at 50/50)."""
+    the preference raising it (other dimensions held at 50/50, or left out with
+    ``eval.sweep_alone``). Each point's answers' attribute values are kept beside SFT's
+    (``sft``: its judged answers), for quality at a matched attribute level
+    (`compare.sweep_over_seeds`)."""
     dims = ev.dimensions_of(prefs)
     sweep = {}
     for dim, (up, down) in dims.items():
         key = scorer.sweep_key(up)
-        values, quality = [], []
+        values, quality, answers = [], [], []
         for t in cfg.eval.weight_grid:
             _, scores = generate(souper.model(ev.sweep_weights(dims, dim, t, alone=cfg.eval.sweep_alone)))
             means = ev.mean_scores(scores)
             values.append(means[key])
             quality.append(means["quality"])
+            answers.append([s[key] for s in scores])
         sweep[dim] = {"attribute": key, "raised_by": up, "lowered_by": down,
-                      "weights": list(cfg.eval.weight_grid), "scores": values, "quality": quality}
+                      "weights": list(cfg.eval.weight_grid), "scores": values, "quality": quality,
+                      "answer_values": answers, "sft_values": [s[key] for s in sft]}
         _log(f"    seed {k} {dim}: {key} = " + ", ".join(f"{v:.3f}" for v in values)
              + ", quality = " + ", ".join(f"{q:.3f}" for q in quality)
              + f" for w({up}) = {cfg.eval.weight_grid}")

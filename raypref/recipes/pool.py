@@ -11,7 +11,10 @@ file; `train_prompts` / `test_prompts` of each split, spread over the file), the
 system prompt, max_new_tokens, temperature, seed and batch size. The folder
 ``<dir>/pool-<key>`` is keyed by a hash of all of them and of the model's files (so a changed
 checkpoint never reuses old answers); the batch size is in the key because a batch's padding
-and random stream shape its samples.
+and random stream shape its samples. ``min_quality`` is not: it is the labeller's floor, not the
+pool's text. Answers judged below it never enter a pair of any job that reads the pool (counted
+in the log), because a judge that orders by words or reading grade alone would otherwise prefer
+a small model's word salad for being short or simple (docs/RESULTS.md).
 
 Generation walks the (prompt, system prompt, sample) items in prompt order in batches; each
 finished batch is appended to ``partial.jsonl`` as one fsynced line, with a progress line

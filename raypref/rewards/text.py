@@ -218,7 +218,9 @@ class Fluency(TextJudge):
     (tests/fixtures/text_judge_checks.jsonl): the fluent answers of its fluency items scored
     −2.7 to −4.2, broken grammar −5.6 to −7.2, word salad −8.7 to −9.8 (and fragments of two
     or three words, "Mostly contentment.", −7.7 to −8.8); the model's own sampled answers
-    average −1.7 to −2.0. Set them for another LM."""
+    average −1.7 to −2.0. Set them for another LM. The gate does not catch word salad the LM
+    writes itself: SmolLM2's own off-topic rambles score about −5 under SmolLM2 (gate ~0.9);
+    relevance is what sinks those (docs/RESULTS.md, the soups' quality floor)."""
 
     name, unit = "fluency", "nats per token"
 

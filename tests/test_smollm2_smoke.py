@@ -144,7 +144,8 @@ def test_soups(soups_run):
     assert result.sweep["style"]["attribute"] == "friendliness"
     # the pool's own answers are the reference for quality at a matched attribute level
     assert len(result.sweep["style"]["quality_matched"]) == 2, result.sweep["style"]
-    assert "quality at matched attribute" in report
+    assert "quality at matched attribute" in report and "rises in" in report
+    assert len(result.sweep["style"]["intervals"]) == 2 and 0.0 <= result.sweep["style"]["p_rises"] <= 1.0
     assert len(list((result.output_dir / "pools").glob("pool-*/pool.jsonl"))) == 1
 
 

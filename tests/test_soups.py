@@ -422,6 +422,9 @@ def test_a_sweep_holds_quality_at_a_matched_attribute_only_with_its_answers_and_
     assert not follows["quality_holds"] and not follows["monotonic"]
     assert follows["quality_matched"] == pytest.approx([0.64, 0.64, 0.64], abs=0.002)
     assert follows["quality_holds_matched"] and follows["monotonic_matched"]
+    # with the prompts' count, the noise of each point: 4 answers = 2 prompts x 2 samples
+    noisy = sweep_over_seeds([seed([0.46, 0.55, 0.64])], 0.64, 0.05, n_prompts=2, n_boot=50)["informativeness"]
+    assert noisy["p_rises"] == 1.0 and noisy["intervals"][0] == pytest.approx((0.2, 0.2))
     # 0.1 worse than the base at the short end: fails at a matched level too
     worse = sweep_over_seeds([seed([0.36, 0.55, 0.64])], 0.64, 0.05, reference)["informativeness"]
     assert not worse["quality_holds_matched"] and not worse["monotonic_matched"]
@@ -430,6 +433,26 @@ def test_a_sweep_holds_quality_at_a_matched_attribute_only_with_its_answers_and_
     assert "quality_matched" not in sweep_over_seeds(
         [seed([0.46, 0.55, 0.64]), seed([0.46, 0.55, 0.64], with_answers=False)], 0.64, 0.05,
         reference)["informativeness"]
+
+
+def test_sweep_noise_intervals_pair_the_points_over_prompts():
+    from raypref.eval.intervals import prompt_groups, sweep_bootstrap
+
+    rng = np.random.default_rng(0)
+    n_prompts, samples = 30, 2
+    groups = prompt_groups(n_prompts, samples)
+    prompt_effect = rng.normal(0, 1.0, n_prompts)[groups]  # large, shared by every weight
+    steps = np.array([0.0, 0.2, 0.4])
+    points = [prompt_effect + step + rng.normal(0, 0.05, len(groups)) for step in steps]
+    intervals, p_rises = sweep_bootstrap(points, groups, n_boot=500)
+    # each mean's interval is wide (the prompts' spread) ...
+    assert all(hi - lo > 0.3 and lo < np.mean(p) < hi for (lo, hi), p in zip(intervals, points))
+    # ... but the steps are sure, because every weight answers the same resampled prompts
+    assert p_rises == 1.0
+    flat = [prompt_effect + rng.normal(0, 0.05, len(groups)) for _ in steps]
+    assert 0.0 < sweep_bootstrap(flat, groups, n_boot=500)[1] < 0.5
+    with pytest.raises(ValueError, match="one group per row"):
+        sweep_bootstrap(points, groups[:-1])
 
 
 def test_scorers_add_quality_and_the_lm_judge_scores_by_preference_name():

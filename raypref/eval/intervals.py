@@ -140,3 +140,28 @@ def win_rate_intervals(methods_per_seed: Sequence[Mapping[str, MethodScores]],
                 out[(row, col)] = win_rate_interval(per_seed, groups, n_boot=n_boot, level=level,
                                                     seed=seed, resample_seeds=resample_seeds)
     return out
+
+
+def sweep_bootstrap(points: Sequence[Sequence[float]], groups: Sequence[int], *, n_boot: int = 2000,
+                    level: float = 0.95, seed: int = 0) -> tuple[list[tuple[float, float]], float]:
+    """A weight sweep's noise over prompts: ``points[i]``: the judged value of every answer at
+    weight i, rows grouped by prompt (``groups``, the same rows at every weight). Resamples
+    prompts with replacement, the same draw for every weight (the points stay paired), and
+    returns each point's percentile interval of the mean and the share of resamples whose means
+    rise strictly at every step: how sure "monotone" is, where a 5-point sweep's steps are as
+    small as its noise."""
+    values = np.asarray(points, dtype=np.float64)
+    groups = np.asarray(groups)
+    if values.ndim != 2 or values.shape[1] != len(groups) or not len(groups):
+        raise ValueError(f"sweep_bootstrap: need [points, rows] values with one group per row, "
+                         f"got {values.shape} values and {len(groups)} groups")
+    ids, per_row = np.unique(groups, return_inverse=True)
+    sums = np.zeros((values.shape[0], len(ids)))
+    np.add.at(sums, (slice(None), per_row), values)
+    counts = np.bincount(per_row, minlength=len(ids)).astype(np.float64)
+    draw = np.random.default_rng(seed).integers(0, len(ids), size=(n_boot, len(ids)))
+    means = sums[:, draw].sum(axis=2) / counts[draw].sum(axis=1)  # [points, n_boot]
+    tail = (1.0 - level) / 2.0
+    low, high = np.quantile(means, [tail, 1.0 - tail], axis=1)
+    rising = float(np.mean(np.all(np.diff(means, axis=0) > 0, axis=0)))
+    return [(float(lo), float(hi)) for lo, hi in zip(low, high)], rising

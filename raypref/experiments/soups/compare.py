@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from raypref.eval.intervals import Interval, prompt_groups, win_rate_intervals
+from raypref.eval.intervals import Interval, prompt_groups, sweep_bootstrap, win_rate_intervals
 from raypref.eval.quality import (QUALITY_KEY, attribute_matched_quality, quality_drops, quality_holds,
                                   quality_win_rate)
 from raypref.eval.tables import (
@@ -77,7 +77,8 @@ def compare(methods_per_seed: list[dict], sft_per_seed: list[list[dict]], table:
 
 
 def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float,
-                     reference: Mapping[str, Sequence[float]] | None = None) -> dict:
+                     reference: Mapping[str, Sequence[float]] | None = None, *,
+                     n_prompts: int = 0, n_boot: int = 2000, seed: int = 0) -> dict:
     """The weight sweep of every dimension averaged over seeds; "monotonic" only when the
     attribute rises strictly with the weight AND quality holds along it (within ``margin``
     of SFT's).
@@ -86,7 +87,11 @@ def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float,
     the candidate pool's, in the scorer's units). With it, each sweep whose seeds kept their
     answers' attribute values also gets "quality_matched" (`attribute_matched_quality`: quality
     against SFT's at the same attribute level, for a judge that leans with the attribute),
-    "quality_holds_matched" and "monotonic_matched"."""
+    "quality_holds_matched" and "monotonic_matched".
+
+    ``n_prompts``: the prompts each seed's answers cycle over; with it (and the answers' values)
+    each sweep gets "intervals" (per weight, over prompts) and "p_rises", the share of
+    bootstrap resamples in which the attribute rises at every step (`sweep_bootstrap`)."""
     out = {}
     for dim, first in per_seed[0].items():
         scores = np.mean([s[dim]["scores"] for s in per_seed], axis=0).tolist()
@@ -98,7 +103,15 @@ def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float,
                     "quality_holds": holds, "monotonic": rises and holds,
                     "per_seed": [s[dim]["scores"] for s in per_seed]}
         key = first["attribute"]
-        if reference and key in reference and all("answer_values" in s[dim] for s in per_seed):
+        answers = all("answer_values" in s[dim] for s in per_seed)
+        if n_prompts and answers:
+            rows = [sum((list(s[dim]["answer_values"][i]) for s in per_seed), [])
+                    for i in range(len(first["weights"]))]
+            groups = np.concatenate([prompt_groups(n_prompts, len(s[dim]["answer_values"][0]) // n_prompts)
+                                     for s in per_seed])
+            intervals, p_rises = sweep_bootstrap(rows, groups, n_boot=n_boot, seed=seed)
+            out[dim].update(intervals=intervals, p_rises=p_rises)
+        if reference and key in reference and answers:
             matched = np.mean([attribute_matched_quality(
                 s[dim]["quality"], s[dim]["answer_values"], s[dim]["sft_values"],
                 reference[key], reference[QUALITY_KEY]) for s in per_seed], axis=0).tolist()

@@ -123,6 +123,15 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
                      + " | " + ", ".join(f"{q:.3f}" for q in row["quality"])
                      + f" | {'yes' if row['rises'] else 'no'} | {'yes' if row['quality_holds'] else 'no'}"
                      + f" | {'yes' if row['monotonic'] else 'NO'} |")
+    noisy = {dim: row for dim, row in sweep.items() if "intervals" in row}
+    if noisy:
+        lines += ["", "Sampling noise: each weight's 95% bootstrap interval over prompts (the same "
+                  "resampled prompts at every weight), and the share of resamples in which the "
+                  "attribute rises at every step.", "",
+                  "| dimension | " + " | ".join(f"w={w:g}" for w in cfg.eval.weight_grid)
+                  + " | rises in |", "|---|" + "---|" * (len(cfg.eval.weight_grid) + 1)]
+        lines += [f"| {dim} | " + " | ".join(f"[{lo:.3f}, {hi:.3f}]" for lo, hi in row["intervals"])
+                  + f" | {100 * row['p_rises']:.0f}% |" for dim, row in noisy.items()]
     matched = {dim: row for dim, row in sweep.items() if "quality_matched" in row}
     if matched:
         lines += ["", "The quality judge may lean with an attribute (on real text it rises with words "

@@ -248,7 +248,8 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
                              tol=cfg.eval.tie_tolerance, margin=cfg.eval.quality_margin,
                              n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
         sweep = sweep_over_seeds([s["sweep"] for s in seeds], comparison.quality["SFT"],
-                                 cfg.eval.quality_margin, stage.reference) if seeds[0]["sweep"] else {}
+                                 cfg.eval.quality_margin, stage.reference, n_prompts=len(prompts),
+                                 n_boot=cfg.eval.n_boot, seed=cfg.eval.seed) if seeds[0]["sweep"] else {}
         for line in comparison.quality_lines:
             _log(f"    quality: {line}")
         _log_summary_metrics(comparison, sweep)

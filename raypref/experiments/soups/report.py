@@ -72,7 +72,9 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
         pairs = "each preference's file"
     elif cfg.pairs_source == "pool":
         pairs = (f"the shared candidate pool of `{cfg.pool.model}`'s answers, labelled by the text "
-                 f"judges with label noise {cfg.label_noise:g}, the same pairs for every arm")
+                 f"judges with label noise {cfg.label_noise:g}, the same pairs for every arm"
+                 + (f"; answers judged below quality {cfg.pool.min_quality:g} never paired"
+                    if cfg.pool.min_quality else ""))
     else:
         pairs = "the simulated world, the same candidates for every arm"
     lines = ["# Personalized Soups report", ""]

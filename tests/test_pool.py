@@ -346,7 +346,7 @@ def test_answers_below_the_quality_floor_never_enter_a_pair_and_are_counted(tmp_
     assert pool.floor_line() == ("[pool] quality floor 0.4: 3 of 12 train answers, 2 of 8 test answers "
                                  "left out of pairs")
     # 3 train prompts x 3 answers left = 9 pairs; every arm's pairs are free of the long answer
-    with pytest.raises(ValueError, match="9 train pairs .* 12 asked"):
+    with pytest.raises(ValueError, match=r"9 train pairs .*quality floor 0.4 \(pool.min_quality\)\), 12 asked"):
         pool_data(soups_config(pool_cfg), pool, seed=0)
     data = pool_data(soups_config(pool_cfg, pairs_per_preference=9), pool, seed=0)
     texts = [t for rs in list(data.train.values()) + list(data.held_out.values()) for r in rs

@@ -128,6 +128,12 @@ class Pool:
                 out.setdefault(c.prompt, []).append(i)
         return out
 
+    def floor_clause(self) -> str:
+        """", both at or above the quality floor X (pool.min_quality)" when a floor is set: for
+        errors about too few pairs, so a user sees the floor may be what left too few."""
+        return (f", both at or above the quality floor {self.min_quality:g} (pool.min_quality)"
+                if self.min_quality > 0 else "")
+
     def floor_line(self) -> str:
         """What the quality floor leaves out, per split, for the log."""
         below = self.below_floor()
@@ -446,8 +452,8 @@ def pair_indices(pool: Pool, n: int, seed, split: str = "train") -> list[tuple[i
     possible = [pair for idx in pool.by_prompt(split).values() for pair in combinations(idx, 2)]
     if n > len(possible):
         raise ValueError(f"the pool in {pool.folder} has {len(possible)} {split} pairs (two answers "
-                         f"to one prompt), {n} asked: lower the pair budget or give the pool more "
-                         f"{split} prompts, system prompts or samples")
+                         f"to one prompt{pool.floor_clause()}), {n} asked: lower the pair budget or "
+                         f"give the pool more {split} prompts, system prompts or samples")
     order = np.random.default_rng(np.random.SeedSequence(seed)).permutation(len(possible))[:n]
     return [possible[k] for k in order]
 

@@ -245,7 +245,8 @@ def _pool_user_pairs(pool, scaled: dict[str, np.ndarray], user: User, other: Use
                                         scores[better], scores[worse], f"pool:{user.group}"))
     if len(records) < n:
         raise ValueError(f"the pool in {pool.folder} gives user {user.user_id} ({user.group}) only "
-                         f"{len(records)} usable {split} pairs of {len(candidates)} candidate pairs, "
+                         f"{len(records)} usable {split} pairs of {len(candidates)} candidate pairs"
+                         f"{pool.floor_clause()}, "
                          f"{n} asked: lower data.{split}_pairs_per_user or give the pool more "
                          f"{split} prompts, system prompts or samples")
     return records

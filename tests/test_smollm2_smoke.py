@@ -149,6 +149,37 @@ def test_soups(soups_run):
     assert len(list((result.output_dir / "pools").glob("pool-*/pool.jsonl"))) == 1
 
 
+def test_resweep_reproduces_the_jobs_sweep(soups_run):
+    """scripts/soups_resweep.py judges a finished run's sweeps again with the job's own functions
+    and seeds: on the job's settings it gives the job's numbers (so a larger judging of the same
+    policies differs from the job's only by what it was asked to change)."""
+    import importlib.util
+
+    import torch
+
+    from raypref.experiments.soups.config import SoupsConfig
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "soups_resweep.py"
+    spec = importlib.util.spec_from_file_location("soups_resweep", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result, _ = soups_run
+    out = result.output_dir
+    cfg = config(SoupsConfig, "soups", "--output_dir", str(out), "--pool.dir", str(out / "pools"))
+    threads = torch.get_num_threads()
+    try:
+        again = script.resweep(out, cfg, threads=2)  # the evaluation actor's threads in the suite's Ray
+    finally:
+        torch.set_num_threads(threads)
+    job, redone = result.sweep["style"], again["sweep"]["style"]
+    assert redone["weights"] == job["weights"] == [0.0, 1.0]
+    assert redone["scores"] == pytest.approx(job["scores"], abs=1e-9), (redone, job)
+    assert redone["quality"] == pytest.approx(job["quality"], abs=1e-9)
+    assert again["prompts"] == 2 and again["samples_per_prompt"] == 1
+    with pytest.raises(ValueError, match="0 sets of finished seed-0 policies"):
+        script.resweep(out / "pools", cfg)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -245,6 +245,11 @@ def test_training_key_ignores_evaluation_but_not_training():
     other_training.training.beta = 0.1
     assert training_key(base) == training_key(other_eval)
     assert training_key(base) != training_key(other_training)
+    # pool pairs: the pool's settings and its floor draw the pairs, not the folder it is kept in
+    pooled = SoupsConfig(pairs_source="pool")
+    moved, floored = SoupsConfig(pairs_source="pool"), SoupsConfig(pairs_source="pool")
+    moved.pool.dir, floored.pool.min_quality = "/elsewhere/pools", 0.4
+    assert training_key(pooled) == training_key(moved) != training_key(floored)
 
 
 def test_real_preference_files_are_validated_and_quarantined(tmp_path):

@@ -34,6 +34,7 @@ def training_key(cfg) -> str:
     if cfg.pairs_source != "world" and not cfg.psoups_files:
         # the pool and its label noise decide the pairs (a world run's key stays as it was)
         keep += ("pairs_source", "pool", "label_noise")
+        d["pool"] = {k: v for k, v in d["pool"].items() if k != "dir"}  # where it is kept draws no other pair
     return "train-" + config_hash({**{k: d[k] for k in keep}, "training": to_dict(cfg.policy_training)})
 
 

@@ -147,3 +147,50 @@ def test_runs_start_as_the_cluster_grows(timed_runs, monkeypatch, tmp_path):
     later = [t for _, t in submitted[1:]]
     assert max(later) < min(ends[n] for n in list(jobs)[1:])  # then all four at once
     assert len(reads) >= 3
+
+
+def test_the_weight_sweep_is_judged_on_its_own_prompts_and_samples_when_set(base_and_adapters, tmp_path):
+    """eval.sweep_n_prompts / sweep_samples_per_prompt: the sweep (and the SFT answers it is read
+    against) on its own design, the win rates' arms on theirs; unset, the sweep reuses SFT's
+    answers of the win rates (nothing generated twice)."""
+    base, adapters, _ = base_and_adapters
+    world = World(seed=0)
+    combos = [("P1A", "P3A")]
+
+    def run(**design):
+        cfg = SoupsConfig(output_dir=str(tmp_path), preferences=PREFS, combinations=[list(combos[0])],
+                          baselines=["sft"], user_weights={}, user_target={},
+                          eval=ev.EvalConfig(n_prompts=2, samples_per_prompt=1, max_new_tokens=4, batch_size=4,
+                                             weight_grid=[0.0, 1.0], n_boot=10, arms=[], **design))
+        cfg.validate()
+        scorer = ev.make_scorer(cfg.eval, world, PREFS)
+        prompts = ev.eval_prompts(cfg.eval, world)
+        sweep_prompts = ev.eval_prompts(ev.sweep_design(cfg.eval), world)
+        return cfg, scorer, sweep_prompts, evaluate_seed(cfg, 0, base, adapters, scorer, world, prompts, PREFS,
+                                                         combos, False, sweep_prompts=sweep_prompts)
+
+    cfg, scorer, sweep_prompts, own = run(sweep_n_prompts=3, sweep_samples_per_prompt=2)
+    assert len(sweep_prompts) == 3 and len(own["sft"]) == 2  # the win rates' SFT: 2 prompts x 1
+    for row in own["sweep"].values():
+        assert len(row["sft_values"]) == 6 and all(len(v) == 6 for v in row["answer_values"])
+    # the sweep's SFT answers are those a direct judging of the base on the sweep's design gives
+    # (what scripts/soups_resweep.py does), and its quality is the one the sweep is read against
+    from raypref.experiments.soups.seed_eval import seed_eval_config
+    model, tokenizer = load_pretrained(base)
+    _, direct = ev.judged_generations(scorer, model.eval(), tokenizer, sweep_prompts,
+                                      ev.sweep_design(seed_eval_config(cfg, 0)))
+    key = own["sweep"]["expertise"]["attribute"]
+    assert own["sweep"]["expertise"]["sft_values"] == [s[key] for s in direct]
+    assert own["sweep_sft_quality"] == pytest.approx(ev.mean_scores(direct)["quality"])
+    # each answer's quality is kept beside its attribute value: the points' means come from them
+    for row in own["sweep"].values():
+        assert [np.mean(q) for q in row["answer_quality"]] == pytest.approx(row["quality"])
+        assert np.mean(row["sft_quality_values"]) == pytest.approx(own["sweep_sft_quality"])
+
+    _, _, same_prompts, plain = run()
+    assert len(same_prompts) == 2
+    for row in plain["sweep"].values():
+        assert len(row["sft_values"]) == 2 and all(len(v) == 2 for v in row["answer_values"])
+    assert plain["sweep_sft_quality"] == pytest.approx(ev.mean_scores(plain["sft"])["quality"])
+    with pytest.raises(ValueError, match="eval.sweep_samples_per_prompt"):
+        ev.EvalConfig(sweep_samples_per_prompt=-1).validate()

@@ -100,7 +100,7 @@ def sweep_over_seeds(per_seed: list[dict], sft_quality: float, margin: float,
         holds = quality_holds(quality, sft_quality, margin)
         out[dim] = {**{k: first[k] for k in ("attribute", "raised_by", "lowered_by", "weights")},
                     "scores": scores, "quality": quality, "rises": rises,
-                    "quality_holds": holds, "monotonic": rises and holds,
+                    "quality_holds": holds, "monotonic": rises and holds, "sft_quality": sft_quality,
                     "per_seed": [s[dim]["scores"] for s in per_seed]}
         key = first["attribute"]
         answers = all("answer_values" in s[dim] for s in per_seed)

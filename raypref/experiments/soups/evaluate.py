@@ -47,6 +47,11 @@ class EvalConfig:
     # combination's instruction in the prompt too) and "ab_avg" (lora_factors_linear merge)
     arms: list[str] = field(default_factory=lambda: list(SOUP_ARMS))
     n_boot: int = 2000           # bootstrap replicates of the win-rate intervals
+    # the weight sweeps' own design (0 = n_prompts / samples_per_prompt above): neighbouring
+    # weights differ little, so a sweep can need more answers than the win rates do (SmolLM2:
+    # 40 x 2 left one flat step that 72 x 4 settled, docs/RESULTS.md)
+    sweep_n_prompts: int = 0
+    sweep_samples_per_prompt: int = 0
     # "" = the simulated world's judges; else a causal LM judge in scoring mode (Liu 2025
     # §5.3.2): "tiny" (tests) or a Hugging Face id / local folder. Required with real data.
     judge_model: str = ""
@@ -70,6 +75,9 @@ class EvalConfig:
     def validate(self) -> None:
         checks = [("n_prompts", self.n_prompts >= 1, "must be >= 1"),
                   ("samples_per_prompt", self.samples_per_prompt >= 0, "must be >= 0 (0 = by the seed count)"),
+                  ("sweep_n_prompts", self.sweep_n_prompts >= 0, "must be >= 0 (0 = n_prompts)"),
+                  ("sweep_samples_per_prompt", self.sweep_samples_per_prompt >= 0,
+                   "must be >= 0 (0 = samples_per_prompt)"),
                   ("max_new_tokens", self.max_new_tokens >= 1, "must be >= 1"),
                   ("temperature", self.temperature > 0, "must be > 0"),
                   ("batch_size", self.batch_size >= 1, "must be >= 1"),
@@ -90,6 +98,13 @@ class EvalConfig:
 def for_seeds(cfg: EvalConfig, seeds: int) -> EvalConfig:
     """``cfg`` with ``samples_per_prompt`` resolved for a run of ``seeds`` training seeds."""
     return dataclasses.replace(cfg, samples_per_prompt=cfg.samples_per_prompt or (2 if seeds == 1 else 1))
+
+
+def sweep_design(cfg: EvalConfig) -> EvalConfig:
+    """``cfg`` as the weight sweeps are judged: their own prompt count and samples where set
+    (apply after `for_seeds`)."""
+    return dataclasses.replace(cfg, n_prompts=cfg.sweep_n_prompts or cfg.n_prompts,
+                               samples_per_prompt=cfg.sweep_samples_per_prompt or cfg.samples_per_prompt)
 
 
 def check_scorer(cfg: EvalConfig, world, preferences: list[str]) -> None:

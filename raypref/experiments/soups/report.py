@@ -11,6 +11,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 
 from raypref import atomic
+from raypref.experiments.soups import evaluate as ev
 from raypref.eval.tables import wlt_markdown
 
 
@@ -55,7 +56,7 @@ def _pct(x) -> str:
 def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict],
                  failed: dict[str, str], excluded: list, reused: list[str],
                  registered: list[str], n_prompts: int, timings: dict[str, float],
-                 samples: dict[str, list[str]]) -> Path:
+                 samples: dict[str, list[str]], n_sweep_prompts: int | None = None) -> Path:
     """Write report.md + plots + results.json; return the report path."""
     folder = Path(out) / "report"
     folder.mkdir(parents=True, exist_ok=True)
@@ -109,13 +110,19 @@ def write_report(out: Path, *, cfg, sweep: dict, comparison, accuracy: list[dict
                      [f"No arm falls below SFT's quality by more than {cfg.eval.quality_margin:g}."])
     lines += [""]
 
+    sweep_sft = next(iter(sweep.values()), {}).get("sft_quality", c.quality["SFT"])
+    design = ev.sweep_design(cfg.eval)
+    sweep_design = ("" if (n_sweep_prompts or n_prompts, design.samples_per_prompt)
+                    == (n_prompts, cfg.eval.samples_per_prompt) else
+                    f", both judged on the sweep's own {n_sweep_prompts or n_prompts} held-out "
+                    f"prompts × {design.samples_per_prompt} samples")
     lines += ["## Merge weight vs judged attribute", "",
               "Each dimension's share moves from the preference lowering its attribute (0) to "
               "the one raising it (1); " + ("the soup holds that dimension's two policies alone. "
                                            if cfg.eval.sweep_alone else
                                            "the other dimensions stay at 50/50. ") + "Means over seeds. "
               "Monotone = the attribute rises at every step AND quality stays within "
-              f"{cfg.eval.quality_margin:g} of SFT's ({c.quality['SFT']:.3f}).", "",
+              f"{cfg.eval.quality_margin:g} of SFT's ({sweep_sft:.3f}{sweep_design}).", "",
               "| dimension | attribute | " + " | ".join(f"w={w:g}" for w in cfg.eval.weight_grid)
               + " | quality along the sweep | rises | quality holds | monotone |",
               "|---|---|" + "---|" * (len(cfg.eval.weight_grid) + 4)]

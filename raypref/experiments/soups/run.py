@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import mlflow
+import numpy as np
 import ray
 
 from raypref import atomic, ray_session, tracking
@@ -127,6 +128,7 @@ class TrainedPolicies:
     # the base's own judged answers (the pool's, in the text scorer's units), for the sweep's
     # quality at a matched attribute level; None off the pool or without text judges
     reference: dict | None = None
+    sweep_prompts: list[str] | None = None  # the weight sweeps' prompts (None: ``prompts``)
 
 
 def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
@@ -149,6 +151,7 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
     if not cfg.eval.text_judges:
         ev.check_scorer(cfg.eval, world, cfg.preferences)
     prompts = ev.eval_prompts(cfg.eval, world, cfg.pool.prompts if from_pool else None)
+    sweep_prompts = ev.eval_prompts(ev.sweep_design(cfg.eval), world, cfg.pool.prompts if from_pool else None)
 
     _log(f"2/6 preference pairs ({cfg.seeds} seed(s))")
     reference = None
@@ -188,7 +191,7 @@ def trained_policies(cfg: SoupsConfig, out: Path) -> TrainedPolicies:
                 for p in list(data[k].train) + ([PMORL] if data[k].pmorl else [])
                 if outcomes[run_name(p, k)].ok} for k in range(cfg.seeds)]
     return TrainedPolicies(sft_dir, world, prompts, data, outcomes, reused, failed, trained,
-                           train_seconds, reference)
+                           train_seconds, reference, sweep_prompts)
 
 
 def base_reference(cfg: SoupsConfig, pool) -> dict | None:
@@ -241,14 +244,18 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
         _log("4-5/6 on the workers: held-out implicit-reward accuracy of each policy, "
              "merging soups and judging generations")
         accuracy, seeds = evaluate_on_workers(cfg, sft_dir, world, trained, [d.held_out for d in data],
-                                              prompts, prefs, combos, with_pmorl, out / "merged")
+                                              prompts, prefs, combos, with_pmorl, out / "merged",
+                                              stage.sweep_prompts)
         table = ev.scoring_table(cfg.eval, cfg.preferences)
         comparison = compare([s["methods"] for s in seeds], [s["sft"] for s in seeds], table,
                              len(prompts), cfg.eval.samples_per_prompt,
                              tol=cfg.eval.tie_tolerance, margin=cfg.eval.quality_margin,
                              n_boot=cfg.eval.n_boot, seed=cfg.eval.seed)
-        sweep = sweep_over_seeds([s["sweep"] for s in seeds], comparison.quality["SFT"],
-                                 cfg.eval.quality_margin, stage.reference, n_prompts=len(prompts),
+        # SFT's quality on the sweep's own prompts and samples (= the win rates' SFT by default)
+        sweep_sft_quality = float(np.mean([s["sweep_sft_quality"] for s in seeds]))
+        sweep = sweep_over_seeds([s["sweep"] for s in seeds], sweep_sft_quality,
+                                 cfg.eval.quality_margin, stage.reference,
+                                 n_prompts=len(stage.sweep_prompts or prompts),
                                  n_boot=cfg.eval.n_boot, seed=cfg.eval.seed) if seeds[0]["sweep"] else {}
         for line in comparison.quality_lines:
             _log(f"    quality: {line}")
@@ -261,7 +268,7 @@ def run_soups(cfg: SoupsConfig) -> SoupsResult:
             out, cfg=cfg, sweep=sweep, comparison=comparison, accuracy=accuracy, failed=failed,
             excluded=excluded, reused=reused, registered=registered, n_prompts=len(prompts),
             timings={"train_seconds": train_seconds, "total_seconds": time.time() - started},
-            samples=seeds[0]["samples"])
+            samples=seeds[0]["samples"], n_sweep_prompts=len(stage.sweep_prompts or prompts))
         tracking.log_artifact(report.parent, artifact_path="report")
         tracking.log_metrics({"total_seconds": time.time() - started})
         sft_rows = [r for s in seeds for r in s["sft"]]

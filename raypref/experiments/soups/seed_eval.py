@@ -104,10 +104,15 @@ def heldout_accuracy(cfg, sft_dir, adapter: Path, pairs, name: str,
 
 
 def evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combos, with_pmorl,
-                  device: torch.device = torch.device("cpu"), models_dir: Path | None = None) -> dict:
+                  device: torch.device = torch.device("cpu"), models_dir: Path | None = None,
+                  sweep_prompts: list[str] | None = None) -> dict:
     """Seed k's judged scores of every arm, its weight sweep, a few samples and its soups
-    ({name: weights}); with ``models_dir``, those soups are also written there (merged)."""
+    ({name: weights}); with ``models_dir``, those soups are also written there (merged).
+    The sweep is judged on ``sweep_prompts`` (default ``prompts``) with the sweep's samples
+    (`ev.sweep_design`), SFT too where that design differs ("sweep_sft_quality")."""
     eval_cfg = seed_eval_config(cfg, k)
+    sweep_cfg = ev.sweep_design(eval_cfg)
+    sweep_prompts = prompts if sweep_prompts is None else sweep_prompts
     souper = Souper(cfg, sft_dir, {p: trained[p] for p in prefs})
     base_on_device = []  # the base stays on the CPU for merging; a copy generates on a GPU
 
@@ -125,7 +130,14 @@ def evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combo
                                      instruction)
 
     _, sft = generate(souper.base_model)
-    sweep = _weight_sweep(cfg, souper, scorer, generate, prefs, k, sft)
+    if sweep_prompts == prompts and sweep_cfg == eval_cfg:
+        sweep_generate, sweep_sft = generate, sft
+    else:
+        def sweep_generate(model):
+            return ev.judged_generations(scorer, on_device(model), souper.tokenizer, sweep_prompts, sweep_cfg)
+
+        _, sweep_sft = sweep_generate(souper.base_model)
+    sweep = _weight_sweep(cfg, souper, scorer, sweep_generate, prefs, k, sweep_sft)
     arms = [SOUPS] + [ev.SOUP_ARMS[a] for a in cfg.eval.arms
                       if not (a == "ab_avg" and cfg.merge_method == "lora_factors_linear")]
     names = arms + [n for n, on in (("SFT", "sft" in cfg.baselines),
@@ -166,7 +178,8 @@ def evaluate_seed(cfg, k, sft_dir, trained, scorer, world, prompts, prefs, combo
                  f"{sorted(set(cfg.user_weights) - set(prefs))} failed to train")
     saved = write_soups(souper, soups, models_dir) if models_dir is not None else {}
     return {"methods": methods, "sft": sft, "sweep": sweep, "samples": samples,
-            "soups": soups, "saved": saved, "user_score": user_score}
+            "soups": soups, "saved": saved, "user_score": user_score,
+            "sweep_sft_quality": ev.mean_scores(sweep_sft)["quality"]}
 
 
 def _pmorl_model(sft_dir, adapter: Path) -> torch.nn.Module:
@@ -181,21 +194,23 @@ def _weight_sweep(cfg, souper, scorer, generate, prefs, k, sft) -> dict:
     the preference raising it (other dimensions held at 50/50, or left out with
     ``eval.sweep_alone``). Each point's answers' attribute values are kept beside SFT's
     (``sft``: its judged answers), for quality at a matched attribute level
-    (`compare.sweep_over_seeds`)."""
+    (`compare.sweep_over_seeds`), and their quality, so a part of the design can be read again."""
     dims = ev.dimensions_of(prefs)
     sweep = {}
     for dim, (up, down) in dims.items():
         key = scorer.sweep_key(up)
-        values, quality, answers = [], [], []
+        values, quality, answers, answer_quality = [], [], [], []
         for t in cfg.eval.weight_grid:
             _, scores = generate(souper.model(ev.sweep_weights(dims, dim, t, alone=cfg.eval.sweep_alone)))
             means = ev.mean_scores(scores)
             values.append(means[key])
             quality.append(means["quality"])
             answers.append([s[key] for s in scores])
+            answer_quality.append([s["quality"] for s in scores])
         sweep[dim] = {"attribute": key, "raised_by": up, "lowered_by": down,
                       "weights": list(cfg.eval.weight_grid), "scores": values, "quality": quality,
-                      "answer_values": answers, "sft_values": [s[key] for s in sft]}
+                      "answer_values": answers, "answer_quality": answer_quality,
+                      "sft_values": [s[key] for s in sft], "sft_quality_values": [s["quality"] for s in sft]}
         _log(f"    seed {k} {dim}: {key} = " + ", ".join(f"{v:.3f}" for v in values)
              + ", quality = " + ", ".join(f"{q:.3f}" for q in quality)
              + f" for w({up}) = {cfg.eval.weight_grid}")
@@ -240,16 +255,17 @@ class SeedEvaluator:
         return {p: heldout_accuracy(self.cfg, self.sft_dir, adapters[p], held_out[p], run_name(p, k),
                                     self.device) for p in adapters}
 
-    def evaluate(self, k, trained, prompts, prefs, combos, with_pmorl, models_dir) -> dict:
+    def evaluate(self, k, trained, prompts, prefs, combos, with_pmorl, models_dir, sweep_prompts=None) -> dict:
         return evaluate_seed(self.cfg, k, self.sft_dir, trained, self.scorer, self.world, prompts,
-                             prefs, combos, with_pmorl, self.device, models_dir)
+                             prefs, combos, with_pmorl, self.device, models_dir, sweep_prompts)
 
     def device_name(self) -> str:
         return str(self.device)
 
 
 def evaluate_on_workers(cfg, sft_dir, world, trained: list[dict], held_out: list[dict], prompts,
-                        prefs, combos, with_pmorl, models_dir: Path) -> tuple[list[dict], list[dict]]:
+                        prefs, combos, with_pmorl, models_dir: Path,
+                        sweep_prompts: list[str] | None = None) -> tuple[list[dict], list[dict]]:
     """(held-out accuracy per seed, evaluation per seed), each seed in its own actor; seed 0's
     actor also writes the merged soups to ``models_dir`` (its result's "saved")."""
     options = actor_options(cfg.eval, ray.cluster_resources())
@@ -263,7 +279,7 @@ def evaluate_on_workers(cfg, sft_dir, world, trained: list[dict], held_out: list
         accuracy = actor.heldout_accuracy.remote(k, {p: trained[k][p] for p in prefs},
                                                  {p: held_out[k][p] for p in prefs})
         result = actor.evaluate.remote(k, trained[k], prompts, prefs, combos, with_pmorl,
-                                       models_dir if k == 0 else None)
+                                       models_dir if k == 0 else None, sweep_prompts)
         actors.append(actor)
         pending[result] = (k, accuracy)
     accuracies, seeds = [None] * cfg.seeds, [None] * cfg.seeds

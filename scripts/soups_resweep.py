@@ -6,7 +6,8 @@
 The soups job's own sweep (``seed_eval._weight_sweep``, then ``compare.sweep_over_seeds`` with the
 pool's reference and the prompt-bootstrap intervals) on the seed-0 adapters the run saved, with
 the job's config and generation seeds, so the job's own settings reproduce its sweep numbers; any
-``--eval.*`` flag changes only how the sweep is judged. Training is not touched: a sweep whose
+``--eval.*`` flag changes only how the sweep is judged (where the config sets
+``eval.sweep_n_prompts`` / ``eval.sweep_samples_per_prompt``, those decide the design). Training is not touched: a sweep whose
 noise leaves a step unsettled can be judged on more answers without training again.
 """
 import dataclasses
@@ -60,8 +61,9 @@ def resweep(run: str | Path, cfg: SoupsConfig, threads: int = 2, log=print) -> d
     prefs = cfg.preferences
     souper = Souper(cfg, cfg.base_policy, adapters)
     scorer = ev.make_scorer(cfg.eval, None, prefs, base=cfg.base_policy)
-    prompts = ev.eval_prompts(cfg.eval, None, cfg.pool.prompts)
-    eval_cfg = seed_eval_config(cfg, 0)
+    # the sweep's own design where the config sets one (eval.sweep_*), as the job judges it
+    prompts = ev.eval_prompts(ev.sweep_design(cfg.eval), None, cfg.pool.prompts)
+    eval_cfg = ev.sweep_design(seed_eval_config(cfg, 0))
     log(f"[resweep] {len(prompts)} prompts x {eval_cfg.samples_per_prompt} samples, "
         f"{len(cfg.eval.weight_grid)} weights per dimension")
     t0 = time.time()

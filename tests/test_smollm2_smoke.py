@@ -180,6 +180,28 @@ def test_resweep_reproduces_the_jobs_sweep(soups_run):
         script.resweep(out / "pools", cfg)
 
 
+def test_dpa_direction_probe_reads_the_system_message(soups_run):
+    """scripts/dpa_direction_probe.py on the soups smoke run's pool: the direction's system text
+    reaches the model (two directions give different log-probabilities), a model probed as both
+    base and policy gives the same numbers, and the first direction's shift is zero by definition."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dpa_direction_probe.py"
+    spec = importlib.util.spec_from_file_location("dpa_direction_probe", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result, _ = soups_run
+    out = script.main([MODEL, "--base", MODEL, "--config", str(CONFIGS / "soups-smollm2-smoke.yaml"),
+                       "--pool_dir", str(result.output_dir / "pools"), "--directions", "2"])
+    base, policy = out["base"], out["policy"]
+    assert base == policy
+    assert base["directions"] == [[1.0, 0.0], [0.7071, -0.7071]]
+    assert all(finite(d) for d in base["delta"]) and base["delta"][0] != base["delta"][1]
+    assert base["shift"][0]["mean"] == 0.0 and finite(base["shift"][1]["mean"])
+    assert set(base["worded_delta"]) == {"informative", "concise"}
+    assert base["worded_delta"]["informative"] != base["worded_delta"]["concise"]
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -640,7 +640,7 @@ def write_outputs(cfg: FrontsConfig, out: Path, points: list[dict], intervals: d
 
     a, b = cfg.objectives
     files = {"plot": out / "fronts.png", "csv": out / "points.csv", "markdown": out / "points.md"}
-    fig, ax = plt.subplots(figsize=(6.4, 4.8))
+    fig, ax = plt.subplots(figsize=(8.8, 4.8))
     for m in cfg.methods:
         pts = [p for p in points if p["method"] == m]
         iv = intervals["hypervolume"][m]
@@ -655,9 +655,10 @@ def write_outputs(cfg: FrontsConfig, out: Path, points: list[dict], intervals: d
     ax.set_xlabel(a)
     ax.set_ylabel(b)
     ax.set_title(f"Fronts on {a} x {b} ({cfg.judges}; w = weight on {a})")
-    ax.legend(fontsize=7)
+    # beside the axes: inside, on real text's crowded points, it covered some of them
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0.0)
     fig.tight_layout()
-    fig.savefig(files["plot"], dpi=120)
+    fig.savefig(files["plot"], dpi=120, bbox_inches="tight")
     plt.close(fig)
     columns = ["method", "w", a, b] + [c for c in ("quality", "words") if c in base]
     buf = io.StringIO()

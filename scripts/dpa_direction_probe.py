@@ -37,7 +37,7 @@ WORDED = {"informative": "P2B", "concise": "P2A"}
 
 def short_long_pairs(pool: Pool) -> list[tuple[str, str, str]]:
     """(question, shortest answer, longest answer) for each test-split question of ``pool``."""
-    words = np.asarray(pool.scores["verbosity"]) if pool.scores else None
+    words = np.asarray(pool.scores["verbosity"]) if "verbosity" in (pool.scores or {}) else None
     pairs = []
     for prompt, idx in pool.by_prompt("test").items():
         if len(idx) < 2:
@@ -90,7 +90,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool_dir", default="", help="the pool's parent folder, if not the config's")
     parser.add_argument("--directions", type=int, default=4)
     args = parser.parse_args(argv)
-    section = dict(yaml.safe_load(Path(args.config).read_text())["pool"])
+    loaded = yaml.safe_load(Path(args.config).read_text())
+    if not isinstance(loaded, dict) or not isinstance(loaded.get("pool"), dict):
+        raise SystemExit(f"{args.config}: no pool section (a config such as configs/soups-smollm2.yaml has one)")
+    section = dict(loaded["pool"])
     if args.pool_dir:
         section["dir"] = args.pool_dir
     pairs = short_long_pairs(load_pool(PoolConfig(**section)))

@@ -64,11 +64,13 @@ def deltas(model, tokenizer, pairs, system: str | None) -> np.ndarray:
                      - response_logprob(model, tokenizer, q, long, system) for q, short, long in pairs])
 
 
-def probe(model, tokenizer, pairs, n_directions: int = 4) -> dict:
+def probe(model, tokenizer, pairs, n_directions: int = 4, system_text=None) -> dict:
     """delta per sweep direction and per worded system text, and each direction's shift from the
-    first with its standard error over questions."""
+    first with its standard error over questions. ``system_text(v)``: the system message that asks
+    for direction v (default DPA's, `algos.dpa.direction_system_prompt`)."""
     directions = directions_between((1.0, 0.0), (math.sqrt(0.5), -math.sqrt(0.5)), n_directions)
-    rows = [deltas(model, tokenizer, pairs, direction_system_prompt(v.tolist(), OBJECTIVES)) for v in directions]
+    system_text = system_text or (lambda v: direction_system_prompt(v, OBJECTIVES))
+    rows = [deltas(model, tokenizer, pairs, system_text(v.tolist())) for v in directions]
     worded = {name: deltas(model, tokenizer, pairs, psoups_profile(p).prompt) for name, p in WORDED.items()}
 
     def shift(a, b):

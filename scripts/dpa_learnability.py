@@ -24,6 +24,8 @@ left out). That is the data a perfect rejection sampler would keep, so its lengt
 number of steps by `dpa_direction_probe.probe` (does the direction move log p(short) − log p(long)?)
 and, after the last, by a sampled sweep of the evaluation directions on the pool's test questions
 (mean words, sampling sd, helpfulness), beside the base's. ``--out`` keeps every reading as JSON.
+``--direction_words`` is the control: the same answers and steps, the direction asked for in words
+(four bands, `worded_direction`), so a model that learns that but not the numbers cannot read them.
 """
 from __future__ import annotations
 
@@ -77,14 +79,28 @@ def best_answers(pool, directions, split: str, verbosity_words: float) -> list[t
     return out
 
 
-def oracle_examples(pool, per_prompt: int, verbosity_words: float, seed: int) -> list[tuple[str, str, str]]:
+def worded_direction(direction) -> str:
+    """A control for DPA's numbers: the direction's angle from (1, 0) in four bands of π/16, each
+    asking in words for a shorter answer (the evaluation directions fall one in each band)."""
+    angle = -math.atan2(float(direction[1]), float(direction[0]))
+    band = min(len(LENGTH_WORDS) - 1, max(0, int(angle / (math.pi / 16))))
+    return f"You are a helpful assistant. Keep your answer {LENGTH_WORDS[band]}."
+
+
+LENGTH_WORDS = ("as full as the question deserves", "fairly short", "short", "as short as you can")
+
+
+def oracle_examples(pool, per_prompt: int, verbosity_words: float, seed: int,
+                    system_text=None) -> list[tuple[str, str, str]]:
     """(question, answer, direction system message) for every train question and ``per_prompt``
-    directions drawn in DPA's angle range: `best_answers` as training examples."""
+    directions drawn in DPA's angle range: `best_answers` as training examples. ``system_text(v)``:
+    the system message for v (default DPA's numbers)."""
+    system_text = system_text or (lambda v: direction_system_prompt(v, TEXT_OBJECTIVES))
     generator = torch.Generator().manual_seed(seed)
     questions = list(pool.by_prompt("train"))
     drawn = {k: sample_directions(per_prompt, 2, DEFAULT_ANGLES, generator=generator).tolist()
              for k in range(len(questions))}
-    return [(pool.prompts[q][0], pool.candidates[i].text, direction_system_prompt(v, TEXT_OBJECTIVES))
+    return [(pool.prompts[q][0], pool.candidates[i].text, system_text(v))
             for q, i, v in best_answers(pool, drawn, "train", verbosity_words)]
 
 
@@ -151,11 +167,11 @@ def world_run(args, steps: list[int]) -> list[tuple[int, list[float]]]:
     return results
 
 
-def _sweep(model, tokenizer, reward, directions, prompts, args) -> dict:
+def _sweep(model, tokenizer, reward, directions, prompts, args, system_text) -> dict:
     from raypref.experiments.rsf import length_figures, text_direction_sweep
 
     rows = text_direction_sweep(model, tokenizer, reward, directions, prompts, args.max_new_tokens, seed=1,
-                                samples=args.sweep_samples)
+                                samples=args.sweep_samples, system_text=system_text)
     return {"rows": [{k: r[k] for k in ("direction", "length", "length_sd", "helpfulness")} for r in rows],
             **length_figures(rows, "helpfulness")}
 
@@ -179,11 +195,15 @@ def text_run(args, steps: list[int]) -> dict:
     section = dict(loaded["pool"], **({"dir": args.pool_dir} if args.pool_dir else {}))
     pool = load_pool(PoolConfig(**section))
     directions = eval_directions()
+    system_text = worded_direction if args.direction_words else None
+    if args.checkpoint and args.direction_words:
+        raise SystemExit("dpa_learnability: --direction_words rewrites the pool's selection, not an RSF dataset")
     if args.checkpoint:
         examples, source = read_spec_state(args.checkpoint)["examples"], f"the RSF dataset in {args.checkpoint}"
     else:
-        examples = oracle_examples(pool, args.directions_per_prompt, args.verbosity_words, seed=0)
-        source = f"the best pool answer per direction, {args.directions_per_prompt} directions per train question"
+        examples = oracle_examples(pool, args.directions_per_prompt, args.verbosity_words, seed=0, system_text=system_text)
+        source = (f"the best pool answer per direction, {args.directions_per_prompt} directions per train question"
+                  + (", each direction in words (worded_direction)" if system_text else ""))
     out = {"source": source, "examples": len(examples), "directions": [v.tolist() for v in directions],
            "ideal_words": ideal_lengths(pool, directions, args.verbosity_words), "readings": []}
     print(f"[learnability] {len(examples)} examples: {source}\n[learnability] words of the best pool answer "
@@ -197,20 +217,20 @@ def text_run(args, steps: list[int]) -> dict:
         if args.out:
             write_json(args.out, out, indent=1)
 
-    out["base"] = {"probe": probe(model.eval(), tokenizer, pairs)}
+    out["base"] = {"probe": probe(model.eval(), tokenizer, pairs, system_text=system_text)}
     print(_probe_line(0, out["base"]["probe"]), flush=True)
     if args.sweep_samples:
-        out["base"]["sweep"] = _sweep(model, tokenizer, reward, directions, prompts, args)
+        out["base"]["sweep"] = _sweep(model, tokenizer, reward, directions, prompts, args, system_text)
     save()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr)
     rng, done = np.random.default_rng(0), 0
     for target in steps:
         loss = train_steps(model, tokenizer, optimizer, examples, target - done, args.batch, args.max_length, rng)
         done = target
-        reading = {"step": done, "loss": loss, "probe": probe(model, tokenizer, pairs)}
+        reading = {"step": done, "loss": loss, "probe": probe(model, tokenizer, pairs, system_text=system_text)}
         print(_probe_line(done, reading["probe"]), flush=True)
         if args.sweep_samples and target == steps[-1]:
-            reading["sweep"] = _sweep(model, tokenizer, reward, directions, prompts, args)
+            reading["sweep"] = _sweep(model, tokenizer, reward, directions, prompts, args, system_text)
         out["readings"].append(reading)
         save()
     for label, sweep in (("base", out["base"].get("sweep")), (f"step {done}", out["readings"][-1].get("sweep"))):
@@ -239,6 +259,8 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--sweep_prompts", type=int, default=40, help="text: test questions of the sweep")
     parser.add_argument("--sweep_samples", type=int, default=2, help="text: samples per question (0: no sweep)")
     parser.add_argument("--max_new_tokens", type=int, default=128)
+    parser.add_argument("--direction_words", action="store_true",
+                        help="text: a control, each direction asked for in words (worded_direction), not numbers")
     parser.add_argument("--out", default="", help="text: write every reading to this JSON file")
     args = parser.parse_args(argv)
     steps = sorted(int(s) for s in args.steps.split(","))

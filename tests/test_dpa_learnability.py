@@ -84,3 +84,14 @@ def test_ideal_lengths_read_the_test_questions(script, tmp_path):
 def test_a_pool_without_quality_scores_is_named(script, tmp_path):
     with pytest.raises(ValueError, match="needs quality and verbosity scores"):
         script.best_answers(hand_pool(tmp_path, scores=("verbosity",)), [[1.0, 0.0]], "train", 100.0)
+
+
+def test_worded_control_puts_each_evaluation_direction_in_its_own_band(script, tmp_path):
+    texts = [script.worded_direction(v.tolist()) for v in script.eval_directions()]
+    assert texts == [f"You are a helpful assistant. Keep your answer {w}." for w in script.LENGTH_WORDS]
+    examples = script.oracle_examples(hand_pool(tmp_path), per_prompt=5, verbosity_words=100.0, seed=0,
+                                      system_text=script.worded_direction)
+    numbered = script.oracle_examples(hand_pool(tmp_path), per_prompt=5, verbosity_words=100.0, seed=0)
+    # the same answers under the same drawn directions; only the system message differs
+    assert [(q, a) for q, a, _ in examples] == [(q, a) for q, a, _ in numbered]
+    assert {s for _, _, s in examples} <= set(texts)

@@ -508,6 +508,24 @@ def test_sweep_reports_the_sampling_sd_of_each_mean_length(monkeypatch):
     assert row["length_sd"] == pytest.approx(((var_p + var_q) / 3) ** 0.5 / 2)
 
 
+def test_sweep_asks_for_each_direction_with_the_given_system_text(monkeypatch):
+    """``system_text(v)`` replaces DPA's numbers in the system message (the learnability script's
+    worded control); without a chat template there is no system message, so it is refused."""
+    import raypref.experiments.rsf as rsf
+
+    seen = []
+    monkeypatch.setattr(rsf, "generate", lambda model, tok, prompts, n, greedy, seed, system: seen.append(system)
+                        or ["a b"] * len(prompts))
+    monkeypatch.setattr(rsf, "has_chat_template", lambda tok: True)
+    rsf.sweep_directions(None, None, ["helpfulness", "verbosity"], [[1.0, 0.0], [0.6, -0.8]], ["p", "q"], 8, seed=0,
+                         samples=1, score=lambda v, p, r: {}, system_text=lambda v: f"verbosity {v[1]:g}")
+    assert seen == [["verbosity 0", "verbosity 0"], ["verbosity -0.8", "verbosity -0.8"]]
+    monkeypatch.setattr(rsf, "has_chat_template", lambda tok: False)
+    with pytest.raises(ValueError, match="system_text needs a tokenizer with a chat template"):
+        rsf.sweep_directions(None, None, ["helpfulness", "verbosity"], [[1.0, 0.0]], ["p"], 8, seed=0, samples=1,
+                             score=lambda v, p, r: {}, system_text=lambda v: "x")
+
+
 def test_candidates_setting_is_checked():
     from raypref.experiments.rsf import RSFJobConfig
 

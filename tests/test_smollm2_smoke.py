@@ -202,6 +202,32 @@ def test_dpa_direction_probe_reads_the_system_message(soups_run):
     assert base["worded_delta"]["informative"] != base["worded_delta"]["concise"]
 
 
+def test_dpa_learnability_text_path(soups_run, tmp_path):
+    """scripts/dpa_learnability.py on the soups smoke run's pool, a few steps: it trains SmolLM2 on
+    the best answer per direction (the full model moves: the probe reads differently after), and
+    writes the base's and the step's probe and sweep to --out."""
+    import importlib.util
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "dpa_learnability.py"
+    spec = importlib.util.spec_from_file_location("dpa_learnability", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    result, _ = soups_run
+    out_file = tmp_path / "readings.json"
+    out = script.main([MODEL, "--pool_config", str(CONFIGS / "soups-smollm2-smoke.yaml"),
+                       "--pool_dir", str(result.output_dir / "pools"), "--steps", "2", "--batch", "2",
+                       "--lr", "1e-4", "--directions_per_prompt", "2", "--sweep_prompts", "1",
+                       "--sweep_samples", "2", "--max_new_tokens", "6", "--out", str(out_file)])
+    assert out["examples"] == 2 * 4 and json.loads(out_file.read_text()) == json.loads(json.dumps(out))
+    assert len(out["ideal_words"]) == 4 and all(w > 0 for w in out["ideal_words"])
+    (reading,) = out["readings"]
+    assert reading["step"] == 2 and finite(reading["loss"])
+    assert reading["probe"]["delta"] != out["base"]["probe"]["delta"]   # the model was trained
+    for sweep in (out["base"]["sweep"], reading["sweep"]):
+        assert len(sweep["rows"]) == 4 and all(finite(r["length"]) and finite(r["length_sd"]) for r in sweep["rows"])
+        assert isinstance(sweep["length_monotone_decreasing"], bool)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -139,18 +139,22 @@ def judged_objectives(judges: str) -> tuple[str, ...]:
 
 
 def sweep_directions(model, tokenizer, objectives: list[str], directions, prompts: list[str],
-                     max_new_tokens: int, seed: int, samples: int, score) -> list[dict]:
+                     max_new_tokens: int, seed: int, samples: int, score, system_text=None) -> list[dict]:
     """Per direction v: ``samples`` sampled responses to each of ``prompts`` asked for v
     (`recipes.rsf.direction_query`; the same sampling seeds for every direction), their mean length
     in words, its sampling sd (the sd of that mean from sampling alone, prompts held fixed:
     sqrt(Σ_p var_p / samples) / P over each prompt's sample variance), and ``score(v, prompts,
-    responses)``'s entries."""
+    responses)``'s entries. ``system_text(v)``: another system message for v (a chat model's;
+    default DPA's)."""
     from raypref.recipes.rsf import direction_query
 
+    if system_text and not has_chat_template(tokenizer):
+        raise ValueError("sweep_directions: system_text needs a tokenizer with a chat template (a system message)")
     rows, start = [], time.time()
     for i, v in enumerate(directions):
         v = [round(float(x), 4) for x in v]
-        queries = [direction_query(tokenizer, v, objectives, p) for p in prompts]
+        queries = ([(p, system_text(v)) for p in prompts] if system_text
+                   else [direction_query(tokenizer, v, objectives, p) for p in prompts])
         systems = [s for _, s in queries] if has_chat_template(tokenizer) else None
         responses = [r for k in range(samples)
                      for r in generate(model, tokenizer, [q for q, _ in queries], max_new_tokens, greedy=False,
@@ -184,7 +188,7 @@ def direction_sweep(model, tokenizer, world: World, objectives: list[str], direc
 
 
 def text_direction_sweep(model, tokenizer, reward, directions, prompts: list[str], max_new_tokens: int,
-                         seed: int, samples: int = 1) -> list[dict]:
+                         seed: int, samples: int = 1, system_text=None) -> list[dict]:
     """`sweep_directions` judged by the text judges (``reward``: a `rewards.text.TextObjectives`):
     per direction the mean of every judge's raw score (quality's parts included) and of v·r."""
     def score(v, prompts_, responses):
@@ -193,7 +197,7 @@ def text_direction_sweep(model, tokenizer, reward, directions, prompts: list[str
                 "v_dot_r": float((reward.scaled(raw) @ torch.tensor(v)).mean())}
 
     return sweep_directions(model, tokenizer, reward.objectives, directions, prompts, max_new_tokens, seed,
-                            samples, score)
+                            samples, score, system_text)
 
 
 def text_prompts(cfg: RSFJobConfig, split: str, n: int) -> list[str]:

@@ -4,8 +4,8 @@
     python scripts/dpa_learnability.py <base model folder> <RSF checkpoint folder> \
         [--steps 150,400,800] [--prompts 48]
     # real text: the best answer per direction among a judged pool's answers (an ideal selection)
-    python scripts/dpa_learnability.py smollm2-135m-instruct --pool_config configs/soups-smollm2.yaml \
-        --lr 2e-5 --batch 4 --steps 100,200,400,800 [--checkpoint <RSF checkpoint folder>]
+    python scripts/dpa_learnability.py smollm2-135m-instruct [<RSF checkpoint folder>] \
+        --pool_config configs/soups-smollm2.yaml --steps 100,200,400,800 [--direction_words]
 
 Fine-tunes the base (plain torch, one process, full model, SFT loss) on a fixed dataset of
 (direction system message, question, answer) and reads the policy after each number of steps.
@@ -15,7 +15,7 @@ It separates "the data does not teach length control" from "this model cannot le
 World: the RSF checkpoint's kept responses; read by the mean generated length for the four
 evaluation directions (1, 0) ... (√2/2, −√2/2) on held-out prompts.
 
-Text (``--pool_config``, a YAML file with a ``pool`` section): unless ``--checkpoint`` names an RSF
+Text (``--pool_config``, a YAML file with a ``pool`` section): unless the checkpoint argument names an RSF
 run's dataset, each train question of the pool gets ``--directions_per_prompt`` directions drawn
 as DPA draws them, each paired with the question's answer that maximizes v·r (helpfulness = the
 quality judge, verbosity = words / ``--verbosity_words``; answers under the pool's quality floor
@@ -249,10 +249,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("checkpoint", nargs="?", default="", help="an RSF checkpoint folder: its dataset")
     parser.add_argument("--pool_config", default="", help="a YAML file with a pool section: the text path")
     parser.add_argument("--pool_dir", default="", help="the pool's parent folder, if not the config's")
-    parser.add_argument("--steps", default="150,400,800")
+    parser.add_argument("--steps", default="150,400,800", help="step counts at which to read the policy")
     parser.add_argument("--prompts", type=int, default=48, help="world: held-out prompts of the sweep")
-    parser.add_argument("--lr", type=float, default=5e-4)
-    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=None,
+                        help="default 5e-4 for the world's tiny model, 3e-5 for a pretrained LM (text)")
+    parser.add_argument("--batch", type=int, default=None, help="default 8 (world), 4 (text)")
     parser.add_argument("--max_length", type=int, default=224)
     parser.add_argument("--directions_per_prompt", type=int, default=8, help="text: directions per train question")
     parser.add_argument("--verbosity_words", type=float, default=100.0, help="text: verbosity 1 at this many words")
@@ -264,8 +265,11 @@ def main(argv: list[str] | None = None):
     parser.add_argument("--out", default="", help="text: write every reading to this JSON file")
     args = parser.parse_args(argv)
     steps = sorted(int(s) for s in args.steps.split(","))
+    text = bool(args.pool_config)
+    args.lr = args.lr if args.lr is not None else (3e-5 if text else 5e-4)
+    args.batch = args.batch if args.batch is not None else (4 if text else 8)
     torch.manual_seed(0)
-    return text_run(args, steps) if args.pool_config else world_run(args, steps)
+    return text_run(args, steps) if text else world_run(args, steps)
 
 
 if __name__ == "__main__":

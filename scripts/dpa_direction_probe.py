@@ -21,11 +21,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raypref.algos.dpa import direction_system_prompt, directions_between  # noqa: E402
+from raypref.config import ConfigError, from_dict, load_yaml  # noqa: E402
 from raypref.data.users import psoups_profile  # noqa: E402
 from raypref.models.chat import encode_chat  # noqa: E402
 from raypref.models.factory import load_pretrained  # noqa: E402
@@ -33,6 +33,20 @@ from raypref.recipes.pool import Pool, PoolConfig, load_pool  # noqa: E402
 
 OBJECTIVES = ["helpfulness", "verbosity"]
 WORDED = {"informative": "P2B", "concise": "P2A"}
+
+
+def pool_from_config(path: str, pool_dir: str = "") -> Pool:
+    """The judged pool a config file's ``pool`` section names (``pool_dir``: its parent folder, if
+    not the section's); a missing section, an unknown key or a bad value exits naming the file."""
+    try:
+        loaded = load_yaml(path)
+        if not isinstance(loaded.get("pool"), dict):
+            raise ConfigError(f"{path}: no pool section (a config such as configs/soups-smollm2.yaml has one)")
+        cfg = from_dict(PoolConfig, {**loaded["pool"], **({"dir": pool_dir} if pool_dir else {})}, f"{path}: pool.")
+        cfg.validate()
+    except (ConfigError, ValueError) as err:
+        raise SystemExit(str(err) if str(path) in str(err) else f"{path}: {err}") from None
+    return load_pool(cfg)
 
 
 def short_long_pairs(pool: Pool) -> list[tuple[str, str, str]]:
@@ -92,13 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--pool_dir", default="", help="the pool's parent folder, if not the config's")
     parser.add_argument("--directions", type=int, default=4)
     args = parser.parse_args(argv)
-    loaded = yaml.safe_load(Path(args.config).read_text())
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("pool"), dict):
-        raise SystemExit(f"{args.config}: no pool section (a config such as configs/soups-smollm2.yaml has one)")
-    section = dict(loaded["pool"])
-    if args.pool_dir:
-        section["dir"] = args.pool_dir
-    pairs = short_long_pairs(load_pool(PoolConfig(**section)))
+    pairs = short_long_pairs(pool_from_config(args.config, args.pool_dir))
     print(f"[probe] {len(pairs)} test questions of the pool: shortest vs longest answer", flush=True)
     out = {}
     for label, path in (("base", args.base), ("policy", args.policy)):

@@ -37,7 +37,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -184,16 +183,11 @@ def _probe_line(step: int, r: dict) -> str:
 
 
 def text_run(args, steps: list[int]) -> dict:
-    from dpa_direction_probe import probe, short_long_pairs
+    from dpa_direction_probe import pool_from_config, probe, short_long_pairs
 
-    from raypref.recipes.pool import PoolConfig, load_pool
     from raypref.rewards.text import TextObjectives
 
-    loaded = yaml.safe_load(Path(args.pool_config).read_text())
-    if not isinstance(loaded, dict) or not isinstance(loaded.get("pool"), dict):
-        raise SystemExit(f"{args.pool_config}: no pool section (a config such as configs/soups-smollm2.yaml has one)")
-    section = dict(loaded["pool"], **({"dir": args.pool_dir} if args.pool_dir else {}))
-    pool = load_pool(PoolConfig(**section))
+    pool = pool_from_config(args.pool_config, args.pool_dir)
     directions = eval_directions()
     system_text = worded_direction if args.direction_words else None
     if args.checkpoint and args.direction_words:
@@ -264,7 +258,15 @@ def main(argv: list[str] | None = None):
                         help="text: a control, each direction asked for in words (worded_direction), not numbers")
     parser.add_argument("--out", default="", help="text: write every reading to this JSON file")
     args = parser.parse_args(argv)
-    steps = sorted(int(s) for s in args.steps.split(","))
+    try:
+        steps = sorted({int(s) for s in args.steps.split(",")})
+    except ValueError:
+        raise SystemExit(f"--steps {args.steps!r}: give step counts as integers, e.g. 100,200,400") from None
+    for name, value, ok in (("--steps", steps[0], steps[0] >= 1), ("--directions_per_prompt", args.directions_per_prompt,
+                            args.directions_per_prompt >= 1), ("--sweep_prompts", args.sweep_prompts,
+                            args.sweep_prompts >= 1), ("--sweep_samples", args.sweep_samples, args.sweep_samples >= 0)):
+        if not ok:
+            raise SystemExit(f"{name} {value}: must be >= {0 if name == '--sweep_samples' else 1}")
     text = bool(args.pool_config)
     args.lr = args.lr if args.lr is not None else (3e-5 if text else 5e-4)
     args.batch = args.batch if args.batch is not None else (4 if text else 8)

@@ -95,3 +95,27 @@ def test_worded_control_puts_each_evaluation_direction_in_its_own_band(script, t
     # the same answers under the same drawn directions; only the system message differs
     assert [(q, a) for q, a, _ in examples] == [(q, a) for q, a, _ in numbered]
     assert {s for _, _, s in examples} <= set(texts)
+
+
+@pytest.mark.parametrize("text, message", [
+    ("judges: text\n", "no pool section"),
+    ("pool:\n  train_promts: 3\n", "unknown key"),
+    ("pool:\n  max_new_tokens: 0\n", "max_new_tokens"),
+])
+def test_a_bad_pool_config_exits_naming_the_file(script, tmp_path, text, message):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(SystemExit, match=message) as err:
+        script.main(["smollm2-135m-instruct", "--pool_config", str(path)])
+    assert "bad.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--steps", "100,abc"], "integers"),
+    (["--steps", "0,100"], "--steps 0"),
+    (["--directions_per_prompt", "0"], "--directions_per_prompt 0"),
+    (["--sweep_samples", "-1"], "--sweep_samples -1"),
+])
+def test_bad_flags_exit_naming_the_flag(script, flags, message):
+    with pytest.raises(SystemExit, match=message):
+        script.main(["smollm2-135m-instruct", "--pool_config", "configs/soups-smollm2.yaml", *flags])
